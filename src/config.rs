@@ -1,0 +1,740 @@
+//! The configuration file (TOML).
+//!
+//! Every struct denies unknown fields so a typo is an error that names the key, every field has a
+//! default that is safe for a sidecar, durations are human strings ("30s", "2m") and sizes are
+//! human strings ("512MiB"). Secrets are never written inline: they are [`SecretRef`]s (`env:NAME`
+//! or `file:/path`) resolved when used.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::SecretString;
+use serde::{Deserialize, Deserializer};
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config: {key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where applications connect.
+    #[serde(default)]
+    pub listener: ListenerConfig,
+    /// The Redis database the proxy forwards to.
+    pub upstream: UpstreamConfig,
+    /// The credential the proxy authenticates upstream with.
+    #[serde(default)]
+    pub credentials: CredentialsConfig,
+    /// Warm pool of authenticated upstream connections.
+    #[serde(default)]
+    pub pool: PoolConfig,
+    /// Upstream connection timeouts.
+    #[serde(default)]
+    pub timeouts: TimeoutsConfig,
+    /// Limits on client input.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// Operators' HTTP listener.
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// Async runtime.
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Address applications connect to. Port 0 picks a free port (logged at start-up).
+    #[serde(default = "default_listener_bind")]
+    pub bind: SocketAddr,
+    /// Most client connections served at once; further ones are refused with an error.
+    #[serde(default = "default_max_clients")]
+    pub max_clients: usize,
+    /// Serve clients over TLS instead of plain TCP.
+    #[serde(default)]
+    pub tls: Option<ListenerTlsConfig>,
+    /// How clients authenticate to the proxy (never to Redis: upstream auth is the proxy's).
+    #[serde(default)]
+    pub auth: ClientAuthConfig,
+}
+
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        Self {
+            bind: default_listener_bind(),
+            max_clients: default_max_clients(),
+            tls: None,
+            auth: ClientAuthConfig::default(),
+        }
+    }
+}
+
+fn default_listener_bind() -> SocketAddr {
+    "127.0.0.1:6380".parse().expect("valid literal")
+}
+fn default_max_clients() -> usize {
+    10_000
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTlsConfig {
+    /// PEM certificate chain presented to clients.
+    pub cert: PathBuf,
+    /// PEM private key of that certificate.
+    pub key: PathBuf,
+}
+
+/// Client authentication. `none` accepts any AUTH (applications migrating from a direct connection
+/// still send their old password); `password` accepts any of the listed users, so the client-side
+/// password can itself be rotated with an overlap.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientAuthConfig {
+    #[serde(default)]
+    pub mode: ClientAuthMode,
+    /// Accepted users (mode `password`). Several entries may share a username.
+    #[serde(default)]
+    pub users: Vec<ClientUser>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuthMode {
+    #[default]
+    None,
+    Password,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientUser {
+    /// Username clients send (`AUTH user pass`); `AUTH pass` means `default`.
+    #[serde(default = "default_username")]
+    pub username: String,
+    /// Reference to the password: `env:NAME` or `file:/path`.
+    pub password: SecretRef,
+}
+
+fn default_username() -> String {
+    "default".to_string()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// `rediss://host:port` (TLS) or `redis://host:port` (plain TCP).
+    pub url: String,
+    /// PEM file of trusted CA certificates; default: the system's roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Name used for SNI and certificate verification; default: the URL's host.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// Disable certificate verification. Dangerous; logged loudly at start-up.
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
+    /// PEM client certificate chain for mutual TLS.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of the client certificate.
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+}
+
+/// The upstream credential. Without a password the proxy does not authenticate upstream.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialsConfig {
+    /// ACL username; absent means the `default` user.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Reference to the password: `env:NAME` or `file:/path`.
+    #[serde(default)]
+    pub password: Option<SecretRef>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Authenticated upstream connections kept ready for new clients.
+    #[serde(default = "default_warm")]
+    pub warm: usize,
+    /// Most upstream connections open at once (in use plus idle).
+    #[serde(default = "default_pool_max")]
+    pub max: usize,
+    /// How often idle connections are checked with PING.
+    #[serde(default = "default_idle_check", with = "humantime_serde")]
+    pub idle_check_interval: Duration,
+    /// How long a client waits for a connection at the pool maximum before it gets an error.
+    #[serde(default = "default_checkout_timeout", with = "humantime_serde")]
+    pub checkout_timeout: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            warm: default_warm(),
+            max: default_pool_max(),
+            idle_check_interval: default_idle_check(),
+            checkout_timeout: default_checkout_timeout(),
+        }
+    }
+}
+
+fn default_warm() -> usize {
+    4
+}
+fn default_pool_max() -> usize {
+    10_000
+}
+fn default_idle_check() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_checkout_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutsConfig {
+    /// TCP connect to the upstream.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub connect: Duration,
+    /// TLS handshake with the upstream.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub tls_handshake: Duration,
+    /// Upstream AUTH round trip.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub auth: Duration,
+}
+
+impl Default for TimeoutsConfig {
+    fn default() -> Self {
+        Self {
+            connect: default_timeout(),
+            tls_handshake: default_timeout(),
+            auth: default_timeout(),
+        }
+    }
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// Limits on what one client may send. Defaults are Redis's own, so no request Redis accepts is
+/// refused by the proxy. Replies are not limited: they stream through.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest bulk argument (Redis: proto-max-bulk-len, 512 MB).
+    #[serde(default = "default_max_bulk_len")]
+    pub max_bulk_len: ByteSize,
+    /// Most arguments in one command.
+    #[serde(default = "default_max_args")]
+    pub max_args: u64,
+    /// Longest inline command (Redis: 64 KiB).
+    #[serde(default = "default_max_inline_len")]
+    pub max_inline_len: ByteSize,
+    /// Most client bytes the proxy holds for one client (commands it must read whole, data waiting
+    /// for the upstream). Redis: client-query-buffer-limit, 1 GiB.
+    #[serde(default = "default_max_buffered_bytes")]
+    pub max_buffered_bytes: ByteSize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_bulk_len: default_max_bulk_len(),
+            max_args: default_max_args(),
+            max_inline_len: default_max_inline_len(),
+            max_buffered_bytes: default_max_buffered_bytes(),
+        }
+    }
+}
+
+fn default_max_bulk_len() -> ByteSize {
+    ByteSize(512 * 1024 * 1024)
+}
+fn default_max_args() -> u64 {
+    i32::MAX as u64
+}
+fn default_max_inline_len() -> ByteSize {
+    ByteSize(64 * 1024)
+}
+fn default_max_buffered_bytes() -> ByteSize {
+    ByteSize(1024 * 1024 * 1024)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the admin HTTP listener (health, readiness, metrics, status). Loopback by default:
+    /// in a pod, loopback is shared with the application.
+    #[serde(default = "default_admin_bind")]
+    pub bind: SocketAddr,
+    /// Bearer token required by every POST endpoint: `env:NAME` or `file:/path`.
+    #[serde(default)]
+    pub token: Option<SecretRef>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            bind: default_admin_bind(),
+            token: None,
+        }
+    }
+}
+
+fn default_admin_bind() -> SocketAddr {
+    "127.0.0.1:9180".parse().expect("valid literal")
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Worker threads. 1 runs everything on one thread (a current-thread runtime), which costs the
+    /// least CPU per request for a sidecar; more spreads sessions over that many threads.
+    #[serde(default = "default_worker_threads")]
+    pub worker_threads: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            worker_threads: default_worker_threads(),
+        }
+    }
+}
+
+fn default_worker_threads() -> usize {
+    1
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `rotaproxy=debug`; `RUST_LOG` overrides it.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::default(),
+            level: default_log_level(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+fn default_log_level() -> String {
+    "info".to_string()
+}
+
+/// Where a secret lives. Only the reference is ever printed; the value is read when needed and held
+/// as a [`SecretString`].
+#[derive(Clone, PartialEq, Eq)]
+pub enum SecretRef {
+    Env(String),
+    File(PathBuf),
+}
+
+impl SecretRef {
+    /// Reads the secret now. A trailing newline (as left by `echo` or most editors) is removed.
+    pub fn resolve(&self) -> Result<SecretString, SecretError> {
+        let raw = match self {
+            SecretRef::Env(name) => std::env::var(name).map_err(|_| SecretError::EnvMissing {
+                name: name.clone(),
+            })?,
+            SecretRef::File(path) => {
+                std::fs::read_to_string(path).map_err(|source| SecretError::File {
+                    path: path.clone(),
+                    source,
+                })?
+            }
+        };
+        let value = raw.strip_suffix('\n').unwrap_or(&raw);
+        let value = value.strip_suffix('\r').unwrap_or(value);
+        if value.is_empty() {
+            return Err(SecretError::Empty {
+                reference: self.to_string(),
+            });
+        }
+        Ok(SecretString::from(value.to_string()))
+    }
+
+    /// The file a file reference points at (watched for changes).
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            SecretRef::File(p) => Some(p),
+            SecretRef::Env(_) => None,
+        }
+    }
+}
+
+/// Why a secret could not be read. Names the reference, never the value.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("environment variable {name} is not set")]
+    EnvMissing { name: String },
+    #[error("cannot read secret file {path}: {source}")]
+    File {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("secret {reference} is empty")]
+    Empty { reference: String },
+}
+
+impl fmt::Display for SecretRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SecretRef::Env(name) => write!(f, "env:{name}"),
+            SecretRef::File(path) => write!(f, "file:{}", path.display()),
+        }
+    }
+}
+
+impl fmt::Debug for SecretRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretRef({self})")
+    }
+}
+
+impl std::str::FromStr for SecretRef {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(name) = s.strip_prefix("env:") {
+            if name.is_empty() {
+                return Err("`env:` needs a variable name".into());
+            }
+            Ok(SecretRef::Env(name.to_string()))
+        } else if let Some(path) = s.strip_prefix("file:") {
+            if path.is_empty() {
+                return Err("`file:` needs a path".into());
+            }
+            Ok(SecretRef::File(PathBuf::from(path)))
+        } else {
+            // Never echo the value: it may be a password pasted inline by mistake.
+            Err("a secret must be a reference, `env:NAME` or `file:/path` (inline secrets are not accepted)".into())
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for SecretRef {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A size in bytes, written as an integer or a string such as "512MiB", "64KiB", "1GB".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (digits, unit) = s.split_at(split);
+        let n: u64 = digits
+            .parse()
+            .map_err(|_| format!("`{s}` is not a size such as 512MiB"))?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KB" => 1000,
+            "KiB" | "K" => 1 << 10,
+            "MB" => 1000 * 1000,
+            "MiB" | "M" => 1 << 20,
+            "GB" => 1000 * 1000 * 1000,
+            "GiB" | "G" => 1 << 30,
+            other => return Err(format!("unknown size unit `{other}` (use B, KiB, MiB, GiB)")),
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("`{s}` is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(ByteSize(n)),
+            Raw::Str(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// The upstream address, parsed from `upstream.url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+}
+
+impl UpstreamUrl {
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let (tls, rest) = if let Some(r) = url.strip_prefix("rediss://") {
+            (true, r)
+        } else if let Some(r) = url.strip_prefix("redis://") {
+            (false, r)
+        } else {
+            return Err("must start with rediss:// (TLS) or redis:// (plain)".into());
+        };
+        let rest = rest.trim_end_matches('/');
+        if rest.contains('@') {
+            return Err(
+                "must not carry credentials; use [credentials] with env:/file: references".into(),
+            );
+        }
+        let (host, port) = if let Some(bracketed) = rest.strip_prefix('[') {
+            let (h, p) = bracketed
+                .split_once(']')
+                .ok_or("unterminated [ in IPv6 host")?;
+            (h, p.strip_prefix(':').unwrap_or(""))
+        } else {
+            rest.rsplit_once(':').unwrap_or((rest, ""))
+        };
+        if host.is_empty() {
+            return Err("has no host".into());
+        }
+        let port = if port.is_empty() {
+            6379
+        } else {
+            port.parse().map_err(|_| format!("bad port `{port}`"))?
+        };
+        Ok(UpstreamUrl {
+            tls,
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let config = Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            },
+            other => other,
+        })?;
+        Ok(config)
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: relations between fields and value ranges.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: &str| ConfigError::Invalid {
+            key,
+            message: message.to_string(),
+        };
+        let url = UpstreamUrl::parse(&self.upstream.url)
+            .map_err(|m| invalid("upstream.url", &format!("`{}` {m}", self.upstream.url)))?;
+        let tls_only = [
+            ("upstream.ca_file", self.upstream.ca_file.is_some()),
+            ("upstream.client_cert", self.upstream.client_cert.is_some()),
+            ("upstream.server_name", self.upstream.server_name.is_some()),
+        ];
+        for (key, set) in tls_only {
+            if set && !url.tls {
+                return Err(invalid(key, "is set but upstream.url is redis:// (plain TCP)"));
+            }
+        }
+        if self.upstream.client_cert.is_some() != self.upstream.client_key.is_some() {
+            return Err(invalid(
+                "upstream.client_key",
+                "client_cert and client_key go together",
+            ));
+        }
+        if self.credentials.username.is_some() && self.credentials.password.is_none() {
+            return Err(invalid(
+                "credentials.password",
+                "a username needs a password reference",
+            ));
+        }
+        match self.listener.auth.mode {
+            ClientAuthMode::None if !self.listener.auth.users.is_empty() => {
+                return Err(invalid(
+                    "listener.auth.users",
+                    "users are listed but mode is \"none\"; set mode = \"password\"",
+                ));
+            }
+            ClientAuthMode::Password if self.listener.auth.users.is_empty() => {
+                return Err(invalid(
+                    "listener.auth.users",
+                    "mode \"password\" needs at least one user",
+                ));
+            }
+            _ => {}
+        }
+        if self.listener.max_clients == 0 {
+            return Err(invalid("listener.max_clients", "must be at least 1"));
+        }
+        if self.pool.max == 0 {
+            return Err(invalid("pool.max", "must be at least 1"));
+        }
+        if self.pool.warm > self.pool.max {
+            return Err(invalid("pool.warm", "must not exceed pool.max"));
+        }
+        if self.pool.idle_check_interval.is_zero() {
+            return Err(invalid("pool.idle_check_interval", "must be more than 0s"));
+        }
+        if self.runtime.worker_threads == 0 {
+            return Err(invalid("runtime.worker_threads", "must be at least 1"));
+        }
+        if self.limits.max_args == 0 {
+            return Err(invalid("limits.max_args", "must be at least 1"));
+        }
+        if self.limits.max_inline_len.0 < 16 {
+            return Err(invalid("limits.max_inline_len", "must be at least 16 bytes"));
+        }
+        if self.limits.max_buffered_bytes.0 < self.limits.max_inline_len.0 {
+            return Err(invalid(
+                "limits.max_buffered_bytes",
+                "must be at least limits.max_inline_len",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The parsed upstream URL (validated at load time).
+    pub fn upstream_url(&self) -> UpstreamUrl {
+        UpstreamUrl::parse(&self.upstream.url).expect("validated at load")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "[upstream]\nurl = \"redis://127.0.0.1:6379\"\n";
+
+    #[test]
+    fn minimal_config_takes_defaults() {
+        let c = Config::parse(MINIMAL).unwrap();
+        assert_eq!(c.listener.bind, "127.0.0.1:6380".parse().unwrap());
+        assert_eq!(c.admin.bind, "127.0.0.1:9180".parse().unwrap());
+        assert_eq!(c.limits.max_bulk_len, ByteSize(512 << 20));
+        assert_eq!(c.runtime.worker_threads, 1);
+        assert!(!c.upstream_url().tls);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::parse(&format!("{MINIMAL}[pool]\nwarmm = 3\n")).unwrap_err();
+        assert!(err.to_string().contains("warmm"), "{err}");
+    }
+
+    #[test]
+    fn inline_secret_is_refused_without_echoing_it() {
+        let text = format!("{MINIMAL}[credentials]\npassword = \"hunter2-secret\"\n");
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("env:NAME"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn secret_ref_debug_shows_only_the_reference() {
+        let r: SecretRef = "env:REDIS_PW".parse().unwrap();
+        assert_eq!(format!("{r:?}"), "SecretRef(env:REDIS_PW)");
+    }
+
+    #[test]
+    fn secret_file_trailing_newline_is_trimmed() {
+        use secrecy::ExposeSecret;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("pw");
+        std::fs::write(&p, "s3cret\n").unwrap();
+        let r = SecretRef::File(p);
+        assert_eq!(r.resolve().unwrap().expose_secret(), "s3cret");
+    }
+
+    #[test]
+    fn sizes_and_durations_are_human() {
+        let text = format!(
+            "{MINIMAL}[limits]\nmax_bulk_len = \"1GiB\"\nmax_inline_len = 70000\n[pool]\ncheckout_timeout = \"250ms\"\n"
+        );
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.limits.max_bulk_len, ByteSize(1 << 30));
+        assert_eq!(c.limits.max_inline_len, ByteSize(70000));
+        assert_eq!(c.pool.checkout_timeout, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn url_forms() {
+        let u = UpstreamUrl::parse("rediss://db.example.com:12000").unwrap();
+        assert_eq!((u.tls, u.host.as_str(), u.port), (true, "db.example.com", 12000));
+        let u = UpstreamUrl::parse("redis://[::1]:7000").unwrap();
+        assert_eq!((u.tls, u.host.as_str(), u.port), (false, "::1", 7000));
+        assert!(UpstreamUrl::parse("redis://u:pw@host:1").is_err());
+        assert!(UpstreamUrl::parse("http://host").is_err());
+    }
+
+    #[test]
+    fn cross_field_errors_name_the_key() {
+        let text = "[upstream]\nurl = \"redis://h:1\"\nca_file = \"/x\"\n";
+        let err = Config::parse(text).unwrap_err().to_string();
+        assert!(err.contains("upstream.ca_file"), "{err}");
+        let text = format!("{MINIMAL}[listener.auth]\nmode = \"password\"\n");
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("listener.auth.users"), "{err}");
+    }
+}

@@ -1,0 +1,26 @@
+//! rotaproxy: a RESP-aware TLS sidecar for Redis that owns the upstream credential.
+//!
+//! Applications connect to the proxy as if it were Redis. The proxy forwards their commands over
+//! TLS to the upstream, authenticated with a credential only it holds, and keeps enough state per
+//! connection to move it to another upstream connection without the application noticing.
+//!
+//! Layout, following the path of a command:
+//! - [`server`] binds the listeners and starts one [`session`] per client;
+//! - [`session`] keeps a client's connection state, answers client AUTH, forwards the rest;
+//! - [`resp`] finds frame boundaries ([`resp::scanner`]) and reads the few commands the proxy
+//!   must understand;
+//! - [`upstream`] opens authenticated connections and keeps a warm pool of them;
+//! - [`credentials`] defines generations (endpoint + TLS material + credential);
+//! - [`tls`] builds rustls configs; [`net`] is the stream type shared by both sides;
+//! - [`admin`] and [`metrics`] are for operators; [`config`] is the TOML file.
+
+pub mod admin;
+pub mod config;
+pub mod credentials;
+pub mod metrics;
+pub mod net;
+pub mod resp;
+pub mod server;
+pub mod session;
+pub mod tls;
+pub mod upstream;

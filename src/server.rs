@@ -1,0 +1,172 @@
+//! Start-up and the client listener: builds the shared parts from the config, binds the
+//! listeners, and runs one [`Session`] task per accepted client.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+use crate::admin::{self, AdminState};
+use crate::config::{ClientAuthMode, Config};
+use crate::credentials::{Generation, Generations};
+use crate::metrics::Metrics;
+use crate::net::Stream;
+use crate::resp::scanner::ScanLimits;
+use crate::session::client_auth::ClientAuth;
+use crate::session::{Session, SessionContext};
+use crate::upstream::pool::Pool;
+
+/// How long a client may take to finish its TLS handshake.
+const CLIENT_TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Runs the proxy until SIGINT/SIGTERM.
+pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result<()> {
+    let metrics = Metrics::new();
+    warn_about_risky_settings(&config);
+
+    let generation = Generation::from_config(&config).context("cannot prepare the upstream")?;
+    tracing::info!(
+        upstream = %format!("{}:{}", generation.endpoint.host, generation.endpoint.port),
+        tls = generation.endpoint.tls.is_some(),
+        user = generation.credential.display_user(),
+        generation = generation.id,
+        "upstream configured"
+    );
+    let generations = Arc::new(Generations::new(generation));
+    let pool = Pool::new(
+        generations.clone(),
+        config.pool.clone(),
+        config.timeouts.clone(),
+        metrics.clone(),
+    );
+    pool.spawn_maintenance();
+
+    let client_auth =
+        ClientAuth::from_config(&config.listener.auth).context("listener.auth.users")?;
+    let tls_acceptor = match &config.listener.tls {
+        Some(tls) => Some(tokio_rustls::TlsAcceptor::from(
+            crate::tls::listener_server_config(&tls.cert, &tls.key).context("listener.tls")?,
+        )),
+        None => None,
+    };
+    let limits = &config.limits;
+    let ctx = Arc::new(SessionContext {
+        pool: pool.clone(),
+        client_auth,
+        request_limits: ScanLimits {
+            max_depth: 1,
+            max_bulk_len: limits.max_bulk_len.0,
+            max_elements: limits.max_args,
+            max_line_len: usize::try_from(limits.max_inline_len.0).unwrap_or(usize::MAX),
+        },
+        max_buffered: usize::try_from(limits.max_buffered_bytes.0).unwrap_or(usize::MAX),
+        metrics: metrics.clone(),
+    });
+
+    let listener = TcpListener::bind(config.listener.bind)
+        .await
+        .with_context(|| format!("cannot listen on {} (listener.bind)", config.listener.bind))?;
+    let admin_listener = TcpListener::bind(config.admin.bind)
+        .await
+        .with_context(|| format!("cannot listen on {} (admin.bind)", config.admin.bind))?;
+    let client_addr = listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+    let admin_state = Arc::new(AdminState {
+        prometheus,
+        pool: pool.clone(),
+    });
+    tokio::spawn(admin::serve(admin_listener, admin_state));
+    tracing::info!(%client_addr, %admin_addr, tls = tls_acceptor.is_some(), "listening");
+
+    let slots = Arc::new(Semaphore::new(config.listener.max_clients));
+    let accept = async {
+        loop {
+            let (socket, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Out of file descriptors and the like: keep serving the clients we have.
+                    tracing::warn!(error = %err, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            metrics.client_connections_total.increment(1);
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                metrics.client_connections_rejected.increment(1);
+                tokio::spawn(refuse(socket));
+                continue;
+            };
+            let ctx = ctx.clone();
+            let tls = tls_acceptor.clone();
+            let metrics = metrics.clone();
+            tokio::spawn(async move {
+                let _slot = slot;
+                let _ = socket.set_nodelay(true);
+                let stream = match tls {
+                    None => Stream::Tcp(socket),
+                    Some(acceptor) => {
+                        match tokio::time::timeout(CLIENT_TLS_HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await {
+                            Ok(Ok(tls)) => Stream::TlsClient(Box::new(tls)),
+                            Ok(Err(err)) => {
+                                metrics.client_connections_rejected.increment(1);
+                                tracing::info!(%peer, error = %err, "client TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                metrics.client_connections_rejected.increment(1);
+                                tracing::info!(%peer, "client TLS handshake timed out");
+                                return;
+                            }
+                        }
+                    }
+                };
+                Session::new(ctx, stream, peer).run().await;
+            });
+        }
+    };
+    tokio::select! {
+        _ = accept => Ok(()),
+        signal = shutdown_signal() => {
+            tracing::info!(signal, "shutting down");
+            Ok(())
+        }
+    }
+}
+
+/// Answers a client over the limit the way Redis does, then closes.
+async fn refuse(mut socket: TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let _ = socket
+        .write_all(b"-ERR max number of clients reached\r\n")
+        .await;
+}
+
+fn warn_about_risky_settings(config: &Config) {
+    if config.upstream.insecure_skip_verify {
+        tracing::warn!(
+            "upstream.insecure_skip_verify is ON: the upstream certificate is NOT verified; anyone on the path can read and change traffic and steal the credential"
+        );
+    }
+    let bind: SocketAddr = config.listener.bind;
+    if config.listener.auth.mode == ClientAuthMode::None && !bind.ip().is_loopback() {
+        tracing::warn!(
+            %bind,
+            "client auth is \"none\" on a non-loopback listener: anyone who can reach it uses the proxy's credential"
+        );
+    }
+    if !config.admin.bind.ip().is_loopback() {
+        tracing::warn!(bind = %config.admin.bind, "the admin listener is not on loopback");
+    }
+}
+
+async fn shutdown_signal() -> &'static str {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("can install a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+    }
+}

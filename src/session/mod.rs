@@ -1,0 +1,1186 @@
+//! One session per client connection: the client's stream, the upstream connection it uses, and
+//! everything needed to keep the two in step.
+//!
+//! Life of a session:
+//! 1. **accept** — the server hands over the client stream (TLS already terminated).
+//! 2. **client auth** — the proxy answers AUTH (and the AUTH inside HELLO) itself.
+//! 3. **upstream checkout** — at the first command that must reach Redis, a warm, authenticated
+//!    connection is taken from the pool.
+//! 4. **forward** — the hot path: request bytes go up and reply bytes come down exactly as they
+//!    arrived; the scanners only find frame boundaries. A few commands are tracked (SELECT, HELLO,
+//!    CLIENT SETNAME, MULTI, subscriptions, ...) so the session knows its state.
+//! 5. **reconnect** — if the upstream connection is lost, outstanding commands get an error, and
+//!    the session continues on a fresh connection with its state replayed.
+//! 6. **close** — a connection left in the default state goes back to the pool.
+//!
+//! Everything runs in one task, and I/O is polled by hand ([`Session::poll_io`]): writes in both
+//! directions make progress while reads are waited for, with no locks and no extra copies of
+//! the stream halves.
+
+pub mod client_auth;
+pub mod replies;
+pub mod state;
+
+use std::future::poll_fn;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use secrecy::ExposeSecret;
+use tokio::io::AsyncWrite;
+
+use crate::metrics::{ClientErrorReason, Metrics};
+use crate::net::Stream;
+use crate::resp::command::{self, Head, Kind, Peek};
+use crate::resp::reply::{self, PushKind, SubClass, SubKind};
+use crate::resp::scanner::{Direction, ScanLimits, Scanner};
+use crate::upstream::connector::UpstreamConn;
+use crate::upstream::pool::Pool;
+use client_auth::ClientAuth;
+use replies::{Expect, ReplyQueue};
+use state::{Action, ConnState};
+
+/// Output waiting for a slow peer beyond which the session stops reading from the other side.
+const HIGH_WATER: usize = 256 * 1024;
+/// Free space ensured in a read buffer before each read.
+const READ_RESERVE: usize = 32 * 1024;
+/// Bytes a reply must show before the session can tell a MONITOR line from an answer.
+const MONITOR_PREFIX: usize = 40;
+
+const NOAUTH: &[u8] = b"-NOAUTH Authentication required.\r\n";
+const NOAUTH_HELLO: &[u8] = b"-NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time\r\n";
+const WRONGPASS: &[u8] = b"-WRONGPASS invalid username-password pair or user is disabled.\r\n";
+const UPSTREAM_LOST: &[u8] = b"-ERR rotaproxy: upstream connection lost before the reply; the command may or may not have run\r\n";
+/// A RESP3 push telling a client-side cache to drop everything (null = all keys).
+const INVALIDATE_ALL: &[u8] = b">2\r\n$10\r\ninvalidate\r\n_\r\n";
+
+/// What every session shares.
+pub struct SessionContext {
+    pub pool: Pool,
+    pub client_auth: ClientAuth,
+    pub request_limits: ScanLimits,
+    /// Most bytes of one command the proxy holds while it must read the command whole.
+    pub max_buffered: usize,
+    pub metrics: Metrics,
+}
+
+/// How the request now being read is handled.
+#[derive(Debug)]
+enum RequestMode {
+    /// Between requests.
+    Start,
+    /// Forwarded as it arrives (ordinary commands); the kind decides the accounting at its end.
+    Stream(Kind),
+    /// Held until complete, then handled: the proxy needs its arguments. `inline` for an inline
+    /// command, whose kind is known only once it is split.
+    Buffer { kind: Kind, inline: bool },
+    /// Read and discarded; answered with the reply at its end (None: no reply, as for `*0`).
+    Discard(Option<Bytes>),
+}
+
+/// How the reply now being read is handled.
+#[derive(Debug, Clone, Copy)]
+struct ReplyFrame {
+    first: u8,
+    /// Relayed to the client (false: swallowed).
+    relay: bool,
+    /// Answers a request (false: a message, invalidation or monitor line nobody asked for).
+    counts: bool,
+    /// A (un)subscribe confirmation: held whole to read the subscription count it carries.
+    confirmation: Option<SubKind>,
+    /// `*-1`: a null array (an aborted EXEC under RESP2).
+    null_array: bool,
+}
+
+struct Upstream {
+    conn: UpstreamConn,
+    out: BytesMut,
+    input: BytesMut,
+    needs_flush: bool,
+}
+
+enum Event {
+    /// Bytes read from the client; 0 means it closed.
+    ClientRead(usize),
+    ClientFailed(io::Error),
+    /// Bytes read from the upstream; 0 means it closed.
+    UpstreamRead(usize),
+    UpstreamFailed(io::Error),
+    /// The session is closing and everything owed to the client has been delivered.
+    Finished,
+}
+
+pub struct Session {
+    ctx: Arc<SessionContext>,
+    peer: SocketAddr,
+    client: Stream,
+    client_in: BytesMut,
+    client_out: BytesMut,
+    client_needs_flush: bool,
+    request_scanner: Scanner,
+    request_mode: RequestMode,
+    /// Bytes at the front of `client_in` scanned and waiting to be forwarded upstream.
+    forward_len: usize,
+    /// Bytes of the request being held (`RequestMode::Buffer`) scanned so far.
+    held_len: usize,
+    upstream: Option<Upstream>,
+    reply_scanner: Scanner,
+    reply_frame: Option<ReplyFrame>,
+    /// Bytes at the front of the upstream input scanned and waiting to be relayed.
+    relay_len: usize,
+    /// Bytes of a confirmation being held whole scanned so far.
+    held_reply_len: usize,
+    replies: ReplyQueue,
+    state: ConnState,
+    authenticated: bool,
+    in_multi: bool,
+    /// State changes of commands queued in the open MULTI, applied when EXEC succeeds.
+    multi_actions: Vec<Action>,
+    watch_armed: bool,
+    /// The connection holding the WATCH was lost: the next EXEC must answer nil, as if a watched
+    /// key had changed — never a silent success.
+    watch_lost: bool,
+    /// The connection holding the open MULTI was lost: queued commands are acknowledged and the
+    /// EXEC answers nil.
+    multi_lost: bool,
+    /// Requests wait until a reply arrives (after RESET, the proxy re-authenticates first).
+    barrier: bool,
+    /// Input waited at a barrier and may be processed now.
+    resume_input: bool,
+    /// No more client input is read; the session ends once every reply is delivered.
+    closing: bool,
+    /// Which side `poll_io` reads first, alternated so neither side starves the other.
+    upstream_first: bool,
+}
+
+impl Session {
+    pub fn new(ctx: Arc<SessionContext>, client: Stream, peer: SocketAddr) -> Self {
+        let authenticated = !ctx.client_auth.required();
+        let request_scanner = Scanner::new(Direction::Request, ctx.request_limits);
+        Self {
+            ctx,
+            peer,
+            client,
+            client_in: BytesMut::with_capacity(READ_RESERVE),
+            client_out: BytesMut::new(),
+            client_needs_flush: false,
+            request_scanner,
+            request_mode: RequestMode::Start,
+            forward_len: 0,
+            held_len: 0,
+            upstream: None,
+            reply_scanner: new_reply_scanner(),
+            reply_frame: None,
+            relay_len: 0,
+            held_reply_len: 0,
+            replies: ReplyQueue::default(),
+            state: ConnState::new(),
+            authenticated,
+            in_multi: false,
+            multi_actions: Vec::new(),
+            watch_armed: false,
+            watch_lost: false,
+            multi_lost: false,
+            barrier: false,
+            resume_input: false,
+            closing: false,
+            upstream_first: false,
+        }
+    }
+
+    /// A session may change its upstream connection only here: nothing owed, no transaction
+    /// open or armed, no command half-read.
+    pub fn at_safe_point(&self) -> bool {
+        self.replies.nothing_owed()
+            && !self.in_multi
+            && !self.watch_armed
+            && matches!(self.request_mode, RequestMode::Start)
+            && self.forward_len == 0
+            && self.reply_frame.is_none()
+    }
+
+    /// Serves the client until it leaves.
+    pub async fn run(mut self) {
+        let metrics = self.ctx.metrics.clone();
+        metrics.client_connections.increment(1.0);
+        loop {
+            let event = poll_fn(|cx| self.poll_io(cx)).await;
+            match event {
+                Event::ClientRead(0) | Event::Finished => break,
+                Event::ClientFailed(err) => {
+                    tracing::debug!(peer = %self.peer, error = %err, "client connection failed");
+                    break;
+                }
+                Event::ClientRead(_) => self.on_client_input().await,
+                Event::UpstreamRead(0) => {
+                    self.on_upstream_lost("the server closed the connection")
+                        .await
+                }
+                Event::UpstreamFailed(err) => self.on_upstream_lost(&err.to_string()).await,
+                Event::UpstreamRead(_) => {
+                    if let Err(fault) = self.on_upstream_input() {
+                        self.on_upstream_lost(&fault).await;
+                    }
+                }
+            }
+            if self.resume_input {
+                self.resume_input = false;
+                self.on_client_input().await;
+            }
+        }
+        self.finish();
+        metrics.client_connections.decrement(1.0);
+    }
+
+    // ---- I/O ----------------------------------------------------------------------------
+
+    fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+        if let Err(e) = poll_write_all(
+            &mut self.client,
+            &mut self.client_out,
+            &mut self.client_needs_flush,
+            cx,
+        ) {
+            return Poll::Ready(Event::ClientFailed(e));
+        }
+        if let Some(up) = &mut self.upstream
+            && let Err(e) = poll_write_all(&mut up.conn.stream, &mut up.out, &mut up.needs_flush, cx)
+        {
+            return Poll::Ready(Event::UpstreamFailed(e));
+        }
+        if self.closing
+            && self.replies.is_empty()
+            && self.client_out.is_empty()
+            && !self.client_needs_flush
+        {
+            return Poll::Ready(Event::Finished);
+        }
+        self.upstream_first = !self.upstream_first;
+        if self.upstream_first {
+            if let Poll::Ready(ev) = self.poll_read_upstream(cx) {
+                return Poll::Ready(ev);
+            }
+            self.poll_read_client(cx)
+        } else {
+            if let Poll::Ready(ev) = self.poll_read_client(cx) {
+                return Poll::Ready(ev);
+            }
+            self.poll_read_upstream(cx)
+        }
+    }
+
+    fn poll_read_client(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+        let upstream_full = self
+            .upstream
+            .as_ref()
+            .is_some_and(|u| u.out.len() >= HIGH_WATER);
+        if self.closing || self.barrier || upstream_full {
+            return Poll::Pending;
+        }
+        self.client_in.reserve(READ_RESERVE);
+        match tokio_util::io::poll_read_buf(Pin::new(&mut self.client), cx, &mut self.client_in) {
+            Poll::Ready(Ok(n)) => Poll::Ready(Event::ClientRead(n)),
+            Poll::Ready(Err(e)) => Poll::Ready(Event::ClientFailed(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn poll_read_upstream(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+        if self.client_out.len() >= HIGH_WATER {
+            return Poll::Pending;
+        }
+        let Some(up) = &mut self.upstream else {
+            return Poll::Pending;
+        };
+        up.input.reserve(READ_RESERVE);
+        match tokio_util::io::poll_read_buf(Pin::new(&mut up.conn.stream), cx, &mut up.input) {
+            Poll::Ready(Ok(n)) => Poll::Ready(Event::UpstreamRead(n)),
+            Poll::Ready(Err(e)) => Poll::Ready(Event::UpstreamFailed(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    // ---- requests -----------------------------------------------------------------------
+
+    /// Scans what the client sent: forwards ordinary commands as they arrive, holds and handles
+    /// the ones the proxy must understand.
+    async fn on_client_input(&mut self) {
+        let scanned_before = self.request_scanner.bytes_scanned();
+        loop {
+            if self.barrier || self.closing {
+                break;
+            }
+            let pos = self.forward_len + self.held_len;
+            if pos >= self.client_in.len() {
+                break;
+            }
+            if matches!(self.request_mode, RequestMode::Start) && !self.start_request(pos).await {
+                break;
+            }
+            let pos = self.forward_len + self.held_len;
+            let progress = match self.request_scanner.scan(&self.client_in[pos..]) {
+                Ok(p) => p,
+                Err(e) => {
+                    self.protocol_error(&e.to_string());
+                    break;
+                }
+            };
+            match self.request_mode {
+                RequestMode::Stream(_) => self.forward_len += progress.consumed,
+                RequestMode::Buffer { .. } => self.held_len += progress.consumed,
+                RequestMode::Discard(_) => self.client_in.advance(progress.consumed),
+                RequestMode::Start => unreachable!("a mode is chosen before scanning"),
+            }
+            if !progress.complete {
+                if self.held_len > self.ctx.max_buffered {
+                    self.ctx.metrics.client_error(ClientErrorReason::Limit);
+                    self.protocol_error("too big request (limits.max_buffered_bytes)");
+                }
+                break;
+            }
+            match std::mem::replace(&mut self.request_mode, RequestMode::Start) {
+                RequestMode::Stream(kind) => self.on_streamed_request(kind),
+                RequestMode::Buffer { kind, inline } => {
+                    let frame = self.client_in.split_to(self.held_len).freeze();
+                    self.held_len = 0;
+                    self.on_held_request(kind, inline, frame).await;
+                }
+                RequestMode::Discard(reply) => {
+                    if let Some(reply) = reply {
+                        self.reply_local(reply);
+                    }
+                }
+                RequestMode::Start => unreachable!(),
+            }
+        }
+        self.flush_forward();
+        let scanned = self.request_scanner.bytes_scanned() - scanned_before;
+        self.ctx.metrics.scanned_request_bytes.increment(scanned);
+    }
+
+    /// Decides how the request starting at `pos` is handled. False when more bytes are needed.
+    async fn start_request(&mut self, pos: usize) -> bool {
+        let buf = &self.client_in[pos..];
+        let (kind, argc) = if buf[0] == b'*' {
+            match command::peek_head(buf) {
+                Peek::Incomplete => return false,
+                // The scanner names the exact protocol error; nothing needs an upstream for it.
+                Peek::Malformed => {
+                    self.set_mode_held_or_discarded(RequestMode::Discard(None));
+                    return true;
+                }
+                Peek::Ready(Head::Empty) => {
+                    self.set_mode_held_or_discarded(RequestMode::Discard(None));
+                    return true;
+                }
+                Peek::Ready(Head::Command { argc, name }) => {
+                    (name.map_or(Kind::Other, |r| command::classify(&buf[r])), argc)
+                }
+            }
+        } else {
+            self.set_mode_held_or_discarded(RequestMode::Buffer {
+                kind: Kind::Other,
+                inline: true,
+            });
+            return true;
+        };
+        if !self.authenticated && !matches!(kind, Kind::Auth | Kind::Hello | Kind::Quit) {
+            // Redis refuses long commands from unauthenticated clients outright.
+            if argc > 10 {
+                self.protocol_error("unauthenticated multibulk length");
+                return false;
+            }
+            self.ctx.metrics.client_error(ClientErrorReason::Auth);
+            self.set_mode_held_or_discarded(RequestMode::Discard(Some(Bytes::from_static(
+                NOAUTH,
+            ))));
+            return true;
+        }
+        if self.multi_lost && matches!(kind, Kind::Other | Kind::Blocking) {
+            self.set_mode_held_or_discarded(RequestMode::Discard(Some(Bytes::from_static(
+                b"+QUEUED\r\n",
+            ))));
+            return true;
+        }
+        if !matches!(kind, Kind::Other | Kind::Blocking) {
+            self.set_mode_held_or_discarded(RequestMode::Buffer {
+                kind,
+                inline: false,
+            });
+            return true;
+        }
+        match self.ensure_upstream().await {
+            Ok(()) => self.request_mode = RequestMode::Stream(kind),
+            Err(reply) => self.set_mode_held_or_discarded(RequestMode::Discard(Some(reply))),
+        }
+        true
+    }
+
+    /// Held and discarded requests start at the front of the buffer: what was scanned before them
+    /// goes upstream first.
+    fn set_mode_held_or_discarded(&mut self, mode: RequestMode) {
+        self.flush_forward();
+        self.request_mode = mode;
+    }
+
+    fn on_streamed_request(&mut self, kind: Kind) {
+        self.ctx.metrics.commands.increment(1);
+        if kind == Kind::Blocking && !self.in_multi {
+            self.replies.push(Expect::Tracked {
+                action: Action::None,
+                relay: true,
+                blocking: true,
+            });
+        } else {
+            self.replies.relay(1);
+        }
+    }
+
+    async fn on_held_request(&mut self, kind: Kind, inline: bool, frame: Bytes) {
+        let owned;
+        let args: Vec<&[u8]> = if inline {
+            match command::inline_args(&frame) {
+                Ok(a) => {
+                    owned = a;
+                    owned.iter().map(Vec::as_slice).collect()
+                }
+                Err(e) => {
+                    self.protocol_error(&e.to_string());
+                    return;
+                }
+            }
+        } else {
+            command::multibulk_args(&frame)
+        };
+        let Some(name) = args.first() else {
+            // An empty inline line: Redis ignores it and answers nothing.
+            return;
+        };
+        let kind = if inline {
+            let kind = command::classify(name);
+            if !self.authenticated && !matches!(kind, Kind::Auth | Kind::Hello | Kind::Quit) {
+                self.ctx.metrics.client_error(ClientErrorReason::Auth);
+                return self.reply_local(Bytes::from_static(NOAUTH));
+            }
+            if self.multi_lost && matches!(kind, Kind::Other | Kind::Blocking) {
+                return self.reply_local(Bytes::from_static(b"+QUEUED\r\n"));
+            }
+            kind
+        } else {
+            kind
+        };
+        self.handle_command(kind, &args, &frame).await;
+    }
+
+    /// Handles a command the proxy must understand. `frame` is the request as the client sent it.
+    async fn handle_command(&mut self, kind: Kind, args: &[&[u8]], frame: &[u8]) {
+        let relay_one = Expect::Relay(1);
+        match kind {
+            Kind::Other => self.forward(frame, relay_one).await,
+            Kind::Blocking | Kind::MaybeBlocking => {
+                let blocks = kind == Kind::Blocking
+                    || args.iter().skip(1).any(|a| command::is(a, "BLOCK"));
+                let expect = if blocks && !self.in_multi {
+                    Expect::Tracked {
+                        action: Action::None,
+                        relay: true,
+                        blocking: true,
+                    }
+                } else {
+                    relay_one
+                };
+                self.forward(frame, expect).await
+            }
+            Kind::Auth => self.handle_auth(args),
+            Kind::Hello => self.handle_hello(args, frame).await,
+            Kind::Quit => {
+                self.reply_local(Bytes::from_static(b"+OK\r\n"));
+                self.closing = true;
+            }
+            Kind::Reset => {
+                self.in_multi = false;
+                self.multi_actions.clear();
+                self.watch_armed = false;
+                self.watch_lost = false;
+                self.multi_lost = false;
+                // Nothing more goes upstream until the proxy has re-authenticated after RESET.
+                self.barrier = true;
+                let expect = self.tracked(Action::Reset);
+                self.forward(frame, expect).await;
+                if self.upstream.is_none() {
+                    self.barrier = false;
+                }
+            }
+            Kind::Select => {
+                let action = args
+                    .get(1)
+                    .and_then(|a| command::parse_i64(a))
+                    .map_or(Action::None, Action::SelectDb);
+                let expect = self.tracked(action);
+                self.forward(frame, expect).await
+            }
+            Kind::Client => self.handle_client(args, frame).await,
+            Kind::Multi => {
+                if !self.in_multi {
+                    self.in_multi = true;
+                    self.multi_actions.clear();
+                }
+                self.forward(frame, relay_one).await
+            }
+            Kind::Exec => self.handle_exec(frame).await,
+            Kind::Discard => {
+                let was_lost = std::mem::take(&mut self.multi_lost);
+                self.in_multi = false;
+                self.watch_armed = false;
+                self.watch_lost = false;
+                self.multi_actions.clear();
+                if was_lost {
+                    self.reply_local(Bytes::from_static(b"+OK\r\n"));
+                } else {
+                    self.forward(frame, relay_one).await
+                }
+            }
+            Kind::Watch => {
+                if !self.in_multi {
+                    self.watch_armed = true;
+                }
+                self.forward(frame, relay_one).await
+            }
+            Kind::Unwatch => {
+                if !self.in_multi {
+                    self.watch_armed = false;
+                    self.watch_lost = false;
+                }
+                self.forward(frame, relay_one).await
+            }
+            Kind::Subscribe | Kind::Psubscribe | Kind::Ssubscribe => {
+                let class = sub_class(kind);
+                if self.in_multi {
+                    return self.forward(frame, relay_one).await;
+                }
+                let mut added = Vec::new();
+                for channel in &args[1..] {
+                    let channel = Bytes::copy_from_slice(channel);
+                    if self.state.set_of(class).insert(channel.clone()) {
+                        added.push((class, channel));
+                    }
+                }
+                let expect = Expect::Confirmations {
+                    remaining: (args.len() as u64 - 1).max(1),
+                    relay: true,
+                    added,
+                };
+                self.forward(frame, expect).await
+            }
+            Kind::Unsubscribe | Kind::Punsubscribe | Kind::Sunsubscribe => {
+                let class = sub_class(kind);
+                if self.in_multi {
+                    return self.forward(frame, relay_one).await;
+                }
+                let set = self.state.set_of(class);
+                let remaining = if args.len() > 1 {
+                    for channel in &args[1..] {
+                        set.remove(*channel);
+                    }
+                    args.len() as u64 - 1
+                } else {
+                    let n = set.len() as u64;
+                    set.clear();
+                    n.max(1)
+                };
+                let expect = Expect::Confirmations {
+                    remaining,
+                    relay: true,
+                    added: Vec::new(),
+                };
+                self.forward(frame, expect).await
+            }
+            Kind::Monitor => {
+                let expect = self.tracked(Action::Monitor);
+                self.forward(frame, expect).await
+            }
+            Kind::Readonly | Kind::Readwrite => {
+                let expect = self.tracked(Action::Readonly(kind == Kind::Readonly));
+                self.forward(frame, expect).await
+            }
+        }
+    }
+
+    /// An expectation for a command whose success changes the session state. Inside MULTI the
+    /// change waits for EXEC.
+    fn tracked(&mut self, action: Action) -> Expect {
+        if self.in_multi && action != Action::None {
+            self.multi_actions.push(action);
+            return Expect::Relay(1);
+        }
+        Expect::Tracked {
+            action,
+            relay: true,
+            blocking: false,
+        }
+    }
+
+    fn handle_auth(&mut self, args: &[&[u8]]) {
+        let (user, pass): (&[u8], &[u8]) = match args {
+            [_, pass] => (b"default", pass),
+            [_, user, pass] => (user, pass),
+            _ => {
+                return self.reply_local(Bytes::from_static(
+                    b"-ERR wrong number of arguments for 'auth' command\r\n",
+                ));
+            }
+        };
+        if self.ctx.client_auth.check(user, pass) {
+            self.authenticated = true;
+            self.reply_local(Bytes::from_static(b"+OK\r\n"));
+        } else {
+            self.ctx.metrics.client_error(ClientErrorReason::Auth);
+            self.reply_local(Bytes::from_static(WRONGPASS));
+        }
+    }
+
+    /// `HELLO [protover [AUTH user pass] [SETNAME name]]`: the AUTH part is the proxy's to check;
+    /// the rest goes upstream so the client sees the real server's HELLO reply.
+    async fn handle_hello(&mut self, args: &[&[u8]], frame: &[u8]) {
+        let mut rest: Vec<&[u8]> = Vec::with_capacity(args.len());
+        rest.push(args[0]);
+        let mut auth = None;
+        let mut name = None;
+        let mut i = 1;
+        if let Some(version) = args.get(1) {
+            rest.push(version);
+            i = 2;
+        }
+        while i < args.len() {
+            if command::is(args[i], "AUTH") && i + 2 < args.len() {
+                auth = Some((args[i + 1], args[i + 2]));
+                i += 3;
+            } else if command::is(args[i], "SETNAME") && i + 1 < args.len() {
+                name = Some(Bytes::copy_from_slice(args[i + 1]));
+                rest.extend_from_slice(&args[i..i + 2]);
+                i += 2;
+            } else {
+                // Let the server word the syntax error.
+                rest.push(args[i]);
+                i += 1;
+            }
+        }
+        if let Some((user, pass)) = auth {
+            if !self.ctx.client_auth.check(user, pass) {
+                self.ctx.metrics.client_error(ClientErrorReason::Auth);
+                return self.reply_local(Bytes::from_static(WRONGPASS));
+            }
+            self.authenticated = true;
+        }
+        if !self.authenticated {
+            self.ctx.metrics.client_error(ClientErrorReason::Auth);
+            return self.reply_local(Bytes::from_static(NOAUTH_HELLO));
+        }
+        let protocol = args
+            .get(1)
+            .and_then(|v| command::parse_i64(v))
+            .and_then(|v| u8::try_from(v).ok())
+            .filter(|v| *v == 2 || *v == 3);
+        let expect = self.tracked(Action::Hello { protocol, name });
+        if auth.is_some() {
+            self.forward(&command::encode(&rest), expect).await
+        } else {
+            self.forward(frame, expect).await
+        }
+    }
+
+    async fn handle_client(&mut self, args: &[&[u8]], frame: &[u8]) {
+        let sub = args.get(1).copied().unwrap_or_default();
+        let arg = |i: usize| args.get(i).map(|a| Bytes::copy_from_slice(a));
+        let on = |i: usize| args.get(i).is_some_and(|a| command::is(a, "ON"));
+        let action = if command::is(sub, "SETNAME") {
+            Action::SetName(arg(2).filter(|n| !n.is_empty()))
+        } else if command::is(sub, "SETINFO") && args.len() == 4 {
+            Action::SetInfo(arg(2).unwrap_or_default(), arg(3).unwrap_or_default())
+        } else if command::is(sub, "NO-EVICT") {
+            Action::NoEvict(on(2))
+        } else if command::is(sub, "NO-TOUCH") {
+            Action::NoTouch(on(2))
+        } else if command::is(sub, "TRACKING") {
+            Action::Tracking(on(2).then(|| args[2..].iter().map(|a| Bytes::copy_from_slice(a)).collect()))
+        } else if command::is(sub, "REPLY") {
+            if !on(2) {
+                self.ctx.metrics.client_error(ClientErrorReason::Unsupported);
+                return self.reply_local(Bytes::from_static(
+                    b"-ERR rotaproxy does not support CLIENT REPLY OFF|SKIP: the proxy must see a reply for every command\r\n",
+                ));
+            }
+            Action::None
+        } else if command::is(sub, "MAINT_NOTIFICATIONS") {
+            // Maintenance notifications would send clients straight to the upstream endpoint,
+            // past the proxy: accept the request and never relay them.
+            return self.reply_local(Bytes::from_static(b"+OK\r\n"));
+        } else {
+            Action::None
+        };
+        let expect = self.tracked(action);
+        self.forward(frame, expect).await
+    }
+
+    async fn handle_exec(&mut self, frame: &[u8]) {
+        if std::mem::take(&mut self.multi_lost) {
+            self.in_multi = false;
+            self.multi_actions.clear();
+            return self.reply_local(self.null_reply());
+        }
+        if !self.in_multi {
+            return self.forward(frame, Expect::Relay(1)).await;
+        }
+        self.in_multi = false;
+        self.watch_armed = false;
+        let actions = std::mem::take(&mut self.multi_actions);
+        if std::mem::take(&mut self.watch_lost) {
+            // The WATCH lived on a connection that is gone: abort, as if a watched key changed.
+            let discard = command::encode(&[&b"DISCARD"[..]]);
+            self.forward(&discard, injected("DISCARD")).await;
+            return self.reply_local(self.null_reply());
+        }
+        self.forward(
+            frame,
+            Expect::Tracked {
+                action: Action::Exec(actions),
+                relay: true,
+                blocking: false,
+            },
+        )
+        .await
+    }
+
+    fn null_reply(&self) -> Bytes {
+        if self.state.protocol == 3 {
+            Bytes::from_static(b"_\r\n")
+        } else {
+            Bytes::from_static(b"*-1\r\n")
+        }
+    }
+
+    /// Sends a whole request upstream and records what it will answer.
+    async fn forward(&mut self, request: &[u8], expect: Expect) {
+        if let Err(reply) = self.ensure_upstream().await {
+            return self.reply_local(reply);
+        }
+        self.ctx.metrics.commands.increment(1);
+        self.flush_forward();
+        let up = self.upstream.as_mut().expect("ensured above");
+        up.out.extend_from_slice(request);
+        self.replies.push(expect);
+    }
+
+    /// Moves the scanned, forwardable prefix of the client input to the upstream output.
+    fn flush_forward(&mut self) {
+        if self.forward_len == 0 {
+            return;
+        }
+        let n = std::mem::take(&mut self.forward_len);
+        match &mut self.upstream {
+            Some(up) => up.out.extend_from_slice(&self.client_in[..n]),
+            None => debug_assert!(false, "forwarded bytes without an upstream"),
+        }
+        self.client_in.advance(n);
+    }
+
+    /// Answers the client from the proxy, after every reply still owed before it.
+    fn reply_local(&mut self, reply: Bytes) {
+        if self.replies.is_empty() {
+            self.flush_relay();
+            self.client_out.extend_from_slice(&reply);
+        } else {
+            self.replies.push(Expect::Local(reply));
+        }
+    }
+
+    /// Malformed input: a protocol error to this client, then the connection closes.
+    fn protocol_error(&mut self, message: &str) {
+        tracing::info!(peer = %self.peer, error = message, "closing client after a protocol error");
+        self.ctx.metrics.client_error(ClientErrorReason::Protocol);
+        self.reply_local(Bytes::from(format!("-ERR Protocol error: {message}\r\n")));
+        self.closing = true;
+    }
+
+    // ---- upstream -----------------------------------------------------------------------
+
+    /// Makes sure the session has an upstream connection, taking one from the pool and replaying
+    /// the session's state onto it if needed. On failure returns the error reply for the client.
+    async fn ensure_upstream(&mut self) -> Result<(), Bytes> {
+        if self.upstream.is_some() {
+            return Ok(());
+        }
+        let conn = match self.ctx.pool.checkout().await {
+            Ok(conn) => conn,
+            Err(err) => {
+                tracing::warn!(peer = %self.peer, error = %err, "no upstream connection for client");
+                self.ctx
+                    .metrics
+                    .client_error(ClientErrorReason::UpstreamUnavailable);
+                return Err(Bytes::from(format!(
+                    "-ERR rotaproxy: upstream unavailable: {}\r\n",
+                    single_line(&err.to_string())
+                )));
+            }
+        };
+        let mut up = Upstream {
+            conn,
+            out: BytesMut::new(),
+            input: BytesMut::with_capacity(READ_RESERVE),
+            needs_flush: false,
+        };
+        for (cmd, replies, what) in self.state.replay_commands() {
+            up.out.extend_from_slice(&cmd);
+            if what.ends_with("SUBSCRIBE") {
+                self.replies.push(Expect::Confirmations {
+                    remaining: replies,
+                    relay: false,
+                    added: Vec::new(),
+                });
+            } else {
+                self.replies.push(injected(what));
+            }
+        }
+        self.upstream = Some(up);
+        if self.state.tracking.is_some() && self.state.protocol == 3 {
+            // The new connection's tracking table is empty: the client's cache must not trust
+            // entries whose invalidations would have gone to the old one.
+            self.flush_relay();
+            self.client_out.extend_from_slice(INVALIDATE_ALL);
+        }
+        Ok(())
+    }
+
+    /// The upstream connection is gone. Owed replies become errors (never a silent drop, never a
+    /// second execution); the session continues on a fresh connection.
+    async fn on_upstream_lost(&mut self, why: &str) {
+        let owed = !self.replies.nothing_owed();
+        tracing::info!(peer = %self.peer, reason = why, replies_owed = owed, "upstream connection lost");
+        self.upstream = None;
+        self.reply_scanner = new_reply_scanner();
+        self.reply_frame = None;
+        self.relay_len = 0;
+        self.held_reply_len = 0;
+        for expect in self.replies.take_all() {
+            let errors = match expect {
+                Expect::Relay(n) => n,
+                Expect::Tracked { relay, .. } | Expect::Confirmations { relay, .. } => {
+                    u64::from(relay)
+                }
+                Expect::Local(reply) => {
+                    self.client_out.extend_from_slice(&reply);
+                    0
+                }
+            };
+            for _ in 0..errors {
+                self.ctx.metrics.client_error(ClientErrorReason::UpstreamLost);
+                self.client_out.extend_from_slice(UPSTREAM_LOST);
+            }
+        }
+        // Requests scanned but not yet sent were already counted (and have just been answered
+        // with an error): they must not run on the next connection.
+        self.client_in.advance(self.forward_len);
+        self.forward_len = 0;
+        if let RequestMode::Stream(_) = self.request_mode {
+            self.ctx.metrics.client_error(ClientErrorReason::UpstreamLost);
+            self.request_mode = RequestMode::Discard(Some(Bytes::from_static(UPSTREAM_LOST)));
+        }
+        if self.in_multi {
+            self.multi_lost = true;
+        }
+        if self.watch_armed {
+            self.watch_armed = false;
+            self.watch_lost = true;
+        }
+        if self.barrier {
+            self.barrier = false;
+            self.resume_input = true;
+        }
+        self.state.server_subscriptions = 0;
+        self.state.server_shard_subscriptions = 0;
+        self.ctx.metrics.upstream_reconnects.increment(1);
+        if self.state.needs_live_connection() && !self.closing {
+            // A subscriber (or monitor, or tracking client) is waiting for pushes, not sending
+            // commands: reconnect now rather than at its next command.
+            if let Err(reply) = self.ensure_upstream().await {
+                tracing::warn!(peer = %self.peer, "cannot restore a subscribed session; closing it");
+                drop(reply);
+                self.closing = true;
+                self.resume_input = false;
+            }
+        }
+    }
+
+    /// Scans what the upstream sent and relays it, matching each reply with its request.
+    fn on_upstream_input(&mut self) -> Result<(), String> {
+        let scanned_before = self.reply_scanner.bytes_scanned();
+        let result = self.scan_replies();
+        self.flush_relay();
+        let scanned = self.reply_scanner.bytes_scanned() - scanned_before;
+        self.ctx.metrics.scanned_reply_bytes.increment(scanned);
+        result
+    }
+
+    fn scan_replies(&mut self) -> Result<(), String> {
+        loop {
+            let Some(up) = &self.upstream else {
+                return Ok(());
+            };
+            let pos = self.relay_len + self.held_reply_len;
+            if pos >= up.input.len() {
+                return Ok(());
+            }
+            if self.reply_frame.is_none() {
+                let Some(frame) = self.start_reply(pos) else {
+                    return Ok(());
+                };
+                if !frame.relay || frame.confirmation.is_some() {
+                    // Swallowed and held frames start at the front of the input.
+                    self.flush_relay();
+                }
+                self.reply_frame = Some(frame);
+            }
+            let frame = self.reply_frame.expect("set above");
+            let up = self.upstream.as_mut().expect("checked above");
+            let pos = self.relay_len + self.held_reply_len;
+            let progress = self
+                .reply_scanner
+                .scan(&up.input[pos..])
+                .map_err(|e| format!("malformed reply from upstream: {e}"))?;
+            if frame.confirmation.is_some() {
+                self.held_reply_len += progress.consumed;
+            } else if frame.relay {
+                self.relay_len += progress.consumed;
+            } else {
+                up.input.advance(progress.consumed);
+            }
+            if !progress.complete {
+                return Ok(());
+            }
+            self.reply_frame = None;
+            if let Some(kind) = frame.confirmation {
+                let held = up.input.split_to(self.held_reply_len);
+                self.held_reply_len = 0;
+                self.on_confirmation(frame, kind, &held);
+            } else if frame.counts {
+                self.on_reply_matched(frame);
+            }
+        }
+    }
+
+    /// Decides how the reply starting at `pos` is handled; None when more bytes are needed.
+    fn start_reply(&self, pos: usize) -> Option<ReplyFrame> {
+        let buf = &self.upstream.as_ref()?.input[pos..];
+        let first = buf[0];
+        let plain = ReplyFrame {
+            first,
+            relay: self.replies.head_relays(),
+            counts: true,
+            confirmation: None,
+            null_array: buf.starts_with(b"*-1"),
+        };
+        let not_a_reply = |relay| ReplyFrame {
+            relay,
+            counts: false,
+            ..plain
+        };
+        let head_confirms = self.replies.head_is_confirmations();
+        if first == b'>' || (first == b'*' && (head_confirms || self.state.resp2_subscribed())) {
+            let kind = match reply::peek_first_element(buf) {
+                Peek::Incomplete => return None,
+                Peek::Ready(Some(range)) => reply::push_kind(&buf[range]),
+                Peek::Ready(None) | Peek::Malformed => PushKind::Other,
+            };
+            return Some(match kind {
+                PushKind::Confirmation(k) => ReplyFrame {
+                    counts: head_confirms,
+                    confirmation: Some(k),
+                    ..plain
+                },
+                PushKind::Message | PushKind::Invalidate => not_a_reply(true),
+                PushKind::Maintenance => not_a_reply(false),
+                PushKind::Other if first == b'>' => not_a_reply(true),
+                PushKind::Other => plain,
+            });
+        }
+        if first == b'+' && self.state.monitor {
+            if buf.len() < MONITOR_PREFIX && !buf.contains(&b'\n') {
+                return None;
+            }
+            if reply::is_monitor_line(&buf[..buf.len().min(MONITOR_PREFIX)]) {
+                return Some(not_a_reply(true));
+            }
+        }
+        Some(plain)
+    }
+
+    fn on_confirmation(&mut self, frame: ReplyFrame, kind: SubKind, bytes: &[u8]) {
+        if let Some(count) = reply::confirmation_count(bytes) {
+            if kind.class == SubClass::Shard {
+                self.state.server_shard_subscriptions = count;
+            } else {
+                self.state.server_subscriptions = count;
+            }
+        }
+        let relay = if frame.counts {
+            self.replies.head_relays()
+        } else {
+            true
+        };
+        if relay {
+            self.client_out.extend_from_slice(bytes);
+        }
+        if frame.counts {
+            self.on_reply_matched(frame);
+        }
+    }
+
+    /// A reply answered the head of the queue: apply what it confirms, then deliver any
+    /// proxy-made replies that were waiting behind it.
+    fn on_reply_matched(&mut self, frame: ReplyFrame) {
+        let Some(matched) = self.replies.match_reply(reply::is_error(frame.first)) else {
+            tracing::warn!(peer = %self.peer, "upstream sent a reply nobody asked for; dropped");
+            return;
+        };
+        for (class, channel) in matched.revert {
+            self.state.set_of(class).remove(&channel);
+        }
+        if matched.action != Action::None {
+            let ok = match &matched.action {
+                Action::Hello { .. } => frame.first == b'%' || frame.first == b'*',
+                Action::Exec(_) => frame.first == b'*' && !frame.null_array,
+                Action::Reset => frame.first == b'+',
+                _ => !reply::is_error(frame.first),
+            };
+            self.apply(matched.action, ok);
+        }
+        if matches!(self.replies.head(), Some(Expect::Local(_))) {
+            self.flush_relay();
+            while let Some(local) = self.replies.pop_ready_locals().next() {
+                self.client_out.extend_from_slice(&local);
+            }
+        }
+    }
+
+    fn apply(&mut self, action: Action, ok: bool) {
+        match action {
+            Action::Injected(what) => {
+                if !ok {
+                    tracing::warn!(peer = %self.peer, command = what, "a command the proxy sent upstream failed");
+                }
+            }
+            Action::Reset => {
+                self.state.apply(Action::Reset, ok);
+                self.barrier = false;
+                self.resume_input = true;
+                if ok {
+                    // RESET logged the upstream connection out to the default user.
+                    self.authenticated = !self.ctx.client_auth.required();
+                    self.reauthenticate();
+                }
+            }
+            other => self.state.apply(other, ok),
+        }
+    }
+
+    /// Sends the proxy's AUTH again on the current connection.
+    fn reauthenticate(&mut self) {
+        let Some(up) = &mut self.upstream else {
+            return;
+        };
+        let cred = &up.conn.generation.credential;
+        let Some(password) = &cred.password else {
+            return;
+        };
+        let pw = password.expose_secret().as_bytes();
+        let auth = match &cred.username {
+            Some(user) => command::encode(&[b"AUTH", user.as_bytes(), pw]),
+            None => command::encode(&[&b"AUTH"[..], pw]),
+        };
+        up.out.extend_from_slice(&auth);
+        self.replies.push(injected("AUTH"));
+    }
+
+    /// Moves the scanned, relayable prefix of the upstream input to the client output.
+    fn flush_relay(&mut self) {
+        if self.relay_len == 0 {
+            return;
+        }
+        let n = std::mem::take(&mut self.relay_len);
+        let up = self.upstream.as_mut().expect("relayed bytes come from an upstream");
+        self.client_out.extend_from_slice(&up.input[..n]);
+        up.input.advance(n);
+    }
+
+    /// The session is over: a connection in the default state, with nothing in flight, serves the
+    /// next client; any other is closed.
+    fn finish(&mut self) {
+        let Some(up) = self.upstream.take() else {
+            return;
+        };
+        let clean = self.at_safe_point()
+            && self.replies.is_empty()
+            && self.state.is_default()
+            && up.out.is_empty()
+            && up.input.is_empty();
+        if clean {
+            self.ctx.pool.checkin(up.conn);
+        }
+    }
+}
+
+fn new_reply_scanner() -> Scanner {
+    Scanner::new(Direction::Reply, ScanLimits::reply_defaults())
+}
+
+fn injected(what: &'static str) -> Expect {
+    Expect::Tracked {
+        action: Action::Injected(what),
+        relay: false,
+        blocking: false,
+    }
+}
+
+fn sub_class(kind: Kind) -> SubClass {
+    match kind {
+        Kind::Psubscribe | Kind::Punsubscribe => SubClass::Pattern,
+        Kind::Ssubscribe | Kind::Sunsubscribe => SubClass::Shard,
+        _ => SubClass::Channel,
+    }
+}
+
+/// Keeps an error message on one RESP line.
+fn single_line(s: &str) -> String {
+    s.replace(['\r', '\n'], " ")
+}
+
+/// Writes as much of `buf` as the stream takes now, then flushes once it is all written.
+fn poll_write_all(
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+    needs_flush: &mut bool,
+    cx: &mut Context<'_>,
+) -> io::Result<()> {
+    while !buf.is_empty() {
+        match Pin::new(&mut *stream).poll_write(cx, buf) {
+            Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+            Poll::Ready(Ok(n)) => {
+                buf.advance(n);
+                *needs_flush = true;
+            }
+            Poll::Ready(Err(e)) => return Err(e),
+            Poll::Pending => return Ok(()),
+        }
+    }
+    if *needs_flush {
+        match Pin::new(&mut *stream).poll_flush(cx) {
+            Poll::Ready(Ok(())) => *needs_flush = false,
+            Poll::Ready(Err(e)) => return Err(e),
+            Poll::Pending => {}
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,234 @@
+//! Reply accounting: what the session expects the upstream to answer, in order.
+//!
+//! "No reply outstanding" must be exact for a safe point to be trustworthy, and replies must reach
+//! the client in request order even when some are made by the proxy itself. Each entry is what
+//! one or more requests will produce. Runs of ordinary commands collapse into one counter, so a
+//! 10 000-command pipeline costs one entry, not 10 000.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+
+use super::state::Action;
+use crate::resp::reply::SubClass;
+
+#[derive(Debug)]
+pub enum Expect {
+    /// `n` ordinary replies, relayed to the client.
+    Relay(u64),
+    /// One reply whose success applies `action`; relayed or swallowed (replies to commands the
+    /// proxy injected). `blocking` marks a command that may wait server-side indefinitely.
+    Tracked {
+        action: Action,
+        relay: bool,
+        blocking: bool,
+    },
+    /// (Un)subscribe confirmations, one per channel. An error reply ends the entry at once (the
+    /// command failed as a whole); `added` lists what the request added to the session's sets so
+    /// the failure can undo it.
+    Confirmations {
+        remaining: u64,
+        relay: bool,
+        added: Vec<(SubClass, Bytes)>,
+    },
+    /// A reply the proxy makes itself, delivered when every reply before it has been.
+    Local(Bytes),
+}
+
+/// What became of a counted reply when it was matched with its entry.
+#[derive(Debug)]
+pub struct Matched {
+    pub action: Action,
+    /// Channels to remove again because the subscribe failed.
+    pub revert: Vec<(SubClass, Bytes)>,
+}
+
+#[derive(Debug, Default)]
+pub struct ReplyQueue {
+    entries: VecDeque<Expect>,
+    /// Entries other than `Local` (replies the upstream still owes).
+    upstream_owed: usize,
+    blocking: usize,
+}
+
+impl ReplyQueue {
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// True when the upstream owes no reply (proxy-made replies may still wait for delivery).
+    pub fn nothing_owed(&self) -> bool {
+        self.upstream_owed == 0
+    }
+
+    /// Whether a blocking command (BLPOP, WAIT, XREAD BLOCK ...) is in flight.
+    pub fn blocking_in_flight(&self) -> bool {
+        self.blocking > 0
+    }
+
+    pub fn head(&self) -> Option<&Expect> {
+        self.entries.front()
+    }
+
+    /// Whether the next upstream reply is relayed to the client (false: swallowed, or nothing is
+    /// expected at all).
+    pub fn head_relays(&self) -> bool {
+        match self.entries.front() {
+            Some(Expect::Relay(_)) => true,
+            Some(Expect::Tracked { relay, .. } | Expect::Confirmations { relay, .. }) => *relay,
+            Some(Expect::Local(_)) | None => false,
+        }
+    }
+
+    pub fn head_is_confirmations(&self) -> bool {
+        matches!(self.entries.front(), Some(Expect::Confirmations { .. }))
+    }
+
+    /// Expects `n` ordinary replies.
+    pub fn relay(&mut self, n: u64) {
+        if let Some(Expect::Relay(count)) = self.entries.back_mut() {
+            *count += n;
+            return;
+        }
+        self.upstream_owed += 1;
+        self.entries.push_back(Expect::Relay(n));
+    }
+
+    pub fn push(&mut self, expect: Expect) {
+        match &expect {
+            Expect::Relay(n) => return self.relay(*n),
+            Expect::Local(_) => {}
+            Expect::Tracked { blocking, .. } => {
+                self.upstream_owed += 1;
+                self.blocking += usize::from(*blocking);
+            }
+            Expect::Confirmations { .. } => self.upstream_owed += 1,
+        }
+        self.entries.push_back(expect);
+    }
+
+    /// Matches one upstream reply with the head entry. `is_error` tells whether the reply was an
+    /// error; `None` when nothing was expected.
+    pub fn match_reply(&mut self, is_error: bool) -> Option<Matched> {
+        let head = self.entries.front_mut()?;
+        let done = match head {
+            Expect::Relay(n) => {
+                *n -= 1;
+                if *n > 0 {
+                    return Some(Matched {
+                        action: Action::None,
+                        revert: Vec::new(),
+                    });
+                }
+                Matched {
+                    action: Action::None,
+                    revert: Vec::new(),
+                }
+            }
+            Expect::Tracked { action, .. } => Matched {
+                action: std::mem::replace(action, Action::None),
+                revert: Vec::new(),
+            },
+            Expect::Confirmations {
+                remaining, added, ..
+            } => {
+                if is_error {
+                    Matched {
+                        action: Action::None,
+                        revert: std::mem::take(added),
+                    }
+                } else {
+                    *remaining = remaining.saturating_sub(1);
+                    if *remaining > 0 {
+                        // Confirmed one channel: whatever else it added stays.
+                        return Some(Matched {
+                            action: Action::None,
+                            revert: Vec::new(),
+                        });
+                    }
+                    Matched {
+                        action: Action::None,
+                        revert: Vec::new(),
+                    }
+                }
+            }
+            Expect::Local(_) => return None,
+        };
+        if let Some(Expect::Tracked { blocking: true, .. }) = self.entries.front() {
+            self.blocking -= 1;
+        }
+        self.entries.pop_front();
+        self.upstream_owed -= 1;
+        Some(done)
+    }
+
+    /// Removes and returns the proxy-made replies now at the head, in order.
+    pub fn pop_ready_locals(&mut self) -> impl Iterator<Item = Bytes> + '_ {
+        std::iter::from_fn(|| {
+            if let Some(Expect::Local(_)) = self.entries.front() {
+                match self.entries.pop_front() {
+                    Some(Expect::Local(bytes)) => Some(bytes),
+                    _ => unreachable!("checked above"),
+                }
+            } else {
+                None
+            }
+        })
+    }
+
+    /// Empties the queue (the upstream connection is gone) and returns what was in it, in order.
+    pub fn take_all(&mut self) -> Vec<Expect> {
+        self.upstream_owed = 0;
+        self.blocking = 0;
+        self.entries.drain(..).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_collapse_and_locals_wait_their_turn() {
+        let mut q = ReplyQueue::default();
+        q.relay(1);
+        q.relay(1);
+        q.push(Expect::Local(Bytes::from_static(b"+OK\r\n")));
+        q.relay(1);
+        assert_eq!(q.entries.len(), 3);
+        assert!(q.head_relays());
+        assert!(q.match_reply(false).is_some());
+        assert_eq!(q.pop_ready_locals().count(), 0);
+        assert!(q.match_reply(false).is_some());
+        assert_eq!(q.pop_ready_locals().count(), 1);
+        assert!(!q.nothing_owed());
+        assert!(q.match_reply(false).is_some());
+        assert!(q.is_empty() && q.nothing_owed());
+    }
+
+    #[test]
+    fn subscribe_error_ends_the_entry_and_reverts() {
+        let mut q = ReplyQueue::default();
+        q.push(Expect::Confirmations {
+            remaining: 2,
+            relay: true,
+            added: vec![(SubClass::Channel, Bytes::from_static(b"a"))],
+        });
+        let m = q.match_reply(true).unwrap();
+        assert_eq!(m.revert.len(), 1);
+        assert!(q.is_empty());
+    }
+
+    #[test]
+    fn blocking_is_counted() {
+        let mut q = ReplyQueue::default();
+        q.push(Expect::Tracked {
+            action: Action::None,
+            relay: true,
+            blocking: true,
+        });
+        assert!(q.blocking_in_flight());
+        q.match_reply(false);
+        assert!(!q.blocking_in_flight());
+    }
+}

@@ -1,0 +1,262 @@
+//! What a client connection has told the server about itself, as the proxy must remember it to
+//! move the session onto a fresh upstream connection ("replay") and to know whether a connection
+//! may go back to the pool.
+//!
+//! Most fields change when the server *confirms* a command (the reply is not an error), because a
+//! failed `SELECT 99` leaves the db as it was. Subscription sets are kept at request time: an
+//! `UNSUBSCRIBE` without arguments answers once per current channel, so the proxy must know the
+//! set when the request passes, not when the answers come.
+
+use std::collections::BTreeSet;
+
+use bytes::Bytes;
+
+use crate::resp::command;
+use crate::resp::reply::SubClass;
+
+/// A change that takes effect when the server accepts the command that carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    None,
+    SelectDb(i64),
+    SetName(Option<Bytes>),
+    SetInfo(Bytes, Bytes),
+    Hello {
+        protocol: Option<u8>,
+        name: Option<Bytes>,
+    },
+    NoEvict(bool),
+    NoTouch(bool),
+    Readonly(bool),
+    /// `CLIENT TRACKING` arguments after the subcommand (`ON ...`), or None for `OFF`.
+    Tracking(Option<Vec<Bytes>>),
+    Monitor,
+    /// The client's own RESET: the upstream connection falls back to the default user.
+    Reset,
+    /// Actions queued inside MULTI, applied when EXEC answers with an array.
+    Exec(Vec<Action>),
+    /// A command the proxy injected (replay, re-authentication); an error is logged.
+    Injected(&'static str),
+}
+
+/// Connection state as the server sees it.
+#[derive(Debug, Clone, Default)]
+pub struct ConnState {
+    /// 2 or 3 (HELLO).
+    pub protocol: u8,
+    pub db: i64,
+    pub name: Option<Bytes>,
+    /// `CLIENT SETINFO` attributes in the order they were set.
+    pub info: Vec<(Bytes, Bytes)>,
+    pub no_evict: bool,
+    pub no_touch: bool,
+    pub readonly: bool,
+    pub tracking: Option<Vec<Bytes>>,
+    pub monitor: bool,
+    pub channels: BTreeSet<Bytes>,
+    pub patterns: BTreeSet<Bytes>,
+    pub shard_channels: BTreeSet<Bytes>,
+    /// Channel + pattern subscriptions as last counted by the server.
+    pub server_subscriptions: i64,
+    /// Shard channel subscriptions as last counted by the server.
+    pub server_shard_subscriptions: i64,
+}
+
+impl ConnState {
+    pub fn new() -> Self {
+        Self {
+            protocol: 2,
+            ..Default::default()
+        }
+    }
+
+    /// True when the upstream connection is indistinguishable from a freshly authenticated one,
+    /// so it may serve another client.
+    pub fn is_default(&self) -> bool {
+        self.protocol == 2
+            && self.db == 0
+            && self.name.is_none()
+            && self.info.is_empty()
+            && !self.no_evict
+            && !self.no_touch
+            && !self.readonly
+            && self.tracking.is_none()
+            && !self.monitor
+            && !self.has_subscriptions()
+    }
+
+    pub fn has_subscriptions(&self) -> bool {
+        !self.channels.is_empty()
+            || !self.patterns.is_empty()
+            || !self.shard_channels.is_empty()
+            || self.server_subscriptions > 0
+            || self.server_shard_subscriptions > 0
+    }
+
+    /// Under RESP2 a subscribed connection receives messages as plain arrays, so arrays must be
+    /// looked into to tell a message from a reply.
+    pub fn resp2_subscribed(&self) -> bool {
+        self.protocol == 2 && (self.server_subscriptions > 0 || self.server_shard_subscriptions > 0)
+    }
+
+    /// Whether the session needs a live upstream connection even while the client sends nothing
+    /// (it is waiting for messages, monitor lines or invalidations).
+    pub fn needs_live_connection(&self) -> bool {
+        self.has_subscriptions() || self.monitor || self.tracking.is_some()
+    }
+
+    pub fn set_of(&mut self, class: SubClass) -> &mut BTreeSet<Bytes> {
+        match class {
+            SubClass::Channel => &mut self.channels,
+            SubClass::Pattern => &mut self.patterns,
+            SubClass::Shard => &mut self.shard_channels,
+        }
+    }
+
+    /// Applies a confirmed action. `ok` is false when the server answered with an error.
+    pub fn apply(&mut self, action: Action, ok: bool) {
+        if !ok {
+            return;
+        }
+        match action {
+            Action::None | Action::Injected(_) => {}
+            Action::SelectDb(db) => self.db = db,
+            Action::SetName(name) => self.name = name,
+            Action::SetInfo(attr, value) => {
+                match self
+                    .info
+                    .iter_mut()
+                    .find(|(a, _)| a.eq_ignore_ascii_case(&attr))
+                {
+                    Some(entry) => entry.1 = value,
+                    None => self.info.push((attr, value)),
+                }
+            }
+            Action::Hello { protocol, name } => {
+                if let Some(p) = protocol {
+                    self.protocol = p;
+                }
+                if name.is_some() {
+                    self.name = name;
+                }
+            }
+            Action::NoEvict(on) => self.no_evict = on,
+            Action::NoTouch(on) => self.no_touch = on,
+            Action::Readonly(on) => self.readonly = on,
+            Action::Tracking(args) => self.tracking = args,
+            Action::Monitor => self.monitor = true,
+            Action::Reset => *self = ConnState::new(),
+            Action::Exec(actions) => {
+                for a in actions {
+                    self.apply(a, true);
+                }
+            }
+        }
+    }
+
+    /// Commands that recreate this state on a fresh, authenticated RESP2 connection, each with the
+    /// number of replies it produces. HELLO goes first so every later reply is in the session's
+    /// protocol.
+    pub fn replay_commands(&self) -> Vec<(Vec<u8>, u64, &'static str)> {
+        let mut cmds = Vec::new();
+        if self.protocol == 3 {
+            cmds.push((command::encode(&[&b"HELLO"[..], b"3"]), 1, "HELLO 3"));
+        }
+        if self.db != 0 {
+            let db = self.db.to_string();
+            cmds.push((command::encode(&[b"SELECT", db.as_bytes()]), 1, "SELECT"));
+        }
+        if let Some(name) = &self.name {
+            cmds.push((
+                command::encode(&[&b"CLIENT"[..], b"SETNAME", name]),
+                1,
+                "CLIENT SETNAME",
+            ));
+        }
+        for (attr, value) in &self.info {
+            cmds.push((
+                command::encode(&[&b"CLIENT"[..], b"SETINFO", attr, value]),
+                1,
+                "CLIENT SETINFO",
+            ));
+        }
+        if self.no_evict {
+            cmds.push((
+                command::encode(&[&b"CLIENT"[..], b"NO-EVICT", b"ON"]),
+                1,
+                "CLIENT NO-EVICT",
+            ));
+        }
+        if self.no_touch {
+            cmds.push((
+                command::encode(&[&b"CLIENT"[..], b"NO-TOUCH", b"ON"]),
+                1,
+                "CLIENT NO-TOUCH",
+            ));
+        }
+        if self.readonly {
+            cmds.push((command::encode(&[&b"READONLY"[..]]), 1, "READONLY"));
+        }
+        if let Some(args) = &self.tracking {
+            let mut full: Vec<&[u8]> = vec![b"CLIENT", b"TRACKING"];
+            full.extend(args.iter().map(|a| a.as_ref()));
+            cmds.push((command::encode(&full), 1, "CLIENT TRACKING"));
+        }
+        for (name, set) in [
+            ("SUBSCRIBE", &self.channels),
+            ("PSUBSCRIBE", &self.patterns),
+            ("SSUBSCRIBE", &self.shard_channels),
+        ] {
+            if !set.is_empty() {
+                let mut full: Vec<&[u8]> = vec![name.as_bytes()];
+                full.extend(set.iter().map(|c| c.as_ref()));
+                cmds.push((command::encode(&full), set.len() as u64, name));
+            }
+        }
+        if self.monitor {
+            cmds.push((command::encode(&[&b"MONITOR"[..]]), 1, "MONITOR"));
+        }
+        cmds
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_select_keeps_db() {
+        let mut s = ConnState::new();
+        s.apply(Action::SelectDb(3), true);
+        s.apply(Action::SelectDb(99), false);
+        assert_eq!(s.db, 3);
+        assert!(!s.is_default());
+    }
+
+    #[test]
+    fn replay_starts_with_hello_and_counts_subscriptions() {
+        let mut s = ConnState::new();
+        s.apply(
+            Action::Hello {
+                protocol: Some(3),
+                name: None,
+            },
+            true,
+        );
+        s.apply(Action::SelectDb(2), true);
+        s.channels.insert(Bytes::from_static(b"a"));
+        s.channels.insert(Bytes::from_static(b"b"));
+        let cmds = s.replay_commands();
+        assert_eq!(cmds[0].2, "HELLO 3");
+        assert_eq!(cmds[1].2, "SELECT");
+        assert_eq!(cmds[2].1, 2);
+    }
+
+    #[test]
+    fn reset_returns_to_default() {
+        let mut s = ConnState::new();
+        s.apply(Action::SetName(Some(Bytes::from_static(b"n"))), true);
+        s.apply(Action::Reset, true);
+        assert!(s.is_default());
+    }
+}

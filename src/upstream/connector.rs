@@ -1,0 +1,247 @@
+//! Opens one upstream connection: TCP, then TLS, then the proxy's own AUTH.
+//!
+//! The handshake pipelines `AUTH` with `CLIENT ID` so it costs one round trip, and remembers the
+//! server-side client id (a rotation needs it to unblock a parked command from a control
+//! connection). Errors name the stage and the cause an operator can act on, never a secret.
+
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use redis_protocol::resp2::types::OwnedFrame;
+use secrecy::ExposeSecret;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::timeout;
+
+use crate::config::TimeoutsConfig;
+use crate::credentials::Generation;
+use crate::metrics::{ConnectStage, Metrics};
+use crate::net::Stream;
+use crate::resp::command;
+
+/// Why an upstream connection could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect { addr: String, source: io::Error },
+    #[error("connecting to {addr} timed out after {after:?}")]
+    ConnectTimeout { addr: String, after: Duration },
+    #[error("TLS handshake with {addr} failed: {reason}")]
+    Tls { addr: String, reason: String },
+    #[error("TLS handshake with {addr} timed out after {after:?}")]
+    TlsTimeout { addr: String, after: Duration },
+    #[error("upstream rejected the proxy's credential for user `{user}`: {message}")]
+    Auth { user: String, message: String },
+    #[error("upstream did not answer AUTH within {after:?}")]
+    AuthTimeout { after: Duration },
+    #[error("upstream sent an unexpected handshake reply: {0}")]
+    Protocol(String),
+    #[error("upstream closed the connection during the handshake: {0}")]
+    Closed(io::Error),
+}
+
+impl ConnectError {
+    pub fn stage(&self) -> ConnectStage {
+        match self {
+            ConnectError::Connect { .. } | ConnectError::ConnectTimeout { .. } => {
+                ConnectStage::Connect
+            }
+            ConnectError::Tls { .. } | ConnectError::TlsTimeout { .. } => ConnectStage::Tls,
+            ConnectError::Auth { .. } | ConnectError::AuthTimeout { .. } => ConnectStage::Auth,
+            ConnectError::Protocol(_) | ConnectError::Closed(_) => ConnectStage::Protocol,
+        }
+    }
+}
+
+/// An authenticated upstream connection.
+pub struct UpstreamConn {
+    pub stream: Stream,
+    /// The generation (endpoint, TLS material, credential) it was opened with.
+    pub generation: Arc<Generation>,
+    /// `CLIENT ID` on the server, when the proxy's user may ask for it.
+    pub client_id: Option<i64>,
+    pub opened_at: Instant,
+    /// A place in the pool's capacity, held for as long as the connection is open.
+    pub(crate) permit: Option<OwnedSemaphorePermit>,
+    metrics: Metrics,
+}
+
+impl Drop for UpstreamConn {
+    fn drop(&mut self) {
+        self.metrics.upstream_connections.decrement(1.0);
+    }
+}
+
+/// Opens and authenticates a connection with `generation`.
+pub async fn connect(
+    generation: &Arc<Generation>,
+    timeouts: &TimeoutsConfig,
+    metrics: &Metrics,
+) -> Result<UpstreamConn, ConnectError> {
+    let result = connect_inner(generation, timeouts, metrics).await;
+    if let Err(err) = &result {
+        metrics.connect_failure(err.stage());
+        if matches!(err, ConnectError::Auth { .. }) {
+            metrics.upstream_auth_failures.increment(1);
+        }
+    }
+    result
+}
+
+async fn connect_inner(
+    generation: &Arc<Generation>,
+    timeouts: &TimeoutsConfig,
+    metrics: &Metrics,
+) -> Result<UpstreamConn, ConnectError> {
+    let ep = &generation.endpoint;
+    let addr = format!("{}:{}", ep.host, ep.port);
+    let tcp = timeout(
+        timeouts.connect,
+        TcpStream::connect((ep.host.as_str(), ep.port)),
+    )
+    .await
+    .map_err(|_| ConnectError::ConnectTimeout {
+        addr: addr.clone(),
+        after: timeouts.connect,
+    })?
+    .map_err(|source| ConnectError::Connect {
+        addr: addr.clone(),
+        source,
+    })?;
+    // Commands are small and latency matters more than packet count.
+    let _ = tcp.set_nodelay(true);
+    let stream = match &ep.tls {
+        None => Stream::Tcp(tcp),
+        Some((config, name)) => {
+            let connector = tokio_rustls::TlsConnector::from(config.clone());
+            let tls = timeout(timeouts.tls_handshake, connector.connect(name.clone(), tcp))
+                .await
+                .map_err(|_| ConnectError::TlsTimeout {
+                    addr: addr.clone(),
+                    after: timeouts.tls_handshake,
+                })?
+                .map_err(|e| ConnectError::Tls {
+                    addr: addr.clone(),
+                    reason: crate::tls::explain_handshake_error(&e),
+                })?;
+            Stream::TlsUpstream(Box::new(tls))
+        }
+    };
+    metrics.upstream_connections.increment(1.0);
+    let mut conn = UpstreamConn {
+        stream,
+        generation: generation.clone(),
+        client_id: None,
+        opened_at: Instant::now(),
+        permit: None,
+        metrics: metrics.clone(),
+    };
+    conn.client_id = timeout(timeouts.auth, handshake(&mut conn))
+        .await
+        .map_err(|_| ConnectError::AuthTimeout {
+            after: timeouts.auth,
+        })??;
+    Ok(conn)
+}
+
+/// Sends AUTH (when the generation has a password) and CLIENT ID, and reads both replies.
+async fn handshake(conn: &mut UpstreamConn) -> Result<Option<i64>, ConnectError> {
+    let cred = &conn.generation.credential;
+    let mut out = Vec::new();
+    let auths = cred.password.is_some();
+    if let Some(password) = &cred.password {
+        let pw = password.expose_secret().as_bytes();
+        out = match &cred.username {
+            Some(user) => command::encode(&[b"AUTH", user.as_bytes(), pw]),
+            None => command::encode(&[&b"AUTH"[..], pw]),
+        };
+    }
+    out.extend_from_slice(&command::encode(&[&b"CLIENT"[..], b"ID"]));
+    conn.stream
+        .write_all(&out)
+        .await
+        .map_err(ConnectError::Closed)?;
+    conn.stream.flush().await.map_err(ConnectError::Closed)?;
+    let mut buf = BytesMut::with_capacity(256);
+    if auths {
+        match read_reply(&mut conn.stream, &mut buf).await? {
+            OwnedFrame::SimpleString(_) => {}
+            OwnedFrame::Error(message) => {
+                return Err(ConnectError::Auth {
+                    user: cred.display_user().to_string(),
+                    message,
+                });
+            }
+            other => return Err(ConnectError::Protocol(describe(&other))),
+        }
+    }
+    match read_reply(&mut conn.stream, &mut buf).await? {
+        OwnedFrame::Integer(id) => Ok(Some(id)),
+        // Without AUTH configured, a server that requires it answers NOAUTH here.
+        OwnedFrame::Error(message) if message.starts_with("NOAUTH") => Err(ConnectError::Auth {
+            user: cred.display_user().to_string(),
+            message,
+        }),
+        // The proxy's user may not be allowed CLIENT ID; the connection is still good.
+        OwnedFrame::Error(_) => Ok(None),
+        other => Err(ConnectError::Protocol(describe(&other))),
+    }
+}
+
+/// Sends PING on an idle RESP2 connection and checks the answer.
+pub async fn ping(conn: &mut UpstreamConn, within: Duration) -> Result<(), ConnectError> {
+    let check = async {
+        conn.stream
+            .write_all(b"*1\r\n$4\r\nPING\r\n")
+            .await
+            .map_err(ConnectError::Closed)?;
+        conn.stream.flush().await.map_err(ConnectError::Closed)?;
+        let mut buf = BytesMut::with_capacity(64);
+        match read_reply(&mut conn.stream, &mut buf).await? {
+            OwnedFrame::SimpleString(s) if s == b"PONG" => Ok(()),
+            other => Err(ConnectError::Protocol(describe(&other))),
+        }
+    };
+    timeout(within, check)
+        .await
+        .map_err(|_| ConnectError::AuthTimeout { after: within })?
+}
+
+/// Reads exactly one RESP2 reply. Only used off the hot path (handshakes, health checks).
+async fn read_reply(stream: &mut Stream, buf: &mut BytesMut) -> Result<OwnedFrame, ConnectError> {
+    loop {
+        match redis_protocol::resp2::decode::decode(buf) {
+            Ok(Some((frame, used))) => {
+                let _ = buf.split_to(used);
+                return Ok(frame);
+            }
+            Ok(None) => {}
+            Err(e) => return Err(ConnectError::Protocol(e.to_string())),
+        }
+        if buf.len() > 64 * 1024 {
+            return Err(ConnectError::Protocol("handshake reply too large".into()));
+        }
+        let n = stream
+            .read_buf(buf)
+            .await
+            .map_err(ConnectError::Closed)?;
+        if n == 0 {
+            return Err(ConnectError::Closed(io::ErrorKind::UnexpectedEof.into()));
+        }
+    }
+}
+
+/// A short description of an unexpected reply for a log line (never its payload).
+fn describe(frame: &OwnedFrame) -> String {
+    match frame {
+        OwnedFrame::SimpleString(_) => "a simple string".into(),
+        OwnedFrame::Error(e) => format!("error `{e}`"),
+        OwnedFrame::Integer(_) => "an integer".into(),
+        OwnedFrame::BulkString(_) => "a bulk string".into(),
+        OwnedFrame::Array(_) => "an array".into(),
+        OwnedFrame::Null => "a null".into(),
+    }
+}

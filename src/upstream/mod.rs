@@ -1,0 +1,5 @@
+//! The upstream side: opening authenticated connections ([`connector`]) and keeping a warm
+//! supply of them ([`pool`]).
+
+pub mod connector;
+pub mod pool;

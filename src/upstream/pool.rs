@@ -1,0 +1,247 @@
+//! The warm pool: authenticated upstream connections kept ready, so a new client never waits for a
+//! TCP + TLS + AUTH round trip to the cloud, and so a rotation can warm a new generation before
+//! the cut-over.
+//!
+//! Capacity is a semaphore: every open connection (idle or in use) holds one permit, so
+//! `pool.max` bounds them all. At the maximum a client waits `checkout_timeout`, then gets an
+//! error. A background task keeps `pool.warm` idle connections of the current generation, replaces
+//! broken ones with backoff, and PINGs idle ones every `idle_check_interval`.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinSet;
+
+use super::connector::{self, ConnectError, UpstreamConn};
+use crate::config::{PoolConfig, TimeoutsConfig};
+use crate::credentials::Generations;
+use crate::metrics::Metrics;
+
+/// Most connections the refill task opens at once.
+const MAX_PARALLEL_CONNECTS: usize = 8;
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Why no upstream connection could be handed out.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("all {max} upstream connections are in use (waited {waited:?})")]
+    Exhausted { max: usize, waited: Duration },
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+}
+
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    generations: Arc<Generations>,
+    config: PoolConfig,
+    timeouts: TimeoutsConfig,
+    metrics: Metrics,
+    idle: Mutex<VecDeque<UpstreamConn>>,
+    capacity: Arc<Semaphore>,
+    /// Wakes the refill task when a connection was taken or dropped.
+    refill: Notify,
+    /// Whether the latest attempt to open or check a connection succeeded.
+    ready: AtomicBool,
+    last_error: Mutex<Option<String>>,
+}
+
+impl Pool {
+    pub fn new(
+        generations: Arc<Generations>,
+        config: PoolConfig,
+        timeouts: TimeoutsConfig,
+        metrics: Metrics,
+    ) -> Self {
+        let capacity = Arc::new(Semaphore::new(config.max));
+        Self {
+            inner: Arc::new(Inner {
+                generations,
+                config,
+                timeouts,
+                metrics,
+                idle: Mutex::new(VecDeque::new()),
+                capacity,
+                refill: Notify::new(),
+                ready: AtomicBool::new(false),
+                last_error: Mutex::new(None),
+            }),
+        }
+    }
+
+    /// Starts the task that keeps the pool warm and healthy.
+    pub fn spawn_maintenance(&self) {
+        let pool = self.clone();
+        tokio::spawn(async move { pool.maintain().await });
+    }
+
+    /// True when the latest upstream connection attempt or health check succeeded.
+    pub fn is_ready(&self) -> bool {
+        self.inner.ready.load(Ordering::Relaxed)
+    }
+
+    /// The latest connection error, for readiness and status output (never holds a secret).
+    pub fn last_error(&self) -> Option<String> {
+        self.inner.last_error.lock().expect("not poisoned").clone()
+    }
+
+    pub fn idle_count(&self) -> usize {
+        self.inner.idle.lock().expect("not poisoned").len()
+    }
+
+    /// Hands out an authenticated connection of the current generation: an idle one if there is
+    /// one, otherwise a new one.
+    pub async fn checkout(&self) -> Result<UpstreamConn, PoolError> {
+        let inner = &self.inner;
+        let current = inner.generations.current().id;
+        loop {
+            let candidate = inner.idle.lock().expect("not poisoned").pop_front();
+            let Some(conn) = candidate else { break };
+            inner.metrics.pool_idle.decrement(1.0);
+            inner.refill.notify_one();
+            if conn.generation.id == current && !conn.stream.looks_closed() {
+                return Ok(conn);
+            }
+        }
+        let permit = tokio::time::timeout(
+            inner.config.checkout_timeout,
+            inner.capacity.clone().acquire_owned(),
+        )
+        .await
+        .map_err(|_| PoolError::Exhausted {
+            max: inner.config.max,
+            waited: inner.config.checkout_timeout,
+        })?
+        .expect("the pool never closes its semaphore");
+        let conn = self.open().await;
+        inner.refill.notify_one();
+        let mut conn = conn?;
+        conn.permit = Some(permit);
+        Ok(conn)
+    }
+
+    /// Takes back a connection whose session left it in the default state (db 0, RESP2, no name,
+    /// no subscriptions, no tracking, nothing outstanding). Others must be dropped instead.
+    pub fn checkin(&self, conn: UpstreamConn) {
+        let inner = &self.inner;
+        if conn.generation.id != inner.generations.current().id {
+            return;
+        }
+        let mut idle = inner.idle.lock().expect("not poisoned");
+        // Keep some headroom above `warm` so bursts of short-lived clients reuse connections.
+        if idle.len() < inner.config.warm.max(1) * 2 {
+            idle.push_back(conn);
+            inner.metrics.pool_idle.increment(1.0);
+        }
+    }
+
+    async fn open(&self) -> Result<UpstreamConn, ConnectError> {
+        let inner = &self.inner;
+        let generation = inner.generations.current();
+        let result = connector::connect(&generation, &inner.timeouts, &inner.metrics).await;
+        match &result {
+            Ok(_) => self.mark_ready(),
+            Err(err) => self.mark_failed(err),
+        }
+        result
+    }
+
+    fn mark_ready(&self) {
+        if !self.inner.ready.swap(true, Ordering::Relaxed) {
+            tracing::info!("upstream reachable and authenticated");
+        }
+        *self.inner.last_error.lock().expect("not poisoned") = None;
+    }
+
+    fn mark_failed(&self, err: &ConnectError) {
+        self.inner.ready.store(false, Ordering::Relaxed);
+        let text = err.to_string();
+        let mut last = self.inner.last_error.lock().expect("not poisoned");
+        if last.as_deref() != Some(text.as_str()) {
+            tracing::warn!(error = %text, "upstream connection failed");
+        }
+        *last = Some(text);
+    }
+
+    async fn maintain(self) {
+        let inner = &self.inner;
+        let mut backoff = MIN_BACKOFF;
+        let mut next_check = tokio::time::Instant::now() + inner.config.idle_check_interval;
+        loop {
+            let missing = inner.config.warm.saturating_sub(self.idle_count());
+            if missing > 0 {
+                if self.refill(missing).await {
+                    backoff = MIN_BACKOFF;
+                } else {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                continue;
+            }
+            tokio::select! {
+                _ = inner.refill.notified() => {}
+                _ = tokio::time::sleep_until(next_check) => {
+                    self.check_idle().await;
+                    next_check = tokio::time::Instant::now() + inner.config.idle_check_interval;
+                }
+            }
+        }
+    }
+
+    /// Opens up to `missing` connections in parallel; true if all that could start succeeded.
+    async fn refill(&self, missing: usize) -> bool {
+        let mut tasks = JoinSet::new();
+        for _ in 0..missing.min(MAX_PARALLEL_CONNECTS) {
+            let Ok(permit) = self.inner.capacity.clone().try_acquire_owned() else {
+                break;
+            };
+            let pool = self.clone();
+            tasks.spawn(async move {
+                let mut conn = pool.open().await?;
+                conn.permit = Some(permit);
+                Ok::<_, ConnectError>(conn)
+            });
+        }
+        if tasks.is_empty() {
+            // At capacity: wait until a connection is returned or dropped.
+            self.inner.refill.notified().await;
+            return true;
+        }
+        let mut all_ok = true;
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok(Ok(conn)) => self.checkin(conn),
+                _ => all_ok = false,
+            }
+        }
+        all_ok
+    }
+
+    /// PINGs every idle connection; keeps those that answer.
+    async fn check_idle(&self) {
+        let inner = &self.inner;
+        let idle: Vec<UpstreamConn> = {
+            let mut guard = inner.idle.lock().expect("not poisoned");
+            inner.metrics.pool_idle.decrement(guard.len() as f64);
+            guard.drain(..).collect()
+        };
+        for mut conn in idle {
+            match connector::ping(&mut conn, inner.timeouts.auth).await {
+                Ok(()) => {
+                    self.mark_ready();
+                    self.checkin(conn);
+                }
+                Err(err) => {
+                    tracing::debug!(error = %err, "idle upstream connection failed its check; replacing it");
+                }
+            }
+        }
+    }
+}
