@@ -40,7 +40,10 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> (StatusCode, String) {
             .pool
             .last_error()
             .unwrap_or_else(|| "no upstream connection has been authenticated yet".to_string());
-        (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n"))
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        )
     }
 }
 

@@ -375,9 +375,9 @@ impl SecretRef {
     /// Reads the secret now. A trailing newline (as left by `echo` or most editors) is removed.
     pub fn resolve(&self) -> Result<SecretString, SecretError> {
         let raw = match self {
-            SecretRef::Env(name) => std::env::var(name).map_err(|_| SecretError::EnvMissing {
-                name: name.clone(),
-            })?,
+            SecretRef::Env(name) => {
+                std::env::var(name).map_err(|_| SecretError::EnvMissing { name: name.clone() })?
+            }
             SecretRef::File(path) => {
                 std::fs::read_to_string(path).map_err(|source| SecretError::File {
                     path: path.clone(),
@@ -483,7 +483,11 @@ impl std::str::FromStr for ByteSize {
             "MiB" | "M" => 1 << 20,
             "GB" => 1000 * 1000 * 1000,
             "GiB" | "G" => 1 << 30,
-            other => return Err(format!("unknown size unit `{other}` (use B, KiB, MiB, GiB)")),
+            other => {
+                return Err(format!(
+                    "unknown size unit `{other}` (use B, KiB, MiB, GiB)"
+                ));
+            }
         };
         n.checked_mul(mult)
             .map(ByteSize)
@@ -595,7 +599,10 @@ impl Config {
         ];
         for (key, set) in tls_only {
             if set && !url.tls {
-                return Err(invalid(key, "is set but upstream.url is redis:// (plain TCP)"));
+                return Err(invalid(
+                    key,
+                    "is set but upstream.url is redis:// (plain TCP)",
+                ));
             }
         }
         if self.upstream.client_cert.is_some() != self.upstream.client_key.is_some() {
@@ -644,7 +651,10 @@ impl Config {
             return Err(invalid("limits.max_args", "must be at least 1"));
         }
         if self.limits.max_inline_len.0 < 16 {
-            return Err(invalid("limits.max_inline_len", "must be at least 16 bytes"));
+            return Err(invalid(
+                "limits.max_inline_len",
+                "must be at least 16 bytes",
+            ));
         }
         if self.limits.max_buffered_bytes.0 < self.limits.max_inline_len.0 {
             return Err(invalid(
@@ -721,7 +731,10 @@ mod tests {
     #[test]
     fn url_forms() {
         let u = UpstreamUrl::parse("rediss://db.example.com:12000").unwrap();
-        assert_eq!((u.tls, u.host.as_str(), u.port), (true, "db.example.com", 12000));
+        assert_eq!(
+            (u.tls, u.host.as_str(), u.port),
+            (true, "db.example.com", 12000)
+        );
         let u = UpstreamUrl::parse("redis://[::1]:7000").unwrap();
         assert_eq!((u.tls, u.host.as_str(), u.port), (false, "::1", 7000));
         assert!(UpstreamUrl::parse("redis://u:pw@host:1").is_err());

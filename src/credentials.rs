@@ -155,7 +155,10 @@ mod tests {
             password: Some(SecretString::from("very-secret-pw".to_string())),
         };
         let shown = format!("{c:?}");
-        assert!(shown.contains("app") && shown.contains("<redacted>"), "{shown}");
+        assert!(
+            shown.contains("app") && shown.contains("<redacted>"),
+            "{shown}"
+        );
         assert!(!shown.contains("very-secret-pw"));
     }
 }

@@ -5,10 +5,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use rotaproxy::config::{Config, LogFormat, LogConfig};
+use rotaproxy::config::{Config, LogConfig, LogFormat};
 
 #[derive(Parser)]
-#[command(version, about = "RESP-aware TLS sidecar for Redis that owns and rotates its upstream credentials")]
+#[command(
+    version,
+    about = "RESP-aware TLS sidecar for Redis that owns and rotates its upstream credentials"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -64,7 +67,9 @@ fn main() -> ExitCode {
 
 fn run(config: Config) -> anyhow::Result<()> {
     let runtime = if config.runtime.worker_threads <= 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()?
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
     } else {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(config.runtime.worker_threads)

@@ -32,11 +32,8 @@ impl Stream {
         let mut probe = [0u8; 1];
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let mut buf = ReadBuf::new(&mut probe);
-        match self.tcp().poll_peek(&mut cx, &mut buf) {
-            Poll::Pending => false,
-            // EOF, an error, or bytes nobody asked for (a TLS alert, a server shutdown notice).
-            Poll::Ready(_) => true,
-        }
+        // Ready means EOF, an error, or bytes nobody asked for (a TLS alert, a shutdown notice).
+        self.tcp().poll_peek(&mut cx, &mut buf).is_ready()
     }
 }
 

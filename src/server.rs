@@ -108,7 +108,12 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
                 let stream = match tls {
                     None => Stream::Tcp(socket),
                     Some(acceptor) => {
-                        match tokio::time::timeout(CLIENT_TLS_HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await {
+                        match tokio::time::timeout(
+                            CLIENT_TLS_HANDSHAKE_TIMEOUT,
+                            acceptor.accept(socket),
+                        )
+                        .await
+                        {
                             Ok(Ok(tls)) => Stream::TlsClient(Box::new(tls)),
                             Ok(Err(err)) => {
                                 metrics.client_connections_rejected.increment(1);

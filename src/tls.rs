@@ -97,8 +97,8 @@ pub struct UpstreamTls {
 /// Builds the client-side config used for upstream connections. Session resumption is off: a
 /// rotation to a new CA or client certificate must take effect on the very next handshake.
 pub fn upstream_client_config(opts: &UpstreamTls) -> Result<Arc<ClientConfig>, TlsError> {
-    let builder = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?;
+    let builder =
+        ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
     let builder = if opts.insecure_skip_verify {
         builder
             .dangerous()

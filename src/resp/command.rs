@@ -165,8 +165,8 @@ pub fn classify(name: &[u8]) -> Kind {
         b"MONITOR" => Kind::Monitor,
         b"READONLY" => Kind::Readonly,
         b"READWRITE" => Kind::Readwrite,
-        b"BLPOP" | b"BRPOP" | b"BRPOPLPUSH" | b"BLMOVE" | b"BLMPOP" | b"BZPOPMIN"
-        | b"BZPOPMAX" | b"BZMPOP" | b"WAIT" | b"WAITAOF" => Kind::Blocking,
+        b"BLPOP" | b"BRPOP" | b"BRPOPLPUSH" | b"BLMOVE" | b"BLMPOP" | b"BZPOPMIN" | b"BZPOPMAX"
+        | b"BZMPOP" | b"WAIT" | b"WAITAOF" => Kind::Blocking,
         b"XREAD" | b"XREADGROUP" => Kind::MaybeBlocking,
         _ => Kind::Other,
     }
@@ -286,7 +286,8 @@ pub fn inline_args(line: &[u8]) -> Result<Vec<Vec<u8>>, UnbalancedQuotes> {
 
 /// Encodes a command as a multibulk request.
 pub fn encode<A: AsRef<[u8]>>(args: &[A]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(16 + args.iter().map(|a| a.as_ref().len() + 16).sum::<usize>());
+    let mut out =
+        Vec::with_capacity(16 + args.iter().map(|a| a.as_ref().len() + 16).sum::<usize>());
     out.push(b'*');
     out.extend_from_slice(args.len().to_string().as_bytes());
     out.extend_from_slice(b"\r\n");

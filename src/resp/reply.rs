@@ -95,7 +95,11 @@ pub fn peek_first_element(buf: &[u8]) -> Peek<Option<Range<usize>>> {
             }
             Peek::Ready(Some(start..end))
         }
-        Some(b'+') => match buf[pos..].iter().take(MAX_KIND_LEN + 2).position(|&b| b == b'\r') {
+        Some(b'+') => match buf[pos..]
+            .iter()
+            .take(MAX_KIND_LEN + 2)
+            .position(|&b| b == b'\r')
+        {
             Some(cr) => Peek::Ready(Some(pos + 1..pos + cr)),
             None if buf.len() - pos < MAX_KIND_LEN + 2 => Peek::Incomplete,
             None => Peek::Ready(None),

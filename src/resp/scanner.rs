@@ -576,7 +576,9 @@ impl Scanner {
                                     self.state = state;
                                     return Ok(partial(pos));
                                 }
-                                Err(LineError::Invalid) => return Err(ScanError::InvalidBulkLength),
+                                Err(LineError::Invalid) => {
+                                    return Err(ScanError::InvalidBulkLength);
+                                }
                                 Err(LineError::TooLong) => {
                                     return Err(ScanError::LineTooLong(self.limits.max_line_len));
                                 }
@@ -936,8 +938,18 @@ mod tests {
     /// Frame ends of `input` scanned in one piece, which must be error-free and end on a frame boundary.
     fn ends(dir: Direction, input: &[u8]) -> Vec<usize> {
         let (out, sc) = run(dir, limits(dir), input, &[]);
-        assert_eq!(out.error, None, "input {:?}", String::from_utf8_lossy(input));
-        assert_eq!(out.leftover, 0, "input {:?}", String::from_utf8_lossy(input));
+        assert_eq!(
+            out.error,
+            None,
+            "input {:?}",
+            String::from_utf8_lossy(input)
+        );
+        assert_eq!(
+            out.leftover,
+            0,
+            "input {:?}",
+            String::from_utf8_lossy(input)
+        );
         assert_eq!(sc.bytes_scanned(), input.len() as u64);
         out.ends
     }
@@ -946,7 +958,12 @@ mod tests {
     fn error_with(dir: Direction, lim: ScanLimits, input: &[u8]) -> ScanError {
         let (whole, _) = run(dir, lim, input, &[]);
         let (bytewise, _) = run(dir, lim, input, &byte_cuts(input.len()));
-        assert_eq!(whole, bytewise, "input {:?}", String::from_utf8_lossy(input));
+        assert_eq!(
+            whole,
+            bytewise,
+            "input {:?}",
+            String::from_utf8_lossy(input)
+        );
         whole
             .error
             .unwrap_or_else(|| panic!("no error for {:?}", String::from_utf8_lossy(input)))
@@ -964,17 +981,30 @@ mod tests {
         if clean {
             assert_eq!(sc.bytes_scanned(), input.len() as u64);
             // In one piece only headers off the fast path (negative, `?`, odd) are read twice.
-            assert!(sc.examined <= 2 * input.len() as u64, "one piece re-examined too much");
+            assert!(
+                sc.examined <= 2 * input.len() as u64,
+                "one piece re-examined too much"
+            );
         }
         for k in 0..=input.len() {
             let (out, sc) = run(dir, lim, input, &[k]);
-            assert_eq!(out, whole, "split at {k} of {:?}", String::from_utf8_lossy(input));
+            assert_eq!(
+                out,
+                whole,
+                "split at {k} of {:?}",
+                String::from_utf8_lossy(input)
+            );
             if clean {
                 assert_eq!(sc.bytes_scanned(), input.len() as u64);
             }
         }
         let (out, sc) = run(dir, lim, input, &byte_cuts(input.len()));
-        assert_eq!(out, whole, "byte by byte: {:?}", String::from_utf8_lossy(input));
+        assert_eq!(
+            out,
+            whole,
+            "byte by byte: {:?}",
+            String::from_utf8_lossy(input)
+        );
         if clean {
             assert_eq!(sc.bytes_scanned(), input.len() as u64);
             // Byte by byte, only a header's type byte and digits are looked at again: bounded per line.
@@ -1024,7 +1054,10 @@ mod tests {
         assert_eq!(ends(Direction::Request, b"PING\n"), vec![5]);
         assert_eq!(ends(Direction::Request, b"\r\n"), vec![2]);
         assert_eq!(ends(Direction::Request, b"\n"), vec![1]);
-        assert_eq!(ends(Direction::Request, b"SET a \"b c\"\r\n\n$3\r\n"), vec![13, 14, 18]);
+        assert_eq!(
+            ends(Direction::Request, b"SET a \"b c\"\r\n\n$3\r\n"),
+            vec![13, 14, 18]
+        );
         // A partial inline line is not consumed, and not searched again.
         let mut sc = Scanner::new(Direction::Request, limits(Direction::Request));
         assert_eq!(sc.scan(b"GET fo"), Ok(partial(0)));
@@ -1060,7 +1093,10 @@ mod tests {
         assert_eq!(error(r, b"*3\n"), InvalidMultibulkLength);
         assert_eq!(error(r, b"*?\r\n"), InvalidMultibulkLength);
         assert_eq!(error(r, b"*2147483648\r\n"), InvalidMultibulkLength);
-        assert_eq!(error(r, b"*99999999999999999999\r\n"), InvalidMultibulkLength);
+        assert_eq!(
+            error(r, b"*99999999999999999999\r\n"),
+            InvalidMultibulkLength
+        );
         assert_eq!(error(r, b"*1\r\n+OK\r\n"), ExpectedBulk(b'+'));
         assert_eq!(error(r, b"*1\r\n\r\n"), ExpectedBulk(b'\r'));
         assert_eq!(error(r, b"*1\r\n$-1\r\n"), InvalidBulkLength);
@@ -1096,14 +1132,29 @@ mod tests {
         let r = Direction::Request;
         let (out, _) = run(r, lim, b"*2\r\n$3\r\nabc\r\n$0\r\n\r\n", &[]);
         assert_eq!(out.ends, vec![19]);
-        assert_eq!(error_with(r, lim, b"*3\r\n"), ScanError::InvalidMultibulkLength);
-        assert_eq!(error_with(r, lim, b"*1\r\n$4\r\n"), ScanError::InvalidBulkLength);
+        assert_eq!(
+            error_with(r, lim, b"*3\r\n"),
+            ScanError::InvalidMultibulkLength
+        );
+        assert_eq!(
+            error_with(r, lim, b"*1\r\n$4\r\n"),
+            ScanError::InvalidBulkLength
+        );
         // The cap counts the bytes before '\n', a '\r' included.
         let (out, _) = run(r, lim, b"1234567\r\n12345678\n", &[]);
         assert_eq!(out.ends, vec![9, 18]);
-        assert_eq!(error_with(r, lim, b"12345678\r\n"), ScanError::TooBigInlineRequest);
-        assert_eq!(error_with(r, lim, b"123456789\n"), ScanError::TooBigInlineRequest);
-        assert_eq!(error_with(r, lim, b"*0000002\r\n"), ScanError::TooBigMultibulkCount);
+        assert_eq!(
+            error_with(r, lim, b"12345678\r\n"),
+            ScanError::TooBigInlineRequest
+        );
+        assert_eq!(
+            error_with(r, lim, b"123456789\n"),
+            ScanError::TooBigInlineRequest
+        );
+        assert_eq!(
+            error_with(r, lim, b"*0000002\r\n"),
+            ScanError::TooBigMultibulkCount
+        );
         let (out, _) = run(r, lim, b"*000002\r\n$3\r\nabc\r\n$3\r\nabc\r\n", &[]);
         assert_eq!(out.ends, vec![27]);
     }
@@ -1132,7 +1183,12 @@ mod tests {
             b"!21\r\nSYNTAX invalid syntax\r\n",
             b"=15\r\ntxt:Some string\r\n",
         ] {
-            assert_eq!(ends(p, f), vec![f.len()], "{:?}", String::from_utf8_lossy(f));
+            assert_eq!(
+                ends(p, f),
+                vec![f.len()],
+                "{:?}",
+                String::from_utf8_lossy(f)
+            );
         }
     }
 
@@ -1151,7 +1207,12 @@ mod tests {
             b">3\r\n+message\r\n+channel\r\n$5\r\nhello\r\n",
             b"*1\r\n%1\r\n~1\r\n:1\r\n>1\r\n*0\r\n",
         ] {
-            assert_eq!(ends(p, f), vec![f.len()], "{:?}", String::from_utf8_lossy(f));
+            assert_eq!(
+                ends(p, f),
+                vec![f.len()],
+                "{:?}",
+                String::from_utf8_lossy(f)
+            );
         }
     }
 
@@ -1194,7 +1255,12 @@ mod tests {
             b"*?\r\n|1\r\n+a\r\n+b\r\n:1\r\n.\r\n",
             b"*2\r\n$?\r\n;2\r\nab\r\n;0\r\n:1\r\n",
         ] {
-            assert_eq!(ends(p, f), vec![f.len()], "{:?}", String::from_utf8_lossy(f));
+            assert_eq!(
+                ends(p, f),
+                vec![f.len()],
+                "{:?}",
+                String::from_utf8_lossy(f)
+            );
         }
     }
 
@@ -1286,14 +1352,26 @@ mod tests {
         use ScanError::*;
         assert_eq!(ExpectedBulk(b'x').to_string(), "expected '$', got 'x'");
         assert_eq!(ExpectedBulk(b'\r').to_string(), "expected '$', got '\\x0d'");
-        assert_eq!(InvalidTypeByte(0x07).to_string(), "invalid RESP type byte 0x07");
-        assert_eq!(InvalidMultibulkLength.to_string(), "invalid multibulk length");
+        assert_eq!(
+            InvalidTypeByte(0x07).to_string(),
+            "invalid RESP type byte 0x07"
+        );
+        assert_eq!(
+            InvalidMultibulkLength.to_string(),
+            "invalid multibulk length"
+        );
         assert_eq!(InvalidBulkLength.to_string(), "invalid bulk length");
         assert_eq!(TooBigInlineRequest.to_string(), "too big inline request");
-        assert_eq!(TooBigMultibulkCount.to_string(), "too big mbulk count string");
+        assert_eq!(
+            TooBigMultibulkCount.to_string(),
+            "too big mbulk count string"
+        );
         assert_eq!(TooBigBulkCount.to_string(), "too big bulk count string");
         assert_eq!(TooDeep(3).to_string(), "nesting deeper than 3");
-        assert_eq!(ExpectedCrlfAfterBulk.to_string(), "expected CRLF after bulk data");
+        assert_eq!(
+            ExpectedCrlfAfterBulk.to_string(),
+            "expected CRLF after bulk data"
+        );
     }
 
     // ---------------------------------------------------------------- resumability
@@ -1341,7 +1419,12 @@ mod tests {
         // A 60 KiB inline command and a 1 MiB simple string arriving one byte at a time.
         let mut inline = vec![b'x'; 60 * 1024];
         inline.extend_from_slice(b"\r\n");
-        let (out, sc) = run(Direction::Request, limits(Direction::Request), &inline, &byte_cuts(inline.len()));
+        let (out, sc) = run(
+            Direction::Request,
+            limits(Direction::Request),
+            &inline,
+            &byte_cuts(inline.len()),
+        );
         assert_eq!(out.ends, vec![inline.len()]);
         assert_eq!(sc.bytes_scanned(), inline.len() as u64);
         assert!(sc.examined <= 2 * inline.len() as u64 + 4);
@@ -1475,16 +1558,31 @@ mod tests {
         /// Scalars that may be map keys, set members and attribute entries.
         fn scalar3() -> BoxedStrategy<F3> {
             prop_oneof![
-                blob().prop_map(|data| F3::BlobString { data, attributes: None }),
-                blob().prop_map(|data| F3::BlobError { data, attributes: None }),
+                blob().prop_map(|data| F3::BlobString {
+                    data,
+                    attributes: None
+                }),
+                blob().prop_map(|data| F3::BlobError {
+                    data,
+                    attributes: None
+                }),
                 text().prop_map(|s| F3::SimpleString {
                     data: s.into_bytes(),
                     attributes: None
                 }),
-                text().prop_map(|data| F3::SimpleError { data, attributes: None }),
-                any::<bool>().prop_map(|data| F3::Boolean { data, attributes: None }),
+                text().prop_map(|data| F3::SimpleError {
+                    data,
+                    attributes: None
+                }),
+                any::<bool>().prop_map(|data| F3::Boolean {
+                    data,
+                    attributes: None
+                }),
                 Just(F3::Null),
-                any::<i64>().prop_map(|data| F3::Number { data, attributes: None }),
+                any::<i64>().prop_map(|data| F3::Number {
+                    data,
+                    attributes: None
+                }),
                 (-4000i32..4000).prop_map(|x| F3::Double {
                     data: x as f64 / 8.0,
                     attributes: None
@@ -1539,10 +1637,14 @@ mod tests {
             let leaf = (scalar3(), attrs()).prop_map(|(f, a)| with_attrs(f, a));
             leaf.prop_recursive(3, 24, 4, |inner| {
                 let agg = prop_oneof![
-                    prop::collection::vec(inner.clone(), 0..4)
-                        .prop_map(|data| F3::Array { data, attributes: None }),
-                    prop::collection::vec(inner.clone(), 0..3)
-                        .prop_map(|data| F3::Push { data, attributes: None }),
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(|data| F3::Array {
+                        data,
+                        attributes: None
+                    }),
+                    prop::collection::vec(inner.clone(), 0..3).prop_map(|data| F3::Push {
+                        data,
+                        attributes: None
+                    }),
                     prop::collection::vec((scalar3(), inner), 0..3).prop_map(|kv| F3::Map {
                         data: kv.into_iter().collect(),
                         attributes: None

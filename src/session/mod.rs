@@ -38,7 +38,7 @@ use crate::resp::command::{self, Head, Kind, Peek};
 use crate::resp::reply::{self, PushKind, SubClass, SubKind};
 use crate::resp::scanner::{Direction, ScanLimits, Scanner};
 use crate::upstream::connector::UpstreamConn;
-use crate::upstream::pool::Pool;
+use crate::upstream::pool::{Pool, PoolError};
 use client_auth::ClientAuth;
 use replies::{Expect, ReplyQueue};
 use state::{Action, ConnState};
@@ -47,6 +47,9 @@ use state::{Action, ConnState};
 const HIGH_WATER: usize = 256 * 1024;
 /// Free space ensured in a read buffer before each read.
 const READ_RESERVE: usize = 32 * 1024;
+/// How long a session that waits for pushes (subscriptions, MONITOR, tracking) keeps trying to
+/// restore itself on a fresh upstream connection before it gives up and closes.
+const RESTORE_WINDOW: std::time::Duration = std::time::Duration::from_secs(30);
 /// Bytes a reply must show before the session can tell a MONITOR line from an answer.
 const MONITOR_PREFIX: usize = 40;
 
@@ -247,7 +250,8 @@ impl Session {
             return Poll::Ready(Event::ClientFailed(e));
         }
         if let Some(up) = &mut self.upstream
-            && let Err(e) = poll_write_all(&mut up.conn.stream, &mut up.out, &mut up.needs_flush, cx)
+            && let Err(e) =
+                poll_write_all(&mut up.conn.stream, &mut up.out, &mut up.needs_flush, cx)
         {
             return Poll::Ready(Event::UpstreamFailed(e));
         }
@@ -376,9 +380,10 @@ impl Session {
                     self.set_mode_held_or_discarded(RequestMode::Discard(None));
                     return true;
                 }
-                Peek::Ready(Head::Command { argc, name }) => {
-                    (name.map_or(Kind::Other, |r| command::classify(&buf[r])), argc)
-                }
+                Peek::Ready(Head::Command { argc, name }) => (
+                    name.map_or(Kind::Other, |r| command::classify(&buf[r])),
+                    argc,
+                ),
             }
         } else {
             self.set_mode_held_or_discarded(RequestMode::Buffer {
@@ -394,9 +399,7 @@ impl Session {
                 return false;
             }
             self.ctx.metrics.client_error(ClientErrorReason::Auth);
-            self.set_mode_held_or_discarded(RequestMode::Discard(Some(Bytes::from_static(
-                NOAUTH,
-            ))));
+            self.set_mode_held_or_discarded(RequestMode::Discard(Some(Bytes::from_static(NOAUTH))));
             return true;
         }
         if self.multi_lost && matches!(kind, Kind::Other | Kind::Blocking) {
@@ -412,7 +415,7 @@ impl Session {
             });
             return true;
         }
-        match self.ensure_upstream().await {
+        match self.upstream_for_command().await {
             Ok(()) => self.request_mode = RequestMode::Stream(kind),
             Err(reply) => self.set_mode_held_or_discarded(RequestMode::Discard(Some(reply))),
         }
@@ -481,8 +484,8 @@ impl Session {
         match kind {
             Kind::Other => self.forward(frame, relay_one).await,
             Kind::Blocking | Kind::MaybeBlocking => {
-                let blocks = kind == Kind::Blocking
-                    || args.iter().skip(1).any(|a| command::is(a, "BLOCK"));
+                let blocks =
+                    kind == Kind::Blocking || args.iter().skip(1).any(|a| command::is(a, "BLOCK"));
                 let expect = if blocks && !self.in_multi {
                     Expect::Tracked {
                         action: Action::None,
@@ -561,6 +564,10 @@ impl Session {
                 if self.in_multi {
                     return self.forward(frame, relay_one).await;
                 }
+                // Connect (and replay) before the set changes, or the replay would subscribe too.
+                if let Err(reply) = self.upstream_for_command().await {
+                    return self.reply_local(reply);
+                }
                 let mut added = Vec::new();
                 for channel in &args[1..] {
                     let channel = Bytes::copy_from_slice(channel);
@@ -579,6 +586,9 @@ impl Session {
                 let class = sub_class(kind);
                 if self.in_multi {
                     return self.forward(frame, relay_one).await;
+                }
+                if let Err(reply) = self.upstream_for_command().await {
+                    return self.reply_local(reply);
                 }
                 let set = self.state.set_of(class);
                 let remaining = if args.len() > 1 {
@@ -705,10 +715,17 @@ impl Session {
         } else if command::is(sub, "NO-TOUCH") {
             Action::NoTouch(on(2))
         } else if command::is(sub, "TRACKING") {
-            Action::Tracking(on(2).then(|| args[2..].iter().map(|a| Bytes::copy_from_slice(a)).collect()))
+            Action::Tracking(on(2).then(|| {
+                args[2..]
+                    .iter()
+                    .map(|a| Bytes::copy_from_slice(a))
+                    .collect()
+            }))
         } else if command::is(sub, "REPLY") {
             if !on(2) {
-                self.ctx.metrics.client_error(ClientErrorReason::Unsupported);
+                self.ctx
+                    .metrics
+                    .client_error(ClientErrorReason::Unsupported);
                 return self.reply_local(Bytes::from_static(
                     b"-ERR rotaproxy does not support CLIENT REPLY OFF|SKIP: the proxy must see a reply for every command\r\n",
                 ));
@@ -764,7 +781,7 @@ impl Session {
 
     /// Sends a whole request upstream and records what it will answer.
     async fn forward(&mut self, request: &[u8], expect: Expect) {
-        if let Err(reply) = self.ensure_upstream().await {
+        if let Err(reply) = self.upstream_for_command().await {
             return self.reply_local(reply);
         }
         self.ctx.metrics.commands.increment(1);
@@ -808,24 +825,14 @@ impl Session {
     // ---- upstream -----------------------------------------------------------------------
 
     /// Makes sure the session has an upstream connection, taking one from the pool and replaying
-    /// the session's state onto it if needed. On failure returns the error reply for the client.
-    async fn ensure_upstream(&mut self) -> Result<(), Bytes> {
+    /// the session's state onto it if needed.
+    async fn ensure_upstream(&mut self) -> Result<(), PoolError> {
         if self.upstream.is_some() {
             return Ok(());
         }
-        let conn = match self.ctx.pool.checkout().await {
-            Ok(conn) => conn,
-            Err(err) => {
-                tracing::warn!(peer = %self.peer, error = %err, "no upstream connection for client");
-                self.ctx
-                    .metrics
-                    .client_error(ClientErrorReason::UpstreamUnavailable);
-                return Err(Bytes::from(format!(
-                    "-ERR rotaproxy: upstream unavailable: {}\r\n",
-                    single_line(&err.to_string())
-                )));
-            }
-        };
+        let conn = self.ctx.pool.checkout().await.inspect_err(|err| {
+            tracing::warn!(peer = %self.peer, error = %err, "no upstream connection for client");
+        })?;
         let mut up = Upstream {
             conn,
             out: BytesMut::new(),
@@ -854,6 +861,19 @@ impl Session {
         Ok(())
     }
 
+    /// Connects for a command; on failure returns the error reply the client gets instead.
+    async fn upstream_for_command(&mut self) -> Result<(), Bytes> {
+        self.ensure_upstream().await.map_err(|err| {
+            self.ctx
+                .metrics
+                .client_error(ClientErrorReason::UpstreamUnavailable);
+            Bytes::from(format!(
+                "-ERR rotaproxy: upstream unavailable: {}\r\n",
+                single_line(&err.to_string())
+            ))
+        })
+    }
+
     /// The upstream connection is gone. Owed replies become errors (never a silent drop, never a
     /// second execution); the session continues on a fresh connection.
     async fn on_upstream_lost(&mut self, why: &str) {
@@ -876,7 +896,9 @@ impl Session {
                 }
             };
             for _ in 0..errors {
-                self.ctx.metrics.client_error(ClientErrorReason::UpstreamLost);
+                self.ctx
+                    .metrics
+                    .client_error(ClientErrorReason::UpstreamLost);
                 self.client_out.extend_from_slice(UPSTREAM_LOST);
             }
         }
@@ -885,7 +907,9 @@ impl Session {
         self.client_in.advance(self.forward_len);
         self.forward_len = 0;
         if let RequestMode::Stream(_) = self.request_mode {
-            self.ctx.metrics.client_error(ClientErrorReason::UpstreamLost);
+            self.ctx
+                .metrics
+                .client_error(ClientErrorReason::UpstreamLost);
             self.request_mode = RequestMode::Discard(Some(Bytes::from_static(UPSTREAM_LOST)));
         }
         if self.in_multi {
@@ -904,12 +928,19 @@ impl Session {
         self.ctx.metrics.upstream_reconnects.increment(1);
         if self.state.needs_live_connection() && !self.closing {
             // A subscriber (or monitor, or tracking client) is waiting for pushes, not sending
-            // commands: reconnect now rather than at its next command.
-            if let Err(reply) = self.ensure_upstream().await {
-                tracing::warn!(peer = %self.peer, "cannot restore a subscribed session; closing it");
-                drop(reply);
-                self.closing = true;
-                self.resume_input = false;
+            // commands: reconnect now rather than at its next command, retrying for a while
+            // (a restarting server takes a moment to come back).
+            let deadline = tokio::time::Instant::now() + RESTORE_WINDOW;
+            let mut pause = std::time::Duration::from_millis(50);
+            while self.ensure_upstream().await.is_err() {
+                if tokio::time::Instant::now() + pause > deadline {
+                    tracing::warn!(peer = %self.peer, "cannot restore a subscribed session; closing it");
+                    self.closing = true;
+                    self.resume_input = false;
+                    break;
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(1));
             }
         }
     }
@@ -1110,7 +1141,10 @@ impl Session {
             return;
         }
         let n = std::mem::take(&mut self.relay_len);
-        let up = self.upstream.as_mut().expect("relayed bytes come from an upstream");
+        let up = self
+            .upstream
+            .as_mut()
+            .expect("relayed bytes come from an upstream");
         self.client_out.extend_from_slice(&up.input[..n]);
         up.input.advance(n);
     }

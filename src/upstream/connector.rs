@@ -224,10 +224,7 @@ async fn read_reply(stream: &mut Stream, buf: &mut BytesMut) -> Result<OwnedFram
         if buf.len() > 64 * 1024 {
             return Err(ConnectError::Protocol("handshake reply too large".into()));
         }
-        let n = stream
-            .read_buf(buf)
-            .await
-            .map_err(ConnectError::Closed)?;
+        let n = stream.read_buf(buf).await.map_err(ConnectError::Closed)?;
         if n == 0 {
             return Err(ConnectError::Closed(io::ErrorKind::UnexpectedEof.into()));
         }

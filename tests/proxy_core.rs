@@ -1,0 +1,646 @@
+//! The proxy as a client sees it: real `redis-server` behind, raw RESP in front. Each test is a
+//! scenario a Redis user would run, and asserts what that user would see.
+
+mod support;
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::Duration;
+
+use support::*;
+
+const APP_USER: &str = "app";
+
+/// A Redis with the ACL user `app`, and the proxy in front of it authenticating as `app`.
+struct Env {
+    redis: RedisServer,
+    proxy: Proxy,
+    password: String,
+}
+
+impl Env {
+    fn start() -> Env {
+        let password = random_token(32);
+        let redis = RedisServer::start_with_user(APP_USER, &password);
+        let config =
+            ProxyConfig::plain(&redis).credentials(Some(APP_USER), "env:TEST_UPSTREAM_PASSWORD");
+        let proxy = Proxy::start(
+            &config.to_toml(),
+            &[("TEST_UPSTREAM_PASSWORD", password.as_str())],
+        );
+        Env {
+            redis,
+            proxy,
+            password,
+        }
+    }
+
+    fn conn(&self) -> RespConn {
+        self.proxy.conn()
+    }
+
+    /// Every test ends here: the upstream password never shows in the proxy's log.
+    fn assert_no_secret_leaked(&self) {
+        assert_no_secret_in_logs(&self.proxy, &[&self.password]);
+        let (_, metrics) = self.proxy.http_get("/metrics");
+        assert!(!metrics.contains(&self.password), "password in /metrics");
+    }
+}
+
+#[test]
+fn commands_run_as_the_proxys_user_not_the_clients() {
+    let env = Env::start();
+    let mut c = env.conn();
+    c.cmd(&["PING"]).assert_simple("PONG");
+    // The client's own AUTH is answered by the proxy (client auth "none" accepts anything).
+    c.cmd(&["AUTH", "someone", "old-direct-password"])
+        .assert_ok();
+    c.cmd(&["ACL", "WHOAMI"]).assert_bulk(APP_USER);
+    c.cmd(&["SET", "k", "v"]).assert_ok();
+    c.cmd(&["GET", "k"]).assert_bulk("v");
+    // Nothing the client sent as AUTH reached Redis: no failed auth in the ACL log.
+    let log = env.redis.admin_cmd(&["ACL", "LOG"]);
+    assert_eq!(log.as_array().map(<[Frame]>::len), Some(0), "{log:?}");
+    env.assert_no_secret_leaked();
+}
+
+#[test]
+fn pipeline_of_ten_thousand_commands_keeps_order() {
+    let env = Env::start();
+    let mut c = env.conn();
+    let mut batch = Vec::new();
+    for i in 0..10_000 {
+        if i % 2 == 0 {
+            batch.extend(encode_cmd(&["INCR", "counter"]));
+        } else {
+            batch.extend(encode_cmd(&["ECHO", &format!("m{i}")]));
+        }
+    }
+    c.send_raw(&batch);
+    for i in 0..10_000i64 {
+        let reply = c.read_reply();
+        if i % 2 == 0 {
+            reply.assert_int(i / 2 + 1);
+        } else {
+            reply.assert_bulk(format!("m{i}"));
+        }
+    }
+    env.assert_no_secret_leaked();
+}
+
+#[test]
+fn transactions_and_watch() {
+    let env = Env::start();
+    let mut c = env.conn();
+    c.cmd(&["MULTI"]).assert_ok();
+    c.cmd(&["SET", "t", "1"]).assert_simple("QUEUED");
+    c.cmd(&["INCR", "t"]).assert_simple("QUEUED");
+    let exec = c.cmd(&["EXEC"]);
+    assert_eq!(
+        exec,
+        Frame::Array(vec![Frame::simple("OK"), Frame::Integer(2)])
+    );
+
+    // A watched key changed by someone else aborts the transaction.
+    c.cmd(&["WATCH", "t"]).assert_ok();
+    env.conn().cmd(&["SET", "t", "other"]).assert_ok();
+    c.cmd(&["MULTI"]).assert_ok();
+    c.cmd(&["SET", "t", "mine"]).assert_simple("QUEUED");
+    c.cmd(&["EXEC"]).assert_null();
+    c.cmd(&["GET", "t"]).assert_bulk("other");
+
+    // DISCARD, and errors inside MULTI, are the server's as usual.
+    c.cmd(&["MULTI"]).assert_ok();
+    c.cmd(&["SET", "t", "x"]).assert_simple("QUEUED");
+    c.cmd(&["DISCARD"]).assert_ok();
+    c.cmd(&["EXEC"]).assert_error("ERR EXEC without MULTI");
+    env.assert_no_secret_leaked();
+}
+
+#[test]
+fn pubsub_resp2_channels_patterns_and_shards() {
+    let env = Env::start();
+    let mut sub = env.conn();
+    let mut publisher = env.conn();
+    sub.send_cmd(&["SUBSCRIBE", "a", "b"]);
+    assert_eq!(
+        sub.read_replies(2),
+        vec![
+            Frame::Array(vec![
+                Frame::bulk("subscribe"),
+                Frame::bulk("a"),
+                Frame::Integer(1)
+            ]),
+            Frame::Array(vec![
+                Frame::bulk("subscribe"),
+                Frame::bulk("b"),
+                Frame::Integer(2)
+            ]),
+        ]
+    );
+    sub.cmd(&["PSUBSCRIBE", "news.*"]).assert_not_error();
+    sub.cmd(&["SSUBSCRIBE", "shard1"]).assert_not_error();
+    publisher.cmd(&["PUBLISH", "a", "hello"]).assert_int(1);
+    publisher.cmd(&["PUBLISH", "news.x", "extra"]).assert_int(1);
+    publisher
+        .cmd(&["SPUBLISH", "shard1", "sharded"])
+        .assert_int(1);
+    assert_eq!(
+        sub.read_reply(),
+        Frame::Array(vec![
+            Frame::bulk("message"),
+            Frame::bulk("a"),
+            Frame::bulk("hello")
+        ])
+    );
+    assert_eq!(
+        sub.read_reply(),
+        Frame::Array(vec![
+            Frame::bulk("pmessage"),
+            Frame::bulk("news.*"),
+            Frame::bulk("news.x"),
+            Frame::bulk("extra")
+        ])
+    );
+    assert_eq!(
+        sub.read_reply(),
+        Frame::Array(vec![
+            Frame::bulk("smessage"),
+            Frame::bulk("shard1"),
+            Frame::bulk("sharded")
+        ])
+    );
+    // PING while subscribed answers with a RESP2 array, which must still count as a reply.
+    assert_eq!(
+        sub.cmd(&["PING"]),
+        Frame::Array(vec![Frame::bulk("pong"), Frame::bulk("")])
+    );
+    // UNSUBSCRIBE without arguments answers once per channel.
+    sub.send_cmd(&["UNSUBSCRIBE"]);
+    let replies = sub.read_replies(2);
+    assert!(
+        replies
+            .iter()
+            .all(|r| r.as_array().unwrap()[0] == Frame::bulk("unsubscribe"))
+    );
+    sub.cmd(&["PUNSUBSCRIBE"]).assert_not_error();
+    sub.cmd(&["SUNSUBSCRIBE"]).assert_not_error();
+    // Out of subscribed mode, ordinary commands work again on the same connection.
+    sub.cmd(&["SET", "after", "1"]).assert_ok();
+    sub.cmd(&["GET", "after"]).assert_bulk("1");
+    env.assert_no_secret_leaked();
+}
+
+#[test]
+fn pubsub_resp3_with_hello_3() {
+    let env = Env::start();
+    let mut sub = env.conn();
+    let hello = sub.cmd(&["HELLO", "3"]);
+    assert_eq!(
+        hello.map_get("proto"),
+        Some(&Frame::Integer(3)),
+        "{hello:?}"
+    );
+    assert_eq!(hello.map_get("server"), Some(&Frame::bulk("redis")));
+    let conf = sub.cmd(&["SUBSCRIBE", "ch"]);
+    assert_eq!(
+        conf,
+        Frame::Push(vec![
+            Frame::bulk("subscribe"),
+            Frame::bulk("ch"),
+            Frame::Integer(1)
+        ])
+    );
+    env.conn().cmd(&["PUBLISH", "ch", "m1"]).assert_int(1);
+    // RESP3 allows ordinary commands while subscribed; the message push is not their reply.
+    sub.send_cmd(&["GET", "nothing"]);
+    let first = sub.read_reply();
+    assert_eq!(
+        first,
+        Frame::Push(vec![
+            Frame::bulk("message"),
+            Frame::bulk("ch"),
+            Frame::bulk("m1")
+        ])
+    );
+    sub.read_reply().assert_null();
+    sub.cmd(&["SSUBSCRIBE", "s1"]).assert_not_error();
+    env.conn().cmd(&["SPUBLISH", "s1", "m2"]).assert_int(1);
+    assert_eq!(
+        sub.read_reply(),
+        Frame::Push(vec![
+            Frame::bulk("smessage"),
+            Frame::bulk("s1"),
+            Frame::bulk("m2")
+        ])
+    );
+    sub.cmd(&["PSUBSCRIBE", "p*"]).assert_not_error();
+    sub.send_cmd(&["UNSUBSCRIBE"]);
+    sub.read_reply().assert_not_error();
+    sub.cmd(&["PING"]).assert_simple("PONG");
+    env.assert_no_secret_leaked();
+}
+
+#[test]
+fn blpop_is_served_by_a_push_from_another_client() {
+    let env = Env::start();
+    let mut waiter = env.conn();
+    waiter.send_cmd(&["BLPOP", "jobs", "30"]);
+    waiter.assert_no_reply_within(Duration::from_millis(200));
+    env.conn().cmd(&["LPUSH", "jobs", "job-1"]).assert_int(1);
+    assert_eq!(
+        waiter.read_reply(),
+        Frame::Array(vec![Frame::bulk("jobs"), Frame::bulk("job-1")])
+    );
+    // A timed-out BLPOP answers nil and the connection goes on.
+    waiter.cmd(&["BLPOP", "jobs", "0.05"]).assert_null();
+    waiter.cmd(&["PING"]).assert_simple("PONG");
+    env.assert_no_secret_leaked();
+}
+
+#[test]
+fn select_is_the_clients_own() {
+    let env = Env::start();
+    let mut c = env.conn();
+    c.cmd(&["SELECT", "3"]).assert_ok();
+    c.cmd(&["SET", "in3", "yes"]).assert_ok();
+    c.cmd(&["SELECT", "99999"]).assert_error("ERR");
+    c.cmd(&["SET", "still3", "yes"]).assert_ok();
+    let mut admin = env.redis.admin_conn();
+    admin.cmd(&["SELECT", "3"]).assert_ok();
+    admin.cmd(&["GET", "in3"]).assert_bulk("yes");
+    admin.cmd(&["GET", "still3"]).assert_bulk("yes");
+    // Another client starts in db 0: a pooled connection never carries a db over.
+    drop(c);
+    env.conn().cmd(&["GET", "in3"]).assert_null();
+    env.assert_no_secret_leaked();
+}
+
+#[test]
+fn sixteen_megabyte_value_round_trips() {
+    let env = Env::start();
+    let mut c = env.conn();
+    let value: Vec<u8> = (0..16 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+    c.cmd(&[&b"SET"[..], b"big", &value]).assert_ok();
+    c.cmd(&["STRLEN", "big"]).assert_int(value.len() as i64);
+    assert!(
+        c.cmd(&["GET", "big"]) == Frame::Bulk(value),
+        "value differs"
+    );
+    env.assert_no_secret_leaked();
+}
+
+#[test]
+fn inline_commands_work_like_on_redis() {
+    let env = Env::start();
+    let mut c = env.conn();
+    c.send_raw(b"PING\r\nSET greeting \"hello world\"\r\n\r\nGET greeting\nAUTH anything\r\n");
+    c.read_reply().assert_simple("PONG");
+    c.read_reply().assert_ok();
+    // The empty line gets no reply.
+    c.read_reply().assert_bulk("hello world");
+    c.read_reply().assert_ok();
+    c.send_raw(b"SET x \"unbalanced\r\n");
+    c.read_reply()
+        .assert_error("ERR Protocol error: unbalanced");
+    c.expect_closed(Duration::from_secs(10));
+    env.assert_no_secret_leaked();
+}
+
+#[test]
+fn malformed_input_closes_only_that_client() {
+    let env = Env::start();
+    let mut bystander = env.conn();
+    bystander.cmd(&["SET", "b", "1"]).assert_ok();
+    let cases: [&[u8]; 4] = [
+        b"*2\r\n$3\r\nGET\r\n:1\r\n",
+        b"*abc\r\n",
+        b"*1\r\n$-5\r\n",
+        b"*1\r\n$3\r\nGETxx",
+    ];
+    for bad in cases {
+        let mut c = env.conn();
+        c.cmd(&["PING"]).assert_simple("PONG");
+        c.send_raw(bad);
+        if bad.ends_with(b"xx") {
+            // Bulk not followed by CRLF: detected once the bytes are there.
+            c.send_raw(b"\r\n");
+        }
+        let replies = c.expect_closed(Duration::from_secs(10));
+        assert!(
+            replies
+                .iter()
+                .any(|r| matches!(r, Frame::Error(e) if e.starts_with("ERR Protocol error"))),
+            "{} -> {replies:?}",
+            String::from_utf8_lossy(bad)
+        );
+    }
+    bystander.cmd(&["GET", "b"]).assert_bulk("1");
+    assert!(!env.proxy.logs().iter().any(|l| l.contains("panicked")));
+    env.assert_no_secret_leaked();
+}
+
+#[test]
+fn commands_the_proxy_owns() {
+    let env = Env::start();
+    let mut c = env.conn();
+    c.cmd(&[
+        "CLIENT",
+        "MAINT_NOTIFICATIONS",
+        "ON",
+        "moving-endpoint-type",
+        "internal-ip",
+    ])
+    .assert_ok();
+    c.cmd(&["CLIENT", "REPLY", "OFF"])
+        .assert_error("ERR rotaproxy does not support CLIENT REPLY");
+    c.cmd(&["CLIENT", "REPLY", "ON"]).assert_ok();
+    c.cmd(&["CLIENT", "SETNAME", "worker-1"]).assert_ok();
+    c.cmd(&["CLIENT", "GETNAME"]).assert_bulk("worker-1");
+    // HELLO with AUTH: the AUTH part is the proxy's, the rest is the real server's reply.
+    let hello = c.cmd(&["HELLO", "2", "AUTH", "default", "whatever", "SETNAME", "w2"]);
+    assert!(hello.as_array().is_some(), "{hello:?}");
+    c.cmd(&["CLIENT", "GETNAME"]).assert_bulk("w2");
+    // RESET leaves the upstream connection logged out; the proxy logs it back in.
+    c.cmd(&["RESET"]).assert_simple("RESET");
+    c.cmd(&["ACL", "WHOAMI"]).assert_bulk(APP_USER);
+    c.cmd(&["CLIENT", "GETNAME"]).assert_null();
+    c.cmd(&["QUIT"]).assert_ok();
+    c.expect_closed(Duration::from_secs(10));
+    env.assert_no_secret_leaked();
+}
+
+#[test]
+fn client_passwords_with_overlap() {
+    let password = random_token(32);
+    let redis = RedisServer::start_with_user(APP_USER, &password);
+    let config = ProxyConfig::plain(&redis)
+        .credentials(Some(APP_USER), "env:TEST_UPSTREAM_PASSWORD")
+        .extra(
+            "[listener.auth]\nmode = \"password\"\n\
+             [[listener.auth.users]]\nusername = \"default\"\npassword = \"env:CLIENT_PW_OLD\"\n\
+             [[listener.auth.users]]\nusername = \"default\"\npassword = \"env:CLIENT_PW_NEW\"\n\
+             [[listener.auth.users]]\nusername = \"svc\"\npassword = \"env:CLIENT_PW_SVC\"\n",
+        );
+    let proxy = Proxy::start(
+        &config.to_toml(),
+        &[
+            ("TEST_UPSTREAM_PASSWORD", password.as_str()),
+            ("CLIENT_PW_OLD", "old-client-pw"),
+            ("CLIENT_PW_NEW", "new-client-pw"),
+            ("CLIENT_PW_SVC", "svc-client-pw"),
+        ],
+    );
+    let mut c = proxy.conn();
+    c.cmd(&["GET", "k"]).assert_error("NOAUTH");
+    c.cmd(&["AUTH", "wrong"]).assert_error("WRONGPASS");
+    c.cmd(&["HELLO", "3"]).assert_error("NOAUTH");
+    c.cmd(&["AUTH", "old-client-pw"]).assert_ok();
+    c.cmd(&["GET", "k"]).assert_null();
+    let mut c2 = proxy.conn();
+    c2.cmd(&["AUTH", "default", "new-client-pw"]).assert_ok();
+    c2.cmd(&["PING"]).assert_simple("PONG");
+    let mut c3 = proxy.conn();
+    c3.cmd(&["HELLO", "3", "AUTH", "svc", "wrong"])
+        .assert_error("WRONGPASS");
+    let hello = c3.cmd(&["HELLO", "3", "AUTH", "svc", "svc-client-pw"]);
+    assert_eq!(
+        hello.map_get("proto"),
+        Some(&Frame::Integer(3)),
+        "{hello:?}"
+    );
+    c3.cmd(&["ACL", "WHOAMI"]).assert_bulk(APP_USER);
+    // Unauthenticated clients may not send long commands (as on Redis).
+    let mut c4 = proxy.conn();
+    let many: Vec<String> = (0..20).map(|i| i.to_string()).collect();
+    let mut args = vec!["MSET".to_string()];
+    args.extend(many);
+    c4.send_cmd(&args);
+    let replies = c4.expect_closed(Duration::from_secs(10));
+    assert!(
+        matches!(&replies[..], [Frame::Error(e)] if e.contains("unauthenticated")),
+        "{replies:?}"
+    );
+    assert_no_secret_in_logs(
+        &proxy,
+        &[&password, "old-client-pw", "new-client-pw", "svc-client-pw"],
+    );
+}
+
+#[test]
+fn upstream_tls_with_the_wrong_ca_is_a_clear_error() {
+    let dir = temp_dir();
+    let certs = Certs::generate(dir.path());
+    let password = random_token(32);
+    let redis = RedisServer::start(
+        RedisOptions::new()
+            .tls(RedisTls::from_certs(&certs, false))
+            .user(&format!("{APP_USER} on >{password} ~* &* +@all")),
+    );
+    let config = ProxyConfig::tls(&redis, &certs.other_ca)
+        .credentials(Some(APP_USER), "env:TEST_UPSTREAM_PASSWORD");
+    let proxy = Proxy::start(&config.to_toml(), &[("TEST_UPSTREAM_PASSWORD", &password)]);
+    let mut c = proxy.conn();
+    let reply = c.cmd(&["PING"]);
+    let text = reply.assert_error("ERR rotaproxy: upstream unavailable");
+    assert!(text.contains("unknown issuer"), "{text}");
+    assert!(proxy.log_contains("unknown issuer"));
+    let (status, body) = proxy.http_get("/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert_no_secret_in_logs(&proxy, &[&password]);
+}
+
+#[test]
+fn upstream_tls_wrong_server_name_is_named() {
+    let dir = temp_dir();
+    let certs = Certs::generate(dir.path());
+    let password = random_token(32);
+    let redis = RedisServer::start(
+        RedisOptions::new()
+            .tls(RedisTls::from_certs(&certs, false))
+            .user(&format!("{APP_USER} on >{password} ~* &* +@all")),
+    );
+    let mut config = ProxyConfig::tls(&redis, &certs.ca)
+        .credentials(Some(APP_USER), "env:TEST_UPSTREAM_PASSWORD");
+    config.server_name = Some("not-the-server.example".into());
+    let proxy = Proxy::start(&config.to_toml(), &[("TEST_UPSTREAM_PASSWORD", &password)]);
+    let text = proxy.conn().cmd(&["PING"]).assert_error("ERR").to_string();
+    assert!(text.contains("server name"), "{text}");
+}
+
+#[test]
+fn upstream_mutual_tls() {
+    let dir = temp_dir();
+    let certs = Certs::generate(dir.path());
+    let password = random_token(32);
+    let redis = RedisServer::start(
+        RedisOptions::new()
+            .tls(RedisTls::from_certs(&certs, true))
+            .user(&format!("{APP_USER} on >{password} ~* &* +@all")),
+    );
+    let config = ProxyConfig::tls(&redis, &certs.ca)
+        .credentials(Some(APP_USER), "env:TEST_UPSTREAM_PASSWORD")
+        .client_cert(&certs.client);
+    let proxy = Proxy::start(&config.to_toml(), &[("TEST_UPSTREAM_PASSWORD", &password)]);
+    let mut c = proxy.conn();
+    c.cmd(&["SET", "over", "mtls"]).assert_ok();
+    c.cmd(&["GET", "over"]).assert_bulk("mtls");
+    let (status, _) = proxy.http_get("/readyz");
+    assert_eq!(status, 200);
+
+    // Without the client certificate the server refuses the handshake, and the client is told.
+    let config = ProxyConfig::tls(&redis, &certs.ca)
+        .credentials(Some(APP_USER), "env:TEST_UPSTREAM_PASSWORD");
+    let without = Proxy::start(&config.to_toml(), &[("TEST_UPSTREAM_PASSWORD", &password)]);
+    without
+        .conn()
+        .cmd(&["PING"])
+        .assert_error("ERR rotaproxy: upstream unavailable");
+    assert_no_secret_in_logs(&proxy, &[&password]);
+    assert_no_secret_in_logs(&without, &[&password]);
+}
+
+#[test]
+fn wrong_upstream_password_is_reported_without_the_password() {
+    let password = random_token(32);
+    let redis = RedisServer::start_with_user(APP_USER, &password);
+    let config =
+        ProxyConfig::plain(&redis).credentials(Some(APP_USER), "env:TEST_UPSTREAM_PASSWORD");
+    let proxy = Proxy::start(
+        &config.to_toml(),
+        &[("TEST_UPSTREAM_PASSWORD", "not-the-password-xyz")],
+    );
+    let text = proxy.conn().cmd(&["PING"]).assert_error("ERR").to_string();
+    assert!(text.contains("WRONGPASS"), "{text}");
+    assert_eventually(Duration::from_secs(10), "auth failures counted", || {
+        proxy
+            .metric("rotaproxy_upstream_auth_failures_total")
+            .unwrap_or(0.0)
+            >= 1.0
+    });
+    assert_no_secret_in_logs(&proxy, &["not-the-password-xyz", &password]);
+}
+
+#[test]
+fn upstream_restart_is_invisible_to_idle_clients() {
+    let mut env = Env::start();
+    let mut c = env.conn();
+    c.cmd(&["SELECT", "2"]).assert_ok();
+    c.cmd(&["CLIENT", "SETNAME", "keeper"]).assert_ok();
+    c.cmd(&["SET", "before", "1"]).assert_ok();
+    let mut sub = env.conn();
+    sub.cmd(&["SUBSCRIBE", "events"]).assert_not_error();
+
+    env.redis.restart();
+
+    // The next command succeeds, in the same db, with the same name.
+    c.cmd(&["SET", "after", "2"]).assert_ok();
+    c.cmd(&["CLIENT", "GETNAME"]).assert_bulk("keeper");
+    let mut admin = env.redis.admin_conn();
+    admin.cmd(&["SELECT", "2"]).assert_ok();
+    admin.cmd(&["GET", "after"]).assert_bulk("2");
+    // The subscriber was re-subscribed behind its back and still gets messages.
+    assert_eventually(Duration::from_secs(20), "subscriber restored", || {
+        env.redis.admin_cmd(&["PUBLISH", "events", "e1"]) == Frame::Integer(1)
+    });
+    assert_eq!(
+        sub.read_reply(),
+        Frame::Array(vec![
+            Frame::bulk("message"),
+            Frame::bulk("events"),
+            Frame::bulk("e1")
+        ])
+    );
+    env.assert_no_secret_leaked();
+}
+
+#[test]
+fn huge_replies_and_values_stream_through() {
+    let env = Env::start();
+    // A 1M-element list, loaded straight into Redis.
+    let mut admin = env.redis.admin_conn();
+    let mut loaded = 0;
+    while loaded < 1_000_000 {
+        let mut args = vec!["RPUSH".to_string(), "biglist".to_string()];
+        args.extend((loaded..loaded + 10_000).map(|i| format!("{i:07}")));
+        admin.send_cmd(&args);
+        loaded += 10_000;
+    }
+    for _ in 0..100 {
+        admin.read_reply().assert_not_error();
+    }
+    let scanned_before = env
+        .proxy
+        .metric("rotaproxy_scanned_bytes_total")
+        .unwrap_or(0.0);
+
+    // Through the proxy: read the LRANGE reply as raw bytes and check its exact size.
+    let expected_reply_len = "*1000000\r\n".len() + 1_000_000 * "$7\r\n0000000\r\n".len();
+    let mut c = env.conn();
+    c.send_cmd(&["LRANGE", "biglist", "0", "-1"]);
+    let mut got = 0usize;
+    let mut head = Vec::new();
+    while got < expected_reply_len {
+        let chunk = c.read_raw().expect("reply bytes");
+        assert!(!chunk.is_empty(), "closed after {got} bytes");
+        if head.len() < 32 {
+            head.extend_from_slice(&chunk[..chunk.len().min(32)]);
+        }
+        got += chunk.len();
+    }
+    assert_eq!(got, expected_reply_len);
+    assert!(head.starts_with(b"*1000000\r\n$7\r\n0000000\r\n"));
+    c.cmd(&["PING"]).assert_simple("PONG");
+
+    // A 200 MB value, sent and read back through the proxy.
+    let size = 200 * 1024 * 1024;
+    let mut raw = TcpStream::connect(env.proxy.client_addr()).unwrap();
+    raw.write_all(format!("*3\r\n$3\r\nSET\r\n$4\r\nhuge\r\n${size}\r\n").as_bytes())
+        .unwrap();
+    let chunk = vec![b'x'; 1024 * 1024];
+    for _ in 0..200 {
+        raw.write_all(&chunk).unwrap();
+    }
+    raw.write_all(b"\r\n").unwrap();
+    let mut c = RespConn::connect(env.proxy.client_addr());
+    drop(raw_reply(&mut raw));
+    c.cmd(&["STRLEN", "huge"]).assert_int(size as i64);
+    c.send_cmd(&["GET", "huge"]);
+    let expected = format!("${size}\r\n").len() + size + 2;
+    let mut got = 0usize;
+    while got < expected {
+        let chunk = c.read_raw().expect("value bytes");
+        assert!(!chunk.is_empty(), "closed after {got} bytes");
+        got += chunk.len();
+    }
+    assert_eq!(got, expected);
+
+    // Memory stays far below the value's size: nothing was buffered whole.
+    let hwm_mib = env.proxy.vm_hwm_kib() / 1024;
+    assert!(hwm_mib < 64, "proxy peak memory {hwm_mib} MiB");
+    // Every byte was scanned about once: the cost is linear in the traffic.
+    let traffic = (expected_reply_len + expected + size) as f64;
+    let scanned = env
+        .proxy
+        .metric("rotaproxy_scanned_bytes_total")
+        .unwrap_or(0.0)
+        - scanned_before;
+    assert!(scanned >= traffic, "scanned {scanned} < traffic {traffic}");
+    assert!(
+        scanned < traffic * 1.01 + 1e6,
+        "scanned {scanned} for {traffic} bytes"
+    );
+    env.assert_no_secret_leaked();
+}
+
+/// Reads the `+OK` of the streamed SET on a plain socket.
+fn raw_reply(stream: &mut TcpStream) -> Vec<u8> {
+    use std::io::Read;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut buf = [0u8; 5];
+    stream.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"+OK\r\n");
+    buf.to_vec()
+}
