@@ -20,10 +20,17 @@ struct Env {
 
 impl Env {
     fn start() -> Env {
+        Self::start_with_extra("", "")
+    }
+
+    /// `listener` lines go inside `[listener]`; `sections` are appended whole.
+    fn start_with_extra(listener: &str, sections: &str) -> Env {
         let password = random_token(32);
         let redis = RedisServer::start_with_user(APP_USER, &password);
-        let config =
+        let mut config =
             ProxyConfig::plain(&redis).credentials(Some(APP_USER), "env:TEST_UPSTREAM_PASSWORD");
+        config.listener_extra = listener.to_string();
+        config = config.extra(sections);
         let proxy = Proxy::start(
             &config.to_toml(),
             &[("TEST_UPSTREAM_PASSWORD", password.as_str())],
@@ -643,4 +650,140 @@ fn raw_reply(stream: &mut TcpStream) -> Vec<u8> {
     stream.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"+OK\r\n");
     buf.to_vec()
+}
+
+/// Kills the upstream connection the proxy uses for the client whose last command was `cmd`,
+/// and waits until the proxy has noticed.
+fn kill_upstream_connection_of(env: &Env, cmd: &str) {
+    let before = env
+        .proxy
+        .metric("rotaproxy_upstream_reconnects_total")
+        .unwrap_or(0.0);
+    let id = env
+        .redis
+        .client_list()
+        .into_iter()
+        .find(|c| c.get("cmd").map(String::as_str) == Some(cmd))
+        .and_then(|c| c.get("id").cloned())
+        .unwrap_or_else(|| panic!("no upstream connection ran {cmd}"));
+    env.redis
+        .admin_cmd(&["CLIENT", "KILL", "ID", &id])
+        .assert_int(1);
+    assert_eventually(
+        Duration::from_secs(10),
+        "proxy noticed the lost connection",
+        || {
+            env.proxy
+                .metric("rotaproxy_upstream_reconnects_total")
+                .unwrap_or(0.0)
+                > before
+        },
+    );
+}
+
+#[test]
+fn a_lost_upstream_fails_only_the_commands_in_flight() {
+    let env = Env::start();
+    let mut c = env.conn();
+    c.cmd(&["SELECT", "4"]).assert_ok();
+    c.send_cmd(&["BLPOP", "never", "30"]);
+    assert_eventually(Duration::from_secs(10), "BLPOP reached Redis", || {
+        env.redis
+            .client_list()
+            .iter()
+            .any(|cl| cl.get("cmd").map(String::as_str) == Some("blpop"))
+    });
+    kill_upstream_connection_of(&env, "blpop");
+    c.read_reply()
+        .assert_error("ERR rotaproxy: upstream connection lost");
+    // The session goes on, in its db, on a fresh connection.
+    c.cmd(&["SET", "k", "v"]).assert_ok();
+    let mut admin = env.redis.admin_conn();
+    admin.cmd(&["SELECT", "4"]).assert_ok();
+    admin.cmd(&["GET", "k"]).assert_bulk("v");
+    env.assert_no_secret_leaked();
+}
+
+#[test]
+fn a_watch_on_a_lost_connection_makes_exec_answer_nil() {
+    let env = Env::start();
+    let mut c = env.conn();
+    c.cmd(&["WATCH", "w"]).assert_ok();
+    kill_upstream_connection_of(&env, "watch");
+    c.cmd(&["MULTI"]).assert_ok();
+    c.cmd(&["SET", "w", "mine"]).assert_simple("QUEUED");
+    c.cmd(&["EXEC"]).assert_null();
+    c.cmd(&["GET", "w"]).assert_null();
+    // The next transaction is an ordinary one again.
+    c.cmd(&["MULTI"]).assert_ok();
+    c.cmd(&["SET", "w", "second"]).assert_simple("QUEUED");
+    assert_eq!(c.cmd(&["EXEC"]), Frame::Array(vec![Frame::simple("OK")]));
+    env.assert_no_secret_leaked();
+}
+
+#[test]
+fn an_open_multi_on_a_lost_connection_never_half_runs() {
+    let env = Env::start();
+    let mut c = env.conn();
+    c.cmd(&["MULTI"]).assert_ok();
+    c.cmd(&["SET", "m1", "1"]).assert_simple("QUEUED");
+    // While a transaction is open, CLIENT LIST shows the last queued command.
+    kill_upstream_connection_of(&env, "set");
+    c.cmd(&["SET", "m2", "2"]).assert_simple("QUEUED");
+    c.cmd(&["EXEC"]).assert_null();
+    assert_eq!(
+        c.cmd(&["MGET", "m1", "m2"]),
+        Frame::Array(vec![Frame::Null, Frame::Null])
+    );
+    env.assert_no_secret_leaked();
+}
+
+#[test]
+fn tls_listener_serves_clients() {
+    let dir = temp_dir();
+    let certs = Certs::generate(dir.path());
+    let password = random_token(32);
+    let redis = RedisServer::start_with_user(APP_USER, &password);
+    let mut config =
+        ProxyConfig::plain(&redis).credentials(Some(APP_USER), "env:TEST_UPSTREAM_PASSWORD");
+    config.listener_extra = format!(
+        "tls = {{ cert = {}, key = {} }}",
+        toml_path(&certs.server.cert),
+        toml_path(&certs.server.key)
+    );
+    let proxy = Proxy::start(&config.to_toml(), &[("TEST_UPSTREAM_PASSWORD", &password)]);
+    let mut c = RespConn::connect_tls(proxy.client_addr(), &certs.ca);
+    c.cmd(&["SET", "over", "tls"]).assert_ok();
+    c.cmd(&["GET", "over"]).assert_bulk("tls");
+    // A plain-text client cannot talk to a TLS listener, and the proxy survives it.
+    let mut plain = proxy.conn();
+    plain.send_raw(b"PING\r\n");
+    let _ = plain.try_read_reply();
+    c.cmd(&["PING"]).assert_simple("PONG");
+    assert_no_secret_in_logs(&proxy, &[&password]);
+}
+
+#[test]
+fn limits_on_clients_and_upstream_connections() {
+    let env = Env::start_with_extra(
+        "max_clients = 2",
+        "[pool]\nwarm = 1\nmax = 1\ncheckout_timeout = \"200ms\"\n",
+    );
+    let mut a = env.conn();
+    a.cmd(&["PING"]).assert_simple("PONG");
+    // The only upstream connection is a's: b waits briefly, then gets a clear error.
+    let mut b = env.conn();
+    b.cmd(&["PING"])
+        .assert_error("ERR rotaproxy: upstream unavailable: all 1 upstream connections are in use");
+    // Over max_clients: refused the way Redis refuses.
+    let mut c = env.conn();
+    c.read_reply()
+        .assert_error("ERR max number of clients reached");
+    drop(a);
+    assert_eventually(
+        Duration::from_secs(10),
+        "b gets the freed connection",
+        || !b.cmd(&["PING"]).is_error(),
+    );
+    env.assert_no_secret_leaked();
 }
