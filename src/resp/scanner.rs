@@ -312,33 +312,6 @@ impl Scanner {
         }
     }
 
-    /// Fast path for the common header: non-negative digits right after the type byte at `start`,
-    /// then `\r\n`, all inside `buf`. Anything else (negative, `?`, junk, incomplete) returns `None` and
-    /// goes the general way, which gives the same answer for what this accepts.
-    #[inline(always)]
-    fn fast_len(&mut self, buf: &[u8], start: usize) -> Option<(u64, usize)> {
-        let first = start + 1;
-        let end = buf.len().min(first + FAST_DIGITS);
-        let mut i = first;
-        let mut v: u64 = 0;
-        while i < end {
-            let d = buf[i].wrapping_sub(b'0');
-            if d > 9 {
-                break;
-            }
-            v = v * 10 + d as u64;
-            i += 1;
-        }
-        self.note_examined(i + 2 - first);
-        if i > first && i + 1 < buf.len() && buf[i] == b'\r' && buf[i + 1] == b'\n' {
-            // The line (type byte, digits, '\r') must also respect the line cap.
-            if i + 1 - start <= self.limits.max_line_len {
-                return Some((v, i + 2));
-            }
-        }
-        None
-    }
-
     /// Reads the length/count header line starting at `start` (its type byte). `Ok(Some)` gives the header
     /// and the index after its `\n`; `Ok(None)` means the line is incomplete (and `self.carry` is set).
     #[inline(always)]
@@ -348,15 +321,20 @@ impl Scanner {
         start: usize,
         carry: usize,
     ) -> Result<Option<(Header, usize)>, LineError> {
-        if carry == 0
-            && let Some((v, next)) = self.fast_len(buf, start)
-        {
-            return Ok(Some((Header::Len(v as i64), next)));
+        if carry == 0 {
+            match fast_len(buf, start, self.limits.max_line_len) {
+                Ok((v, next)) => {
+                    self.note_examined(next - start - 1);
+                    return Ok(Some((Header::Len(v as i64), next)));
+                }
+                Err(looked) => self.note_examined(looked),
+            }
         }
         match self.find_line(buf, start, carry) {
             Line::Done(nl) => {
                 let content = &buf[start + 1..nl];
-                self.note_examined(content.len());
+                // `parse_i64` gives up on more than 20 characters without reading them.
+                self.note_examined(content.len().min(21));
                 match content {
                     [b'?', b'\r'] => Ok(Some((Header::Streamed, nl + 1))),
                     [digits @ .., b'\r'] => match parse_i64(digits) {
@@ -562,6 +540,9 @@ impl Scanner {
                     }
                 }
                 State::Line => {
+                    if carry == 0 {
+                        pos = self.bulk_run(buf, pos);
+                    }
                     if pos == len {
                         self.state = state;
                         return Ok(partial(pos));
@@ -741,6 +722,61 @@ impl Scanner {
         }
     }
 
+    /// Fast lane for replies: skips a run of complete, well-formed `$<len>\r\n<payload>\r\n` elements
+    /// inside a counted aggregate, stopping before the aggregate's last element (which ends the
+    /// aggregate) and before anything else; the general path takes it from there (and reports errors).
+    /// Returns the new position.
+    #[inline(always)]
+    fn bulk_run(&mut self, buf: &[u8], mut pos: usize) -> usize {
+        let len = buf.len();
+        let max_bulk = self.limits.max_bulk_len;
+        let max_line = self.limits.max_line_len;
+        let Some(top) = self.stack.last_mut() else {
+            return pos;
+        };
+        if top.kind != Kind::Counted {
+            return pos;
+        }
+        let mut left = top.left;
+        #[cfg(test)]
+        let mut examined = 0;
+        while left > 1 && pos < len && buf[pos] == b'$' {
+            let (n, next) = match fast_len(buf, pos, max_line) {
+                Ok(x) => x,
+                Err(_looked) => {
+                    #[cfg(test)]
+                    {
+                        examined += 1 + _looked;
+                    }
+                    break;
+                }
+            };
+            #[cfg(test)]
+            {
+                examined += next - pos;
+            }
+            if n > max_bulk || ((len - next) as u64) < n + 2 {
+                break;
+            }
+            let end = next + n as usize + 2;
+            if buf[end - 2] != b'\r' || buf[end - 1] != b'\n' {
+                break;
+            }
+            #[cfg(test)]
+            {
+                examined += 2;
+            }
+            pos = end;
+            left -= 1;
+        }
+        top.left = left;
+        #[cfg(test)]
+        {
+            self.examined += examined as u64;
+        }
+        pos
+    }
+
     /// A value just ended at the innermost open level. Returns true when that ends the top-level frame.
     #[inline(always)]
     fn finish_value(&mut self) -> bool {
@@ -809,6 +845,37 @@ fn complete(consumed: usize) -> Progress {
     Progress {
         consumed,
         complete: true,
+    }
+}
+
+/// Fast path for the common header: non-negative digits right after the type byte at `start`, then
+/// `\r\n`, all inside `buf` and within the line cap. Returns the value and the index after the `\n`.
+/// Anything else (negative, `?`, junk, incomplete) returns `Err` with the number of bytes looked at,
+/// and goes the general way, which gives the same answer for everything this accepts.
+#[inline(always)]
+fn fast_len(buf: &[u8], start: usize, max_line: usize) -> Result<(u64, usize), usize> {
+    let first = start + 1;
+    let end = buf.len().min(first + FAST_DIGITS);
+    let mut i = first;
+    let mut v: u64 = 0;
+    while i < end {
+        let d = buf[i].wrapping_sub(b'0');
+        if d > 9 {
+            break;
+        }
+        v = v * 10 + d as u64;
+        i += 1;
+    }
+    // The line (type byte, digits, '\r') must also respect the line cap.
+    if i > first
+        && i + 1 < buf.len()
+        && buf[i] == b'\r'
+        && buf[i + 1] == b'\n'
+        && i + 1 - start <= max_line
+    {
+        Ok((v, i + 2))
+    } else {
+        Err((i + 2).min(buf.len()) - first)
     }
 }
 
@@ -1472,7 +1539,7 @@ mod tests {
         }
     }
 
-    // ---------------------------------------------------------------- proptests against redis-protocol
+    // ------------------------------------------------ proptests against redis-protocol
 
     mod oracle {
         use super::*;
