@@ -51,6 +51,9 @@ pub struct Config {
     /// Operators' HTTP listener.
     #[serde(default)]
     pub admin: AdminConfig,
+    /// Credential rotation; absent means the proxy never changes the credential.
+    #[serde(default)]
+    pub rotation: Option<RotationConfig>,
     /// Async runtime.
     #[serde(default)]
     pub runtime: RuntimeConfig,
@@ -308,6 +311,116 @@ impl Default for AdminConfig {
 
 fn default_admin_bind() -> SocketAddr {
     "127.0.0.1:9180".parse().expect("valid literal")
+}
+
+/// How the proxy rotates the upstream credential.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotationConfig {
+    /// `acl-multi-password`, `alternating-users` or `external`.
+    pub strategy: RotationStrategy,
+    /// Directory of the rotation state file (created with mode 0700; the file is 0600).
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Rotate on a schedule; absent: only on `POST /v1/rotate` (or a source change, `external`).
+    #[serde(default, with = "humantime_serde::option")]
+    pub rotate_every: Option<Duration>,
+    /// Random spread added to or taken from each scheduled time, so a fleet does not rotate in
+    /// lockstep.
+    #[serde(default, with = "humantime_serde")]
+    pub jitter: Duration,
+    /// How long sessions have to move before the old secret is revoked anyway (what is still
+    /// open then is counted and logged).
+    #[serde(default = "default_drain_deadline", with = "humantime_serde")]
+    pub drain_deadline: Duration,
+    /// Drain deadline of an urgent rotation (suspected compromise).
+    #[serde(default = "default_urgent_drain_deadline", with = "humantime_serde")]
+    pub urgent_drain_deadline: Duration,
+    /// Longest a busy session stops reading its client to create a safe point.
+    #[serde(default = "default_max_pause", with = "humantime_serde")]
+    pub max_pause: Duration,
+    /// Length of generated passwords (8 to 128; Redis Cloud's default user needs fewer than 50).
+    #[serde(default = "default_password_length")]
+    pub password_length: usize,
+    /// `alternating-users`: after the drain, scramble the previous user's password to a random
+    /// value nobody stores.
+    #[serde(default = "default_true")]
+    pub scramble_previous: bool,
+    /// `alternating-users`: the two users with the same permissions, used in turn.
+    #[serde(default)]
+    pub users: Vec<String>,
+    /// The credential that runs `ACL SETUSER`; default: the proxied user itself.
+    #[serde(default)]
+    pub admin: Option<RotationAdminConfig>,
+    /// `external`: where the new password appears.
+    #[serde(default)]
+    pub external: Option<ExternalSourceConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RotationStrategy {
+    AclMultiPassword,
+    AlternatingUsers,
+    External,
+}
+
+impl RotationStrategy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RotationStrategy::AclMultiPassword => "acl-multi-password",
+            RotationStrategy::AlternatingUsers => "alternating-users",
+            RotationStrategy::External => "external",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotationAdminConfig {
+    /// A user allowed to run `ACL SETUSER` (and `CLIENT KILL` for urgent rotations).
+    pub username: Option<String>,
+    pub password: SecretRef,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalSourceConfig {
+    /// The file another system writes the password to (`file:/path`). Its directory is watched,
+    /// so a Kubernetes secret volume's symlink swap is seen.
+    pub password: SecretRef,
+    /// Polling fallback for file systems without change events.
+    #[serde(default = "default_poll_interval", with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// How long a client needing a new upstream connection waits for the source to catch up
+    /// after the server refused the old password (a secret volume lags about a minute).
+    #[serde(default = "default_refresh_window", with = "humantime_serde")]
+    pub refresh_window: Duration,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/rotaproxy")
+}
+fn default_drain_deadline() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_urgent_drain_deadline() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_max_pause() -> Duration {
+    Duration::from_millis(250)
+}
+fn default_password_length() -> usize {
+    32
+}
+fn default_true() -> bool {
+    true
+}
+fn default_poll_interval() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_refresh_window() -> Duration {
+    Duration::from_secs(90)
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -578,7 +691,7 @@ impl Config {
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: PathBuf::new(),
-            message: e.to_string(),
+            message: describe_toml_error(text, &e),
         })?;
         config.validate()?;
         Ok(config)
@@ -656,6 +769,9 @@ impl Config {
                 "must be at least 16 bytes",
             ));
         }
+        if let Some(rotation) = &self.rotation {
+            validate_rotation(self, rotation)?;
+        }
         if self.limits.max_buffered_bytes.0 < self.limits.max_inline_len.0 {
             return Err(invalid(
                 "limits.max_buffered_bytes",
@@ -669,6 +785,118 @@ impl Config {
     pub fn upstream_url(&self) -> UpstreamUrl {
         UpstreamUrl::parse(&self.upstream.url).expect("validated at load")
     }
+}
+
+/// A TOML error without the quoted source line or quoted values: a secret pasted inline by
+/// mistake must not be echoed back into a terminal or a log.
+fn describe_toml_error(text: &str, err: &toml::de::Error) -> String {
+    let location = err.span().map(|span| {
+        let before = &text[..span.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        // Name the key (the text before `=` on that line), never the value.
+        let line_text = text.lines().nth(line - 1).unwrap_or("");
+        let key = line_text
+            .split_once('=')
+            .map(|(k, _)| k.trim())
+            .filter(|k| {
+                !k.is_empty()
+                    && k.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+            });
+        match key {
+            Some(key) => format!("line {line}, column {column}, key `{key}`: "),
+            None => format!("line {line}, column {column}: "),
+        }
+    });
+    let mut message = String::new();
+    let mut quoted = false;
+    for c in err.message().chars() {
+        if c == '"' {
+            if !quoted {
+                message.push_str("\"…");
+            }
+            quoted = !quoted;
+            if !quoted {
+                message.push('"');
+            }
+        } else if !quoted {
+            message.push(c);
+        }
+    }
+    format!("{}{}", location.unwrap_or_default(), message.trim())
+}
+
+fn validate_rotation(config: &Config, r: &RotationConfig) -> Result<(), ConfigError> {
+    let invalid = |key, message: &str| ConfigError::Invalid {
+        key,
+        message: message.to_string(),
+    };
+    if !(crate::rotation::secret::MIN_LENGTH..=128).contains(&r.password_length) {
+        return Err(invalid(
+            "rotation.password_length",
+            "must be between 8 and 128",
+        ));
+    }
+    if let Some(every) = r.rotate_every {
+        if every < Duration::from_secs(1) {
+            return Err(invalid("rotation.rotate_every", "must be at least 1s"));
+        }
+        if r.jitter >= every {
+            return Err(invalid(
+                "rotation.jitter",
+                "must be shorter than rotate_every",
+            ));
+        }
+    }
+    if r.drain_deadline.is_zero() || r.urgent_drain_deadline.is_zero() {
+        return Err(invalid("rotation.drain_deadline", "must be more than 0s"));
+    }
+    match r.strategy {
+        RotationStrategy::AclMultiPassword | RotationStrategy::AlternatingUsers => {
+            if config.credentials.password.is_none() {
+                return Err(invalid(
+                    "credentials.password",
+                    "the first credential is needed before the proxy can rotate it",
+                ));
+            }
+        }
+        RotationStrategy::External => {
+            let Some(ext) = &r.external else {
+                return Err(invalid(
+                    "rotation.external",
+                    "strategy \"external\" needs [rotation.external] password = \"file:/path\"",
+                ));
+            };
+            if ext.password.path().is_none() {
+                return Err(invalid(
+                    "rotation.external.password",
+                    "must be a file: reference (it is watched for changes)",
+                ));
+            }
+        }
+    }
+    if r.strategy == RotationStrategy::AlternatingUsers {
+        if r.users.len() != 2 || r.users[0] == r.users[1] {
+            return Err(invalid(
+                "rotation.users",
+                "alternating-users needs exactly two different usernames",
+            ));
+        }
+        let active = config.credentials.username.as_deref().unwrap_or("default");
+        if !r.users.iter().any(|u| u == active) {
+            return Err(invalid(
+                "rotation.users",
+                "must include credentials.username (the user active at the first start)",
+            ));
+        }
+    } else if !r.users.is_empty() {
+        return Err(invalid(
+            "rotation.users",
+            "is only used by strategy \"alternating-users\"",
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
