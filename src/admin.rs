@@ -1,20 +1,30 @@
-//! The operators' HTTP listener: health, readiness, Prometheus metrics. Loopback by default: in a
-//! pod, loopback is shared with the application.
+//! The operators' HTTP listener: health, readiness, Prometheus metrics, rotation status and
+//! trigger. Loopback by default — but in a pod loopback is shared with the application, so every
+//! POST requires the bearer token from `admin.token`.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::routing::get;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Json, Response};
+use axum::routing::{get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::json;
 use tokio::net::TcpListener;
 
+use crate::rotation::{RequestAnswer, RotationHandle};
+use crate::session::client_auth::constant_time_eq;
 use crate::upstream::pool::Pool;
 
 pub struct AdminState {
     pub prometheus: PrometheusHandle,
     pub pool: Pool,
+    pub rotation: Option<RotationHandle>,
+    /// Bearer token for POST endpoints; without one they are refused.
+    pub token: Option<SecretString>,
 }
 
 pub fn router(state: Arc<AdminState>) -> Router {
@@ -22,6 +32,8 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/v1/status", get(status))
+        .route("/v1/rotate", post(rotate))
         .with_state(state)
 }
 
@@ -48,5 +60,99 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> (StatusCode, String) {
 }
 
 async fn metrics(State(state): State<Arc<AdminState>>) -> String {
+    if let Some(rotation) = &state.rotation {
+        rotation.update_gauges();
+    }
     state.prometheus.render()
+}
+
+async fn status(State(state): State<Arc<AdminState>>) -> Json<serde_json::Value> {
+    let generations = state.pool.generations();
+    let mut doc = match &state.rotation {
+        Some(rotation) => rotation.status(),
+        None => {
+            let current = generations.current();
+            json!({
+                "strategy": null,
+                "active_username": current.credential.display_user(),
+                "generation": current.id,
+                "connections": { "current": current.live_connections(), "previous": 0 },
+            })
+        }
+    };
+    doc["upstream_ready"] = json!(state.pool.is_ready());
+    doc["upstream_error"] = json!(state.pool.last_error());
+    Json(doc)
+}
+
+/// `POST /v1/rotate[?urgent=true][&wait=true]`.
+async fn rotate(
+    State(state): State<Arc<AdminState>>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    if let Err(refusal) = authorize(&state, &headers) {
+        return *refusal;
+    }
+    let Some(rotation) = &state.rotation else {
+        return error(
+            StatusCode::CONFLICT,
+            "rotation is not configured ([rotation] in the config)",
+        );
+    };
+    let flag = |name: &str| {
+        query
+            .get(name)
+            .is_some_and(|v| v.is_empty() || v == "true" || v == "1")
+    };
+    let urgent = flag("urgent");
+    let answer = rotation.request(urgent, if urgent { "api-urgent" } else { "api" });
+    let (id, mut body) = match &answer {
+        RequestAnswer::Started { id } => (
+            id.clone(),
+            json!({ "rotation_id": id, "state": "started", "urgent": urgent }),
+        ),
+        RequestAnswer::InProgress { id, escalated } => (
+            id.clone(),
+            json!({ "rotation_id": id, "state": "in_progress", "escalated": escalated }),
+        ),
+    };
+    if !flag("wait") {
+        return (StatusCode::ACCEPTED, Json(body)).into_response();
+    }
+    let outcome = rotation.wait_for(&id).await;
+    body["state"] = json!("finished");
+    body["outcome"] = json!(if outcome.success { "success" } else { "failed" });
+    body["error"] = json!(outcome.error);
+    let code = if outcome.success {
+        StatusCode::OK
+    } else {
+        StatusCode::INTERNAL_SERVER_ERROR
+    };
+    (code, Json(body)).into_response()
+}
+
+fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), Box<Response>> {
+    let Some(token) = &state.token else {
+        return Err(Box::new(error(
+            StatusCode::FORBIDDEN,
+            "POST endpoints are disabled: set admin.token (env: or file: reference)",
+        )));
+    };
+    let presented = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !constant_time_eq(presented.as_bytes(), token.expose_secret().as_bytes()) {
+        return Err(Box::new(error(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token",
+        )));
+    }
+    Ok(())
+}
+
+fn error(code: StatusCode, message: &str) -> Response {
+    (code, Json(json!({ "error": message }))).into_response()
 }

@@ -6,11 +6,13 @@
 //! latest one per connection, lock-free.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use rustls::pki_types::ServerName;
 use secrecy::SecretString;
+use tokio::sync::Notify;
 
 use crate::config::{Config, SecretError, UpstreamUrl};
 use crate::tls::{self, TlsError, UpstreamTls};
@@ -72,6 +74,8 @@ pub struct Generation {
     pub id: u64,
     pub endpoint: Endpoint,
     pub credential: Credential,
+    /// Upstream connections authenticated with this generation that are open now.
+    live: AtomicI64,
 }
 
 /// Why the first generation could not be built from the config.
@@ -107,30 +111,70 @@ impl Generation {
             Some(reference) => Some(reference.resolve()?),
             None => None,
         };
-        Ok(Generation {
-            id: 1,
-            endpoint: Endpoint {
+        Ok(Generation::new(
+            1,
+            Endpoint {
                 host: url.host,
                 port: url.port,
                 tls,
             },
-            credential: Credential {
+            Credential {
                 username: config.credentials.username.clone(),
                 password,
             },
-        })
+        ))
+    }
+
+    pub fn new(id: u64, endpoint: Endpoint, credential: Credential) -> Self {
+        Self {
+            id,
+            endpoint,
+            credential,
+            live: AtomicI64::new(0),
+        }
+    }
+
+    /// The same endpoint and TLS material with another credential.
+    pub fn with_credential(&self, id: u64, credential: Credential) -> Generation {
+        Generation::new(id, self.endpoint.clone(), credential)
+    }
+
+    /// Upstream connections of this generation open now.
+    pub fn live_connections(&self) -> i64 {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn connection_opened(&self) {
+        self.live.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn connection_closed(&self) {
+        self.live.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
-/// The generation new upstream connections are opened with.
+/// The generation new upstream connections are opened with, and the one before it (whose
+/// connections a drain is moving away from).
 pub struct Generations {
     current: ArcSwap<Generation>,
+    /// The current generation's id, readable with one atomic load on the hot path.
+    current_id: AtomicU64,
+    previous: Mutex<Option<Arc<Generation>>>,
+    /// Woken when a new generation is published: sessions then move at their next safe point.
+    changed: Arc<Notify>,
+    /// Unix-epoch milliseconds after which sessions stop waiting for blocking commands to end
+    /// and move them instead (0: no drain deadline).
+    drain_deadline_ms: AtomicU64,
 }
 
 impl Generations {
     pub fn new(first: Generation) -> Self {
         Self {
+            current_id: AtomicU64::new(first.id),
             current: ArcSwap::from_pointee(first),
+            previous: Mutex::new(None),
+            changed: Arc::new(Notify::new()),
+            drain_deadline_ms: AtomicU64::new(0),
         }
     }
 
@@ -138,9 +182,53 @@ impl Generations {
         self.current.load_full()
     }
 
-    /// Publishes a new generation; connections opened from now on use it.
-    pub fn publish(&self, generation: Generation) {
-        self.current.store(Arc::new(generation));
+    pub fn current_id(&self) -> u64 {
+        self.current_id.load(Ordering::Acquire)
+    }
+
+    pub fn previous(&self) -> Option<Arc<Generation>> {
+        self.previous.lock().expect("not poisoned").clone()
+    }
+
+    /// A future that completes at the next [`Generations::publish`] (or drain deadline).
+    pub fn changed(&self) -> tokio::sync::futures::OwnedNotified {
+        self.changed.clone().notified_owned()
+    }
+
+    /// Publishes a new generation: connections opened from now on use it, and every session is
+    /// told to move at its next safe point.
+    pub fn publish(&self, generation: Generation) -> Arc<Generation> {
+        let generation = Arc::new(generation);
+        let old = self.current.swap(generation.clone());
+        *self.previous.lock().expect("not poisoned") = Some(old);
+        self.current_id.store(generation.id, Ordering::Release);
+        self.changed.notify_waiters();
+        generation
+    }
+
+    /// Sets when sessions stop waiting for blocking commands, and wakes them to notice.
+    pub fn set_drain_deadline(&self, deadline: Option<std::time::SystemTime>) {
+        let ms = deadline
+            .and_then(|d| d.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_millis() as u64);
+        self.drain_deadline_ms.store(ms, Ordering::Release);
+        self.changed.notify_waiters();
+    }
+
+    /// Whether the drain deadline has passed.
+    pub fn drain_deadline_passed(&self) -> bool {
+        let ms = self.drain_deadline_ms.load(Ordering::Acquire);
+        ms != 0
+            && std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .is_ok_and(|now| now.as_millis() as u64 >= ms)
+    }
+
+    pub fn drain_deadline(&self) -> Option<std::time::SystemTime> {
+        match self.drain_deadline_ms.load(Ordering::Acquire) {
+            0 => None,
+            ms => Some(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)),
+        }
     }
 }
 

@@ -20,6 +20,7 @@ pub mod credentials;
 pub mod metrics;
 pub mod net;
 pub mod resp;
+pub mod rotation;
 pub mod server;
 pub mod session;
 pub mod tls;

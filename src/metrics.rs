@@ -51,6 +51,10 @@ fn describe() {
         "Upstream authentication failures (real ones, not expected probes)"
     );
     describe_counter!(
+        "rotaproxy_upstream_auth_probe_failures_total",
+        "Expected upstream authentication refusals while probing a credential during a rotation or restart"
+    );
+    describe_counter!(
         "rotaproxy_upstream_reconnects_total",
         "Sessions moved to a fresh upstream connection after theirs was lost"
     );
@@ -114,6 +118,7 @@ pub struct Metrics {
     pub pool_idle: Gauge,
     pub commands: Counter,
     pub upstream_auth_failures: Counter,
+    pub upstream_auth_probe_failures: Counter,
     pub upstream_reconnects: Counter,
     pub scanned_request_bytes: Counter,
     pub scanned_reply_bytes: Counter,
@@ -129,6 +134,7 @@ impl Metrics {
             pool_idle: gauge!("rotaproxy_pool_idle_connections"),
             commands: counter!("rotaproxy_commands_total"),
             upstream_auth_failures: counter!("rotaproxy_upstream_auth_failures_total"),
+            upstream_auth_probe_failures: counter!("rotaproxy_upstream_auth_probe_failures_total"),
             upstream_reconnects: counter!("rotaproxy_upstream_reconnects_total"),
             scanned_request_bytes: counter!("rotaproxy_scanned_bytes_total", "direction" => "request"),
             scanned_reply_bytes: counter!("rotaproxy_scanned_bytes_total", "direction" => "reply"),

@@ -11,10 +11,11 @@ use tokio::sync::Semaphore;
 
 use crate::admin::{self, AdminState};
 use crate::config::{ClientAuthMode, Config};
-use crate::credentials::{Generation, Generations};
+use crate::credentials::{Credential, Generation, Generations};
 use crate::metrics::Metrics;
 use crate::net::Stream;
 use crate::resp::scanner::ScanLimits;
+use crate::rotation::{RotationHandle, RotationParts};
 use crate::session::client_auth::ClientAuth;
 use crate::session::{Session, SessionContext};
 use crate::upstream::pool::Pool;
@@ -27,7 +28,17 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
     let metrics = Metrics::new();
     warn_about_risky_settings(&config);
 
-    let generation = Generation::from_config(&config).context("cannot prepare the upstream")?;
+    let first = Generation::from_config(&config).context("cannot prepare the upstream")?;
+    let (generation, rotation_state) = match &config.rotation {
+        Some(rotation) => {
+            let (generation, state, store) =
+                crate::rotation::prepare(&config, rotation, first, &metrics)
+                    .await
+                    .context("cannot prepare credential rotation")?;
+            (generation, Some((state, store)))
+        }
+        None => (first, None),
+    };
     tracing::info!(
         upstream = %format!("{}:{}", generation.endpoint.host, generation.endpoint.port),
         tls = generation.endpoint.tls.is_some(),
@@ -43,6 +54,41 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
         metrics.clone(),
     );
     pool.spawn_maintenance();
+    let rotation = match (rotation_state, &config.rotation) {
+        (Some((state, store)), Some(rotation_config)) => {
+            let admin = match &rotation_config.admin {
+                Some(admin) => Some(Credential {
+                    username: admin.username.clone(),
+                    password: Some(
+                        admin
+                            .password
+                            .resolve()
+                            .context("rotation.admin.password")?,
+                    ),
+                }),
+                None => None,
+            };
+            tracing::info!(
+                strategy = rotation_config.strategy.as_str(),
+                "credential rotation enabled"
+            );
+            Some(RotationHandle::start(RotationParts {
+                config: rotation_config.clone(),
+                state,
+                store,
+                generations: generations.clone(),
+                pool: pool.clone(),
+                timeouts: config.timeouts.clone(),
+                metrics: metrics.clone(),
+                admin,
+            }))
+        }
+        _ => None,
+    };
+    let admin_token = match &config.admin.token {
+        Some(token) => Some(token.resolve().context("admin.token")?),
+        None => None,
+    };
 
     let client_auth =
         ClientAuth::from_config(&config.listener.auth).context("listener.auth.users")?;
@@ -55,6 +101,11 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
     let limits = &config.limits;
     let ctx = Arc::new(SessionContext {
         pool: pool.clone(),
+        generations: generations.clone(),
+        max_pause: config
+            .rotation
+            .as_ref()
+            .map_or(std::time::Duration::from_millis(250), |r| r.max_pause),
         client_auth,
         request_limits: ScanLimits {
             max_depth: 1,
@@ -77,6 +128,8 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
     let admin_state = Arc::new(AdminState {
         prometheus,
         pool: pool.clone(),
+        rotation,
+        token: admin_token,
     });
     tokio::spawn(admin::serve(admin_listener, admin_state));
     tracing::info!(%client_addr, %admin_addr, tls = tls_acceptor.is_some(), "listening");

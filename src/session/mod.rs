@@ -18,10 +18,11 @@
 //! the stream halves.
 
 pub mod client_auth;
+mod drain;
 pub mod replies;
 pub mod state;
 
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -32,6 +33,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use secrecy::ExposeSecret;
 use tokio::io::AsyncWrite;
 
+use crate::credentials::{Generation, Generations};
 use crate::metrics::{ClientErrorReason, Metrics};
 use crate::net::Stream;
 use crate::resp::command::{self, Head, Kind, Peek};
@@ -63,6 +65,10 @@ const INVALIDATE_ALL: &[u8] = b">2\r\n$10\r\ninvalidate\r\n_\r\n";
 /// What every session shares.
 pub struct SessionContext {
     pub pool: Pool,
+    /// The generation sessions must be on; a new one makes them move at their next safe point.
+    pub generations: Arc<Generations>,
+    /// Longest a busy session stops reading its client to create a safe point.
+    pub max_pause: std::time::Duration,
     pub client_auth: ClientAuth,
     pub request_limits: ScanLimits,
     /// Most bytes of one command the proxy holds while it must read the command whole.
@@ -106,6 +112,13 @@ struct Upstream {
 }
 
 enum Event {
+    /// A new generation was published (or a drain deadline set): time to move.
+    GenerationChanged,
+    /// The pause that creates a safe point, or the wait for a drain deadline, is over.
+    MoveTimer,
+    /// The connection left behind by a move (kept for pushes until its replacement is
+    /// subscribed) sent something, or closed (0).
+    OldUpstreamRead(usize),
     /// Bytes read from the client; 0 means it closed.
     ClientRead(usize),
     ClientFailed(io::Error),
@@ -157,12 +170,32 @@ pub struct Session {
     closing: bool,
     /// Which side `poll_io` reads first, alternated so neither side starves the other.
     upstream_first: bool,
+    /// Completes when a new generation is published.
+    generation_changed: Pin<Box<tokio::sync::futures::OwnedNotified>>,
+    /// Client input is paused so replies drain and the session reaches a safe point to move.
+    paused_for_move: bool,
+    /// Ends a pause, or wakes the session at the drain deadline.
+    move_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The generation an in-place AUTH is moving the connection to.
+    reauth_target: Option<Arc<Generation>>,
+    /// The server refused an in-place AUTH: move by swapping connections instead.
+    reauth_refused: bool,
+    /// The connection a subscribed session moved away from, kept until the new one is
+    /// subscribed so no message published meanwhile is lost.
+    old_upstream: Option<drain::OldUpstream>,
+    /// The blocking command in flight, kept so a drain can move it instead of waiting.
+    blocked: Option<drain::BlockedCommand>,
+    /// CLIENT UNBLOCK was sent for `blocked`: its nil answer is swallowed and it is re-issued.
+    unblocking: bool,
+    /// A blocking command to send again, with its remaining timeout, once the session moved.
+    reissue: Option<Vec<u8>>,
 }
 
 impl Session {
     pub fn new(ctx: Arc<SessionContext>, client: Stream, peer: SocketAddr) -> Self {
         let authenticated = !ctx.client_auth.required();
         let request_scanner = Scanner::new(Direction::Request, ctx.request_limits);
+        let generation_changed = Box::pin(ctx.generations.changed());
         Self {
             ctx,
             peer,
@@ -191,6 +224,15 @@ impl Session {
             resume_input: false,
             closing: false,
             upstream_first: false,
+            generation_changed,
+            paused_for_move: false,
+            move_timer: None,
+            reauth_target: None,
+            reauth_refused: false,
+            old_upstream: None,
+            blocked: None,
+            unblocking: false,
+            reissue: None,
         }
     }
 
@@ -228,6 +270,12 @@ impl Session {
                         self.on_upstream_lost(&fault).await;
                     }
                 }
+                Event::GenerationChanged => {}
+                Event::MoveTimer => self.on_move_timer(),
+                Event::OldUpstreamRead(n) => self.on_old_upstream_input(n),
+            }
+            if self.move_wanted() {
+                self.maybe_move().await;
             }
             if self.resume_input {
                 self.resume_input = false;
@@ -262,6 +310,18 @@ impl Session {
         {
             return Poll::Ready(Event::Finished);
         }
+        if self.generation_changed.as_mut().poll(cx).is_ready() {
+            self.generation_changed = Box::pin(self.ctx.generations.changed());
+            return Poll::Ready(Event::GenerationChanged);
+        }
+        if let Some(timer) = &mut self.move_timer
+            && timer.as_mut().poll(cx).is_ready()
+        {
+            return Poll::Ready(Event::MoveTimer);
+        }
+        if let Poll::Ready(n) = self.poll_read_old_upstream(cx) {
+            return Poll::Ready(Event::OldUpstreamRead(n));
+        }
         self.upstream_first = !self.upstream_first;
         if self.upstream_first {
             if let Poll::Ready(ev) = self.poll_read_upstream(cx) {
@@ -281,7 +341,7 @@ impl Session {
             .upstream
             .as_ref()
             .is_some_and(|u| u.out.len() >= HIGH_WATER);
-        if self.closing || self.barrier || upstream_full {
+        if self.closing || self.barrier || self.paused_for_move || upstream_full {
             return Poll::Pending;
         }
         self.client_in.reserve(READ_RESERVE);
@@ -408,7 +468,8 @@ impl Session {
             ))));
             return true;
         }
-        if !matches!(kind, Kind::Other | Kind::Blocking) {
+        // Blocking commands are held too (they are short): a drain may need to send them again.
+        if kind != Kind::Other {
             self.set_mode_held_or_discarded(RequestMode::Buffer {
                 kind,
                 inline: false,
@@ -486,16 +547,20 @@ impl Session {
             Kind::Blocking | Kind::MaybeBlocking => {
                 let blocks =
                     kind == Kind::Blocking || args.iter().skip(1).any(|a| command::is(a, "BLOCK"));
-                let expect = if blocks && !self.in_multi {
-                    Expect::Tracked {
-                        action: Action::None,
-                        relay: true,
-                        blocking: true,
-                    }
+                if blocks && !self.in_multi {
+                    self.blocked = drain::BlockedCommand::new(args);
+                    self.forward(
+                        frame,
+                        Expect::Tracked {
+                            action: Action::None,
+                            relay: true,
+                            blocking: true,
+                        },
+                    )
+                    .await
                 } else {
-                    relay_one
-                };
-                self.forward(frame, expect).await
+                    self.forward(frame, relay_one).await
+                }
             }
             Kind::Auth => self.handle_auth(args),
             Kind::Hello => self.handle_hello(args, frame).await,
@@ -833,12 +898,25 @@ impl Session {
         let conn = self.ctx.pool.checkout().await.inspect_err(|err| {
             tracing::warn!(peer = %self.peer, error = %err, "no upstream connection for client");
         })?;
+        self.install_upstream(conn);
+        Ok(())
+    }
+
+    /// Makes `conn` the session's upstream connection and replays the session's state onto it.
+    fn install_upstream(&mut self, conn: UpstreamConn) {
+        self.reply_scanner = new_reply_scanner();
+        self.reply_frame = None;
+        self.relay_len = 0;
+        self.held_reply_len = 0;
         let mut up = Upstream {
             conn,
             out: BytesMut::new(),
             input: BytesMut::with_capacity(READ_RESERVE),
             needs_flush: false,
         };
+        // The new connection has no subscriptions until the replay is confirmed.
+        self.state.server_subscriptions = 0;
+        self.state.server_shard_subscriptions = 0;
         for (cmd, replies, what) in self.state.replay_commands() {
             up.out.extend_from_slice(&cmd);
             if what.ends_with("SUBSCRIBE") {
@@ -858,7 +936,6 @@ impl Session {
             self.flush_relay();
             self.client_out.extend_from_slice(INVALIDATE_ALL);
         }
-        Ok(())
     }
 
     /// Connects for a command; on failure returns the error reply the client gets instead.
@@ -950,6 +1027,8 @@ impl Session {
         let scanned_before = self.reply_scanner.bytes_scanned();
         let result = self.scan_replies();
         self.flush_relay();
+        self.flush_old_upstream_pushes();
+        self.drop_old_upstream_when_replaced();
         let scanned = self.reply_scanner.bytes_scanned() - scanned_before;
         self.ctx.metrics.scanned_reply_bytes.increment(scanned);
         result
@@ -1008,7 +1087,8 @@ impl Session {
         let first = buf[0];
         let plain = ReplyFrame {
             first,
-            relay: self.replies.head_relays(),
+            // The nil a CLIENT UNBLOCK provoked is not the client's: its command is re-issued.
+            relay: self.replies.head_relays() && !(self.unblocking && is_null_reply(buf)),
             counts: true,
             confirmation: None,
             null_array: buf.starts_with(b"*-1"),
@@ -1072,10 +1152,14 @@ impl Session {
     /// A reply answered the head of the queue: apply what it confirms, then deliver any
     /// proxy-made replies that were waiting behind it.
     fn on_reply_matched(&mut self, frame: ReplyFrame) {
+        let was_blocking = self.replies.blocking_in_flight();
         let Some(matched) = self.replies.match_reply(reply::is_error(frame.first)) else {
             tracing::warn!(peer = %self.peer, "upstream sent a reply nobody asked for; dropped");
             return;
         };
+        if was_blocking && !self.replies.blocking_in_flight() {
+            self.on_blocking_answered(!frame.relay);
+        }
         for (class, channel) in matched.revert {
             self.state.set_of(class).remove(&channel);
         }
@@ -1103,6 +1187,7 @@ impl Session {
                     tracing::warn!(peer = %self.peer, command = what, "a command the proxy sent upstream failed");
                 }
             }
+            Action::Reauth => self.on_reauth_answered(ok),
             Action::Reset => {
                 self.state.apply(Action::Reset, ok);
                 self.barrier = false;
@@ -1164,6 +1249,11 @@ impl Session {
             self.ctx.pool.checkin(up.conn);
         }
     }
+}
+
+/// Whether a reply starts as a null (`_`, `*-1`, `$-1`): what a timed-out blocking command says.
+fn is_null_reply(buf: &[u8]) -> bool {
+    buf.starts_with(b"_") || buf.starts_with(b"*-1") || buf.starts_with(b"$-1")
 }
 
 fn new_reply_scanner() -> Scanner {

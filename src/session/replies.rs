@@ -66,6 +66,11 @@ impl ReplyQueue {
         self.blocking > 0
     }
 
+    /// Whether the only reply owed is that of one blocking command (the one a drain may move).
+    pub fn only_a_blocking_command_owed(&self) -> bool {
+        self.upstream_owed == 1 && self.blocking == 1
+    }
+
     pub fn head(&self) -> Option<&Expect> {
         self.entries.front()
     }

@@ -37,6 +37,8 @@ pub enum Action {
     Exec(Vec<Action>),
     /// A command the proxy injected (replay, re-authentication); an error is logged.
     Injected(&'static str),
+    /// The AUTH that moves the connection to a new generation in place.
+    Reauth,
 }
 
 /// Connection state as the server sees it.
@@ -119,7 +121,7 @@ impl ConnState {
             return;
         }
         match action {
-            Action::None | Action::Injected(_) => {}
+            Action::None | Action::Injected(_) | Action::Reauth => {}
             Action::SelectDb(db) => self.db = db,
             Action::SetName(name) => self.name = name,
             Action::SetInfo(attr, value) => {

@@ -69,9 +69,35 @@ pub struct UpstreamConn {
     metrics: Metrics,
 }
 
+/// Server-side ids of the connections this proxy holds: an urgent rotation kills every other
+/// connection of the old identity, never these.
+fn own_client_ids() -> std::sync::MutexGuard<'static, std::collections::HashSet<i64>> {
+    static IDS: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<i64>>> =
+        std::sync::LazyLock::new(Default::default);
+    IDS.lock().expect("not poisoned")
+}
+
+/// Whether a server-side client id is one of this proxy's own connections.
+pub fn is_own_client(id: i64) -> bool {
+    own_client_ids().contains(&id)
+}
+
 impl Drop for UpstreamConn {
     fn drop(&mut self) {
+        if let Some(id) = self.client_id {
+            own_client_ids().remove(&id);
+        }
         self.metrics.upstream_connections.decrement(1.0);
+        self.generation.connection_closed();
+    }
+}
+
+impl UpstreamConn {
+    /// Counts the connection under another generation (after it re-authenticated in place).
+    pub fn set_generation(&mut self, generation: Arc<Generation>) {
+        generation.connection_opened();
+        let old = std::mem::replace(&mut self.generation, generation);
+        old.connection_closed();
     }
 }
 
@@ -87,6 +113,23 @@ pub async fn connect(
         if matches!(err, ConnectError::Auth { .. }) {
             metrics.upstream_auth_failures.increment(1);
         }
+    }
+    result
+}
+
+/// Like [`connect`], for a credential that may legitimately be refused (testing PENDING, trying
+/// CURRENT/PENDING/PREVIOUS after a restart): a refusal is counted as an expected probe failure,
+/// so alerts on real authentication failures stay quiet.
+pub async fn probe(
+    generation: &Arc<Generation>,
+    timeouts: &TimeoutsConfig,
+    metrics: &Metrics,
+) -> Result<UpstreamConn, ConnectError> {
+    let result = connect_inner(generation, timeouts, metrics).await;
+    if let Err(ConnectError::Auth { .. }) = &result {
+        metrics.upstream_auth_probe_failures.increment(1);
+    } else if let Err(err) = &result {
+        metrics.connect_failure(err.stage());
     }
     result
 }
@@ -131,6 +174,7 @@ async fn connect_inner(
         }
     };
     metrics.upstream_connections.increment(1.0);
+    generation.connection_opened();
     let mut conn = UpstreamConn {
         stream,
         generation: generation.clone(),
@@ -144,6 +188,9 @@ async fn connect_inner(
         .map_err(|_| ConnectError::AuthTimeout {
             after: timeouts.auth,
         })??;
+    if let Some(id) = conn.client_id {
+        own_client_ids().insert(id);
+    }
     Ok(conn)
 }
 
@@ -189,6 +236,28 @@ async fn handshake(conn: &mut UpstreamConn) -> Result<Option<i64>, ConnectError>
         OwnedFrame::Error(_) => Ok(None),
         other => Err(ConnectError::Protocol(describe(&other))),
     }
+}
+
+/// Runs one command on a RESP2 connection the proxy uses for itself (rotation, control) and
+/// returns the reply. Replies to credential commands can echo their arguments: callers must not
+/// log an error reply's text.
+pub async fn run_command(
+    conn: &mut UpstreamConn,
+    args: &[&[u8]],
+    within: Duration,
+) -> Result<OwnedFrame, ConnectError> {
+    let run = async {
+        conn.stream
+            .write_all(&command::encode(args))
+            .await
+            .map_err(ConnectError::Closed)?;
+        conn.stream.flush().await.map_err(ConnectError::Closed)?;
+        let mut buf = BytesMut::with_capacity(256);
+        read_reply(&mut conn.stream, &mut buf).await
+    };
+    timeout(within, run)
+        .await
+        .map_err(|_| ConnectError::AuthTimeout { after: within })?
 }
 
 /// Sends PING on an idle RESP2 connection and checks the answer.

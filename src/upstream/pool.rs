@@ -142,6 +142,26 @@ impl Pool {
         }
     }
 
+    /// Closes idle connections of older generations (a new one was published) and lets the
+    /// refill task warm the new generation.
+    pub fn purge_old_generations(&self) {
+        let inner = &self.inner;
+        let current = inner.generations.current().id;
+        let mut idle = inner.idle.lock().expect("not poisoned");
+        let before = idle.len();
+        idle.retain(|c| c.generation.id == current);
+        inner
+            .metrics
+            .pool_idle
+            .decrement((before - idle.len()) as f64);
+        drop(idle);
+        inner.refill.notify_one();
+    }
+
+    pub fn generations(&self) -> &Arc<Generations> {
+        &self.inner.generations
+    }
+
     async fn open(&self) -> Result<UpstreamConn, ConnectError> {
         let inner = &self.inner;
         let generation = inner.generations.current();

@@ -1,0 +1,798 @@
+//! Credential rotation: a state machine create → set → test → finish → drain → revoke over the
+//! CURRENT / PENDING / PREVIOUS slots, run by one task per proxy.
+//!
+//! Every step is persisted before its effect and is idempotent, so a crash at any point restarts
+//! into a state that still authenticates (CURRENT, then PENDING, then PREVIOUS are tried) and the
+//! interrupted rotation resumes instead of a new one starting. Sessions move to the new
+//! generation at their safe points (see [`crate::session`]); the old secret is revoked only when
+//! no connection of the old generation is left, or at the drain deadline.
+
+pub mod secret;
+pub mod state;
+pub mod store;
+pub mod strategy;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use metrics::{counter, gauge, histogram};
+use serde_json::json;
+use tokio::sync::{Notify, watch};
+
+use crate::config::{Config, RotationConfig, RotationStrategy, TimeoutsConfig};
+use crate::credentials::{Credential, Generation, Generations};
+use crate::metrics::Metrics;
+use crate::upstream::connector::{self, ConnectError};
+use crate::upstream::pool::Pool;
+use state::{InFlight, Outcome, RotationState, Slot, Step, now_unix};
+use store::{FileStore, StateStore, StoreError};
+use strategy::{ServerControl, Strategy, credential_of};
+
+/// Why a rotation step failed. Never carries a secret.
+#[derive(Debug, thiserror::Error)]
+pub enum RotationError {
+    #[error(transparent)]
+    Secret(#[from] secret::SecretGenError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Upstream(#[from] ConnectError),
+    #[error("{what} was refused by the server ({code})")]
+    Refused { what: String, code: String },
+    #[error("the new credential did not authenticate: {0}")]
+    TestFailed(String),
+    #[error("credential source: {0}")]
+    Source(String),
+}
+
+/// How many times a failing set/test/revoke is tried before the step gives up.
+const STEP_ATTEMPTS: u32 = 5;
+const STEP_RETRY_PAUSE: Duration = Duration::from_millis(200);
+/// After a failed rotation, the next scheduled attempt waits at least this long.
+const FAILURE_BACKOFF: Duration = Duration::from_secs(5);
+
+/// What `POST /v1/rotate` gets back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestAnswer {
+    Started {
+        id: String,
+    },
+    /// A rotation was already running; `escalated` when this request made it urgent.
+    InProgress {
+        id: String,
+        escalated: bool,
+    },
+}
+
+/// The rotation as other parts of the proxy see it (admin API, status).
+#[derive(Clone)]
+pub struct RotationHandle {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    config: RotationConfig,
+    store: Box<dyn StateStore>,
+    strategy: Strategy,
+    generations: Arc<Generations>,
+    pool: Pool,
+    timeouts: TimeoutsConfig,
+    metrics: Metrics,
+    state: Mutex<RotationState>,
+    /// Set by an urgent request while a rotation runs.
+    escalate: AtomicBool,
+    wake: Notify,
+    finished: watch::Sender<Option<Outcome>>,
+    next_scheduled: Mutex<Option<SystemTime>>,
+    /// The latest step error, shown in status until the rotation ends.
+    last_error: Mutex<Option<String>>,
+    /// When the current drain started, and how many old connections it began with.
+    drain: Mutex<Option<(SystemTime, i64)>>,
+}
+
+/// Prepares rotation at start-up: loads (or creates) the state, finds the credential the server
+/// accepts, and returns the generation to start with. `first` is the generation built from the
+/// config (endpoint, TLS material, configured credential).
+pub async fn prepare(
+    config: &Config,
+    rotation: &RotationConfig,
+    first: Generation,
+    metrics: &Metrics,
+) -> Result<(Generation, RotationState, Box<dyn StateStore>), RotationError> {
+    let store: Box<dyn StateStore> = Box::new(FileStore::new(&rotation.state_dir)?);
+    let state = match store.load()? {
+        Some(state) => state,
+        None => {
+            let password = match (&rotation.strategy, &rotation.external) {
+                (RotationStrategy::External, Some(ext)) => ext
+                    .password
+                    .resolve()
+                    .map_err(|e| RotationError::Source(e.to_string()))?,
+                _ => first
+                    .credential
+                    .password
+                    .clone()
+                    .expect("validated: rotation needs a password"),
+            };
+            let state = RotationState::new(Slot::new(first.credential.username.clone(), password));
+            store.save(&state)?;
+            tracing::info!(store = %store.describe(), "rotation state created");
+            state
+        }
+    };
+    // A crash may have left the server accepting PENDING or PREVIOUS rather than CURRENT.
+    let mut chosen = None;
+    for (name, slot) in state.candidates() {
+        let generation = Arc::new(first.with_credential(state.generation, credential_of(slot)));
+        match connector::probe(&generation, &config.timeouts, metrics).await {
+            Ok(_) => {
+                if name != "current" {
+                    tracing::warn!(
+                        slot = name,
+                        user = slot.display_user(),
+                        "CURRENT was refused; starting with another slot"
+                    );
+                }
+                chosen = Some(slot.clone());
+                break;
+            }
+            Err(ConnectError::Auth { .. }) => continue,
+            Err(err) => {
+                tracing::warn!(error = %err, "upstream unreachable at start-up; starting with CURRENT");
+                break;
+            }
+        }
+    }
+    let slot = chosen.unwrap_or_else(|| state.current.clone());
+    let generation = first.with_credential(state.generation, credential_of(&slot));
+    Ok((generation, state, store))
+}
+
+/// What the rotation task works with.
+pub struct RotationParts {
+    pub config: RotationConfig,
+    pub state: RotationState,
+    pub store: Box<dyn StateStore>,
+    pub generations: Arc<Generations>,
+    pub pool: Pool,
+    pub timeouts: TimeoutsConfig,
+    pub metrics: Metrics,
+    /// Credential for ACL SETUSER / CLIENT KILL; None: the proxied user itself.
+    pub admin: Option<Credential>,
+}
+
+impl RotationHandle {
+    /// Starts the rotation task.
+    pub fn start(parts: RotationParts) -> Self {
+        let RotationParts {
+            config: rotation,
+            state,
+            store,
+            generations,
+            pool,
+            timeouts,
+            metrics,
+            admin,
+        } = parts;
+        let control = ServerControl {
+            generations: generations.clone(),
+            admin,
+            timeouts: timeouts.clone(),
+            metrics: metrics.clone(),
+        };
+        let strategy = Strategy::new(&rotation, control);
+        let (finished, _) = watch::channel(state.last.clone());
+        let shared = Arc::new(Shared {
+            config: rotation,
+            store,
+            strategy,
+            generations,
+            pool,
+            timeouts,
+            metrics,
+            state: Mutex::new(state),
+            escalate: AtomicBool::new(false),
+            wake: Notify::new(),
+            finished,
+            next_scheduled: Mutex::new(None),
+            last_error: Mutex::new(None),
+            drain: Mutex::new(None),
+        });
+        let handle = RotationHandle { shared };
+        let runner = handle.clone();
+        tokio::spawn(async move { runner.run().await });
+        if handle.shared.strategy.kind == RotationStrategy::External {
+            let watcher = handle.clone();
+            tokio::spawn(async move { watcher.watch_source().await });
+        }
+        handle
+    }
+
+    /// Asks for a rotation. A rotation already running is reported, never started twice; an
+    /// urgent request escalates it.
+    pub fn request(&self, urgent: bool, trigger: &str) -> RequestAnswer {
+        let answer = {
+            let mut state = self.shared.state.lock().expect("not poisoned");
+            match &state.rotation {
+                Some(running) => {
+                    let escalated = urgent && !running.urgent;
+                    if escalated {
+                        self.shared.escalate.store(true, Ordering::Release);
+                        // Waiting sessions re-check the (now shorter) drain deadline.
+                        self.shared.wake.notify_one();
+                    }
+                    RequestAnswer::InProgress {
+                        id: running.id.clone(),
+                        escalated,
+                    }
+                }
+                None => {
+                    let id = new_rotation_id();
+                    state.rotation = Some(InFlight {
+                        id: id.clone(),
+                        step: Step::Create,
+                        started_at: now_unix(),
+                        urgent,
+                        trigger: trigger.to_string(),
+                    });
+                    RequestAnswer::Started { id }
+                }
+            }
+        };
+        self.shared.wake.notify_one();
+        answer
+    }
+
+    /// Waits until the rotation `id` has finished and returns how it ended.
+    pub async fn wait_for(&self, id: &str) -> Outcome {
+        let mut rx = self.shared.finished.subscribe();
+        loop {
+            if let Some(outcome) = rx.borrow_and_update().clone()
+                && outcome.id == id
+            {
+                return outcome;
+            }
+            if rx.changed().await.is_err() {
+                return Outcome {
+                    id: id.to_string(),
+                    finished_at: now_unix(),
+                    success: false,
+                    error: Some("the rotation task stopped".into()),
+                    left_at_revoke: 0,
+                };
+            }
+        }
+    }
+
+    /// The status document of `GET /v1/status` (no secret in it, by construction: slots are
+    /// described by username and age only).
+    pub fn status(&self) -> serde_json::Value {
+        let s = &self.shared;
+        let state = s.state.lock().expect("not poisoned").clone();
+        let current = s.generations.current();
+        let previous = s.generations.previous();
+        let drain = *s.drain.lock().expect("not poisoned");
+        let next = *s.next_scheduled.lock().expect("not poisoned");
+        let last_error = s.last_error.lock().expect("not poisoned").clone();
+        json!({
+            "strategy": s.strategy.kind.as_str(),
+            "state_store": s.store.describe(),
+            "active_username": current.credential.display_user(),
+            "generation": current.id,
+            "credential_age_seconds": now_unix().saturating_sub(state.current.created_at),
+            "slots": {
+                "current": slot_json(Some(&state.current)),
+                "pending": slot_json(state.pending.as_ref()),
+                "previous": slot_json(state.previous.as_ref()),
+            },
+            "rotation": state.rotation.as_ref().map(|r| json!({
+                "id": r.id,
+                "state": "in_progress",
+                "step": r.step.as_str(),
+                "started_at": rfc3339(r.started_at),
+                "urgent": r.urgent || s.escalate.load(Ordering::Acquire),
+                "trigger": r.trigger,
+                "last_error": last_error,
+            })),
+            "last_rotation": state.last.as_ref().map(|o| json!({
+                "id": o.id,
+                "finished_at": rfc3339(o.finished_at),
+                "outcome": if o.success { "success" } else { "failed" },
+                "error": o.error,
+                "connections_left_at_revoke": o.left_at_revoke,
+            })),
+            "next_scheduled_rotation": next.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
+            "connections": {
+                "current": current.live_connections(),
+                "previous": previous.as_ref().map_or(0, |p| p.live_connections()),
+            },
+            "drain": drain.map(|(started, at_start)| json!({
+                "started_at": humantime::format_rfc3339_seconds(started).to_string(),
+                "old_connections_at_start": at_start,
+                "old_connections_left": previous.as_ref().map_or(0, |p| p.live_connections()),
+            })),
+        })
+    }
+
+    /// Refreshes the gauges that are derived from time or from the generations.
+    pub fn update_gauges(&self) {
+        let s = &self.shared;
+        let state = s.state.lock().expect("not poisoned");
+        gauge!("rotaproxy_credential_generation").set(state.generation as f64);
+        gauge!("rotaproxy_credential_age_seconds")
+            .set(now_unix().saturating_sub(state.current.created_at) as f64);
+        gauge!("rotaproxy_rotation_in_progress").set(f64::from(u8::from(state.rotation.is_some())));
+        let current = s.generations.current();
+        gauge!("rotaproxy_upstream_connections_by_generation", "generation" => "current")
+            .set(current.live_connections() as f64);
+        gauge!("rotaproxy_upstream_connections_by_generation", "generation" => "previous")
+            .set(s.generations.previous().map_or(0, |p| p.live_connections()) as f64);
+    }
+
+    // ---- the rotation task ------------------------------------------------------------------
+
+    async fn run(self) {
+        let s = &self.shared;
+        let mut failures = 0u32;
+        loop {
+            let in_flight = s.state.lock().expect("not poisoned").rotation.is_some();
+            if in_flight {
+                if self.run_rotation().await {
+                    failures = 0;
+                } else {
+                    failures += 1;
+                }
+            }
+            let next = self.schedule_next(failures);
+            *s.next_scheduled.lock().expect("not poisoned") = next;
+            let sleep = async {
+                match next {
+                    Some(at) => {
+                        let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
+                        tokio::time::sleep(wait).await;
+                        true
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = s.wake.notified() => {}
+                due = sleep => if due { self.request(false, "schedule"); }
+            }
+        }
+    }
+
+    /// When the next scheduled rotation is due (None: no schedule).
+    fn schedule_next(&self, failures: u32) -> Option<SystemTime> {
+        let s = &self.shared;
+        let every = s.config.rotate_every?;
+        let state = s.state.lock().expect("not poisoned");
+        let base = SystemTime::UNIX_EPOCH + Duration::from_secs(state.current.created_at);
+        let mut at = base + every;
+        let jitter = s.config.jitter;
+        if !jitter.is_zero() {
+            let mut b = [0u8; 8];
+            let _ = getrandom::fill(&mut b);
+            let frac = (u64::from_le_bytes(b) as f64 / u64::MAX as f64) * 2.0 - 1.0;
+            let shift = jitter.mul_f64(frac.abs());
+            at = if frac >= 0.0 { at + shift } else { at - shift };
+        }
+        if failures > 0 {
+            let backoff = FAILURE_BACKOFF * 2u32.saturating_pow(failures.min(6));
+            at = at.max(SystemTime::now() + backoff.min(every));
+        }
+        Some(at)
+    }
+
+    /// Runs (or resumes) the rotation in flight to its end. True when it succeeded.
+    async fn run_rotation(&self) -> bool {
+        let s = &self.shared;
+        let started = Instant::now();
+        gauge!("rotaproxy_rotation_in_progress").set(1.0);
+        let result = loop {
+            let (id, step, urgent, trigger) = {
+                let state = s.state.lock().expect("not poisoned");
+                let Some(r) = &state.rotation else {
+                    break Ok(());
+                };
+                (
+                    r.id.clone(),
+                    r.step,
+                    r.urgent || s.escalate.load(Ordering::Acquire),
+                    r.trigger.clone(),
+                )
+            };
+            if let Err(err) = self.persist() {
+                break Err(err);
+            }
+            fault_injection(step).await;
+            let step_started = Instant::now();
+            let outcome = self.run_step(step, urgent).await;
+            let elapsed = step_started.elapsed();
+            histogram!("rotaproxy_rotation_step_seconds", "step" => step.as_str())
+                .record(elapsed.as_secs_f64());
+            self.audit(&id, step, &outcome, elapsed, urgent, &trigger);
+            match outcome {
+                Ok(StepDone::Next(next)) => self.set_step(next),
+                Ok(StepDone::Finished) | Ok(StepDone::NothingToDo) => break Ok(()),
+                Err(err) => break Err(err),
+            }
+        };
+        let success = result.is_ok();
+        let (id, error) = {
+            let state = s.state.lock().expect("not poisoned");
+            (
+                state.rotation.as_ref().map(|r| r.id.clone()),
+                result.as_ref().err().map(|e| e.to_string()),
+            )
+        };
+        if let Err(err) = &result {
+            self.abandon(err).await;
+        }
+        let outcome = {
+            let mut state = s.state.lock().expect("not poisoned");
+            let left = state.last.as_ref().map_or(0, |o| o.left_at_revoke);
+            let id = id
+                .or_else(|| state.last.as_ref().map(|o| o.id.clone()))
+                .unwrap_or_default();
+            let outcome = Outcome {
+                id,
+                finished_at: now_unix(),
+                success,
+                error: error.clone(),
+                left_at_revoke: if success { left } else { 0 },
+            };
+            state.rotation = None;
+            state.last = Some(outcome.clone());
+            outcome
+        };
+        if let Err(err) = self.persist() {
+            tracing::error!(error = %err, "cannot persist the end of the rotation");
+        }
+        s.escalate.store(false, Ordering::Release);
+        *s.last_error.lock().expect("not poisoned") = None;
+        *s.drain.lock().expect("not poisoned") = None;
+        s.generations.set_drain_deadline(None);
+        counter!("rotaproxy_rotations_total", "result" => if success { "success" } else { "failed" })
+            .increment(1);
+        gauge!("rotaproxy_rotation_in_progress").set(0.0);
+        self.update_gauges();
+        tracing::info!(
+            target: "rotaproxy::audit",
+            event = "rotation.end",
+            rotation_id = %outcome.id,
+            outcome = if success { "success" } else { "failed" },
+            duration_ms = started.elapsed().as_millis() as u64,
+            error = error.as_deref().unwrap_or(""),
+            "rotation finished"
+        );
+        s.finished.send_replace(Some(outcome));
+        success
+    }
+
+    /// A failed rotation leaves CURRENT as it was: PENDING is taken back from the server (best
+    /// effort) and dropped, unless the switch already happened (then the rotation keeps the new
+    /// credential and only the revoke is missing: PREVIOUS stays until the next rotation).
+    async fn abandon(&self, err: &RotationError) {
+        let s = &self.shared;
+        tracing::warn!(error = %err, "rotation failed");
+        let (current, pending) = {
+            let mut state = s.state.lock().expect("not poisoned");
+            (state.current.clone(), state.pending.take())
+        };
+        if let Some(pending) = pending
+            && let Err(e) = s.strategy.discard(&current, &pending).await
+        {
+            tracing::warn!(error = %e, "could not take the pending credential back");
+        }
+    }
+
+    fn set_step(&self, step: Step) {
+        let mut state = self.shared.state.lock().expect("not poisoned");
+        if let Some(r) = &mut state.rotation {
+            r.step = step;
+        }
+    }
+
+    fn persist(&self) -> Result<(), RotationError> {
+        let s = &self.shared;
+        let snapshot = s.state.lock().expect("not poisoned").clone();
+        Ok(s.store.save(&snapshot)?)
+    }
+
+    async fn run_step(&self, step: Step, urgent: bool) -> Result<StepDone, RotationError> {
+        let s = &self.shared;
+        let (current, pending) = {
+            let state = s.state.lock().expect("not poisoned");
+            (state.current.clone(), state.pending.clone())
+        };
+        match step {
+            Step::Create => {
+                let Some(pending) = s.strategy.make_pending(&current)? else {
+                    return Ok(StepDone::NothingToDo);
+                };
+                s.state.lock().expect("not poisoned").pending = Some(pending);
+                // PENDING is on disk before the server learns it.
+                self.persist()?;
+                Ok(StepDone::Next(Step::Set))
+            }
+            Step::Set => {
+                let pending = pending.ok_or_else(missing_pending)?;
+                self.retry("set", || s.strategy.set(&current, &pending))
+                    .await?;
+                Ok(StepDone::Next(Step::Test))
+            }
+            Step::Test => {
+                let pending = pending.ok_or_else(missing_pending)?;
+                let generation = s.strategy.probe_generation(&pending);
+                self.retry("test", || async {
+                    connector::probe(&generation, &s.timeouts, &s.metrics)
+                        .await
+                        .map(drop)
+                        .map_err(|e| RotationError::TestFailed(e.to_string()))
+                })
+                .await?;
+                Ok(StepDone::Next(Step::Finish))
+            }
+            Step::Finish => {
+                let generation = {
+                    let mut state = s.state.lock().expect("not poisoned");
+                    if let Some(pending) = state.pending.take() {
+                        state.previous = Some(std::mem::replace(&mut state.current, pending));
+                        state.generation += 1;
+                    }
+                    if let Some(r) = &mut state.rotation {
+                        r.step = Step::Drain;
+                    }
+                    s.generations
+                        .current()
+                        .with_credential(state.generation, credential_of(&state.current))
+                };
+                // The switch is on disk before any session moves.
+                self.persist()?;
+                if s.generations.current_id() != generation.id {
+                    s.generations.publish(generation);
+                    s.pool.purge_old_generations();
+                }
+                self.update_gauges();
+                Ok(StepDone::Next(Step::Drain))
+            }
+            Step::Drain => {
+                self.drain(urgent).await;
+                Ok(StepDone::Next(Step::Revoke))
+            }
+            Step::Revoke => {
+                let previous = s.state.lock().expect("not poisoned").previous.clone();
+                let mut killed = 0;
+                if let Some(previous) = &previous {
+                    killed = self
+                        .retry("revoke", || s.strategy.revoke(&current, previous, urgent))
+                        .await?;
+                }
+                let left = s.generations.previous().map_or(0, |p| p.live_connections());
+                let mut state = s.state.lock().expect("not poisoned");
+                state.previous = None;
+                if let Some(r) = &state.rotation {
+                    state.last = Some(Outcome {
+                        id: r.id.clone(),
+                        finished_at: now_unix(),
+                        success: true,
+                        error: None,
+                        left_at_revoke: left.max(0) as u64,
+                    });
+                }
+                if killed > 0 {
+                    tracing::warn!(
+                        target: "rotaproxy::audit",
+                        event = "rotation.killed_connections",
+                        count = killed,
+                        "closed connections still authenticated with the old identity"
+                    );
+                }
+                Ok(StepDone::Finished)
+            }
+        }
+    }
+
+    /// Waits until no connection of the previous generation is left, or the drain deadline.
+    async fn drain(&self, urgent_at_start: bool) {
+        let s = &self.shared;
+        let Some(previous) = s.generations.previous() else {
+            return;
+        };
+        let started = Instant::now();
+        let at_start = previous.live_connections();
+        *s.drain.lock().expect("not poisoned") = Some((SystemTime::now(), at_start));
+        let mut urgent = urgent_at_start;
+        let mut deadline = self.set_deadline(urgent);
+        loop {
+            if previous.live_connections() <= 0 {
+                break;
+            }
+            if !urgent && s.escalate.load(Ordering::Acquire) {
+                urgent = true;
+                deadline = deadline.min(self.set_deadline(true));
+            }
+            if Instant::now() >= deadline {
+                let left = previous.live_connections();
+                counter!("rotaproxy_drain_deadline_connections_total")
+                    .increment(left.max(0) as u64);
+                tracing::warn!(
+                    target: "rotaproxy::audit",
+                    event = "rotation.drain_deadline",
+                    connections_left = left,
+                    "drain deadline reached with connections of the old generation still open"
+                );
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                _ = s.wake.notified() => {}
+            }
+        }
+        histogram!("rotaproxy_drain_seconds").record(started.elapsed().as_secs_f64());
+    }
+
+    fn set_deadline(&self, urgent: bool) -> Instant {
+        let c = &self.shared.config;
+        let within = if urgent {
+            c.urgent_drain_deadline
+        } else {
+            c.drain_deadline
+        };
+        self.shared
+            .generations
+            .set_drain_deadline(Some(SystemTime::now() + within));
+        Instant::now() + within
+    }
+
+    async fn retry<T, F, Fut>(&self, what: &str, mut f: F) -> Result<T, RotationError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, RotationError>>,
+    {
+        let mut pause = STEP_RETRY_PAUSE;
+        let mut attempt = 1;
+        loop {
+            match f().await {
+                Ok(v) => return Ok(v),
+                Err(err) if attempt < STEP_ATTEMPTS => {
+                    tracing::info!(step = what, attempt, error = %err, "rotation step failed; retrying");
+                    *self.shared.last_error.lock().expect("not poisoned") = Some(err.to_string());
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                    attempt += 1;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    fn audit(
+        &self,
+        id: &str,
+        step: Step,
+        outcome: &Result<StepDone, RotationError>,
+        elapsed: Duration,
+        urgent: bool,
+        trigger: &str,
+    ) {
+        let s = &self.shared;
+        let state = s.state.lock().expect("not poisoned");
+        let to_user = state
+            .pending
+            .as_ref()
+            .unwrap_or(&state.current)
+            .display_user()
+            .to_string();
+        let from_user = state
+            .previous
+            .as_ref()
+            .unwrap_or(&state.current)
+            .display_user()
+            .to_string();
+        let (result, error) = match outcome {
+            Ok(StepDone::NothingToDo) => ("skipped", String::new()),
+            Ok(_) => ("ok", String::new()),
+            Err(e) => ("failed", e.to_string()),
+        };
+        tracing::info!(
+            target: "rotaproxy::audit",
+            event = "rotation.step",
+            rotation_id = id,
+            step = step.as_str(),
+            outcome = result,
+            duration_ms = elapsed.as_millis() as u64,
+            strategy = s.strategy.kind.as_str(),
+            from_user = %from_user,
+            to_user = %to_user,
+            generation = state.generation,
+            urgent,
+            trigger,
+            error = %error,
+            "rotation step"
+        );
+    }
+
+    /// `external`: re-reads the source on a timer and starts a rotation when it changed.
+    async fn watch_source(self) {
+        let s = &self.shared;
+        let Some(ext) = &s.config.external else {
+            return;
+        };
+        let mut interval = tokio::time::interval(ext.poll_interval);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            self.check_source();
+        }
+    }
+
+    /// Starts a rotation if the external source holds a password other than CURRENT's.
+    pub fn check_source(&self) {
+        let s = &self.shared;
+        let Ok(value) = s.strategy.read_source() else {
+            return;
+        };
+        let changed = {
+            use secrecy::ExposeSecret;
+            let state = s.state.lock().expect("not poisoned");
+            state.rotation.is_none()
+                && value.expose_secret() != state.current.password.expose_secret()
+        };
+        if changed {
+            tracing::info!("the credential source changed; rotating to the new value");
+            self.request(false, "source-change");
+        }
+    }
+}
+
+enum StepDone {
+    Next(Step),
+    Finished,
+    NothingToDo,
+}
+
+fn missing_pending() -> RotationError {
+    RotationError::Source("the state has no PENDING credential at this step".into())
+}
+
+fn new_rotation_id() -> String {
+    let mut b = [0u8; 6];
+    let _ = getrandom::fill(&mut b);
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("rot-{}-{hex}", now_unix())
+}
+
+fn rfc3339(unix: u64) -> String {
+    humantime::format_rfc3339_seconds(SystemTime::UNIX_EPOCH + Duration::from_secs(unix))
+        .to_string()
+}
+
+fn slot_json(slot: Option<&Slot>) -> serde_json::Value {
+    match slot {
+        None => serde_json::Value::Null,
+        Some(slot) => json!({
+            "username": slot.display_user(),
+            "created_at": rfc3339(slot.created_at),
+        }),
+    }
+}
+
+/// Test hook: with `ROTAPROXY_FAULT_HANG_AT_STEP=<step>`, the rotation stops for good right after
+/// that step was persisted and before it takes effect, so a test can kill the process exactly
+/// there.
+async fn fault_injection(step: Step) {
+    if std::env::var("ROTAPROXY_FAULT_HANG_AT_STEP")
+        .ok()
+        .as_deref()
+        == Some(step.as_str())
+    {
+        tracing::warn!(
+            step = step.as_str(),
+            "fault injection: hanging at rotation step"
+        );
+        std::future::pending::<()>().await;
+    }
+}

@@ -1,0 +1,174 @@
+//! Where the rotation state lives. A single proxy keeps it in a local file; a fleet will share
+//! one store (its own issue) behind the same trait.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use super::state::{RotationState, SCHEMA_VERSION};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot read rotation state {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write rotation state {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("rotation state {path} is corrupt: {message}")]
+    Corrupt { path: PathBuf, message: String },
+}
+
+/// Persists the rotation state. `save` returns only once the state is durable.
+pub trait StateStore: Send + Sync {
+    fn load(&self) -> Result<Option<RotationState>, StoreError>;
+    fn save(&self, state: &RotationState) -> Result<(), StoreError>;
+    /// Where the state lives, for logs and status.
+    fn describe(&self) -> String;
+}
+
+/// A JSON file, replaced atomically: written to a temporary file (mode 0600) in the same
+/// directory, fsynced, renamed over the old one, and the directory fsynced, so a crash leaves
+/// either the old state or the new one, never a torn file.
+pub struct FileStore {
+    path: PathBuf,
+}
+
+pub const STATE_FILE_NAME: &str = "rotaproxy-state.json";
+
+impl FileStore {
+    /// A store in `dir` (created with mode 0700 if missing).
+    pub fn new(dir: &Path) -> Result<Self, StoreError> {
+        let path = dir.join(STATE_FILE_NAME);
+        if !dir.exists() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|source| StoreError::Write {
+                    path: path.clone(),
+                    source,
+                })?;
+        }
+        Ok(Self { path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+use std::os::unix::fs::DirBuilderExt;
+
+impl StateStore for FileStore {
+    fn load(&self) -> Result<Option<RotationState>, StoreError> {
+        let text = match fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(StoreError::Read {
+                    path: self.path.clone(),
+                    source,
+                });
+            }
+        };
+        // serde_json's messages name the position, never the content of a string value.
+        let state: RotationState =
+            serde_json::from_str(&text).map_err(|e| StoreError::Corrupt {
+                path: self.path.clone(),
+                message: format!("line {} column {}", e.line(), e.column()),
+            })?;
+        if state.version != SCHEMA_VERSION {
+            return Err(StoreError::Corrupt {
+                path: self.path.clone(),
+                message: format!(
+                    "schema version {} (this proxy reads {SCHEMA_VERSION})",
+                    state.version
+                ),
+            });
+        }
+        Ok(Some(state))
+    }
+
+    fn save(&self, state: &RotationState) -> Result<(), StoreError> {
+        let err = |source| StoreError::Write {
+            path: self.path.clone(),
+            source,
+        };
+        let json = serde_json::to_vec_pretty(state).expect("the state always serializes");
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        let tmp = dir.join(format!(".{STATE_FILE_NAME}.tmp"));
+        {
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(err)?;
+            file.write_all(&json).map_err(err)?;
+            file.sync_all().map_err(err)?;
+        }
+        fs::rename(&tmp, &self.path).map_err(err)?;
+        File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        format!("file {}", self.path.display())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rotation::state::{Slot, Step};
+    use secrecy::{ExposeSecret, SecretString};
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn round_trip_with_mode_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(&dir.path().join("state")).unwrap();
+        assert!(store.load().unwrap().is_none());
+        let mut state = RotationState::new(Slot::new(
+            Some("app".into()),
+            SecretString::from("pw-1".to_string()),
+        ));
+        state.pending = Some(Slot::new(
+            Some("app".into()),
+            SecretString::from("pw-2".to_string()),
+        ));
+        state.rotation = Some(crate::rotation::state::InFlight {
+            id: "r1".into(),
+            step: Step::Set,
+            started_at: 1,
+            urgent: false,
+            trigger: "api".into(),
+        });
+        store.save(&state).unwrap();
+        let mode = fs::metadata(store.path()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let back = store.load().unwrap().unwrap();
+        assert_eq!(back.pending.unwrap().password.expose_secret(), "pw-2");
+        assert_eq!(back.rotation.unwrap().step, Step::Set);
+    }
+
+    #[test]
+    fn corrupt_file_is_reported_without_its_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path()).unwrap();
+        fs::write(
+            store.path(),
+            "{\"version\": 1, \"password\": \"leaky-secret",
+        )
+        .unwrap();
+        let err = store.load().unwrap_err().to_string();
+        assert!(!err.contains("leaky-secret"), "{err}");
+    }
+}

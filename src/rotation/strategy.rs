@@ -1,0 +1,277 @@
+//! How a new secret is made acceptable to the server, and how the old one stops working. One
+//! variant per strategy; the state machine in [`super`] is the same for all of them.
+//!
+//! - `acl-multi-password`: the user gets the new password next to the old one (`>new`), then
+//!   loses the old one (`<old`). Needs `ACL SETUSER` (open-source Redis, Redis Software).
+//! - `alternating-users`: two users with the same permissions; each rotation sets the idle one's
+//!   password and moves every session to it; the previous user's password is then scrambled.
+//!   The strategy that works where a user has only one password (Redis Cloud).
+//! - `external`: another system changes the password; the proxy only watches the source.
+
+use std::sync::Arc;
+
+use redis_protocol::resp2::types::OwnedFrame;
+use secrecy::{ExposeSecret, SecretString};
+
+use super::RotationError;
+use super::secret::generate_password;
+use super::state::Slot;
+use crate::config::{RotationConfig, RotationStrategy, SecretRef, TimeoutsConfig};
+use crate::credentials::{Credential, Generation, Generations};
+use crate::metrics::Metrics;
+use crate::upstream::connector::{self, UpstreamConn};
+
+/// Runs the proxy's own commands against the server (ACL SETUSER, CLIENT KILL).
+pub struct ServerControl {
+    pub generations: Arc<Generations>,
+    /// A separate administrative credential; None: the proxied user acts on itself.
+    pub admin: Option<Credential>,
+    pub timeouts: TimeoutsConfig,
+    pub metrics: Metrics,
+}
+
+impl ServerControl {
+    /// Opens a control connection as the admin user, or as `acting` when there is none.
+    async fn open(&self, acting: &Slot) -> Result<UpstreamConn, RotationError> {
+        let current = self.generations.current();
+        let credential = self.admin.clone().unwrap_or_else(|| credential_of(acting));
+        let generation = Arc::new(current.with_credential(0, credential));
+        Ok(connector::connect(&generation, &self.timeouts, &self.metrics).await?)
+    }
+
+    /// `ACL SETUSER <user> <rules...>`. Removing a password that is already gone counts as done,
+    /// so the step can be repeated after a crash.
+    async fn acl_setuser(
+        &self,
+        acting: &Slot,
+        user: &str,
+        rules: &[&[u8]],
+    ) -> Result<(), RotationError> {
+        let mut conn = self.open(acting).await?;
+        let mut args: Vec<&[u8]> = vec![b"ACL", b"SETUSER", user.as_bytes()];
+        args.extend_from_slice(rules);
+        match connector::run_command(&mut conn, &args, self.timeouts.auth).await? {
+            OwnedFrame::SimpleString(_) => Ok(()),
+            // Redis echoes the modifier — the password — in this error: never show its text.
+            OwnedFrame::Error(e) if e.contains("does not exist") => Ok(()),
+            OwnedFrame::Error(e) => Err(RotationError::Refused {
+                what: format!("ACL SETUSER {user}"),
+                code: error_code(&e),
+            }),
+            _ => Err(RotationError::Refused {
+                what: format!("ACL SETUSER {user}"),
+                code: "unexpected reply".into(),
+            }),
+        }
+    }
+
+    /// Closes every connection authenticated as `user` that is not one of the proxy's own.
+    async fn kill_foreign_connections(
+        &self,
+        acting: &Slot,
+        user: &str,
+    ) -> Result<u64, RotationError> {
+        let mut conn = self.open(acting).await?;
+        let list =
+            match connector::run_command(&mut conn, &[b"CLIENT", b"LIST"], self.timeouts.auth)
+                .await?
+            {
+                OwnedFrame::BulkString(text) => String::from_utf8_lossy(&text).into_owned(),
+                OwnedFrame::Error(e) => {
+                    return Err(RotationError::Refused {
+                        what: "CLIENT LIST".into(),
+                        code: error_code(&e),
+                    });
+                }
+                _ => String::new(),
+            };
+        let mut killed = 0;
+        for line in list.lines() {
+            let field = |name: &str| {
+                line.split(' ')
+                    .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+            };
+            let (Some(id), Some(u)) = (field("id"), field("user")) else {
+                continue;
+            };
+            let Ok(id_num) = id.parse::<i64>() else {
+                continue;
+            };
+            if u != user || connector::is_own_client(id_num) || Some(id_num) == conn.client_id {
+                continue;
+            }
+            if let OwnedFrame::Integer(n) = connector::run_command(
+                &mut conn,
+                &[b"CLIENT", b"KILL", b"ID", id.as_bytes()],
+                self.timeouts.auth,
+            )
+            .await?
+            {
+                killed += n as u64;
+            }
+        }
+        Ok(killed)
+    }
+}
+
+/// The first word of a Redis error (`ERR`, `NOPERM`, `WRONGPASS`): safe to log, unlike the rest.
+fn error_code(error: &str) -> String {
+    error.split_whitespace().next().unwrap_or("ERR").to_string()
+}
+
+pub fn credential_of(slot: &Slot) -> Credential {
+    Credential {
+        username: slot.username.clone(),
+        password: Some(slot.password.clone()),
+    }
+}
+
+pub struct Strategy {
+    pub kind: RotationStrategy,
+    control: ServerControl,
+    password_length: usize,
+    scramble_previous: bool,
+    users: Vec<String>,
+    source: Option<SecretRef>,
+}
+
+impl Strategy {
+    pub fn new(config: &RotationConfig, control: ServerControl) -> Self {
+        Self {
+            kind: config.strategy,
+            control,
+            password_length: config.password_length,
+            scramble_previous: config.scramble_previous,
+            users: config.users.clone(),
+            source: config.external.as_ref().map(|e| e.password.clone()),
+        }
+    }
+
+    /// The new PENDING slot, or None when there is nothing to rotate to (`external` with an
+    /// unchanged source).
+    pub fn make_pending(&self, current: &Slot) -> Result<Option<Slot>, RotationError> {
+        match self.kind {
+            RotationStrategy::AclMultiPassword => Ok(Some(Slot::new(
+                current.username.clone(),
+                generate_password(self.password_length)?,
+            ))),
+            RotationStrategy::AlternatingUsers => {
+                let idle = self
+                    .users
+                    .iter()
+                    .find(|u| Some(u.as_str()) != current.username.as_deref())
+                    .expect("validated: two different users");
+                Ok(Some(Slot::new(
+                    Some(idle.clone()),
+                    generate_password(self.password_length)?,
+                )))
+            }
+            RotationStrategy::External => {
+                let value = self.read_source()?;
+                if value.expose_secret() == current.password.expose_secret() {
+                    return Ok(None);
+                }
+                Ok(Some(Slot::new(current.username.clone(), value)))
+            }
+        }
+    }
+
+    /// Reads the external source now.
+    pub fn read_source(&self) -> Result<SecretString, RotationError> {
+        let source = self.source.as_ref().ok_or_else(|| {
+            RotationError::Source("no [rotation.external] source configured".into())
+        })?;
+        source
+            .resolve()
+            .map_err(|e| RotationError::Source(e.to_string()))
+    }
+
+    /// Makes the server accept PENDING. Idempotent.
+    pub async fn set(&self, current: &Slot, pending: &Slot) -> Result<(), RotationError> {
+        let pw = format!(">{}", pending.password.expose_secret());
+        match self.kind {
+            RotationStrategy::AclMultiPassword => {
+                self.control
+                    .acl_setuser(current, pending.display_user(), &[pw.as_bytes()])
+                    .await
+            }
+            RotationStrategy::AlternatingUsers => {
+                self.control
+                    .acl_setuser(
+                        current,
+                        pending.display_user(),
+                        &[b"resetpass", pw.as_bytes(), b"on"],
+                    )
+                    .await
+            }
+            RotationStrategy::External => Ok(()),
+        }
+    }
+
+    /// Takes PENDING back after a failed test, so no unknown secret stays valid.
+    pub async fn discard(&self, current: &Slot, pending: &Slot) -> Result<(), RotationError> {
+        match self.kind {
+            RotationStrategy::AclMultiPassword => {
+                let pw = format!("<{}", pending.password.expose_secret());
+                self.control
+                    .acl_setuser(current, pending.display_user(), &[pw.as_bytes()])
+                    .await
+            }
+            RotationStrategy::AlternatingUsers => {
+                self.scramble(current, pending.display_user()).await
+            }
+            RotationStrategy::External => Ok(()),
+        }
+    }
+
+    /// Makes PREVIOUS stop working; `urgent` also closes every other connection still
+    /// authenticated with the old identity (a password change alone leaves them open).
+    /// Returns how many connections that closed.
+    pub async fn revoke(
+        &self,
+        current: &Slot,
+        previous: &Slot,
+        urgent: bool,
+    ) -> Result<u64, RotationError> {
+        match self.kind {
+            RotationStrategy::AclMultiPassword => {
+                let pw = format!("<{}", previous.password.expose_secret());
+                self.control
+                    .acl_setuser(current, previous.display_user(), &[pw.as_bytes()])
+                    .await?;
+            }
+            RotationStrategy::AlternatingUsers => {
+                if self.scramble_previous || urgent {
+                    self.scramble(current, previous.display_user()).await?;
+                }
+            }
+            RotationStrategy::External => {}
+        }
+        if urgent && self.kind != RotationStrategy::External {
+            return self
+                .control
+                .kill_foreign_connections(current, previous.display_user())
+                .await;
+        }
+        Ok(0)
+    }
+
+    /// Sets a user's only password to a random value nobody stores.
+    async fn scramble(&self, acting: &Slot, user: &str) -> Result<(), RotationError> {
+        let random = generate_password(64)?;
+        let pw = format!(">{}", random.expose_secret());
+        self.control
+            .acl_setuser(acting, user, &[b"resetpass", pw.as_bytes()])
+            .await
+    }
+
+    /// A generation for testing `slot` on a fresh connection.
+    pub fn probe_generation(&self, slot: &Slot) -> Arc<Generation> {
+        Arc::new(
+            self.control
+                .generations
+                .current()
+                .with_credential(0, credential_of(slot)),
+        )
+    }
+}
