@@ -1,0 +1,493 @@
+//! Credential rotation as operators and applications see it: real redis-server, the proxy as a
+//! child process, its admin API, and clients that must notice nothing.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+use support::*;
+
+const TOKEN: &str = "test-admin-token-0123456789";
+
+/// Redis with the users a strategy needs, and the proxy rotating them.
+struct RotEnv {
+    redis: RedisServer,
+    proxy: Option<Proxy>,
+    dir: tempfile::TempDir,
+    config: String,
+    envs: Vec<(String, String)>,
+    /// Every password the test has seen (checked absent from logs and status).
+    secrets: Vec<String>,
+}
+
+impl RotEnv {
+    /// `acl-multi-password` on user `app`.
+    fn multi_password(extra: &str) -> RotEnv {
+        let password = random_token(32);
+        let redis = RedisServer::start_with_user("app", &password);
+        Self::start(redis, Some("app"), password, "acl-multi-password", extra)
+    }
+
+    /// `alternating-users` on `app-a` (active first) and `app-b` (unknown password).
+    fn alternating(extra: &str) -> RotEnv {
+        let password = random_token(32);
+        let idle = random_token(32);
+        let redis = RedisServer::start(
+            RedisOptions::new()
+                .user(&format!("app-a on >{password} ~* &* +@all"))
+                .user(&format!("app-b on >{idle} ~* &* +@all")),
+        );
+        let extra = format!("users = [\"app-a\", \"app-b\"]\n{extra}");
+        Self::start(redis, Some("app-a"), password, "alternating-users", &extra)
+    }
+
+    fn start(
+        redis: RedisServer,
+        user: Option<&str>,
+        password: String,
+        strategy: &str,
+        extra: &str,
+    ) -> RotEnv {
+        let dir = temp_dir();
+        let mut config = ProxyConfig::plain(&redis)
+            .credentials(user, "env:TEST_UPSTREAM_PASSWORD")
+            .extra(&format!(
+                "[rotation]\nstrategy = \"{strategy}\"\nstate_dir = {}\ndrain_deadline = \"3s\"\nurgent_drain_deadline = \"1s\"\n{extra}",
+                toml_path(&dir.path().join("state"))
+            ));
+        config.admin_extra = "token = \"env:TEST_ADMIN_TOKEN\"".into();
+        let envs = vec![
+            ("TEST_UPSTREAM_PASSWORD".to_string(), password.clone()),
+            ("TEST_ADMIN_TOKEN".to_string(), TOKEN.to_string()),
+        ];
+        let mut env = RotEnv {
+            redis,
+            proxy: None,
+            dir,
+            config: config.to_toml(),
+            envs,
+            secrets: vec![password],
+        };
+        env.launch(&[]);
+        env
+    }
+
+    fn launch(&mut self, extra_env: &[(&str, &str)]) {
+        let mut envs: Vec<(&str, &str)> = self
+            .envs
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        envs.extend_from_slice(extra_env);
+        self.proxy = Some(Proxy::start(&self.config, &envs));
+    }
+
+    fn proxy(&self) -> &Proxy {
+        self.proxy.as_ref().expect("proxy running")
+    }
+
+    fn status(&self) -> Value {
+        let (code, body) = self.proxy().http_get("/v1/status");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).expect("status is JSON")
+    }
+
+    /// `POST /v1/rotate?wait=true`; asserts success.
+    fn rotate(&mut self, urgent: bool) -> Value {
+        let path = if urgent {
+            "/v1/rotate?wait=true&urgent=true"
+        } else {
+            "/v1/rotate?wait=true"
+        };
+        let (code, body) = self.proxy().http_post(path, Some(TOKEN), "");
+        assert_eq!(code, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["outcome"], "success", "{body}");
+        self.remember_current_password();
+        v
+    }
+
+    fn state_file(&self) -> PathBuf {
+        self.dir.path().join("state").join("rotaproxy-state.json")
+    }
+
+    fn state(&self) -> Value {
+        serde_json::from_str(&std::fs::read_to_string(self.state_file()).unwrap()).unwrap()
+    }
+
+    /// (username, password) of a slot in the state file.
+    fn slot(&self, name: &str) -> Option<(String, String)> {
+        let state = self.state();
+        let slot = &state[name];
+        if slot.is_null() {
+            return None;
+        }
+        Some((
+            slot["username"].as_str().unwrap_or("default").to_string(),
+            slot["password"].as_str().unwrap().to_string(),
+        ))
+    }
+
+    fn remember_current_password(&mut self) {
+        if let Some((_, pw)) = self.slot("current")
+            && !self.secrets.contains(&pw)
+        {
+            self.secrets.push(pw);
+        }
+    }
+
+    fn authenticates(&self, user: &str, password: &str) -> bool {
+        let mut c = RespConn::connect(self.redis.addr());
+        c.cmd(&["AUTH", user, password]) == Frame::simple("OK")
+    }
+
+    fn assert_nothing_leaked(&self) {
+        let secrets: Vec<&str> = self.secrets.iter().map(String::as_str).collect();
+        assert_no_secret_in_logs(self.proxy(), &secrets);
+        let (_, status) = self.proxy().http_get("/v1/status");
+        let (_, metrics) = self.proxy().http_get("/metrics");
+        assert_no_secret_in_lines(&[status, metrics], &secrets);
+    }
+}
+
+/// SHA-256 hex of a password, as `ACL GETUSER` lists it.
+fn acl_passwords(redis: &RedisServer, user: &str) -> Vec<String> {
+    let reply = redis.admin_cmd(&["ACL", "GETUSER", user]);
+    let items = reply.as_array().expect("ACL GETUSER array").to_vec();
+    let idx = items
+        .iter()
+        .position(|f| f.as_bytes() == Some(b"passwords"))
+        .expect("passwords field");
+    items[idx + 1]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| String::from_utf8(f.as_bytes().unwrap().to_vec()).unwrap())
+        .collect()
+}
+
+fn sha256_hex(redis: &RedisServer, password: &str) -> String {
+    // Redis computes the same hash for ACL DRYRUN-free comparison: let it hash via a temp user.
+    let probe = format!("hashprobe-{}", random_token(6));
+    redis
+        .admin_cmd(&["ACL", "SETUSER", &probe, &format!(">{password}")])
+        .assert_ok();
+    let hashes = acl_passwords(redis, &probe);
+    redis.admin_cmd(&["ACL", "DELUSER", &probe]).assert_int(1);
+    hashes[0].clone()
+}
+
+#[test]
+fn multi_password_rotation_moves_every_kind_of_session() {
+    let mut env = RotEnv::multi_password("");
+    let old = env.secrets[0].clone();
+    let proxy_addr = env.proxy().client_addr();
+
+    let mut idle = RespConn::connect(proxy_addr);
+    idle.cmd(&["SELECT", "3"]).assert_ok();
+    idle.cmd(&["SET", "k", "before"]).assert_ok();
+    let mut sub2 = RespConn::connect(proxy_addr);
+    sub2.cmd(&["SUBSCRIBE", "news"]).assert_not_error();
+    let mut sub3 = RespConn::connect(proxy_addr);
+    sub3.cmd(&["HELLO", "3"]).assert_not_error();
+    sub3.cmd(&["SUBSCRIBE", "news"]).assert_not_error();
+    let mut parked = RespConn::connect(proxy_addr);
+    parked.send_cmd(&["BLPOP", "jobs", "0"]);
+    let mut watcher = RespConn::connect(proxy_addr);
+    watcher.cmd(&["WATCH", "w"]).assert_ok();
+    assert_eventually(Duration::from_secs(10), "BLPOP parked", || {
+        env.redis
+            .client_list()
+            .iter()
+            .any(|c| c.get("cmd").map(String::as_str) == Some("blpop"))
+    });
+
+    let result = env.rotate(false);
+    let (user, new) = env.slot("current").unwrap();
+    assert_eq!(user, "app");
+    assert_ne!(new, old);
+
+    // The old password is gone from the server; only the new one is left.
+    assert!(!env.authenticates("app", &old), "old password still works");
+    assert!(env.authenticates("app", &new));
+    assert_eq!(
+        acl_passwords(&env.redis, "app"),
+        vec![sha256_hex(&env.redis, &new)]
+    );
+
+    // Every session carries on as if nothing happened.
+    idle.cmd(&["GET", "k"]).assert_bulk("before");
+    env.redis
+        .admin_cmd(&["PUBLISH", "news", "after"])
+        .assert_int(2);
+    assert_eq!(
+        sub2.read_reply(),
+        Frame::Array(vec![
+            Frame::bulk("message"),
+            Frame::bulk("news"),
+            Frame::bulk("after")
+        ])
+    );
+    assert_eq!(
+        sub3.read_reply(),
+        Frame::Push(vec![
+            Frame::bulk("message"),
+            Frame::bulk("news"),
+            Frame::bulk("after")
+        ])
+    );
+    env.redis.admin_cmd(&["LPUSH", "jobs", "j1"]).assert_int(1);
+    assert_eq!(
+        parked.read_reply(),
+        Frame::Array(vec![Frame::bulk("jobs"), Frame::bulk("j1")])
+    );
+    parked.cmd(&["PING"]).assert_simple("PONG");
+    watcher.cmd(&["MULTI"]).assert_ok();
+    watcher.cmd(&["SET", "w", "1"]).assert_simple("QUEUED");
+    assert_eq!(
+        watcher.cmd(&["EXEC"]),
+        Frame::Array(vec![Frame::simple("OK")])
+    );
+
+    // The armed WATCH kept its session on the old connection (it waits for the transaction,
+    // and still works: authenticated connections survive a password change), so it was the one
+    // connection left at the drain deadline; it moved as soon as its EXEC was answered.
+    let status = env.status();
+    assert_eq!(status["generation"], 2, "{status}");
+    assert_eq!(status["last_rotation"]["outcome"], "success");
+    assert_eq!(
+        status["last_rotation"]["connections_left_at_revoke"], 1,
+        "{status}"
+    );
+    assert_eventually(
+        Duration::from_secs(10),
+        "every session on the new generation",
+        || env.status()["connections"]["previous"] == 0,
+    );
+    assert!(result["rotation_id"].as_str().unwrap().starts_with("rot-"));
+    let moved = env
+        .proxy()
+        .metric("rotaproxy_sessions_moved_total")
+        .unwrap_or(0.0);
+    assert!(moved >= 5.0, "sessions moved: {moved}");
+    env.assert_nothing_leaked();
+}
+
+#[test]
+fn alternating_users_take_turns_and_the_previous_is_scrambled() {
+    let mut env = RotEnv::alternating("");
+    let first = env.secrets[0].clone();
+    let mut c = env.proxy().conn();
+    c.cmd(&["ACL", "WHOAMI"]).assert_bulk("app-a");
+
+    env.rotate(false);
+    assert_eq!(env.status()["active_username"], "app-b");
+    c.cmd(&["ACL", "WHOAMI"]).assert_bulk("app-b");
+    assert!(
+        !env.authenticates("app-a", &first),
+        "previous user's password not scrambled"
+    );
+    let (user, pw_b) = env.slot("current").unwrap();
+    assert_eq!(user, "app-b");
+    assert!(env.authenticates("app-b", &pw_b));
+
+    env.rotate(false);
+    c.cmd(&["ACL", "WHOAMI"]).assert_bulk("app-a");
+    assert!(!env.authenticates("app-b", &pw_b));
+    let status = env.status();
+    assert_eq!(status["generation"], 3);
+    assert_eq!(status["strategy"], "alternating-users");
+    env.assert_nothing_leaked();
+}
+
+#[test]
+fn urgent_rotation_closes_the_old_identitys_other_connections() {
+    let mut env = RotEnv::alternating("");
+    let leaked = env.secrets[0].clone();
+    // Someone holding the leaked password keeps a connection open.
+    let mut intruder = RespConn::connect(env.redis.addr());
+    intruder.cmd(&["AUTH", "app-a", &leaked]).assert_ok();
+    let mut app = env.proxy().conn();
+    app.cmd(&["SET", "x", "1"]).assert_ok();
+
+    env.rotate(true);
+
+    // The intruder's session is gone; the application's is not.
+    intruder.set_read_timeout(Some(Duration::from_secs(5)));
+    intruder.send_raw(b"PING\r\n");
+    assert!(
+        intruder.try_read_reply().is_err(),
+        "intruder still connected"
+    );
+    app.cmd(&["GET", "x"]).assert_bulk("1");
+    assert!(!env.authenticates("app-a", &leaked));
+    env.assert_nothing_leaked();
+}
+
+#[test]
+fn the_rotate_endpoint_needs_the_token_and_never_runs_twice() {
+    let mut env = RotEnv::multi_password("");
+    let proxy = env.proxy();
+    assert_eq!(proxy.http_post("/v1/rotate", None, "").0, 401);
+    assert_eq!(proxy.http_post("/v1/rotate", Some("wrong"), "").0, 401);
+    drop(env.proxy.take());
+    // A rotation stuck after its drain (fault injection) is reported, never started again.
+    env.launch(&[("ROTAPROXY_FAULT_HANG_AT_STEP", "revoke")]);
+    let (code, body) = env.proxy().http_post("/v1/rotate", Some(TOKEN), "");
+    assert_eq!(code, 202, "{body}");
+    let first: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(first["state"], "started");
+    env.proxy()
+        .wait_for_log("fault injection: hanging", Duration::from_secs(20));
+    let (_, body) = env.proxy().http_post("/v1/rotate", Some(TOKEN), "");
+    let second: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(second["state"], "in_progress");
+    assert_eq!(second["rotation_id"], first["rotation_id"]);
+    assert_eq!(second["escalated"], false);
+    let (_, body) = env
+        .proxy()
+        .http_post("/v1/rotate?urgent=true", Some(TOKEN), "");
+    let third: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(third["escalated"], true, "{third}");
+    let status = env.status();
+    assert_eq!(status["rotation"]["step"], "revoke");
+    assert_eq!(status["rotation"]["urgent"], true);
+    env.remember_current_password();
+    env.assert_nothing_leaked();
+}
+
+#[test]
+fn a_crash_at_any_step_resumes_the_rotation_without_lockout() {
+    for step in ["create", "set", "test", "finish", "drain", "revoke"] {
+        let mut env = RotEnv::multi_password("");
+        let old = env.secrets[0].clone();
+        let mut app = RespConn::connect(env.proxy().client_addr());
+        app.cmd(&["SET", "k", "v"]).assert_ok();
+        drop(env.proxy.take());
+        env.launch(&[("ROTAPROXY_FAULT_HANG_AT_STEP", step)]);
+        let (code, body) = env.proxy().http_post("/v1/rotate", Some(TOKEN), "");
+        assert_eq!(code, 202, "{step}: {body}");
+        env.proxy()
+            .wait_for_log("fault injection: hanging", Duration::from_secs(20));
+        if let Some((_, pending)) = env.slot("pending") {
+            env.secrets.push(pending);
+        }
+        env.proxy.as_mut().unwrap().kill();
+
+        // Restarted without the fault: it authenticates and finishes the same rotation.
+        env.launch(&[]);
+        let resumed = env.proxy();
+        assert_eventually(
+            Duration::from_secs(30),
+            "rotation resumed and finished",
+            || {
+                let s = env.status();
+                s["rotation"].is_null() && s["last_rotation"]["outcome"] == "success"
+            },
+        );
+        resumed.conn().cmd(&["GET", "k"]).assert_bulk("v");
+        env.remember_current_password();
+        let (_, current) = env.slot("current").unwrap();
+        assert!(env.slot("pending").is_none(), "{step}: PENDING left behind");
+        assert_ne!(current, old, "{step}: the rotation did not finish");
+        // Exactly one password is valid on the server: the one the proxy holds.
+        assert_eq!(
+            acl_passwords(&env.redis, "app"),
+            vec![sha256_hex(&env.redis, &current)],
+            "{step}: inconsistent passwords"
+        );
+        assert!(
+            !env.authenticates("app", &old),
+            "{step}: old password still works"
+        );
+        env.assert_nothing_leaked();
+    }
+}
+
+#[test]
+fn scheduled_rotations_happen_on_their_own() {
+    let env = RotEnv::multi_password("rotate_every = \"1s\"\n");
+    assert_eventually(Duration::from_secs(30), "three scheduled rotations", || {
+        env.status()["generation"].as_u64().unwrap_or(0) >= 3
+    });
+    let status = env.status();
+    assert!(status["next_scheduled_rotation"].is_string(), "{status}");
+    env.proxy().conn().cmd(&["PING"]).assert_simple("PONG");
+}
+
+/// A Kubernetes-style secret volume: `password` -> `..data/password`, `..data` -> a dated dir,
+/// updated by swapping the `..data` symlink.
+struct SecretVolume {
+    dir: PathBuf,
+    version: u32,
+}
+
+impl SecretVolume {
+    fn new(dir: &Path, password: &str) -> SecretVolume {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut v = SecretVolume {
+            dir: dir.to_path_buf(),
+            version: 0,
+        };
+        v.publish(password);
+        std::os::unix::fs::symlink("..data/password", dir.join("password")).unwrap();
+        v
+    }
+
+    fn publish(&mut self, password: &str) {
+        self.version += 1;
+        let dated = format!("..2026_v{}", self.version);
+        std::fs::create_dir_all(self.dir.join(&dated)).unwrap();
+        std::fs::write(self.dir.join(&dated).join("password"), password).unwrap();
+        let tmp = self.dir.join("..data_tmp");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(&dated, &tmp).unwrap();
+        std::fs::rename(&tmp, self.dir.join("..data")).unwrap();
+    }
+
+    fn file(&self) -> PathBuf {
+        self.dir.join("password")
+    }
+}
+
+#[test]
+fn external_rotation_follows_a_secret_volume() {
+    let password = random_token(32);
+    let redis = RedisServer::start_with_user("app", &password);
+    let dir = temp_dir();
+    let mut volume = SecretVolume::new(&dir.path().join("secret"), &password);
+    let mut config = ProxyConfig::plain(&redis)
+        .credentials(Some("app"), &format!("file:{}", volume.file().display()))
+        .extra(&format!(
+            "[rotation]\nstrategy = \"external\"\nstate_dir = {}\n[rotation.external]\npassword = \"file:{}\"\npoll_interval = \"200ms\"\n",
+            toml_path(&dir.path().join("state")),
+            volume.file().display()
+        ));
+    config.admin_extra = "token = \"env:TEST_ADMIN_TOKEN\"".into();
+    let proxy = Proxy::start(&config.to_toml(), &[("TEST_ADMIN_TOKEN", TOKEN)]);
+    let mut c = proxy.conn();
+    c.cmd(&["SET", "k", "1"]).assert_ok();
+
+    // Another system adds a new password, publishes it, and removes the old one later.
+    let new = random_token(32);
+    redis
+        .admin_cmd(&["ACL", "SETUSER", "app", &format!(">{new}")])
+        .assert_ok();
+    volume.publish(&new);
+    assert_eventually(Duration::from_secs(20), "proxy followed the source", || {
+        let (_, body) = proxy.http_get("/v1/status");
+        let s: Value = serde_json::from_str(&body).unwrap();
+        s["generation"] == 2 && s["rotation"].is_null()
+    });
+    redis
+        .admin_cmd(&["ACL", "SETUSER", "app", &format!("<{password}")])
+        .assert_ok();
+    c.cmd(&["INCR", "k"]).assert_int(2);
+    // New connections authenticate with the new password.
+    let mut fresh = proxy.conn();
+    fresh.cmd(&["CLIENT", "SETNAME", "fresh"]).assert_ok();
+    fresh.cmd(&["GET", "k"]).assert_bulk("2");
+    assert_no_secret_in_logs(&proxy, &[&password, &new]);
+}
