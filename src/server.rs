@@ -85,6 +85,9 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
         }
         _ => None,
     };
+    if let Some(rotation) = &rotation {
+        pool.set_auth_recovery(Arc::new(rotation.clone()));
+    }
     let admin_token = match &config.admin.token {
         Some(token) => Some(token.resolve().context("admin.token")?),
         None => None,

@@ -491,3 +491,63 @@ fn external_rotation_follows_a_secret_volume() {
     fresh.cmd(&["GET", "k"]).assert_bulk("2");
     assert_no_secret_in_logs(&proxy, &[&password, &new]);
 }
+
+#[test]
+fn a_password_changed_behind_the_proxys_back_is_followed_once_the_source_has_it() {
+    let password = random_token(32);
+    let redis = RedisServer::start_with_user("app", &password);
+    let dir = temp_dir();
+    let mut volume = SecretVolume::new(&dir.path().join("secret"), &password);
+    let mut config = ProxyConfig::plain(&redis)
+        .credentials(Some("app"), &format!("file:{}", volume.file().display()))
+        .extra(&format!(
+            "[rotation]\nstrategy = \"external\"\nstate_dir = {}\n[rotation.external]\npassword = \"file:{}\"\n# Only change events, not polling, can be quick enough here.\npoll_interval = \"1h\"\nrefresh_window = \"30s\"\n",
+            toml_path(&dir.path().join("state")),
+            volume.file().display()
+        ));
+    config.admin_extra = "token = \"env:TEST_ADMIN_TOKEN\"".into();
+    let proxy = Proxy::start(&config.to_toml(), &[("TEST_ADMIN_TOKEN", TOKEN)]);
+    let mut c = proxy.conn();
+    c.cmd(&["SELECT", "1"]).assert_ok();
+    c.cmd(&["SET", "k", "1"]).assert_ok();
+
+    // The password changes on the server, and every connection the proxy had is dropped.
+    let new = random_token(32);
+    redis
+        .admin_cmd(&["ACL", "SETUSER", "app", "resetpass", &format!(">{new}")])
+        .assert_ok();
+    redis
+        .admin_cmd(&["CLIENT", "KILL", "USER", "app"])
+        .assert_not_error();
+    assert_eventually(
+        Duration::from_secs(10),
+        "proxy saw its connections go",
+        || {
+            proxy
+                .metric("rotaproxy_upstream_reconnects_total")
+                .unwrap_or(0.0)
+                >= 1.0
+        },
+    );
+
+    // The client's next command has to wait for a connection the server accepts...
+    let waiter = std::thread::spawn(move || {
+        let r = c.cmd(&["INCR", "k"]);
+        (r, c)
+    });
+    assert_eventually(Duration::from_secs(10), "the proxy was refused", || {
+        proxy
+            .metric("rotaproxy_upstream_auth_failures_total")
+            .unwrap_or(0.0)
+            >= 1.0
+    });
+    // ...which it gets once the secret volume catches up.
+    volume.publish(&new);
+    let (reply, mut c) = waiter.join().unwrap();
+    reply.assert_int(2);
+    c.cmd(&["GET", "k"]).assert_bulk("2");
+    let (_, body) = proxy.http_get("/v1/status");
+    let s: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(s["generation"], 2, "{s}");
+    assert_no_secret_in_logs(&proxy, &[&password, &new]);
+}

@@ -715,18 +715,51 @@ impl RotationHandle {
         );
     }
 
-    /// `external`: re-reads the source on a timer and starts a rotation when it changed.
+    /// `external`: watches the source's directory (a Kubernetes secret volume is updated by
+    /// swapping a symlink in it, so the file itself is never written) and re-reads the source
+    /// on every change, with a polling fallback for file systems without change events.
     async fn watch_source(self) {
         let s = &self.shared;
         let Some(ext) = &s.config.external else {
             return;
         };
+        let (tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
+        let _watcher = ext
+            .password
+            .path()
+            .and_then(|p| p.parent())
+            .and_then(|dir| watch_directory(dir, tx));
         let mut interval = tokio::time::interval(ext.poll_interval);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            interval.tick().await;
+            tokio::select! {
+                _ = interval.tick() => {}
+                Some(()) = changes.recv() => {}
+            }
             self.check_source();
         }
+    }
+
+    /// The upstream refused the current credential (WRONGPASS/NOAUTH): with `external`, the
+    /// source may already hold the new password, or will soon. Re-reads it and waits (at most
+    /// `refresh_window`) until a rotation has moved the proxy to a generation the server
+    /// accepts. True when a new generation is current.
+    pub async fn recover_from_refusal(&self, refused_generation: u64) -> bool {
+        let s = &self.shared;
+        let Some(ext) = &s.config.external else {
+            return false;
+        };
+        let deadline = Instant::now() + ext.refresh_window;
+        while Instant::now() < deadline {
+            if s.generations.current_id() != refused_generation
+                && s.state.lock().expect("not poisoned").rotation.is_none()
+            {
+                return true;
+            }
+            self.check_source();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
     }
 
     /// Starts a rotation if the external source holds a password other than CURRENT's.
@@ -745,6 +778,38 @@ impl RotationHandle {
             tracing::info!("the credential source changed; rotating to the new value");
             self.request(false, "source-change");
         }
+    }
+}
+
+/// Starts watching `dir`; every event becomes a unit message. None (polling only) if the
+/// platform or file system cannot watch.
+fn watch_directory(
+    dir: &std::path::Path,
+    tx: tokio::sync::mpsc::UnboundedSender<()>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok() {
+            let _ = tx.send(());
+        }
+    })
+    .inspect_err(|e| tracing::warn!(error = %e, "cannot watch the credential source; polling only"))
+    .ok()?;
+    match watcher.watch(dir, notify::RecursiveMode::NonRecursive) {
+        Ok(()) => Some(watcher),
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the credential source; polling only");
+            None
+        }
+    }
+}
+
+impl crate::upstream::pool::AuthRecovery for RotationHandle {
+    fn recover(
+        &self,
+        refused_generation: u64,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + '_>> {
+        Box::pin(self.recover_from_refusal(refused_generation))
     }
 }
 

@@ -51,6 +51,16 @@ struct Inner {
     /// Whether the latest attempt to open or check a connection succeeded.
     ready: AtomicBool,
     last_error: Mutex<Option<String>>,
+    auth_recovery: std::sync::OnceLock<Arc<dyn AuthRecovery>>,
+}
+
+/// Something that can bring a credential the server accepts after a refusal.
+pub trait AuthRecovery: Send + Sync {
+    /// Returns true when a newer generation is current and worth a retry.
+    fn recover(
+        &self,
+        refused_generation: u64,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + '_>>;
 }
 
 impl Pool {
@@ -72,6 +82,7 @@ impl Pool {
                 refill: Notify::new(),
                 ready: AtomicBool::new(false),
                 last_error: Mutex::new(None),
+                auth_recovery: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -85,6 +96,12 @@ impl Pool {
     /// True when the latest upstream connection attempt or health check succeeded.
     pub fn is_ready(&self) -> bool {
         self.inner.ready.load(Ordering::Relaxed)
+    }
+
+    /// Sets what the pool does when the upstream refuses the current credential: wait for the
+    /// credential source to catch up (the `external` strategy) before failing a client.
+    pub fn set_auth_recovery(&self, recovery: Arc<dyn AuthRecovery>) {
+        let _ = self.inner.auth_recovery.set(recovery);
     }
 
     /// The latest connection error, for readiness and status output (never holds a secret).
@@ -120,7 +137,13 @@ impl Pool {
             waited: inner.config.checkout_timeout,
         })?
         .expect("the pool never closes its semaphore");
-        let conn = self.open().await;
+        let mut conn = self.open().await;
+        if let Err(ConnectError::Auth { .. }) = &conn
+            && let Some(recovery) = inner.auth_recovery.get()
+            && recovery.recover(current).await
+        {
+            conn = self.open().await;
+        }
         inner.refill.notify_one();
         let mut conn = conn?;
         conn.permit = Some(permit);
