@@ -14,6 +14,7 @@ pub mod load;
 pub mod proxy;
 pub mod redis;
 pub mod resp;
+pub mod rotation;
 
 use std::time::{Duration, Instant};
 

@@ -1,0 +1,219 @@
+//! Rotation fixtures: Redis with the users a strategy needs, the proxy rotating them with a
+//! state directory the test owns (so it can restart the proxy), and a Kubernetes-style secret
+//! volume.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use super::*;
+
+pub const TOKEN: &str = "test-admin-token-0123456789";
+
+/// Redis with the users a strategy needs, and the proxy rotating them.
+pub struct RotEnv {
+    pub redis: RedisServer,
+    pub proxy: Option<Proxy>,
+    pub dir: tempfile::TempDir,
+    pub config: String,
+    pub envs: Vec<(String, String)>,
+    /// Every password the test has seen (checked absent from logs and status).
+    pub secrets: Vec<String>,
+}
+
+impl RotEnv {
+    /// `acl-multi-password` on user `app`.
+    pub fn multi_password(extra: &str) -> RotEnv {
+        let password = random_token(32);
+        let redis = RedisServer::start_with_user("app", &password);
+        Self::start(redis, Some("app"), password, "acl-multi-password", extra)
+    }
+
+    /// `alternating-users` on `app-a` (active first) and `app-b` (unknown password).
+    pub fn alternating(extra: &str) -> RotEnv {
+        let password = random_token(32);
+        let idle = random_token(32);
+        let redis = RedisServer::start(
+            RedisOptions::new()
+                .user(&format!("app-a on >{password} ~* &* +@all"))
+                .user(&format!("app-b on >{idle} ~* &* +@all")),
+        );
+        let extra = format!("users = [\"app-a\", \"app-b\"]\n{extra}");
+        Self::start(redis, Some("app-a"), password, "alternating-users", &extra)
+    }
+
+    pub fn start(
+        redis: RedisServer,
+        user: Option<&str>,
+        password: String,
+        strategy: &str,
+        extra: &str,
+    ) -> RotEnv {
+        let dir = temp_dir();
+        let mut config = ProxyConfig::plain(&redis)
+            .credentials(user, "env:TEST_UPSTREAM_PASSWORD")
+            .extra(&format!(
+                "[rotation]\nstrategy = \"{strategy}\"\nstate_dir = {}\nurgent_drain_deadline = \"1s\"\n{}{extra}",
+                toml_path(&dir.path().join("state")),
+                if extra.contains("drain_deadline =") {
+                    ""
+                } else {
+                    "drain_deadline = \"3s\"\n"
+                }
+            ));
+        config.admin_extra = "token = \"env:TEST_ADMIN_TOKEN\"".into();
+        let envs = vec![
+            ("TEST_UPSTREAM_PASSWORD".to_string(), password.clone()),
+            ("TEST_ADMIN_TOKEN".to_string(), TOKEN.to_string()),
+        ];
+        let mut env = RotEnv {
+            redis,
+            proxy: None,
+            dir,
+            config: config.to_toml(),
+            envs,
+            secrets: vec![password],
+        };
+        env.launch(&[]);
+        env
+    }
+
+    pub fn launch(&mut self, extra_env: &[(&str, &str)]) {
+        let mut envs: Vec<(&str, &str)> = self
+            .envs
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        envs.extend_from_slice(extra_env);
+        self.proxy = Some(Proxy::start(&self.config, &envs));
+    }
+
+    pub fn proxy(&self) -> &Proxy {
+        self.proxy.as_ref().expect("proxy running")
+    }
+
+    pub fn status(&self) -> Value {
+        let (code, body) = self.proxy().http_get("/v1/status");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).expect("status is JSON")
+    }
+
+    /// `POST /v1/rotate?wait=true`; asserts success.
+    pub fn rotate(&mut self, urgent: bool) -> Value {
+        let path = if urgent {
+            "/v1/rotate?wait=true&urgent=true"
+        } else {
+            "/v1/rotate?wait=true"
+        };
+        let (code, body) = self.proxy().http_post(path, Some(TOKEN), "");
+        assert_eq!(code, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["outcome"], "success", "{body}");
+        self.remember_current_password();
+        v
+    }
+
+    pub fn state_file(&self) -> PathBuf {
+        self.dir.path().join("state").join("rotaproxy-state.json")
+    }
+
+    pub fn state(&self) -> Value {
+        serde_json::from_str(&std::fs::read_to_string(self.state_file()).unwrap()).unwrap()
+    }
+
+    /// (username, password) of a slot in the state file.
+    pub fn slot(&self, name: &str) -> Option<(String, String)> {
+        let state = self.state();
+        let slot = &state[name];
+        if slot.is_null() {
+            return None;
+        }
+        Some((
+            slot["username"].as_str().unwrap_or("default").to_string(),
+            slot["password"].as_str().unwrap().to_string(),
+        ))
+    }
+
+    pub fn remember_current_password(&mut self) {
+        if let Some((_, pw)) = self.slot("current")
+            && !self.secrets.contains(&pw)
+        {
+            self.secrets.push(pw);
+        }
+    }
+
+    pub fn authenticates(&self, user: &str, password: &str) -> bool {
+        let mut c = RespConn::connect(self.redis.addr());
+        c.cmd(&["AUTH", user, password]) == Frame::simple("OK")
+    }
+
+    pub fn assert_nothing_leaked(&self) {
+        let secrets: Vec<&str> = self.secrets.iter().map(String::as_str).collect();
+        assert_no_secret_in_logs(self.proxy(), &secrets);
+        let (_, status) = self.proxy().http_get("/v1/status");
+        let (_, metrics) = self.proxy().http_get("/metrics");
+        assert_no_secret_in_lines(&[status, metrics], &secrets);
+    }
+}
+
+/// SHA-256 hex of a password, as `ACL GETUSER` lists it.
+pub fn acl_passwords(redis: &RedisServer, user: &str) -> Vec<String> {
+    let reply = redis.admin_cmd(&["ACL", "GETUSER", user]);
+    let items = reply.as_array().expect("ACL GETUSER array").to_vec();
+    let idx = items
+        .iter()
+        .position(|f| f.as_bytes() == Some(b"passwords"))
+        .expect("passwords field");
+    items[idx + 1]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| String::from_utf8(f.as_bytes().unwrap().to_vec()).unwrap())
+        .collect()
+}
+
+pub fn sha256_hex(redis: &RedisServer, password: &str) -> String {
+    // Redis computes the same hash for ACL DRYRUN-free comparison: let it hash via a temp user.
+    let probe = format!("hashprobe-{}", random_token(6));
+    redis
+        .admin_cmd(&["ACL", "SETUSER", &probe, &format!(">{password}")])
+        .assert_ok();
+    let hashes = acl_passwords(redis, &probe);
+    redis.admin_cmd(&["ACL", "DELUSER", &probe]).assert_int(1);
+    hashes[0].clone()
+}
+
+/// A Kubernetes-style secret volume: `password` -> `..data/password`, `..data` -> a dated dir,
+/// updated by swapping the `..data` symlink.
+pub struct SecretVolume {
+    dir: PathBuf,
+    version: u32,
+}
+
+impl SecretVolume {
+    pub fn new(dir: &Path, password: &str) -> SecretVolume {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut v = SecretVolume {
+            dir: dir.to_path_buf(),
+            version: 0,
+        };
+        v.publish(password);
+        std::os::unix::fs::symlink("..data/password", dir.join("password")).unwrap();
+        v
+    }
+
+    pub fn publish(&mut self, password: &str) {
+        self.version += 1;
+        let dated = format!("..2026_v{}", self.version);
+        std::fs::create_dir_all(self.dir.join(&dated)).unwrap();
+        std::fs::write(self.dir.join(&dated).join("password"), password).unwrap();
+        let tmp = self.dir.join("..data_tmp");
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(&dated, &tmp).unwrap();
+        std::fs::rename(&tmp, self.dir.join("..data")).unwrap();
+    }
+
+    pub fn file(&self) -> PathBuf {
+        self.dir.join("password")
+    }
+}
