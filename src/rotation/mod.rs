@@ -229,12 +229,15 @@ impl RotationHandle {
                 }
                 None => {
                     let id = new_rotation_id();
+                    let from_user = state.current.display_user().to_string();
                     state.rotation = Some(InFlight {
                         id: id.clone(),
                         step: Step::Create,
                         started_at: now_unix(),
                         urgent,
                         trigger: trigger.to_string(),
+                        from_user,
+                        to_user: String::new(),
                     });
                     RequestAnswer::Started { id }
                 }
@@ -512,7 +515,12 @@ impl RotationHandle {
                 let Some(pending) = s.strategy.make_pending(&current)? else {
                     return Ok(StepDone::NothingToDo);
                 };
-                s.state.lock().expect("not poisoned").pending = Some(pending);
+                let mut state = s.state.lock().expect("not poisoned");
+                if let Some(r) = &mut state.rotation {
+                    r.to_user = pending.display_user().to_string();
+                }
+                state.pending = Some(pending);
+                drop(state);
                 // PENDING is on disk before the server learns it.
                 self.persist()?;
                 Ok(StepDone::Next(Step::Set))
@@ -680,18 +688,11 @@ impl RotationHandle {
     ) {
         let s = &self.shared;
         let state = s.state.lock().expect("not poisoned");
-        let to_user = state
-            .pending
+        let (from_user, to_user) = state
+            .rotation
             .as_ref()
-            .unwrap_or(&state.current)
-            .display_user()
-            .to_string();
-        let from_user = state
-            .previous
-            .as_ref()
-            .unwrap_or(&state.current)
-            .display_user()
-            .to_string();
+            .map(|r| (r.from_user.clone(), r.to_user.clone()))
+            .unwrap_or_default();
         let (result, error) = match outcome {
             Ok(StepDone::NothingToDo) => ("skipped", String::new()),
             Ok(_) => ("ok", String::new()),

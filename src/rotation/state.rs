@@ -96,8 +96,13 @@ pub struct InFlight {
     pub started_at: u64,
     /// Suspected compromise: short drain, old identity's other connections killed.
     pub urgent: bool,
-    /// What started it: `schedule`, `api`, `startup`, `source-change`.
+    /// What started it: `schedule`, `api`, `api-urgent`, `source-change`.
     pub trigger: String,
+    /// The identity sessions move away from, and the one they move to (known once PENDING is).
+    #[serde(default)]
+    pub from_user: String,
+    #[serde(default)]
+    pub to_user: String,
 }
 
 /// How a finished rotation ended.

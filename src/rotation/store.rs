@@ -150,6 +150,8 @@ mod tests {
             started_at: 1,
             urgent: false,
             trigger: "api".into(),
+            from_user: "app".into(),
+            to_user: "app".into(),
         });
         store.save(&state).unwrap();
         let mode = fs::metadata(store.path()).unwrap().permissions().mode() & 0o777;
