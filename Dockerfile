@@ -1,0 +1,41 @@
+# syntax=docker/dockerfile:1
+#
+# rotaproxy container image.
+#
+#   docker build -t rotaproxy .
+#   docker run --rm \
+#     -v "$PWD/rotaproxy.toml:/etc/rotaproxy/rotaproxy.toml:ro" \
+#     -v "$PWD/secrets:/run/secrets:ro" \
+#     -e ROTAPROXY_ADMIN_TOKEN \
+#     -p 6380:6380 -p 9180:9180 rotaproxy
+#
+# Configuration: mount the TOML file at /etc/rotaproxy/rotaproxy.toml (or pass another path:
+# `docker run ... rotaproxy run --config /path`). Secrets are never in the image nor in the
+# config: the config refers to them as `env:NAME` (pass with -e / a Kubernetes Secret as env) or
+# `file:/run/secrets/...` (a mounted Secret / Docker secret; read-only is enough).
+# As a sidecar in a pod, keep the default loopback binds (the pod shares loopback); to publish
+# the ports with `docker run -p`, bind 0.0.0.0 in [listener] and [admin] and set client auth.
+# Probes: GET /healthz (liveness) and /readyz (readiness) on the admin port.
+
+FROM rust:1.95-bookworm AS builder
+WORKDIR /src
+# The whole context (see .dockerignore), so every target the manifest declares is present.
+COPY . .
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked \
+ && install -m 0755 target/release/rotaproxy /usr/local/bin/rotaproxy
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --gid 10001 rotaproxy \
+ && useradd --uid 10001 --gid rotaproxy --no-create-home \
+      --home-dir /nonexistent --shell /usr/sbin/nologin rotaproxy \
+ && mkdir -p /etc/rotaproxy
+COPY --from=builder /usr/local/bin/rotaproxy /usr/local/bin/rotaproxy
+USER 10001:10001
+EXPOSE 6380 9180
+ENTRYPOINT ["rotaproxy"]
+CMD ["run", "--config", "/etc/rotaproxy/rotaproxy.toml"]
