@@ -20,6 +20,8 @@ use crate::session::client_auth::ClientAuth;
 use crate::session::{Session, SessionContext};
 use crate::upstream::pool::Pool;
 
+/// How long, after SIGTERM/SIGINT, sessions get to deliver the replies they owe.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 /// How long a client may take to finish its TLS handshake.
 const CLIENT_TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -109,6 +111,8 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
             .rotation
             .as_ref()
             .map_or(std::time::Duration::from_millis(250), |r| r.max_pause),
+        shutdown: Arc::new(tokio::sync::Notify::new()),
+        shutting_down: std::sync::atomic::AtomicBool::new(false),
         client_auth,
         request_limits: ScanLimits {
             max_depth: 1,
@@ -188,13 +192,21 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
             });
         }
     };
-    tokio::select! {
-        _ = accept => Ok(()),
-        signal = shutdown_signal() => {
-            tracing::info!(signal, "shutting down");
-            Ok(())
-        }
+    let signal = tokio::select! {
+        _ = accept => return Ok(()),
+        signal = shutdown_signal() => signal,
+    };
+    // Stop accepting, then let every session deliver the replies it owes before it closes
+    // (a session closes at once when nothing is owed). Bounded by the grace period.
+    tracing::info!(signal, grace = ?SHUTDOWN_GRACE, "shutting down: no new clients; finishing replies in flight");
+    drop(listener);
+    ctx.begin_shutdown();
+    let all_slots = u32::try_from(config.listener.max_clients).unwrap_or(u32::MAX);
+    match tokio::time::timeout(SHUTDOWN_GRACE, slots.acquire_many(all_slots)).await {
+        Ok(_) => tracing::info!("every client session finished"),
+        Err(_) => tracing::warn!("shutdown grace period over with client sessions still open"),
     }
+    Ok(())
 }
 
 /// Answers a client over the limit the way Redis does, then closes.

@@ -787,3 +787,29 @@ fn limits_on_clients_and_upstream_connections() {
     );
     env.assert_no_secret_leaked();
 }
+
+#[test]
+fn shutdown_delivers_the_replies_in_flight_before_closing() {
+    let mut env = Env::start();
+    let mut idle = env.conn();
+    idle.cmd(&["PING"]).assert_simple("PONG");
+    let mut busy = env.conn();
+    busy.send_cmd(&["BLPOP", "nothing", "1"]);
+    assert_eventually(Duration::from_secs(10), "BLPOP reached Redis", || {
+        env.redis
+            .client_list()
+            .iter()
+            .any(|c| c.get("cmd").map(String::as_str) == Some("blpop"))
+    });
+    env.proxy.terminate();
+    // The command in flight still gets its answer, then the connection closes.
+    let replies = busy.expect_closed(Duration::from_secs(10));
+    assert_eq!(replies, vec![Frame::Null]);
+    idle.expect_closed(Duration::from_secs(10));
+    let status = env
+        .proxy
+        .wait_exit(Duration::from_secs(15))
+        .expect("exited");
+    assert!(status.success(), "{status:?}");
+    assert!(env.proxy.log_contains("every client session finished"));
+}

@@ -69,11 +69,23 @@ pub struct SessionContext {
     pub generations: Arc<Generations>,
     /// Longest a busy session stops reading its client to create a safe point.
     pub max_pause: std::time::Duration,
+    /// Set when the proxy is shutting down: sessions finish what they owe, then close.
+    pub shutdown: Arc<tokio::sync::Notify>,
+    pub shutting_down: std::sync::atomic::AtomicBool,
     pub client_auth: ClientAuth,
     pub request_limits: ScanLimits,
     /// Most bytes of one command the proxy holds while it must read the command whole.
     pub max_buffered: usize,
     pub metrics: Metrics,
+}
+
+impl SessionContext {
+    /// Tells every session to stop reading requests and close once its replies are delivered.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.shutdown.notify_waiters();
+    }
 }
 
 /// How the request now being read is handled.
@@ -172,6 +184,8 @@ pub struct Session {
     upstream_first: bool,
     /// Completes when a new generation is published.
     generation_changed: Pin<Box<tokio::sync::futures::OwnedNotified>>,
+    /// Completes when the proxy begins to shut down.
+    shutdown: Pin<Box<tokio::sync::futures::OwnedNotified>>,
     /// Client input is paused so replies drain and the session reaches a safe point to move.
     paused_for_move: bool,
     /// Ends a pause, or wakes the session at the drain deadline.
@@ -196,6 +210,9 @@ impl Session {
         let authenticated = !ctx.client_auth.required();
         let request_scanner = Scanner::new(Direction::Request, ctx.request_limits);
         let generation_changed = Box::pin(ctx.generations.changed());
+        let shutdown = Box::pin(ctx.shutdown.clone().notified_owned());
+        // A session accepted just as shutdown began finishes at once.
+        let closing = ctx.shutting_down.load(std::sync::atomic::Ordering::Acquire);
         Self {
             ctx,
             peer,
@@ -222,9 +239,10 @@ impl Session {
             multi_lost: false,
             barrier: false,
             resume_input: false,
-            closing: false,
+            closing,
             upstream_first: false,
             generation_changed,
+            shutdown,
             paused_for_move: false,
             move_timer: None,
             reauth_target: None,
@@ -309,6 +327,11 @@ impl Session {
             && !self.client_needs_flush
         {
             return Poll::Ready(Event::Finished);
+        }
+        if !self.closing && self.shutdown.as_mut().poll(cx).is_ready() {
+            // Stop reading requests; `Finished` follows once every owed reply is delivered.
+            self.closing = true;
+            return Poll::Ready(Event::GenerationChanged);
         }
         if self.generation_changed.as_mut().poll(cx).is_ready() {
             self.generation_changed = Box::pin(self.ctx.generations.changed());
