@@ -21,6 +21,7 @@ use crate::upstream::pool::Pool;
 
 pub struct AdminState {
     pub prometheus: PrometheusHandle,
+    pub metrics: crate::metrics::Metrics,
     pub pool: Pool,
     pub rotation: Option<RotationHandle>,
     /// Bearer token for POST endpoints; without one they are refused.
@@ -60,8 +61,11 @@ async fn readyz(State(state): State<Arc<AdminState>>) -> (StatusCode, String) {
 }
 
 async fn metrics(State(state): State<Arc<AdminState>>) -> String {
-    if let Some(rotation) = &state.rotation {
-        rotation.update_gauges();
+    match &state.rotation {
+        Some(rotation) => rotation.update_gauges(),
+        None => state
+            .metrics
+            .update_connection_gauges(state.pool.generations()),
     }
     state.prometheus.render()
 }

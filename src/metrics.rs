@@ -28,7 +28,7 @@ fn describe() {
     );
     describe_gauge!(
         "rotaproxy_upstream_connections",
-        "Upstream connections open now (idle in the pool or in use)"
+        "Upstream connections open now (idle in the pool or in use), by generation: current, previous (being drained), older"
     );
     describe_gauge!(
         "rotaproxy_pool_idle_connections",
@@ -114,7 +114,6 @@ pub struct Metrics {
     pub client_connections: Gauge,
     pub client_connections_total: Counter,
     pub client_connections_rejected: Counter,
-    pub upstream_connections: Gauge,
     pub pool_idle: Gauge,
     pub commands: Counter,
     pub upstream_auth_failures: Counter,
@@ -130,7 +129,6 @@ impl Metrics {
             client_connections: gauge!("rotaproxy_client_connections"),
             client_connections_total: counter!("rotaproxy_client_connections_total"),
             client_connections_rejected: counter!("rotaproxy_client_connections_rejected_total"),
-            upstream_connections: gauge!("rotaproxy_upstream_connections"),
             pool_idle: gauge!("rotaproxy_pool_idle_connections"),
             commands: counter!("rotaproxy_commands_total"),
             upstream_auth_failures: counter!("rotaproxy_upstream_auth_failures_total"),
@@ -139,6 +137,17 @@ impl Metrics {
             scanned_request_bytes: counter!("rotaproxy_scanned_bytes_total", "direction" => "request"),
             scanned_reply_bytes: counter!("rotaproxy_scanned_bytes_total", "direction" => "reply"),
         }
+    }
+
+    /// Sets the gauges derived from the generations (read when /metrics is scraped).
+    pub fn update_connection_gauges(&self, generations: &crate::credentials::Generations) {
+        let current = generations.current().live_connections();
+        let previous = generations.previous().map_or(0, |p| p.live_connections());
+        let all = crate::upstream::connector::open_connections();
+        gauge!("rotaproxy_upstream_connections", "generation" => "current").set(current as f64);
+        gauge!("rotaproxy_upstream_connections", "generation" => "previous").set(previous as f64);
+        gauge!("rotaproxy_upstream_connections", "generation" => "older")
+            .set((all - current - previous).max(0) as f64);
     }
 
     pub fn client_error(&self, reason: ClientErrorReason) {

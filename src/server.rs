@@ -134,6 +134,7 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
     let admin_addr = admin_listener.local_addr()?;
     let admin_state = Arc::new(AdminState {
         prometheus,
+        metrics: metrics.clone(),
         pool: pool.clone(),
         rotation,
         token: admin_token,

@@ -326,11 +326,8 @@ impl RotationHandle {
         gauge!("rotaproxy_credential_age_seconds")
             .set(now_unix().saturating_sub(state.current.created_at) as f64);
         gauge!("rotaproxy_rotation_in_progress").set(f64::from(u8::from(state.rotation.is_some())));
-        let current = s.generations.current();
-        gauge!("rotaproxy_upstream_connections_by_generation", "generation" => "current")
-            .set(current.live_connections() as f64);
-        gauge!("rotaproxy_upstream_connections_by_generation", "generation" => "previous")
-            .set(s.generations.previous().map_or(0, |p| p.live_connections()) as f64);
+        drop(state);
+        s.metrics.update_connection_gauges(&s.generations);
     }
 
     // ---- the rotation task ------------------------------------------------------------------

@@ -66,7 +66,14 @@ pub struct UpstreamConn {
     pub opened_at: Instant,
     /// A place in the pool's capacity, held for as long as the connection is open.
     pub(crate) permit: Option<OwnedSemaphorePermit>,
-    metrics: Metrics,
+}
+
+/// Upstream connections open now, of every generation.
+static OPEN_CONNECTIONS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
+/// Upstream connections open now, of every generation.
+pub fn open_connections() -> i64 {
+    OPEN_CONNECTIONS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Server-side ids of the connections this proxy holds: an urgent rotation kills every other
@@ -87,7 +94,7 @@ impl Drop for UpstreamConn {
         if let Some(id) = self.client_id {
             own_client_ids().remove(&id);
         }
-        self.metrics.upstream_connections.decrement(1.0);
+        OPEN_CONNECTIONS.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         self.generation.connection_closed();
     }
 }
@@ -107,7 +114,7 @@ pub async fn connect(
     timeouts: &TimeoutsConfig,
     metrics: &Metrics,
 ) -> Result<UpstreamConn, ConnectError> {
-    let result = connect_inner(generation, timeouts, metrics).await;
+    let result = connect_inner(generation, timeouts).await;
     if let Err(err) = &result {
         metrics.connect_failure(err.stage());
         if matches!(err, ConnectError::Auth { .. }) {
@@ -125,7 +132,7 @@ pub async fn probe(
     timeouts: &TimeoutsConfig,
     metrics: &Metrics,
 ) -> Result<UpstreamConn, ConnectError> {
-    let result = connect_inner(generation, timeouts, metrics).await;
+    let result = connect_inner(generation, timeouts).await;
     if let Err(ConnectError::Auth { .. }) = &result {
         metrics.upstream_auth_probe_failures.increment(1);
     } else if let Err(err) = &result {
@@ -137,7 +144,6 @@ pub async fn probe(
 async fn connect_inner(
     generation: &Arc<Generation>,
     timeouts: &TimeoutsConfig,
-    metrics: &Metrics,
 ) -> Result<UpstreamConn, ConnectError> {
     let ep = &generation.endpoint;
     let addr = format!("{}:{}", ep.host, ep.port);
@@ -173,7 +179,7 @@ async fn connect_inner(
             Stream::TlsUpstream(Box::new(tls))
         }
     };
-    metrics.upstream_connections.increment(1.0);
+    OPEN_CONNECTIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     generation.connection_opened();
     let mut conn = UpstreamConn {
         stream,
@@ -181,7 +187,6 @@ async fn connect_inner(
         client_id: None,
         opened_at: Instant::now(),
         permit: None,
-        metrics: metrics.clone(),
     };
     conn.client_id = timeout(timeouts.auth, handshake(&mut conn))
         .await
