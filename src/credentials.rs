@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use rustls::pki_types::ServerName;
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use tokio::sync::Notify;
 
 use crate::config::{Config, SecretError, UpstreamUrl};
@@ -46,6 +46,16 @@ pub struct Credential {
 }
 
 impl Credential {
+    /// The `AUTH [user] password` command for this credential; None without a password. Always
+    /// sends the username when there is one (password-only AUTH means `default`).
+    pub fn auth_command(&self) -> Option<Vec<u8>> {
+        let pw = self.password.as_ref()?.expose_secret().as_bytes();
+        Some(match &self.username {
+            Some(user) => crate::resp::command::encode(&[b"AUTH", user.as_bytes(), pw]),
+            None => crate::resp::command::encode(&[&b"AUTH"[..], pw]),
+        })
+    }
+
     /// The username for logs and status ("default" when none is configured).
     pub fn display_user(&self) -> &str {
         self.username.as_deref().unwrap_or("default")

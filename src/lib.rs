@@ -15,6 +15,7 @@
 //! - [`admin`] and [`metrics`] are for operators; [`config`] is the TOML file.
 
 pub mod admin;
+pub mod cloud;
 pub mod config;
 pub mod credentials;
 pub mod metrics;

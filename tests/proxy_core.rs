@@ -434,16 +434,22 @@ fn client_passwords_with_overlap() {
     );
 }
 
-#[test]
-fn upstream_tls_with_the_wrong_ca_is_a_clear_error() {
+/// A Redis serving TLS (requiring client certificates when `mtls`) with the ACL user `app`.
+fn tls_redis(mtls: bool) -> (tempfile::TempDir, Certs, String, RedisServer) {
     let dir = temp_dir();
     let certs = Certs::generate(dir.path());
     let password = random_token(32);
     let redis = RedisServer::start(
         RedisOptions::new()
-            .tls(RedisTls::from_certs(&certs, false))
+            .tls(RedisTls::from_certs(&certs, mtls))
             .user(&format!("{APP_USER} on >{password} ~* &* +@all")),
     );
+    (dir, certs, password, redis)
+}
+
+#[test]
+fn upstream_tls_with_the_wrong_ca_is_a_clear_error() {
+    let (_dir, certs, password, redis) = tls_redis(false);
     let config = ProxyConfig::tls(&redis, &certs.other_ca)
         .credentials(Some(APP_USER), "env:TEST_UPSTREAM_PASSWORD");
     let proxy = Proxy::start(&config.to_toml(), &[("TEST_UPSTREAM_PASSWORD", &password)]);
@@ -459,14 +465,7 @@ fn upstream_tls_with_the_wrong_ca_is_a_clear_error() {
 
 #[test]
 fn upstream_tls_wrong_server_name_is_named() {
-    let dir = temp_dir();
-    let certs = Certs::generate(dir.path());
-    let password = random_token(32);
-    let redis = RedisServer::start(
-        RedisOptions::new()
-            .tls(RedisTls::from_certs(&certs, false))
-            .user(&format!("{APP_USER} on >{password} ~* &* +@all")),
-    );
+    let (_dir, certs, password, redis) = tls_redis(false);
     let mut config = ProxyConfig::tls(&redis, &certs.ca)
         .credentials(Some(APP_USER), "env:TEST_UPSTREAM_PASSWORD");
     config.server_name = Some("not-the-server.example".into());
@@ -477,14 +476,7 @@ fn upstream_tls_wrong_server_name_is_named() {
 
 #[test]
 fn upstream_mutual_tls() {
-    let dir = temp_dir();
-    let certs = Certs::generate(dir.path());
-    let password = random_token(32);
-    let redis = RedisServer::start(
-        RedisOptions::new()
-            .tls(RedisTls::from_certs(&certs, true))
-            .user(&format!("{APP_USER} on >{password} ~* &* +@all")),
-    );
+    let (_dir, certs, password, redis) = tls_redis(true);
     let config = ProxyConfig::tls(&redis, &certs.ca)
         .credentials(Some(APP_USER), "env:TEST_UPSTREAM_PASSWORD")
         .client_cert(&certs.client);

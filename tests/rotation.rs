@@ -249,19 +249,13 @@ fn scheduled_rotations_happen_on_their_own() {
 
 #[test]
 fn external_rotation_follows_a_secret_volume() {
-    let password = random_token(32);
-    let redis = RedisServer::start_with_user("app", &password);
-    let dir = temp_dir();
-    let mut volume = SecretVolume::new(&dir.path().join("secret"), &password);
-    let mut config = ProxyConfig::plain(&redis)
-        .credentials(Some("app"), &format!("file:{}", volume.file().display()))
-        .extra(&format!(
-            "[rotation]\nstrategy = \"external\"\nstate_dir = {}\n[rotation.external]\npassword = \"file:{}\"\npoll_interval = \"200ms\"\n",
-            toml_path(&dir.path().join("state")),
-            volume.file().display()
-        ));
-    config.admin_extra = "token = \"env:TEST_ADMIN_TOKEN\"".into();
-    let proxy = Proxy::start(&config.to_toml(), &[("TEST_ADMIN_TOKEN", TOKEN)]);
+    let ExternalEnv {
+        redis,
+        mut volume,
+        proxy,
+        password,
+        dir: _dir,
+    } = ExternalEnv::start("poll_interval = \"200ms\"\n");
     let mut c = proxy.conn();
     c.cmd(&["SET", "k", "1"]).assert_ok();
 
@@ -289,19 +283,14 @@ fn external_rotation_follows_a_secret_volume() {
 
 #[test]
 fn a_password_changed_behind_the_proxys_back_is_followed_once_the_source_has_it() {
-    let password = random_token(32);
-    let redis = RedisServer::start_with_user("app", &password);
-    let dir = temp_dir();
-    let mut volume = SecretVolume::new(&dir.path().join("secret"), &password);
-    let mut config = ProxyConfig::plain(&redis)
-        .credentials(Some("app"), &format!("file:{}", volume.file().display()))
-        .extra(&format!(
-            "[rotation]\nstrategy = \"external\"\nstate_dir = {}\n[rotation.external]\npassword = \"file:{}\"\n# Only change events, not polling, can be quick enough here.\npoll_interval = \"1h\"\nrefresh_window = \"30s\"\n",
-            toml_path(&dir.path().join("state")),
-            volume.file().display()
-        ));
-    config.admin_extra = "token = \"env:TEST_ADMIN_TOKEN\"".into();
-    let proxy = Proxy::start(&config.to_toml(), &[("TEST_ADMIN_TOKEN", TOKEN)]);
+    // Only change events, not polling, can be quick enough here.
+    let ExternalEnv {
+        redis,
+        mut volume,
+        proxy,
+        password,
+        dir: _dir,
+    } = ExternalEnv::start("poll_interval = \"1h\"\nrefresh_window = \"30s\"\n");
     let mut c = proxy.conn();
     c.cmd(&["SELECT", "1"]).assert_ok();
     c.cmd(&["SET", "k", "1"]).assert_ok();

@@ -65,18 +65,13 @@ fn twenty_alternating_user_rotations_under_load() {
 
 #[test]
 fn twenty_external_rotations_by_symlink_swap_under_load() {
-    let mut password = random_token(32);
-    let redis = RedisServer::start_with_user("app", &password);
-    let dir = temp_dir();
-    let mut volume = SecretVolume::new(&dir.path().join("secret"), &password);
-    let config = ProxyConfig::plain(&redis)
-        .credentials(Some("app"), &format!("file:{}", volume.file().display()))
-        .extra(&format!(
-            "[rotation]\nstrategy = \"external\"\nstate_dir = {}\ndrain_deadline = \"2s\"\n[rotation.external]\npassword = \"file:{}\"\npoll_interval = \"500ms\"\n",
-            toml_path(&dir.path().join("state")),
-            volume.file().display()
-        ));
-    let proxy = Proxy::start(&config.to_toml(), &[]);
+    let ExternalEnv {
+        redis,
+        mut volume,
+        proxy,
+        mut password,
+        dir: _dir,
+    } = ExternalEnv::start("poll_interval = \"500ms\"\n");
     let status = || -> Value {
         let (_, body) = proxy.http_get("/v1/status");
         serde_json::from_str(&body).unwrap()

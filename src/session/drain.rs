@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use redis_protocol::resp2::types::OwnedFrame;
-use secrecy::ExposeSecret;
 
 use super::replies::Expect;
 use super::state::Action;
@@ -206,14 +205,8 @@ impl Session {
         let Some(up) = &mut self.upstream else {
             return;
         };
-        let cred = &target.credential;
-        let Some(password) = &cred.password else {
+        let Some(auth) = target.credential.auth_command() else {
             return;
-        };
-        let pw = password.expose_secret().as_bytes();
-        let auth = match &cred.username {
-            Some(user) => command::encode(&[b"AUTH", user.as_bytes(), pw]),
-            None => command::encode(&[&b"AUTH"[..], pw]),
         };
         up.out.extend_from_slice(&auth);
         self.replies.push(Expect::Tracked {

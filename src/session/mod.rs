@@ -30,7 +30,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
-use secrecy::ExposeSecret;
 use tokio::io::AsyncWrite;
 
 use crate::credentials::{Generation, Generations};
@@ -1230,14 +1229,8 @@ impl Session {
         let Some(up) = &mut self.upstream else {
             return;
         };
-        let cred = &up.conn.generation.credential;
-        let Some(password) = &cred.password else {
+        let Some(auth) = up.conn.generation.credential.auth_command() else {
             return;
-        };
-        let pw = password.expose_secret().as_bytes();
-        let auth = match &cred.username {
-            Some(user) => command::encode(&[b"AUTH", user.as_bytes(), pw]),
-            None => command::encode(&[&b"AUTH"[..], pw]),
         };
         up.out.extend_from_slice(&auth);
         self.replies.push(injected("AUTH"));

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use redis_protocol::resp2::types::OwnedFrame;
-use secrecy::ExposeSecret;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
@@ -202,15 +201,8 @@ async fn connect_inner(
 /// Sends AUTH (when the generation has a password) and CLIENT ID, and reads both replies.
 async fn handshake(conn: &mut UpstreamConn) -> Result<Option<i64>, ConnectError> {
     let cred = &conn.generation.credential;
-    let mut out = Vec::new();
-    let auths = cred.password.is_some();
-    if let Some(password) = &cred.password {
-        let pw = password.expose_secret().as_bytes();
-        out = match &cred.username {
-            Some(user) => command::encode(&[b"AUTH", user.as_bytes(), pw]),
-            None => command::encode(&[&b"AUTH"[..], pw]),
-        };
-    }
+    let mut out = cred.auth_command().unwrap_or_default();
+    let auths = !out.is_empty();
     out.extend_from_slice(&command::encode(&[&b"CLIENT"[..], b"ID"]));
     conn.stream
         .write_all(&out)

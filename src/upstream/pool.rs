@@ -48,6 +48,8 @@ struct Inner {
     capacity: Arc<Semaphore>,
     /// Wakes the refill task when a connection was taken or dropped.
     refill: Notify,
+    /// Wakes a client waiting at the pool maximum when a connection becomes idle.
+    returned: Notify,
     /// Whether the latest attempt to open or check a connection succeeded.
     ready: AtomicBool,
     last_error: Mutex<Option<String>>,
@@ -80,6 +82,7 @@ impl Pool {
                 idle: Mutex::new(VecDeque::new()),
                 capacity,
                 refill: Notify::new(),
+                returned: Notify::new(),
                 ready: AtomicBool::new(false),
                 last_error: Mutex::new(None),
                 auth_recovery: std::sync::OnceLock::new(),
@@ -118,25 +121,32 @@ impl Pool {
     pub async fn checkout(&self) -> Result<UpstreamConn, PoolError> {
         let inner = &self.inner;
         let current = inner.generations.current().id;
-        loop {
-            let candidate = inner.idle.lock().expect("not poisoned").pop_front();
-            let Some(conn) = candidate else { break };
-            inner.metrics.pool_idle.decrement(1.0);
-            inner.refill.notify_one();
-            if conn.generation.id == current && !conn.stream.looks_closed() {
+        let deadline = tokio::time::Instant::now() + inner.config.checkout_timeout;
+        let permit = loop {
+            // Registered before looking, so a connection checked in meanwhile is not missed.
+            let returned = inner.returned.notified();
+            tokio::pin!(returned);
+            returned.as_mut().enable();
+            if let Some(conn) = self.take_idle(current) {
                 return Ok(conn);
             }
-        }
-        let permit = tokio::time::timeout(
-            inner.config.checkout_timeout,
-            inner.capacity.clone().acquire_owned(),
-        )
-        .await
-        .map_err(|_| PoolError::Exhausted {
-            max: inner.config.max,
-            waited: inner.config.checkout_timeout,
-        })?
-        .expect("the pool never closes its semaphore");
+            if let Ok(permit) = inner.capacity.clone().try_acquire_owned() {
+                break permit;
+            }
+            // At the maximum: wait for a connection to come back, or for one to close.
+            tokio::select! {
+                _ = returned => continue,
+                permit = inner.capacity.clone().acquire_owned() => {
+                    break permit.expect("the pool never closes its semaphore");
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(PoolError::Exhausted {
+                        max: inner.config.max,
+                        waited: inner.config.checkout_timeout,
+                    });
+                }
+            }
+        };
         let mut conn = self.open().await;
         if let Err(ConnectError::Auth { .. }) = &conn
             && let Some(recovery) = inner.auth_recovery.get()
@@ -148,6 +158,19 @@ impl Pool {
         let mut conn = conn?;
         conn.permit = Some(permit);
         Ok(conn)
+    }
+
+    /// An idle connection of generation `current` that still looks alive; stale ones are closed.
+    fn take_idle(&self, current: u64) -> Option<UpstreamConn> {
+        let inner = &self.inner;
+        loop {
+            let conn = inner.idle.lock().expect("not poisoned").pop_front()?;
+            inner.metrics.pool_idle.decrement(1.0);
+            inner.refill.notify_one();
+            if conn.generation.id == current && !conn.stream.looks_closed() {
+                return Some(conn);
+            }
+        }
     }
 
     /// Takes back a connection whose session left it in the default state (db 0, RESP2, no name,
@@ -162,6 +185,7 @@ impl Pool {
         if idle.len() < inner.config.warm.max(1) * 2 {
             idle.push_back(conn);
             inner.metrics.pool_idle.increment(1.0);
+            inner.returned.notify_one();
         }
     }
 

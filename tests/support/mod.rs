@@ -10,6 +10,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod certs;
+pub mod cloud;
 pub mod load;
 pub mod proxy;
 pub mod redis;

@@ -217,3 +217,45 @@ impl SecretVolume {
         self.dir.join("password")
     }
 }
+
+/// Redis with user `app`, a secret volume holding its password, and the proxy following that
+/// volume with the `external` strategy. `external` lines go into `[rotation.external]`.
+pub struct ExternalEnv {
+    pub redis: RedisServer,
+    pub volume: SecretVolume,
+    pub proxy: Proxy,
+    /// The password the volume held at the start.
+    pub password: String,
+    /// Holds the volume and the state directory: keep it alive as long as the proxy.
+    pub dir: tempfile::TempDir,
+}
+
+impl ExternalEnv {
+    pub fn start(external: &str) -> ExternalEnv {
+        let password = random_token(32);
+        let redis = RedisServer::start_with_user("app", &password);
+        let dir = temp_dir();
+        let volume = SecretVolume::new(&dir.path().join("secret"), &password);
+        let mut config = ProxyConfig::plain(&redis)
+            .credentials(Some("app"), &format!("file:{}", volume.file().display()))
+            .extra(&format!(
+                "[rotation]\nstrategy = \"external\"\nstate_dir = {}\ndrain_deadline = \"2s\"\n[rotation.external]\npassword = \"file:{}\"\n{external}",
+                toml_path(&dir.path().join("state")),
+                volume.file().display()
+            ));
+        config.admin_extra = "token = \"env:TEST_ADMIN_TOKEN\"".into();
+        let proxy = Proxy::start(&config.to_toml(), &[("TEST_ADMIN_TOKEN", TOKEN)]);
+        ExternalEnv {
+            redis,
+            volume,
+            proxy,
+            password,
+            dir,
+        }
+    }
+
+    pub fn status(&self) -> Value {
+        let (_, body) = self.proxy.http_get("/v1/status");
+        serde_json::from_str(&body).expect("status is JSON")
+    }
+}
