@@ -457,6 +457,7 @@ impl CloudClient {
             };
             let status = response.status().as_u16();
             count(Some(status));
+            tracing::debug!(operation, method = %call.method, path = call.path, status, attempt, "Redis Cloud API answered");
             self.observe_remaining(response.headers());
             let retry_after = retry_after(response.headers());
             let body = match response.bytes().await {
