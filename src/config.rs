@@ -355,6 +355,24 @@ pub struct RotationConfig {
     /// `external`: where the new password appears.
     #[serde(default)]
     pub external: Option<ExternalSourceConfig>,
+    /// How passwords are set on the server: `acl` (`ACL SETUSER`, open-source Redis and Redis
+    /// Software) or `cloud` (the Redis Cloud REST API, which refuses `ACL SETUSER`).
+    #[serde(default)]
+    pub backend: RotationBackend,
+    /// The Redis Cloud REST API (`backend = "cloud"`).
+    #[serde(default)]
+    pub cloud: Option<crate::cloud::CloudApiConfig>,
+    /// `default-user` with `backend = "cloud"`: the database whose default-user password rotates.
+    #[serde(default)]
+    pub database: Option<crate::cloud::DatabaseRef>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RotationBackend {
+    #[default]
+    Acl,
+    Cloud,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -362,6 +380,8 @@ pub struct RotationConfig {
 pub enum RotationStrategy {
     AclMultiPassword,
     AlternatingUsers,
+    /// The `default` user's single password is replaced; the proxy makes the overlap itself.
+    DefaultUser,
     External,
 }
 
@@ -370,6 +390,7 @@ impl RotationStrategy {
         match self {
             RotationStrategy::AclMultiPassword => "acl-multi-password",
             RotationStrategy::AlternatingUsers => "alternating-users",
+            RotationStrategy::DefaultUser => "default-user",
             RotationStrategy::External => "external",
         }
     }
@@ -853,7 +874,9 @@ fn validate_rotation(config: &Config, r: &RotationConfig) -> Result<(), ConfigEr
         return Err(invalid("rotation.drain_deadline", "must be more than 0s"));
     }
     match r.strategy {
-        RotationStrategy::AclMultiPassword | RotationStrategy::AlternatingUsers => {
+        RotationStrategy::AclMultiPassword
+        | RotationStrategy::AlternatingUsers
+        | RotationStrategy::DefaultUser => {
             if config.credentials.password.is_none() {
                 return Err(invalid(
                     "credentials.password",
@@ -874,6 +897,45 @@ fn validate_rotation(config: &Config, r: &RotationConfig) -> Result<(), ConfigEr
                     "must be a file: reference (it is watched for changes)",
                 ));
             }
+        }
+    }
+    if r.backend == RotationBackend::Cloud {
+        if r.cloud.is_none() {
+            return Err(invalid(
+                "rotation.cloud",
+                "backend \"cloud\" needs [rotation.cloud] with account_key and secret_key",
+            ));
+        }
+        if r.strategy == RotationStrategy::AclMultiPassword {
+            return Err(invalid(
+                "rotation.strategy",
+                "Redis Cloud allows one password per user: use \"alternating-users\" (recommended) or \"default-user\"",
+            ));
+        }
+        if r.strategy == RotationStrategy::DefaultUser && r.database.is_none() {
+            return Err(invalid(
+                "rotation.database",
+                "default-user on Redis Cloud needs [rotation.database] kind, subscription_id, database_id",
+            ));
+        }
+    }
+    if r.strategy == RotationStrategy::DefaultUser {
+        if config
+            .credentials
+            .username
+            .as_deref()
+            .is_some_and(|u| u != "default")
+        {
+            return Err(invalid(
+                "credentials.username",
+                "strategy \"default-user\" rotates the default user: leave username out",
+            ));
+        }
+        if r.password_length >= 50 {
+            return Err(invalid(
+                "rotation.password_length",
+                "database (default-user) passwords must be shorter than 50 characters",
+            ));
         }
     }
     if r.strategy == RotationStrategy::AlternatingUsers {

@@ -170,6 +170,9 @@ pub struct Generations {
     /// The current generation's id, readable with one atomic load on the hot path.
     current_id: AtomicU64,
     previous: Mutex<Option<Arc<Generation>>>,
+    /// While a password that has no overlap on the server is being replaced (the default
+    /// user), new connections that CURRENT no longer opens try this one.
+    candidate: Mutex<Option<Arc<Generation>>>,
     /// Woken when a new generation is published: sessions then move at their next safe point.
     changed: Arc<Notify>,
     /// Unix-epoch milliseconds after which sessions stop waiting for blocking commands to end
@@ -183,6 +186,7 @@ impl Generations {
             current_id: AtomicU64::new(first.id),
             current: ArcSwap::from_pointee(first),
             previous: Mutex::new(None),
+            candidate: Mutex::new(None),
             changed: Arc::new(Notify::new()),
             drain_deadline_ms: AtomicU64::new(0),
         }
@@ -208,7 +212,29 @@ impl Generations {
     /// Publishes a new generation: connections opened from now on use it, and every session is
     /// told to move at its next safe point.
     pub fn publish(&self, generation: Generation) -> Arc<Generation> {
-        let generation = Arc::new(generation);
+        self.publish_arc(Arc::new(generation))
+    }
+
+    /// The candidate generation, if a password without overlap is being replaced.
+    pub fn candidate(&self) -> Option<Arc<Generation>> {
+        self.candidate.lock().expect("not poisoned").clone()
+    }
+
+    /// Sets (or clears) the candidate generation.
+    pub fn set_candidate(&self, candidate: Option<Arc<Generation>>) {
+        *self.candidate.lock().expect("not poisoned") = candidate;
+    }
+
+    /// Publishes the candidate itself (its connections already count as current), or
+    /// `generation` when there is none.
+    pub fn publish_candidate_or(&self, generation: Generation) -> Arc<Generation> {
+        match self.candidate.lock().expect("not poisoned").take() {
+            Some(candidate) if candidate.id == generation.id => self.publish_arc(candidate),
+            _ => self.publish(generation),
+        }
+    }
+
+    fn publish_arc(&self, generation: Arc<Generation>) -> Arc<Generation> {
         let old = self.current.swap(generation.clone());
         *self.previous.lock().expect("not poisoned") = Some(old);
         self.current_id.store(generation.id, Ordering::Release);

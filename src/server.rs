@@ -74,16 +74,19 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
                 strategy = rotation_config.strategy.as_str(),
                 "credential rotation enabled"
             );
-            Some(RotationHandle::start(RotationParts {
-                config: rotation_config.clone(),
-                state,
-                store,
-                generations: generations.clone(),
-                pool: pool.clone(),
-                timeouts: config.timeouts.clone(),
-                metrics: metrics.clone(),
-                admin,
-            }))
+            Some(
+                RotationHandle::start(RotationParts {
+                    config: rotation_config.clone(),
+                    state,
+                    store,
+                    generations: generations.clone(),
+                    pool: pool.clone(),
+                    timeouts: config.timeouts.clone(),
+                    metrics: metrics.clone(),
+                    admin,
+                })
+                .context("cannot start credential rotation")?,
+            )
         }
         _ => None,
     };

@@ -49,6 +49,14 @@ fn rotate_under_load(mut env: RotEnv) {
     assert_eq!(report.reconnects, 0);
     let status = env.status();
     assert_eq!(status["generation"], ROTATIONS as u64 + 1, "{status}");
+    // Every drain finished before its deadline, auto-pipeliners and BLPOP 0 consumers included.
+    assert_eq!(
+        env.proxy()
+            .metric("rotaproxy_drain_deadline_connections_total")
+            .unwrap_or(0.0),
+        0.0,
+        "a drain ran into its deadline"
+    );
     eprintln!("{}", report.details);
     env.assert_nothing_leaked();
 }

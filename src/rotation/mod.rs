@@ -44,6 +44,8 @@ pub enum RotationError {
     TestFailed(String),
     #[error("credential source: {0}")]
     Source(String),
+    #[error(transparent)]
+    Cloud(#[from] crate::cloud::CloudError),
 }
 
 /// How many times a failing set/test/revoke is tried before the step gives up.
@@ -164,7 +166,7 @@ pub struct RotationParts {
 
 impl RotationHandle {
     /// Starts the rotation task.
-    pub fn start(parts: RotationParts) -> Self {
+    pub fn start(parts: RotationParts) -> Result<Self, RotationError> {
         let RotationParts {
             config: rotation,
             state,
@@ -181,7 +183,7 @@ impl RotationHandle {
             timeouts: timeouts.clone(),
             metrics: metrics.clone(),
         };
-        let strategy = Strategy::new(&rotation, control);
+        let strategy = Strategy::new(&rotation, control)?;
         let (finished, _) = watch::channel(state.last.clone());
         let shared = Arc::new(Shared {
             config: rotation,
@@ -206,7 +208,7 @@ impl RotationHandle {
             let watcher = handle.clone();
             tokio::spawn(async move { watcher.watch_source().await });
         }
-        handle
+        Ok(handle)
     }
 
     /// Asks for a rotation. A rotation already running is reported, never started twice; an
@@ -238,6 +240,7 @@ impl RotationHandle {
                         trigger: trigger.to_string(),
                         from_user,
                         to_user: String::new(),
+                        task_id: None,
                     });
                     RequestAnswer::Started { id }
                 }
@@ -477,6 +480,7 @@ impl RotationHandle {
     async fn abandon(&self, err: &RotationError) {
         let s = &self.shared;
         tracing::warn!(error = %err, "rotation failed");
+        s.generations.set_candidate(None);
         let (current, pending) = {
             let mut state = s.state.lock().expect("not poisoned");
             (state.current.clone(), state.pending.take())
@@ -524,8 +528,48 @@ impl RotationHandle {
             }
             Step::Set => {
                 let pending = pending.ok_or_else(missing_pending)?;
-                self.retry("set", || s.strategy.set(&current, &pending))
+                if s.strategy.replaces_in_place() {
+                    // No overlap on the server: until the change lands, new connections try
+                    // CURRENT, then PENDING.
+                    let next = s.state.lock().expect("not poisoned").generation + 1;
+                    let candidate = s
+                        .generations
+                        .current()
+                        .with_credential(next, credential_of(&pending));
+                    s.generations.set_candidate(Some(Arc::new(candidate)));
+                }
+                let submitted = s
+                    .state
+                    .lock()
+                    .expect("not poisoned")
+                    .rotation
+                    .as_ref()
+                    .and_then(|r| r.task_id.clone());
+                if let Some(task) = submitted {
+                    // Resumed after a restart: wait for the task already submitted.
+                    match s.strategy.wait(&pending, &task).await {
+                        Ok(()) => return Ok(StepDone::Next(Step::Test)),
+                        Err(RotationError::Cloud(
+                            e @ crate::cloud::CloudError::TaskFailed { .. },
+                        )) => {
+                            return Err(RotationError::Cloud(e));
+                        }
+                        Err(err) => {
+                            tracing::info!(task = %task, error = %err, "submitted task not usable; sending the same PENDING again");
+                        }
+                    }
+                }
+                let task = self
+                    .retry("set", || s.strategy.submit(&current, &pending))
                     .await?;
+                if let Some(task) = task {
+                    if let Some(r) = &mut s.state.lock().expect("not poisoned").rotation {
+                        r.task_id = Some(task.clone());
+                    }
+                    // The task id is on disk before it is waited for.
+                    self.persist()?;
+                    s.strategy.wait(&pending, &task).await?;
+                }
                 Ok(StepDone::Next(Step::Test))
             }
             Step::Test => {
@@ -557,7 +601,7 @@ impl RotationHandle {
                 // The switch is on disk before any session moves.
                 self.persist()?;
                 if s.generations.current_id() != generation.id {
-                    s.generations.publish(generation);
+                    s.generations.publish_candidate_or(generation);
                     s.pool.purge_old_generations();
                 }
                 self.update_gauges();

@@ -103,6 +103,10 @@ pub struct InFlight {
     pub from_user: String,
     #[serde(default)]
     pub to_user: String,
+    /// The Redis Cloud task that sets PENDING, once submitted: a restart waits for this task
+    /// instead of submitting another.
+    #[serde(default)]
+    pub task_id: Option<String>,
 }
 
 /// How a finished rotation ended.

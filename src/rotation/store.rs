@@ -152,6 +152,7 @@ mod tests {
             trigger: "api".into(),
             from_user: "app".into(),
             to_user: "app".into(),
+            task_id: None,
         });
         store.save(&state).unwrap();
         let mode = fs::metadata(store.path()).unwrap().permissions().mode() & 0o777;

@@ -8,7 +8,8 @@
 //!   The strategy that works where a user has only one password (Redis Cloud).
 //! - `external`: another system changes the password; the proxy only watches the source.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use redis_protocol::resp2::types::OwnedFrame;
 use secrecy::{ExposeSecret, SecretString};
@@ -16,7 +17,8 @@ use secrecy::{ExposeSecret, SecretString};
 use super::RotationError;
 use super::secret::generate_password;
 use super::state::Slot;
-use crate::config::{RotationConfig, RotationStrategy, SecretRef, TimeoutsConfig};
+use crate::cloud::{AclUserId, CloudClient, DatabaseRef, TaskId};
+use crate::config::{RotationBackend, RotationConfig, RotationStrategy, SecretRef, TimeoutsConfig};
 use crate::credentials::{Credential, Generation, Generations};
 use crate::metrics::Metrics;
 use crate::upstream::connector::{self, UpstreamConn};
@@ -126,9 +128,18 @@ pub fn credential_of(slot: &Slot) -> Credential {
     }
 }
 
+/// Where passwords are set: on the server itself, or through the Redis Cloud REST API.
+struct CloudBackend {
+    client: CloudClient,
+    database: Option<DatabaseRef>,
+    /// ACL user ids by name, looked up once.
+    user_ids: Mutex<HashMap<String, AclUserId>>,
+}
+
 pub struct Strategy {
     pub kind: RotationStrategy,
     control: ServerControl,
+    cloud: Option<CloudBackend>,
     password_length: usize,
     scramble_previous: bool,
     users: Vec<String>,
@@ -136,25 +147,43 @@ pub struct Strategy {
 }
 
 impl Strategy {
-    pub fn new(config: &RotationConfig, control: ServerControl) -> Self {
-        Self {
+    pub fn new(config: &RotationConfig, control: ServerControl) -> Result<Self, RotationError> {
+        let cloud = match (&config.backend, &config.cloud) {
+            (RotationBackend::Cloud, Some(api)) => Some(CloudBackend {
+                client: CloudClient::new(api.clone())?,
+                database: config.database,
+                user_ids: Mutex::new(HashMap::new()),
+            }),
+            _ => None,
+        };
+        Ok(Self {
             kind: config.strategy,
             control,
+            cloud,
             password_length: config.password_length,
             scramble_previous: config.scramble_previous,
             users: config.users.clone(),
             source: config.external.as_ref().map(|e| e.password.clone()),
-        }
+        })
+    }
+
+    /// Whether the server keeps a single password that PENDING replaces (the default user):
+    /// the proxy then makes the overlap itself, opening new connections with whichever of
+    /// CURRENT and PENDING the server accepts while the change is under way.
+    pub fn replaces_in_place(&self) -> bool {
+        self.kind == RotationStrategy::DefaultUser
     }
 
     /// The new PENDING slot, or None when there is nothing to rotate to (`external` with an
     /// unchanged source).
     pub fn make_pending(&self, current: &Slot) -> Result<Option<Slot>, RotationError> {
         match self.kind {
-            RotationStrategy::AclMultiPassword => Ok(Some(Slot::new(
-                current.username.clone(),
-                generate_password(self.password_length)?,
-            ))),
+            RotationStrategy::AclMultiPassword | RotationStrategy::DefaultUser => {
+                Ok(Some(Slot::new(
+                    current.username.clone(),
+                    generate_password(self.password_length)?,
+                )))
+            }
             RotationStrategy::AlternatingUsers => {
                 let idle = self
                     .users
@@ -186,26 +215,104 @@ impl Strategy {
             .map_err(|e| RotationError::Source(e.to_string()))
     }
 
-    /// Makes the server accept PENDING. Idempotent.
-    pub async fn set(&self, current: &Slot, pending: &Slot) -> Result<(), RotationError> {
-        let pw = format!(">{}", pending.password.expose_secret());
+    /// Asks the server to accept PENDING. Returns the Redis Cloud task id when the change is
+    /// applied asynchronously (the caller persists it, then [`Strategy::wait`]s). Idempotent:
+    /// sending the same PENDING again is harmless.
+    pub async fn submit(
+        &self,
+        current: &Slot,
+        pending: &Slot,
+    ) -> Result<Option<String>, RotationError> {
+        let user = pending.display_user();
         match self.kind {
+            RotationStrategy::External => Ok(None),
             RotationStrategy::AclMultiPassword => {
+                let pw = format!(">{}", pending.password.expose_secret());
                 self.control
-                    .acl_setuser(current, pending.display_user(), &[pw.as_bytes()])
+                    .acl_setuser(current, user, &[pw.as_bytes()])
+                    .await?;
+                Ok(None)
+            }
+            RotationStrategy::AlternatingUsers | RotationStrategy::DefaultUser => {
+                self.replace_password(current, user, &pending.password)
                     .await
             }
-            RotationStrategy::AlternatingUsers => {
-                self.control
-                    .acl_setuser(
-                        current,
-                        pending.display_user(),
-                        &[b"resetpass", pw.as_bytes(), b"on"],
-                    )
-                    .await
-            }
-            RotationStrategy::External => Ok(()),
         }
+    }
+
+    /// Waits for a submitted Redis Cloud task, and for an ACL user to be `active` again.
+    pub async fn wait(&self, pending: &Slot, task: &str) -> Result<(), RotationError> {
+        let Some(cloud) = &self.cloud else {
+            return Ok(());
+        };
+        cloud.client.wait_task(&TaskId(task.to_string())).await?;
+        if self.kind == RotationStrategy::AlternatingUsers {
+            let id = self.user_id(cloud, pending.display_user()).await?;
+            cloud.client.wait_user_active(id).await?;
+        }
+        Ok(())
+    }
+
+    /// Makes `password` the user's only password: `ACL SETUSER u resetpass >pw on`, or the REST
+    /// API (the default user's through the database, others as ACL users).
+    async fn replace_password(
+        &self,
+        acting: &Slot,
+        user: &str,
+        password: &SecretString,
+    ) -> Result<Option<String>, RotationError> {
+        match &self.cloud {
+            None => {
+                let pw = format!(">{}", password.expose_secret());
+                self.control
+                    .acl_setuser(acting, user, &[b"resetpass", pw.as_bytes(), b"on"])
+                    .await?;
+                Ok(None)
+            }
+            Some(cloud) if user == "default" => {
+                let db = cloud.database.as_ref().ok_or_else(|| {
+                    RotationError::Source(
+                        "[rotation.database] is needed for the default user".into(),
+                    )
+                })?;
+                Ok(Some(
+                    cloud.client.set_database_password(db, password).await?.0,
+                ))
+            }
+            Some(cloud) => {
+                let id = self.user_id(cloud, user).await?;
+                Ok(Some(
+                    cloud.client.set_acl_user_password(id, password).await?.0,
+                ))
+            }
+        }
+    }
+
+    /// [`Strategy::replace_password`] and, through the API, the wait for it to land.
+    async fn replace_password_now(
+        &self,
+        acting: &Slot,
+        user: &str,
+        password: &SecretString,
+    ) -> Result<(), RotationError> {
+        if let Some(task) = self.replace_password(acting, user, password).await? {
+            let slot = Slot::new(Some(user.to_string()), password.clone());
+            self.wait(&slot, &task).await?;
+        }
+        Ok(())
+    }
+
+    async fn user_id(&self, cloud: &CloudBackend, name: &str) -> Result<AclUserId, RotationError> {
+        if let Some(id) = cloud.user_ids.lock().expect("not poisoned").get(name) {
+            return Ok(*id);
+        }
+        let user = cloud.client.find_acl_user(name).await?;
+        cloud
+            .user_ids
+            .lock()
+            .expect("not poisoned")
+            .insert(name.to_string(), user.id);
+        Ok(user.id)
     }
 
     /// Takes PENDING back after a failed test, so no unknown secret stays valid.
@@ -219,6 +326,11 @@ impl Strategy {
             }
             RotationStrategy::AlternatingUsers => {
                 self.scramble(current, pending.display_user()).await
+            }
+            // The one password may already be PENDING: put CURRENT back.
+            RotationStrategy::DefaultUser => {
+                self.replace_password_now(pending, current.display_user(), &current.password)
+                    .await
             }
             RotationStrategy::External => Ok(()),
         }
@@ -245,7 +357,8 @@ impl Strategy {
                     self.scramble(current, previous.display_user()).await?;
                 }
             }
-            RotationStrategy::External => {}
+            // Replaced, not added: the old password stopped working when the new one landed.
+            RotationStrategy::DefaultUser | RotationStrategy::External => {}
         }
         if urgent && self.kind != RotationStrategy::External {
             return self
@@ -259,10 +372,7 @@ impl Strategy {
     /// Sets a user's only password to a random value nobody stores.
     async fn scramble(&self, acting: &Slot, user: &str) -> Result<(), RotationError> {
         let random = generate_password(64)?;
-        let pw = format!(">{}", random.expose_secret());
-        self.control
-            .acl_setuser(acting, user, &[b"resetpass", pw.as_bytes()])
-            .await
+        self.replace_password_now(acting, user, &random).await
     }
 
     /// A generation for testing `slot` on a fresh connection.

@@ -118,7 +118,7 @@ impl Session {
             || self
                 .upstream
                 .as_ref()
-                .is_some_and(|u| u.conn.generation.id != self.ctx.generations.current_id())
+                .is_some_and(|u| u.conn.generation.id < self.ctx.generations.current_id())
     }
 
     /// Moves now if at a safe point; otherwise works towards one.
@@ -129,7 +129,7 @@ impl Session {
         let behind = self
             .upstream
             .as_ref()
-            .is_some_and(|u| u.conn.generation.id != self.ctx.generations.current_id());
+            .is_some_and(|u| u.conn.generation.id < self.ctx.generations.current_id());
         if self.at_safe_point() {
             self.paused_for_move = false;
             self.move_timer = None;

@@ -167,7 +167,7 @@ impl Pool {
             let conn = inner.idle.lock().expect("not poisoned").pop_front()?;
             inner.metrics.pool_idle.decrement(1.0);
             inner.refill.notify_one();
-            if conn.generation.id == current && !conn.stream.looks_closed() {
+            if conn.generation.id >= current && !conn.stream.looks_closed() {
                 return Some(conn);
             }
         }
@@ -177,7 +177,7 @@ impl Pool {
     /// no subscriptions, no tracking, nothing outstanding). Others must be dropped instead.
     pub fn checkin(&self, conn: UpstreamConn) {
         let inner = &self.inner;
-        if conn.generation.id != inner.generations.current().id {
+        if conn.generation.id < inner.generations.current().id {
             return;
         }
         let mut idle = inner.idle.lock().expect("not poisoned");
@@ -196,7 +196,7 @@ impl Pool {
         let current = inner.generations.current().id;
         let mut idle = inner.idle.lock().expect("not poisoned");
         let before = idle.len();
-        idle.retain(|c| c.generation.id == current);
+        idle.retain(|c| c.generation.id >= current);
         inner
             .metrics
             .pool_idle
@@ -212,7 +212,19 @@ impl Pool {
     async fn open(&self) -> Result<UpstreamConn, ConnectError> {
         let inner = &self.inner;
         let generation = inner.generations.current();
-        let result = connector::connect(&generation, &inner.timeouts, &inner.metrics).await;
+        let result = match inner.generations.candidate() {
+            // A password without overlap is being replaced: the server accepts CURRENT until
+            // the change lands and the candidate after, so a refusal of either is expected.
+            Some(candidate) => {
+                match connector::probe(&generation, &inner.timeouts, &inner.metrics).await {
+                    Err(ConnectError::Auth { .. }) => {
+                        connector::probe(&candidate, &inner.timeouts, &inner.metrics).await
+                    }
+                    other => other,
+                }
+            }
+            None => connector::connect(&generation, &inner.timeouts, &inner.metrics).await,
+        };
         match &result {
             Ok(_) => self.mark_ready(),
             Err(err) => self.mark_failed(err),
