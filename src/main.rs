@@ -30,6 +30,20 @@ enum Command {
         /// Path of the TOML config file.
         file: PathBuf,
     },
+    /// Redis Cloud helpers.
+    #[command(subcommand)]
+    Cloud(CloudCommand),
+}
+
+#[derive(Subcommand)]
+enum CloudCommand {
+    /// Create the second user of `rotation.users` with the first one's role (through the REST
+    /// API in `[rotation.cloud]`), if it does not exist yet.
+    SetupAlternating {
+        /// Path of the TOML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -45,6 +59,18 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Cloud(CloudCommand::SetupAlternating { config }) => {
+            match setup_alternating(&config) {
+                Ok(done) => {
+                    println!("{done}");
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("error: {err:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Run { config } => {
             let config = match Config::load(&config) {
                 Ok(c) => c,
@@ -80,6 +106,23 @@ fn run(config: Config) -> anyhow::Result<()> {
         let prometheus = rotaproxy::metrics::install_recorder()?;
         rotaproxy::server::run(config, prometheus).await
     })
+}
+
+fn setup_alternating(path: &std::path::Path) -> anyhow::Result<String> {
+    use anyhow::Context as _;
+    let config = Config::load(path)?;
+    let rotation = config
+        .rotation
+        .as_ref()
+        .context("the config has no [rotation] section")?;
+    let api = rotation
+        .cloud
+        .as_ref()
+        .context("the config has no [rotation.cloud] section")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    Ok(runtime.block_on(rotaproxy::cloud::setup_alternating(api, &rotation.users))?)
 }
 
 fn init_logging(log: &LogConfig) {

@@ -292,3 +292,53 @@ fn a_proxy_killed_while_its_task_runs_resumes_the_same_task() {
     env.secrets.push(pw);
     env.assert_nothing_leaked();
 }
+
+#[test]
+fn setup_alternating_creates_the_second_user_with_the_same_role() {
+    let redis = RedisServer::start(RedisOptions::new());
+    let emu = CloudEmulator::start(&redis);
+    let first_password = random_token(32);
+    let first = emu.create_acl_user("svc-a", "svc-role", &first_password);
+    let dir = temp_dir();
+    let keys = emu.write_key_files(dir.path());
+    let config = dir.path().join("rotaproxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[upstream]\nurl = \"redis://{}\"\n[credentials]\nusername = \"svc-a\"\npassword = \"env:UNUSED_HERE\"\n\
+             [rotation]\nstrategy = \"alternating-users\"\nbackend = \"cloud\"\nusers = [\"svc-a\", \"svc-b\"]\n\
+             [rotation.cloud]\napi_root = \"{}\"\naccount_key = \"file:{}\"\nsecret_key = \"file:{}\"\ntask_poll_interval = \"20ms\"\n",
+            redis.addr(),
+            emu.base_url(),
+            keys.account.display(),
+            keys.secret.display()
+        ),
+    )
+    .unwrap();
+    let run = || {
+        std::process::Command::new(proxy_bin())
+            .args(["cloud", "setup-alternating", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    let out = run();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("created ACL user svc-b"), "{stdout}");
+    let role = emu.acl_user(first).unwrap().role;
+    let created: Vec<_> = (first + 1..first + 10)
+        .filter_map(|id| emu.acl_user(id))
+        .filter(|u| u.name == "svc-b")
+        .collect();
+    assert_eq!(created.len(), 1);
+    assert_eq!(created[0].role, role);
+    // Idempotent: a second run finds it.
+    let again = run();
+    assert!(String::from_utf8_lossy(&again.stdout).contains("already exists"));
+    assert!(!String::from_utf8_lossy(&again.stdout).contains(&first_password));
+}

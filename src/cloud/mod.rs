@@ -157,3 +157,46 @@ mod tests {
         assert!(err.to_string().contains("unknown field"), "{err}");
     }
 }
+
+/// `rotaproxy cloud setup-alternating`: makes sure the second user of an alternating pair
+/// exists, with the first one's role. Its password is random and stored nowhere: the first
+/// rotation sets one the proxy knows. Returns what was done, for the operator.
+pub async fn setup_alternating(
+    api: &CloudApiConfig,
+    users: &[String],
+) -> Result<String, CloudError> {
+    let [first, second] = users else {
+        return Err(CloudError::Config(
+            "rotation.users must name the two alternating users".into(),
+        ));
+    };
+    let client = CloudClient::new(api.clone())?;
+    let model = client.find_acl_user(first).await?;
+    match client.find_acl_user(second).await {
+        Ok(existing) if existing.role == model.role => Ok(format!(
+            "ACL user {second} already exists with role {} (id {})",
+            existing.role, existing.id
+        )),
+        Ok(existing) => Err(CloudError::Config(format!(
+            "ACL user {second} exists with role {} but {first} has role {}: give both the same role",
+            existing.role, model.role
+        ))),
+        Err(CloudError::AclUserNotFound { .. }) => {
+            let password = crate::rotation::secret::generate_password(32)
+                .map_err(|e| CloudError::Config(e.to_string()))?;
+            let task = client
+                .create_acl_user(second, &model.role, &password)
+                .await?;
+            let done = client.wait_task(&task).await?;
+            let id = done
+                .resource_id
+                .ok_or_else(|| CloudError::Config(format!("task {task} created no ACL user id")))?;
+            client.wait_user_active(id).await?;
+            Ok(format!(
+                "created ACL user {second} (id {id}) with role {}, like {first}",
+                model.role
+            ))
+        }
+        Err(other) => Err(other),
+    }
+}
