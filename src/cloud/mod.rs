@@ -133,31 +133,6 @@ pub fn describe_metrics() {
     );
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn config_defaults_and_unknown_fields() {
-        let c: CloudApiConfig =
-            toml::from_str("account_key = \"env:A\"\nsecret_key = \"file:/run/k\"\n").unwrap();
-        assert_eq!(c.api_root, "https://api.redislabs.com");
-        assert_eq!(c.requests_per_minute, 400);
-        assert_eq!(c.retry_base, Duration::from_secs(1));
-        assert_eq!(c.retry_max, Duration::from_secs(60));
-        let c: CloudApiConfig = toml::from_str(
-            "account_key = \"env:A\"\nsecret_key = \"env:B\"\nretry_base = \"10ms\"\n",
-        )
-        .unwrap();
-        assert_eq!(c.retry_base, Duration::from_millis(10));
-        let err = toml::from_str::<CloudApiConfig>(
-            "account_key = \"env:A\"\nsecret_key = \"env:B\"\nsecret = \"x\"\n",
-        )
-        .unwrap_err();
-        assert!(err.to_string().contains("unknown field"), "{err}");
-    }
-}
-
 /// `rotaproxy cloud setup-alternating`: makes sure the second user of an alternating pair
 /// exists, with the first one's role. Its password is random and stored nowhere: the first
 /// rotation sets one the proxy knows. Returns what was done, for the operator.
@@ -198,5 +173,30 @@ pub async fn setup_alternating(
             ))
         }
         Err(other) => Err(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_defaults_and_unknown_fields() {
+        let c: CloudApiConfig =
+            toml::from_str("account_key = \"env:A\"\nsecret_key = \"file:/run/k\"\n").unwrap();
+        assert_eq!(c.api_root, "https://api.redislabs.com");
+        assert_eq!(c.requests_per_minute, 400);
+        assert_eq!(c.retry_base, Duration::from_secs(1));
+        assert_eq!(c.retry_max, Duration::from_secs(60));
+        let c: CloudApiConfig = toml::from_str(
+            "account_key = \"env:A\"\nsecret_key = \"env:B\"\nretry_base = \"10ms\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.retry_base, Duration::from_millis(10));
+        let err = toml::from_str::<CloudApiConfig>(
+            "account_key = \"env:A\"\nsecret_key = \"env:B\"\nsecret = \"x\"\n",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
     }
 }
