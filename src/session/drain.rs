@@ -42,6 +42,10 @@ pub(super) struct OldUpstream {
     pending: BytesMut,
     /// Bytes of the frame being read already scanned (frames are kept whole until complete).
     scanned: usize,
+    /// A PING was sent once the new connection held every subscription: its answer comes after
+    /// every message the server sent this connection before, so none is left unread.
+    ping_sent: bool,
+    ponged: bool,
     since: Instant,
 }
 
@@ -258,6 +262,8 @@ impl Session {
                 scanner: new_reply_scanner(),
                 pending: BytesMut::new(),
                 scanned: 0,
+                ping_sent: false,
+                ponged: false,
                 since: Instant::now(),
             });
         }
@@ -267,6 +273,10 @@ impl Session {
         let Some(old) = &mut self.old_upstream else {
             return Poll::Pending;
         };
+        let up = &mut old.up;
+        if super::poll_write_all(&mut up.conn.stream, &mut up.out, &mut up.needs_flush, cx).is_err() {
+            return Poll::Ready(0);
+        }
         old.up.input.reserve(READ_RESERVE);
         match tokio_util::io::poll_read_buf(
             Pin::new(&mut old.up.conn.stream),
@@ -309,6 +319,10 @@ impl Session {
             );
             if is_message {
                 old.pending.extend_from_slice(&frame);
+            } else if old.ping_sent {
+                // Nothing is owed on this connection but the PING: everything before its
+                // answer has been read.
+                old.ponged = true;
             }
         }
         self.flush_old_upstream_pushes();
@@ -328,16 +342,21 @@ impl Session {
         }
     }
 
-    /// Closes the old connection once the new one holds every subscription (or after a grace
-    /// period).
+    /// Closes the old connection once the new one holds every subscription and every message
+    /// the old one was sent before that has been relayed (or after a grace period).
     pub(super) fn drop_old_upstream_when_replaced(&mut self) {
-        let Some(old) = &self.old_upstream else {
-            return;
-        };
         let s = &self.state;
         let replaced = s.server_subscriptions >= (s.channels.len() + s.patterns.len()) as i64
             && s.server_shard_subscriptions >= s.shard_channels.len() as i64;
-        if (replaced && old.pending.is_empty()) || old.since.elapsed() > OLD_UPSTREAM_GRACE {
+        let Some(old) = &mut self.old_upstream else {
+            return;
+        };
+        if replaced && !old.ping_sent {
+            // The server answers this PING after every message it already sent here.
+            old.up.out.extend_from_slice(b"*1\r\n$4\r\nPING\r\n");
+            old.ping_sent = true;
+        }
+        if (old.ponged && old.pending.is_empty()) || old.since.elapsed() > OLD_UPSTREAM_GRACE {
             self.old_upstream = None;
         }
     }
