@@ -75,13 +75,7 @@ fn header_int(buf: &[u8], pos: usize, ty: u8) -> Option<(i64, usize)> {
     if *buf.get(pos)? != ty {
         return None;
     }
-    let rest = buf.get(pos + 1..)?;
-    let cr = rest.iter().take(22).position(|&b| b == b'\r')?;
-    if rest.get(cr + 1) != Some(&b'\n') {
-        return None;
-    }
-    let n = std::str::from_utf8(&rest[..cr]).ok()?.parse().ok()?;
-    Some((n, pos + 1 + cr + 2))
+    super::header_number(buf, pos)
 }
 
 /// Commands the proxy answers, rewrites, or tracks. Everything else is [`Kind::Other`] and passes

@@ -118,13 +118,7 @@ fn short_line_or_malformed<T>(buf: &[u8], pos: usize) -> Peek<T> {
 
 /// Parses `<any type byte><i64>\r\n` at `pos`.
 fn line_int(buf: &[u8], pos: usize) -> Option<(i64, usize)> {
-    let rest = buf.get(pos + 1..)?;
-    let cr = rest.iter().take(22).position(|&b| b == b'\r')?;
-    if rest.get(cr + 1) != Some(&b'\n') {
-        return None;
-    }
-    let n = std::str::from_utf8(&rest[..cr]).ok()?.parse().ok()?;
-    Some((n, pos + 1 + cr + 2))
+    super::header_number(buf, pos)
 }
 
 /// The subscription count carried by a complete (un)subscribe confirmation: the last element,

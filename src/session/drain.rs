@@ -274,7 +274,8 @@ impl Session {
             return Poll::Pending;
         };
         let up = &mut old.up;
-        if super::poll_write_all(&mut up.conn.stream, &mut up.out, &mut up.needs_flush, cx).is_err() {
+        if super::poll_write_all(&mut up.conn.stream, &mut up.out, &mut up.needs_flush, cx).is_err()
+        {
             return Poll::Ready(0);
         }
         old.up.input.reserve(READ_RESERVE);

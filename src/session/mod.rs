@@ -181,6 +181,8 @@ pub struct Session {
     closing: bool,
     /// Which side `poll_io` reads first, alternated so neither side starves the other.
     upstream_first: bool,
+    /// Commands forwarded since the metric was last updated.
+    commands_forwarded: u64,
     /// Completes when a new generation is published.
     generation_changed: Pin<Box<tokio::sync::futures::OwnedNotified>>,
     /// Completes when the proxy begins to shut down.
@@ -240,6 +242,7 @@ impl Session {
             resume_input: false,
             closing,
             upstream_first: false,
+            commands_forwarded: 0,
             generation_changed,
             shutdown,
             paused_for_move: false,
@@ -445,6 +448,11 @@ impl Session {
         self.flush_forward();
         let scanned = self.request_scanner.bytes_scanned() - scanned_before;
         self.ctx.metrics.scanned_request_bytes.increment(scanned);
+        // One update per batch of input, not per command.
+        self.ctx
+            .metrics
+            .commands
+            .increment(std::mem::take(&mut self.commands_forwarded));
     }
 
     /// Decides how the request starting at `pos` is handled. False when more bytes are needed.
@@ -513,7 +521,7 @@ impl Session {
     }
 
     fn on_streamed_request(&mut self, kind: Kind) {
-        self.ctx.metrics.commands.increment(1);
+        self.commands_forwarded += 1;
         if kind == Kind::Blocking && !self.in_multi {
             self.replies.push(Expect::Tracked {
                 action: Action::None,
@@ -871,7 +879,7 @@ impl Session {
         if let Err(reply) = self.upstream_for_command().await {
             return self.reply_local(reply);
         }
-        self.ctx.metrics.commands.increment(1);
+        self.commands_forwarded += 1;
         self.flush_forward();
         let up = self.upstream.as_mut().expect("ensured above");
         up.out.extend_from_slice(request);
