@@ -335,3 +335,43 @@ fn a_password_changed_behind_the_proxys_back_is_followed_once_the_source_has_it(
     assert_eq!(s["generation"], 2, "{s}");
     assert_no_secret_in_logs(&proxy, &[&password, &new]);
 }
+
+#[test]
+fn a_separate_admin_user_rotates_an_app_user_that_may_not_run_acl() {
+    let password = random_token(32);
+    let rotator_password = random_token(32);
+    let redis = RedisServer::start(
+        RedisOptions::new()
+            .user(&format!("app on >{password} ~* &* +@all -@admin"))
+            .user(&format!(
+                "rotator on >{rotator_password} +acl|setuser +client|list +client|kill"
+            )),
+    );
+    // The application's user cannot change its own password...
+    let mut direct = RespConn::connect(redis.addr());
+    direct.cmd(&["AUTH", "app", &password]).assert_ok();
+    direct
+        .cmd(&["ACL", "SETUSER", "app", ">x1234567"])
+        .assert_error("NOPERM");
+    // ...so the proxy uses the rotator's credential for that.
+    let extra =
+        "[rotation.admin]\nusername = \"rotator\"\npassword = \"env:TEST_ROTATOR_PASSWORD\"\n";
+    let mut env = RotEnv::start_with_envs(
+        redis,
+        Some("app"),
+        password.clone(),
+        "acl-multi-password",
+        extra,
+        &[("TEST_ROTATOR_PASSWORD", &rotator_password)],
+    );
+    env.secrets.push(rotator_password);
+    env.rotate(true);
+    let (_, new) = env.slot("current").unwrap();
+    assert!(env.authenticates("app", &new));
+    assert!(!env.authenticates("app", &password));
+    env.proxy()
+        .conn()
+        .cmd(&["ACL", "WHOAMI"])
+        .assert_bulk("app");
+    env.assert_nothing_leaked();
+}

@@ -49,6 +49,18 @@ impl RotEnv {
         strategy: &str,
         extra: &str,
     ) -> RotEnv {
+        Self::start_with_envs(redis, user, password, strategy, extra, &[])
+    }
+
+    /// [`RotEnv::start`] with more environment variables for the proxy (e.g. more secrets).
+    pub fn start_with_envs(
+        redis: RedisServer,
+        user: Option<&str>,
+        password: String,
+        strategy: &str,
+        extra: &str,
+        more_envs: &[(&str, &str)],
+    ) -> RotEnv {
         let dir = temp_dir();
         let mut config = ProxyConfig::plain(&redis)
             .credentials(user, "env:TEST_UPSTREAM_PASSWORD")
@@ -62,10 +74,15 @@ impl RotEnv {
                 }
             ));
         config.admin_extra = "token = \"env:TEST_ADMIN_TOKEN\"".into();
-        let envs = vec![
+        let mut envs = vec![
             ("TEST_UPSTREAM_PASSWORD".to_string(), password.clone()),
             ("TEST_ADMIN_TOKEN".to_string(), TOKEN.to_string()),
         ];
+        envs.extend(
+            more_envs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+        );
         let mut env = RotEnv {
             redis,
             proxy: None,
