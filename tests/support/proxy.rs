@@ -15,9 +15,10 @@ use super::resp::RespConn;
 /// How long the proxy may take to log its `listening` line.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Path of the binary under test.
+/// Path of the binary under test. (Cargo defines it for integration tests; the fixture is also
+/// compiled into `examples/cloud_emulator.rs`, which never starts a proxy.)
 pub fn proxy_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_rotaproxy")
+    option_env!("CARGO_BIN_EXE_rotaproxy").expect("only integration tests start the proxy")
 }
 
 /// A running proxy. Dropping it kills the process (by its PID).
