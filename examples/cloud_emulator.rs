@@ -10,7 +10,6 @@
 //! ```
 
 #[path = "../tests/support/mod.rs"]
-#[allow(dead_code, unused_imports)]
 mod support;
 
 use std::os::unix::fs::PermissionsExt;

@@ -18,7 +18,7 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Path of the binary under test. (Cargo defines it for integration tests; the fixture is also
 /// compiled into `examples/cloud_emulator.rs`, which never starts a proxy.)
 pub fn proxy_bin() -> &'static str {
-    option_env!("CARGO_BIN_EXE_rotaproxy").expect("only integration tests start the proxy")
+    option_env!("CARGO_BIN_EXE_rotaproxy").unwrap_or("target/debug/rotaproxy")
 }
 
 /// A running proxy. Dropping it kills the process (by its PID).
