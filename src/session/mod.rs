@@ -506,6 +506,11 @@ impl Session {
             });
             return true;
         }
+        // The common case, connected already, skips the async call (measurable per command).
+        if self.upstream.is_some() {
+            self.request_mode = RequestMode::Stream(kind);
+            return true;
+        }
         match self.upstream_for_command().await {
             Ok(()) => self.request_mode = RequestMode::Stream(kind),
             Err(reply) => self.set_mode_held_or_discarded(RequestMode::Discard(Some(reply))),
