@@ -491,12 +491,18 @@ fn acl_user_has_one_password() {
     assert_completed(&task);
     assert!(e.emu.redis_accepts("single", "single-pass-2"));
     assert!(!e.emu.redis_accepts("single", "single-pass-1"));
-    let user = e.redis.admin_cmd(&["ACL", "GETUSER", "single"]);
-    let passwords = user
+    assert_one_password(&e.redis, "single");
+}
+
+/// The user has exactly one password on the real Redis (replaced, never added).
+#[track_caller]
+fn assert_one_password(redis: &RedisServer, user: &str) {
+    let reply = redis.admin_cmd(&["ACL", "GETUSER", user]);
+    let passwords = reply
         .map_get("passwords")
         .and_then(|p| p.as_array())
         .unwrap();
-    assert_eq!(passwords.len(), 1, "{user:?}");
+    assert_eq!(passwords.len(), 1, "{reply:?}");
 }
 
 #[test]
@@ -571,12 +577,7 @@ fn default_user_password_replaced_not_added() {
     assert_eq!(task["response"]["resourceId"], e.emu.database_id());
     assert!(e.emu.redis_accepts("default", "replaced-1"));
     assert!(!e.emu.redis_accepts("default", &old), "no overlap");
-    let user = e.redis.admin_cmd(&["ACL", "GETUSER", "default"]);
-    let passwords = user
-        .map_get("passwords")
-        .and_then(|p| p.as_array())
-        .unwrap();
-    assert_eq!(passwords.len(), 1, "{user:?}");
+    assert_one_password(&e.redis, "default");
 }
 
 #[test]
