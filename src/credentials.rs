@@ -163,6 +163,9 @@ impl Generation {
     }
 }
 
+/// How long before the drain deadline sessions waiting on a blocking command move it.
+pub const BLOCKED_MOVE_LEAD: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The generation new upstream connections are opened with, and the one before it (whose
 /// connections a drain is moving away from).
 pub struct Generations {
@@ -251,13 +254,18 @@ impl Generations {
         self.changed.notify_waiters();
     }
 
-    /// Whether the drain deadline has passed.
-    pub fn drain_deadline_passed(&self) -> bool {
-        let ms = self.drain_deadline_ms.load(Ordering::Acquire);
-        ms != 0
-            && std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .is_ok_and(|now| now.as_millis() as u64 >= ms)
+    /// When a session still waiting for a blocking command's answer moves it instead (CLIENT
+    /// UNBLOCK, then the command again on the new connection): [`BLOCKED_MOVE_LEAD`] before the
+    /// drain deadline, so the move is over by the time the rotation counts what is left.
+    pub fn blocked_move_time(&self) -> Option<std::time::SystemTime> {
+        self.drain_deadline()
+            .map(|d| d.checked_sub(BLOCKED_MOVE_LEAD).unwrap_or(d))
+    }
+
+    /// Whether blocked commands are due to be moved (see [`Self::blocked_move_time`]).
+    pub fn blocked_move_due(&self) -> bool {
+        self.blocked_move_time()
+            .is_some_and(|t| std::time::SystemTime::now() >= t)
     }
 
     pub fn drain_deadline(&self) -> Option<std::time::SystemTime> {

@@ -10,9 +10,10 @@
 //! A busy session (auto-pipelining clients never pause) creates its safe point: it stops reading
 //! its client for at most `max_pause`, lets the outstanding replies arrive, moves, and resumes.
 //! A session in MULTI or with a WATCH armed waits for EXEC/DISCARD/UNWATCH. A blocking command
-//! still waiting at the drain deadline is moved, not failed: `CLIENT UNBLOCK <id> TIMEOUT` from a
-//! control connection makes it answer nil at once (consuming nothing), the nil is swallowed, and
-//! the command is sent again on the new connection with the time it had left.
+//! still waiting as the drain deadline nears (`BLOCKED_MOVE_LEAD` before it, so the move is over
+//! by the deadline) is moved, not failed: `CLIENT UNBLOCK <id> TIMEOUT` from a control
+//! connection makes it answer nil at once (consuming nothing), the nil is swallowed, and the
+//! command is sent again on the new connection with the time it had left.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -159,14 +160,14 @@ impl Session {
             return;
         }
         if self.replies.blocking_in_flight() {
-            if self.ctx.generations.drain_deadline_passed() {
+            if self.ctx.generations.blocked_move_due() {
                 if self.replies.only_a_blocking_command_owed() && !self.unblocking {
                     self.unblock_for_move().await;
                 }
             } else if self.move_timer.is_none()
-                && let Some(deadline) = self.ctx.generations.drain_deadline()
+                && let Some(due) = self.ctx.generations.blocked_move_time()
             {
-                let wait = deadline
+                let wait = due
                     .duration_since(std::time::SystemTime::now())
                     .unwrap_or_default();
                 self.move_timer = Some(Box::pin(tokio::time::sleep(wait)));
@@ -180,7 +181,7 @@ impl Session {
     }
 
     /// A pause ends after `max_pause` even without a safe point (reading resumes for as long
-    /// again before the next try); a wait for the drain deadline ends at the deadline.
+    /// again before the next try); a wait to move a blocked command ends when that is due.
     pub(super) fn on_move_timer(&mut self) {
         if self.paused_for_move {
             self.paused_for_move = false;
@@ -362,7 +363,7 @@ impl Session {
         }
     }
 
-    /// At the drain deadline, makes the blocked command answer at once (nil, consuming nothing)
+    /// Shortly before the drain deadline, makes the blocked command answer at once (nil, consuming nothing)
     /// so the session can move; the command is then sent again. Without a control connection or
     /// the right to CLIENT UNBLOCK, the session keeps waiting for the reply.
     async fn unblock_for_move(&mut self) {
