@@ -6,6 +6,7 @@ use std::hint::black_box;
 use std::io::Write;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use rotaproxy::resp::command::{self, Kind};
 use rotaproxy::resp::scanner::{Direction, ScanLimits, Scanner};
 
 const READ_SIZE: usize = 16 * 1024;
@@ -51,6 +52,44 @@ fn pipelined_small_commands(c: &mut Criterion) {
             frames
         })
     });
+
+    // What a session does with such input: the fast lane takes whole commands, classifying
+    // each name, and the general scanner takes the command cut by the end of each 16 KiB read.
+    group.bench_function(
+        "rotaproxy session path (fast lane + classify, 16 KiB reads)",
+        |b| {
+            let mut read_buf: Vec<u8> = Vec::with_capacity(2 * READ_SIZE);
+            b.iter(|| {
+                let mut scanner = Scanner::new(Direction::Request, ScanLimits::request_defaults());
+                let mut frames = 0u64;
+                read_buf.clear();
+                for read in buf.chunks(READ_SIZE) {
+                    read_buf.extend_from_slice(black_box(read));
+                    let mut pos = 0;
+                    while pos < read_buf.len() {
+                        let (taken, n) = scanner.peek_request_run(&read_buf[pos..], |name| {
+                            command::classify(name) == Kind::Other
+                        });
+                        if n > 0 {
+                            scanner.skip_frames(taken);
+                            pos += taken;
+                            frames += n;
+                            continue;
+                        }
+                        let p = scanner.scan(&read_buf[pos..]).unwrap();
+                        pos += p.consumed;
+                        frames += u64::from(p.complete);
+                        if !p.complete {
+                            break;
+                        }
+                    }
+                    read_buf.drain(..pos);
+                }
+                assert_eq!(frames, 10_000);
+                frames
+            })
+        },
+    );
 
     group.bench_function("redis-protocol resp2 decode_range", |b| {
         b.iter(|| {

@@ -129,41 +129,64 @@ impl Kind {
     }
 }
 
-/// Classifies a command name (any case).
+/// Classifies a command name (any case). Runs once per request: the name's length picks the few
+/// candidates to compare (GET, SET and every other 3-letter name are settled by the length alone).
 pub fn classify(name: &[u8]) -> Kind {
-    if name.len() > MAX_SPECIAL_NAME || name.is_empty() {
-        return Kind::Other;
-    }
-    let mut upper = [0u8; MAX_SPECIAL_NAME];
-    let upper = &mut upper[..name.len()];
-    upper.copy_from_slice(name);
-    upper.make_ascii_uppercase();
-    match &*upper {
-        b"AUTH" => Kind::Auth,
-        b"HELLO" => Kind::Hello,
-        b"QUIT" => Kind::Quit,
-        b"RESET" => Kind::Reset,
-        b"SELECT" => Kind::Select,
-        b"CLIENT" => Kind::Client,
-        b"MULTI" => Kind::Multi,
-        b"EXEC" => Kind::Exec,
-        b"DISCARD" => Kind::Discard,
-        b"WATCH" => Kind::Watch,
-        b"UNWATCH" => Kind::Unwatch,
-        b"SUBSCRIBE" => Kind::Subscribe,
-        b"PSUBSCRIBE" => Kind::Psubscribe,
-        b"SSUBSCRIBE" => Kind::Ssubscribe,
-        b"UNSUBSCRIBE" => Kind::Unsubscribe,
-        b"PUNSUBSCRIBE" => Kind::Punsubscribe,
-        b"SUNSUBSCRIBE" => Kind::Sunsubscribe,
-        b"MONITOR" => Kind::Monitor,
-        b"READONLY" => Kind::Readonly,
-        b"READWRITE" => Kind::Readwrite,
-        b"BLPOP" | b"BRPOP" | b"BRPOPLPUSH" | b"BLMOVE" | b"BLMPOP" | b"BZPOPMIN" | b"BZPOPMAX"
-        | b"BZMPOP" | b"WAIT" | b"WAITAOF" => Kind::Blocking,
-        b"XREAD" | b"XREADGROUP" => Kind::MaybeBlocking,
-        _ => Kind::Other,
-    }
+    use Kind::*;
+    let candidates: &[(&[u8], Kind)] = match name.len() {
+        4 => &[
+            (b"AUTH", Auth),
+            (b"QUIT", Quit),
+            (b"EXEC", Exec),
+            (b"WAIT", Blocking),
+        ],
+        5 => &[
+            (b"HELLO", Hello),
+            (b"RESET", Reset),
+            (b"MULTI", Multi),
+            (b"WATCH", Watch),
+            (b"BLPOP", Blocking),
+            (b"BRPOP", Blocking),
+            (b"XREAD", MaybeBlocking),
+        ],
+        6 => &[
+            (b"SELECT", Select),
+            (b"CLIENT", Client),
+            (b"BLMOVE", Blocking),
+            (b"BLMPOP", Blocking),
+            (b"BZMPOP", Blocking),
+        ],
+        7 => &[
+            (b"DISCARD", Discard),
+            (b"UNWATCH", Unwatch),
+            (b"MONITOR", Monitor),
+            (b"WAITAOF", Blocking),
+        ],
+        8 => &[
+            (b"READONLY", Readonly),
+            (b"BZPOPMIN", Blocking),
+            (b"BZPOPMAX", Blocking),
+        ],
+        9 => &[(b"SUBSCRIBE", Subscribe), (b"READWRITE", Readwrite)],
+        10 => &[
+            (b"PSUBSCRIBE", Psubscribe),
+            (b"SSUBSCRIBE", Ssubscribe),
+            (b"BRPOPLPUSH", Blocking),
+            (b"XREADGROUP", MaybeBlocking),
+        ],
+        11 => &[(b"UNSUBSCRIBE", Unsubscribe)],
+        12 => &[
+            (b"PUNSUBSCRIBE", Punsubscribe),
+            (b"SUNSUBSCRIBE", Sunsubscribe),
+        ],
+        _ => return Other,
+    };
+    // Names are ASCII: comparing the first byte first rules out almost every candidate cheaply.
+    let first = name[0].to_ascii_uppercase();
+    candidates
+        .iter()
+        .find(|(n, _)| n[0] == first && name.eq_ignore_ascii_case(n))
+        .map_or(Other, |&(_, kind)| kind)
 }
 
 /// Splits a complete multibulk request (already validated by the scanner) into its arguments.

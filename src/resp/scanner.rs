@@ -197,6 +197,15 @@ enum Line {
     TooLong,
 }
 
+/// A whole multibulk request found by a fast lane.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct WholeRequest {
+    /// Where the request ends.
+    len: usize,
+    /// Where the command name (the first argument) lies.
+    name: std::ops::Range<usize>,
+}
+
 /// Finds RESP frame boundaries in a byte stream. See the module documentation.
 #[derive(Debug, Clone)]
 pub struct Scanner {
@@ -279,6 +288,155 @@ impl Scanner {
     /// Tests use it to prove the cost is linear in the input.
     pub fn bytes_scanned(&self) -> u64 {
         self.scanned
+    }
+
+    // ---- fast lanes -------------------------------------------------------------------------
+    //
+    // Most traffic is small commands and small scalar replies, whole in one read. For those, the
+    // session asks the fast lanes below, which look at whole frames only and never change the
+    // scanner's state, then records what it took with `skip_frames`. They accept a subset of what
+    // `scan` accepts, with the same frame ends (property tests below check both); anything else —
+    // partial, unusual, malformed, over a limit — is left to `scan`, which gives the exact answer.
+    // A caller tries a fast lane once per frame start, so a failed try costs at most one look at
+    // what is buffered.
+
+    /// Fast lane for requests, between frames: the run of whole, well-formed multibulk requests
+    /// within the limits at the start of `buf` that `take` accepts (it is shown each command's
+    /// name), as (bytes, requests). Stops before the first request `take` refuses, and before
+    /// anything else: an inline or empty command, a partial or malformed request.
+    #[inline]
+    pub fn peek_request_run(
+        &self,
+        buf: &[u8],
+        mut take: impl FnMut(&[u8]) -> bool,
+    ) -> (usize, u64) {
+        if !self.fast_lane_open() {
+            return (0, 0);
+        }
+        let small_ok = self.small_headers_ok();
+        let mut taken = 0;
+        let mut count = 0;
+        while let Some(request) = self.lane_request(buf, taken, small_ok) {
+            if !take(&buf[request.name]) {
+                break;
+            }
+            taken = request.len;
+            count += 1;
+        }
+        (taken, count)
+    }
+
+    /// The whole multibulk request at `pos`: where it ends (`len` is an index into `buf`) and
+    /// where its name lies.
+    #[inline(always)]
+    fn lane_request(&self, buf: &[u8], pos: usize, small_ok: bool) -> Option<WholeRequest> {
+        let (argc, next) = self.lane_header(buf, pos, b'*', small_ok)?;
+        if argc == 0 {
+            return None;
+        }
+        let (n, next) = self.lane_header(buf, next, b'$', small_ok)?;
+        let name = next..next + n as usize;
+        let mut end = bulk_end(buf, next, n)?;
+        for _ in 1..argc {
+            let (n, next) = self.lane_header(buf, end, b'$', small_ok)?;
+            end = bulk_end(buf, next, n)?;
+        }
+        Some(WholeRequest { len: end, name })
+    }
+
+    /// Fast lane for replies, between frames: the whole scalar replies (simple strings, errors,
+    /// integers, nulls, booleans, doubles, big numbers, bulk strings and errors, verbatim strings)
+    /// at the start of `buf`, at most `max` of them, as (bytes, replies). Stops before anything
+    /// else: aggregates, pushes, attributes, streamed strings, a partial or malformed frame.
+    #[inline]
+    pub fn peek_scalar_replies(&self, buf: &[u8], max: u64) -> (usize, u64) {
+        if !self.fast_lane_open() {
+            return (0, 0);
+        }
+        let small_ok = self.small_headers_ok();
+        let max_line = self.limits.max_line_len;
+        let mut pos = 0;
+        let mut count = 0;
+        while count < max && pos < buf.len() {
+            let ty = buf[pos];
+            match ty {
+                b'$' | b'!' | b'=' => match self.lane_header(buf, pos, ty, small_ok) {
+                    Some((n, next)) => match bulk_end(buf, next, n) {
+                        Some(end) => pos = end,
+                        None => break,
+                    },
+                    None if ty == b'$' && max_line >= 4 && buf[pos..].starts_with(b"$-1\r\n") => {
+                        pos += 5
+                    }
+                    None => break,
+                },
+                b'+' | b'-' | b':' | b'_' | b'#' | b',' | b'(' => {
+                    let limit = buf.len().min(pos + max_line + 1);
+                    match find_lf(buf, pos + 1, limit) {
+                        Some(nl) if buf[nl - 1] == b'\r' => pos = nl + 1,
+                        _ => break,
+                    }
+                }
+                _ => break,
+            }
+            count += 1;
+        }
+        (pos, count)
+    }
+
+    /// Whether one- and two-digit headers are within every limit, so the fast lanes may take
+    /// them without checking each against the limits.
+    #[inline(always)]
+    fn small_headers_ok(&self) -> bool {
+        self.limits.max_line_len >= 4
+            && self.limits.max_bulk_len >= 99
+            && self.limits.max_elements >= 99
+    }
+
+    /// A non-negative length header of type `ty` at `pos` (its value and the index after its
+    /// CRLF), within the limits; None for anything else.
+    #[inline(always)]
+    fn lane_header(&self, buf: &[u8], pos: usize, ty: u8, small_ok: bool) -> Option<(u64, usize)> {
+        if small_ok {
+            match buf.get(pos..pos + 4) {
+                Some(&[t, d, b'\r', b'\n']) if t == ty && d.is_ascii_digit() => {
+                    return Some(((d - b'0') as u64, pos + 4));
+                }
+                Some(&[t, d0, d1, b'\r'])
+                    if t == ty
+                        && d0.is_ascii_digit()
+                        && d1.is_ascii_digit()
+                        && buf.get(pos + 4) == Some(&b'\n') =>
+                {
+                    return Some((((d0 - b'0') * 10 + (d1 - b'0')) as u64, pos + 5));
+                }
+                _ => {}
+            }
+        }
+        if buf.get(pos) != Some(&ty) {
+            return None;
+        }
+        let (n, next) = fast_len(buf, pos, self.limits.max_line_len).ok()?;
+        let limit = if ty == b'*' {
+            self.limits.max_elements
+        } else {
+            self.limits.max_bulk_len
+        };
+        (n <= limit).then_some((n, next))
+    }
+
+    /// Records `n` bytes of whole frames, found by a fast lane, as scanned and consumed.
+    #[inline]
+    pub fn skip_frames(&mut self, n: usize) {
+        debug_assert!(self.fast_lane_open());
+        self.scanned += n as u64;
+        self.note_examined(n);
+    }
+
+    /// Fast lanes start only between frames, with no partial line remembered.
+    #[inline(always)]
+    fn fast_lane_open(&self) -> bool {
+        self.carry == 0 && self.error.is_none() && self.at_frame_start()
     }
 
     #[inline(always)]
@@ -855,6 +1013,20 @@ fn complete(consumed: usize) -> Progress {
 #[inline(always)]
 fn fast_len(buf: &[u8], start: usize, max_line: usize) -> Result<(u64, usize), usize> {
     let first = start + 1;
+    // Most headers are one or two digits (`*2`, `$3`, `$16`): read those without the loop.
+    // (The line cap counts the type byte, the digits and the '\r'.)
+    if let Some(&[d0, b1, b2, ..]) = buf.get(first..first + 3) {
+        let d0 = d0.wrapping_sub(b'0');
+        if d0 <= 9 {
+            if b1 == b'\r' && b2 == b'\n' && max_line >= 3 {
+                return Ok((d0 as u64, first + 3));
+            }
+            let d1 = b1.wrapping_sub(b'0');
+            if d1 <= 9 && b2 == b'\r' && buf.get(first + 3) == Some(&b'\n') && max_line >= 4 {
+                return Ok((d0 as u64 * 10 + d1 as u64, first + 4));
+            }
+        }
+    }
     let end = buf.len().min(first + FAST_DIGITS);
     let mut i = first;
     let mut v: u64 = 0;
@@ -877,6 +1049,25 @@ fn fast_len(buf: &[u8], start: usize, max_line: usize) -> Result<(u64, usize), u
     } else {
         Err((i + 2).min(buf.len()) - first)
     }
+}
+
+/// Where a bulk payload of `n` bytes starting at `start` ends, its CRLF included, if the whole of
+/// it is in `buf` and the CRLF is right.
+#[inline(always)]
+fn bulk_end(buf: &[u8], start: usize, n: u64) -> Option<usize> {
+    let crlf = start.checked_add(usize::try_from(n).ok()?)?;
+    (buf.get(crlf..crlf + 2)? == b"\r\n").then_some(crlf + 2)
+}
+
+/// The first `\n` in `buf[from..limit]`. Simple replies are short: a plain loop finds their end
+/// sooner than setting up `memchr`, which takes over past the first few bytes.
+#[inline(always)]
+fn find_lf(buf: &[u8], from: usize, limit: usize) -> Option<usize> {
+    let short = limit.min(from + 16);
+    if let Some(i) = buf.get(from..short)?.iter().position(|&b| b == b'\n') {
+        return Some(from + i);
+    }
+    memchr(b'\n', buf.get(short..limit)?).map(|i| short + i)
 }
 
 /// Checks the CRLF trailer bytes of a bulk that fall within `buf[pos..pos + take]`, when `rem` bytes of
@@ -1795,6 +1986,102 @@ mod tests {
         }
     }
 
+    /// Where the general scanner, starting from `sc`'s state, ends `frames` whole frames in `buf`
+    /// (None if it errs or runs out of input first).
+    fn general_end(sc: &Scanner, buf: &[u8], frames: u64) -> Option<usize> {
+        let mut sc = sc.clone();
+        let mut pos = 0;
+        for _ in 0..frames {
+            loop {
+                let p = sc.scan(&buf[pos..]).ok()?;
+                if p.consumed == 0 && !p.complete {
+                    return None;
+                }
+                pos += p.consumed;
+                if p.complete {
+                    break;
+                }
+            }
+        }
+        Some(pos)
+    }
+
+    /// Walks `input` (cut short at `cut`) frame by frame, taking the fast lane wherever it offers
+    /// something and checking each offer against the general scanner; returns the bytes scanned.
+    fn walk_with_fast_lanes(dir: Direction, lim: ScanLimits, input: &[u8], max: u64) -> u64 {
+        let mut sc = Scanner::new(dir, lim);
+        let mut pos = 0;
+        while pos < input.len() {
+            let buf = &input[pos..];
+            let offered = match dir {
+                Direction::Request => {
+                    // Take up to `max` requests, checking each name the lane shows.
+                    let mut names = Vec::new();
+                    let (bytes, n) = sc.peek_request_run(buf, |name| {
+                        names.push(name.to_vec());
+                        names.len() as u64 <= max
+                    });
+                    let mut at = 0;
+                    for name in names.iter().take(n as usize) {
+                        let end = general_end(&sc, &buf[at..], 1).unwrap();
+                        let args = crate::resp::command::multibulk_args(&buf[at..at + end]);
+                        assert_eq!(args[0], &name[..]);
+                        at += end;
+                    }
+                    assert_eq!(at, bytes);
+                    Some((bytes, n)).filter(|o| o.1 > 0)
+                }
+                Direction::Reply => Some(sc.peek_scalar_replies(buf, max)).filter(|o| o.1 > 0),
+            };
+            if let Some((bytes, frames)) = offered {
+                assert!(frames <= max.max(1));
+                assert_eq!(
+                    general_end(&sc, buf, frames),
+                    Some(bytes),
+                    "fast lane at {pos}"
+                );
+                sc.skip_frames(bytes);
+                pos += bytes;
+                continue;
+            }
+            match sc.scan(buf) {
+                Ok(p) if p.consumed > 0 || p.complete => pos += p.consumed,
+                _ => break,
+            }
+        }
+        sc.bytes_scanned()
+    }
+
+    #[test]
+    fn fast_lanes_take_the_common_frames() {
+        let sc = Scanner::new(Direction::Request, limits(Direction::Request));
+        let get = b"*2\r\n$3\r\nGET\r\n$16\r\nkey:__rand_int__\r\n";
+        let all = |_: &[u8]| true;
+        assert_eq!(sc.peek_request_run(get, all), (get.len(), 1));
+        let twice = [&get[..], &get[..], b"*1\r\n$4\r\nEXEC\r\n", &get[..]].concat();
+        let not_exec = |name: &[u8]| name != b"EXEC";
+        assert_eq!(sc.peek_request_run(&twice, not_exec), (2 * get.len(), 2));
+        assert_eq!(sc.peek_request_run(&get[..get.len() - 1], all), (0, 0));
+        assert_eq!(sc.peek_request_run(b"PING\r\n", all), (0, 0));
+        assert_eq!(sc.peek_request_run(b"*0\r\n", all), (0, 0));
+        let sc = Scanner::new(Direction::Reply, limits(Direction::Reply));
+        let replies = b"+OK\r\n$3\r\nabc\r\n$-1\r\n:12\r\n-ERR x\r\n*1\r\n:1\r\n";
+        assert_eq!(sc.peek_scalar_replies(replies, 9), (replies.len() - 8, 5));
+        assert_eq!(sc.peek_scalar_replies(replies, 2), (14, 2));
+        assert_eq!(sc.peek_scalar_replies(b">2\r\n", 9), (0, 0));
+        assert_eq!(sc.peek_scalar_replies(b"$3\r\nab", 9), (0, 0));
+        // A wrong trailer is the general path's to report.
+        let sc = Scanner::new(Direction::Request, limits(Direction::Request));
+        assert_eq!(sc.peek_request_run(b"*1\r\n$3\r\nGETxx", |_| true), (0, 0));
+        let sc = Scanner::new(Direction::Reply, limits(Direction::Reply));
+        assert_eq!(sc.peek_scalar_replies(b"$3\r\nabcXY+OK\r\n", 9), (0, 0));
+        assert_eq!(sc.peek_scalar_replies(b"+OK\n", 9), (0, 0));
+        // Never in the middle of a frame.
+        let mut sc = Scanner::new(Direction::Reply, limits(Direction::Reply));
+        sc.scan(b"$5\r\nab").unwrap();
+        assert_eq!(sc.peek_scalar_replies(b"c\r\n+OK\r\n", 9), (0, 0));
+    }
+
     fn config() -> ProptestConfig {
         ProptestConfig {
             cases: 256,
@@ -1850,6 +2137,71 @@ mod tests {
                 expected.push(pos);
             }
             assert_frames(Direction::Request, &input, &cuts_for(input.len(), &idx), &expected);
+        }
+
+        #[test]
+        fn fast_lanes_agree_with_the_general_scanner(
+            reqs in prop::collection::vec(oracle::request(), 1..8),
+            replies in prop::collection::vec(
+                prop_oneof![
+                    oracle::frame2().prop_map(|f| oracle::encode2(&f)),
+                    oracle::frame3().prop_map(|f| oracle::encode3(&f)),
+                    oracle::streamed3(),
+                ],
+                1..8,
+            ),
+            cut in any::<prop::sample::Index>(),
+            max in 1u64..5,
+        ) {
+            for (dir, input) in [
+                (Direction::Request, reqs.iter().flat_map(|(b, _)| b.clone()).collect::<Vec<u8>>()),
+                (Direction::Reply, replies.concat()),
+            ] {
+                let input = &input[..cut.index(input.len() + 1)];
+                let (_, general) = run(dir, limits(dir), input, &[]);
+                let scanned = walk_with_fast_lanes(dir, limits(dir), input, max);
+                prop_assert_eq!(scanned, general.bytes_scanned());
+            }
+        }
+
+        #[test]
+        fn fast_lanes_agree_on_corrupted_input(
+            reqs in prop::collection::vec(oracle::request(), 1..6),
+            replies in prop::collection::vec(oracle::frame2().prop_map(|f| oracle::encode2(&f)), 1..6),
+            at in any::<prop::sample::Index>(),
+            byte in prop::sample::select(b"*$+-:\r\n0123456789xX".to_vec()),
+            max in 1u64..5,
+        ) {
+            for (dir, mut input) in [
+                (Direction::Request, reqs.iter().flat_map(|(b, _)| b.clone()).collect::<Vec<u8>>()),
+                (Direction::Reply, replies.concat()),
+            ] {
+                let i = at.index(input.len());
+                input[i] = byte;
+                walk_with_fast_lanes(dir, limits(dir), &input, max);
+            }
+        }
+
+        #[test]
+        fn fast_lanes_never_take_what_the_scanner_refuses(
+            input in prop::collection::vec(
+                prop_oneof![
+                    3 => prop::sample::select(b"*$+-:_#,(!=%~>|;.?\r\n\r\n0123456789-".to_vec()),
+                    1 => any::<u8>(),
+                ],
+                0..64,
+            ),
+            reply in any::<bool>(),
+            tight in any::<bool>(),
+            max in 1u64..5,
+        ) {
+            let dir = if reply { Direction::Reply } else { Direction::Request };
+            let lim = if tight {
+                ScanLimits { max_depth: 3, max_bulk_len: 8, max_elements: 4, max_line_len: 4 }
+            } else {
+                limits(dir)
+            };
+            walk_with_fast_lanes(dir, lim, &input, max);
         }
 
         #[test]

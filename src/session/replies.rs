@@ -85,6 +85,29 @@ impl ReplyQueue {
         }
     }
 
+    /// How many ordinary replies the head entry still expects (None: the head is not a run of
+    /// ordinary replies).
+    pub fn head_relay_run(&self) -> Option<u64> {
+        match self.entries.front() {
+            Some(Expect::Relay(n)) => Some(*n),
+            _ => None,
+        }
+    }
+
+    /// Matches `n` ordinary replies, no more than [`Self::head_relay_run`] gave, with the head.
+    pub fn match_relayed(&mut self, n: u64) {
+        let Some(Expect::Relay(left)) = self.entries.front_mut() else {
+            debug_assert!(false, "matched ordinary replies without a run at the head");
+            return;
+        };
+        debug_assert!(n <= *left);
+        *left -= n.min(*left);
+        if *left == 0 {
+            self.entries.pop_front();
+            self.upstream_owed -= 1;
+        }
+    }
+
     pub fn head_is_confirmations(&self) -> bool {
         matches!(self.entries.front(), Some(Expect::Confirmations { .. }))
     }
@@ -209,6 +232,22 @@ mod tests {
         assert!(!q.nothing_owed());
         assert!(q.match_reply(false).is_some());
         assert!(q.is_empty() && q.nothing_owed());
+    }
+
+    #[test]
+    fn a_run_is_matched_in_one_step() {
+        let mut q = ReplyQueue::default();
+        q.relay(3);
+        q.push(Expect::Local(Bytes::from_static(b"+OK\r\n")));
+        assert_eq!(q.head_relay_run(), Some(3));
+        q.match_relayed(2);
+        assert_eq!(q.head_relay_run(), Some(1));
+        assert!(!q.nothing_owed());
+        q.match_relayed(1);
+        assert_eq!(q.head_relay_run(), None);
+        assert!(q.nothing_owed());
+        assert_eq!(q.pop_ready_locals().count(), 1);
+        assert!(q.is_empty());
     }
 
     #[test]
