@@ -178,6 +178,9 @@ pub struct Generations {
     candidate: Mutex<Option<Arc<Generation>>>,
     /// Woken when a new generation is published: sessions then move at their next safe point.
     changed: Arc<Notify>,
+    /// Times `changed` was notified, bumped just before each notification: a session polls its
+    /// `changed` future again only when this moved (see `session::Signals`).
+    changes: AtomicU64,
     /// Unix-epoch milliseconds after which sessions stop waiting for blocking commands to end
     /// and move them instead (0: no drain deadline).
     drain_deadline_ms: AtomicU64,
@@ -191,6 +194,7 @@ impl Generations {
             previous: Mutex::new(None),
             candidate: Mutex::new(None),
             changed: Arc::new(Notify::new()),
+            changes: AtomicU64::new(0),
             drain_deadline_ms: AtomicU64::new(0),
         }
     }
@@ -210,6 +214,16 @@ impl Generations {
     /// A future that completes at the next [`Generations::publish`] (or drain deadline).
     pub fn changed(&self) -> tokio::sync::futures::OwnedNotified {
         self.changed.clone().notified_owned()
+    }
+
+    /// How many times [`Generations::changed`] futures were woken so far.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Acquire)
+    }
+
+    fn notify_changed(&self) {
+        self.changes.fetch_add(1, Ordering::AcqRel);
+        self.changed.notify_waiters();
     }
 
     /// Publishes a new generation: connections opened from now on use it, and every session is
@@ -241,7 +255,7 @@ impl Generations {
         let old = self.current.swap(generation.clone());
         *self.previous.lock().expect("not poisoned") = Some(old);
         self.current_id.store(generation.id, Ordering::Release);
-        self.changed.notify_waiters();
+        self.notify_changed();
         generation
     }
 
@@ -251,7 +265,7 @@ impl Generations {
             .and_then(|d| d.duration_since(std::time::UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_millis() as u64);
         self.drain_deadline_ms.store(ms, Ordering::Release);
-        self.changed.notify_waiters();
+        self.notify_changed();
     }
 
     /// When a session still waiting for a blocking command's answer moves it instead (CLIENT

@@ -554,6 +554,60 @@ fn upstream_restart_is_invisible_to_idle_clients() {
 }
 
 #[test]
+fn an_upstream_lost_in_the_middle_of_a_reply_closes_only_that_client() {
+    let mut env = Env::start();
+    // Far more than the socket buffers between Redis and the proxy hold: most of it is still
+    // in Redis's output buffer when Redis dies.
+    let size = 64 * 1024 * 1024;
+    env.redis
+        .admin_cmd(&["SET", "big", &"x".repeat(size)])
+        .assert_ok();
+    let mut other = env.conn();
+    other.cmd(&["SET", "k", "v"]).assert_ok();
+
+    // The reader takes a little of the reply, then stops reading: the proxy is mid-reply.
+    let mut reader = env.conn();
+    reader.set_read_timeout(Some(Duration::from_secs(30)));
+    reader.send_cmd(&["GET", "big"]);
+    let mut got = Vec::new();
+    while got.len() < 64 * 1024 {
+        let chunk = reader.read_raw().expect("reply bytes");
+        assert!(!chunk.is_empty(), "closed after {} bytes", got.len());
+        got.extend_from_slice(&chunk);
+    }
+    env.redis.stop();
+
+    // It gets the rest of what the proxy had, then the connection closes: a truncated reply
+    // and a disconnect, never an error text spliced into the middle of the value.
+    let mut total = got.len();
+    let header = format!("${size}\r\n");
+    assert!(got.starts_with(header.as_bytes()));
+    let mut tail_ok = got[header.len()..].iter().all(|&b| b == b'x');
+    loop {
+        let chunk = reader
+            .read_raw()
+            .expect("the proxy closes, it does not stall");
+        if chunk.is_empty() {
+            break;
+        }
+        tail_ok &= chunk.iter().all(|&b| b == b'x');
+        total += chunk.len();
+    }
+    assert!(tail_ok, "something other than the value's bytes was sent");
+    assert!(
+        total < header.len() + size + 2,
+        "the whole value arrived: {total} bytes"
+    );
+    env.proxy
+        .wait_for_log("in the middle of a reply", Duration::from_secs(10));
+
+    // Another client, idle meanwhile, carries on once Redis is back.
+    env.redis.start_again();
+    other.cmd(&["PING"]).assert_simple("PONG");
+    env.assert_no_secret_leaked();
+}
+
+#[test]
 fn huge_replies_and_values_stream_through() {
     let env = Env::start();
     // A 1M-element list, loaded straight into Redis.

@@ -207,6 +207,7 @@ impl Session {
 
     /// Sends `AUTH` with the new generation's credential on the current connection.
     fn reauthenticate_as(&mut self, target: Arc<Generation>) {
+        self.flush_forward();
         let Some(up) = &mut self.upstream else {
             return;
         };
@@ -252,6 +253,8 @@ impl Session {
             // A newer generation was published meanwhile; the next move catches up.
             tracing::debug!(peer = %self.peer, "moved to a newer generation than asked");
         }
+        // Replies still waiting to be written leave with the old connection's buffer otherwise.
+        self.flush_relay();
         let old = self.upstream.take();
         self.install_upstream(conn);
         metrics::counter!("rotaproxy_sessions_moved_total", "how" => "swap").increment(1);
@@ -333,8 +336,16 @@ impl Session {
 
     /// Appends held messages from the old connection when the client stream is between frames.
     pub(super) fn flush_old_upstream_pushes(&mut self) {
-        if self.reply_frame.is_some() || self.relay_len != 0 {
+        if self.reply_frame.is_some() || self.held_reply_len != 0 {
             return;
+        }
+        if self
+            .old_upstream
+            .as_ref()
+            .is_some_and(|old| !old.pending.is_empty())
+        {
+            // After the complete replies already relayed from the new connection.
+            self.flush_relay();
         }
         if let Some(old) = &mut self.old_upstream
             && !old.pending.is_empty()

@@ -79,6 +79,15 @@ pub struct SessionContext {
 }
 
 impl SessionContext {
+    /// Changes whenever a session must look at its signals (a generation change, a drain
+    /// deadline, shutdown); read before polling them, so a change made meanwhile is not missed.
+    fn signal_epoch(&self) -> u64 {
+        let shutting_down = self
+            .shutting_down
+            .load(std::sync::atomic::Ordering::Acquire);
+        (self.generations.changes() << 1) | u64::from(shutting_down)
+    }
+
     /// Tells every session to stop reading requests and close once its replies are delivered.
     pub fn begin_shutdown(&self) {
         self.shutting_down
@@ -187,6 +196,10 @@ pub struct Session {
     generation_changed: Pin<Box<tokio::sync::futures::OwnedNotified>>,
     /// Completes when the proxy begins to shut down.
     shutdown: Pin<Box<tokio::sync::futures::OwnedNotified>>,
+    /// `SessionContext::signal_epoch` and the task's waker when the two futures above were last
+    /// polled. While neither changed, polling them again would only take their locks (measurable
+    /// per request): they are registered with this waker and nothing was signalled since.
+    signals_polled: Option<(u64, std::task::Waker)>,
     /// Client input is paused so replies drain and the session reaches a safe point to move.
     paused_for_move: bool,
     /// Ends a pause, or wakes the session at the drain deadline.
@@ -245,6 +258,7 @@ impl Session {
             commands_forwarded: 0,
             generation_changed,
             shutdown,
+            signals_polled: None,
             paused_for_move: false,
             move_timer: None,
             reauth_target: None,
@@ -309,35 +323,44 @@ impl Session {
     // ---- I/O ----------------------------------------------------------------------------
 
     fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
-        if let Err(e) = poll_write_all(
+        // Replies: what the proxy queued, then relayed bytes straight from the upstream's input.
+        let (relay_from, relay_len) = match &mut self.upstream {
+            Some(up) => (Some(&mut up.input), &mut self.relay_len),
+            None => (None, &mut self.relay_len),
+        };
+        if let Err(e) = poll_write_queued_then_passed(
             &mut self.client,
             &mut self.client_out,
+            relay_from,
+            relay_len,
             &mut self.client_needs_flush,
             cx,
         ) {
             return Poll::Ready(Event::ClientFailed(e));
         }
+        // Requests: what the proxy queued, then forwarded bytes straight from the client's input.
         if let Some(up) = &mut self.upstream
-            && let Err(e) =
-                poll_write_all(&mut up.conn.stream, &mut up.out, &mut up.needs_flush, cx)
+            && let Err(e) = poll_write_queued_then_passed(
+                &mut up.conn.stream,
+                &mut up.out,
+                Some(&mut self.client_in),
+                &mut self.forward_len,
+                &mut up.needs_flush,
+                cx,
+            )
         {
             return Poll::Ready(Event::UpstreamFailed(e));
         }
         if self.closing
             && self.replies.is_empty()
             && self.client_out.is_empty()
+            && self.relay_len == 0
             && !self.client_needs_flush
         {
             return Poll::Ready(Event::Finished);
         }
-        if !self.closing && self.shutdown.as_mut().poll(cx).is_ready() {
-            // Stop reading requests; `Finished` follows once every owed reply is delivered.
-            self.closing = true;
-            return Poll::Ready(Event::GenerationChanged);
-        }
-        if self.generation_changed.as_mut().poll(cx).is_ready() {
-            self.generation_changed = Box::pin(self.ctx.generations.changed());
-            return Poll::Ready(Event::GenerationChanged);
+        if let Poll::Ready(event) = self.poll_signals(cx) {
+            return Poll::Ready(event);
         }
         if let Some(timer) = &mut self.move_timer
             && timer.as_mut().poll(cx).is_ready()
@@ -361,11 +384,34 @@ impl Session {
         }
     }
 
+    /// Shutdown and generation changes. See `signals_polled`.
+    fn poll_signals(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+        let epoch = self.ctx.signal_epoch();
+        if let Some((seen, waker)) = &self.signals_polled
+            && *seen == epoch
+            && waker.will_wake(cx.waker())
+        {
+            return Poll::Pending;
+        }
+        self.signals_polled = None;
+        if !self.closing && self.shutdown.as_mut().poll(cx).is_ready() {
+            // Stop reading requests; `Finished` follows once every owed reply is delivered.
+            self.closing = true;
+            return Poll::Ready(Event::GenerationChanged);
+        }
+        if self.generation_changed.as_mut().poll(cx).is_ready() {
+            self.generation_changed = Box::pin(self.ctx.generations.changed());
+            return Poll::Ready(Event::GenerationChanged);
+        }
+        self.signals_polled = Some((epoch, cx.waker().clone()));
+        Poll::Pending
+    }
+
     fn poll_read_client(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
         let upstream_full = self
             .upstream
             .as_ref()
-            .is_some_and(|u| u.out.len() >= HIGH_WATER);
+            .is_some_and(|u| u.out.len() + self.forward_len >= HIGH_WATER);
         if self.closing || self.barrier || self.paused_for_move || upstream_full {
             return Poll::Pending;
         }
@@ -378,7 +424,7 @@ impl Session {
     }
 
     fn poll_read_upstream(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
-        if self.client_out.len() >= HIGH_WATER {
+        if self.client_out.len() + self.relay_len >= HIGH_WATER {
             return Poll::Pending;
         }
         let Some(up) = &mut self.upstream else {
@@ -406,8 +452,13 @@ impl Session {
             if pos >= self.client_in.len() {
                 break;
             }
-            if matches!(self.request_mode, RequestMode::Start) && !self.start_request(pos).await {
-                break;
+            if matches!(self.request_mode, RequestMode::Start) {
+                if self.stream_ordinary_requests() {
+                    continue;
+                }
+                if !self.start_request(pos).await {
+                    break;
+                }
             }
             let pos = self.forward_len + self.held_len;
             let progress = match self.request_scanner.scan(&self.client_in[pos..]) {
@@ -445,7 +496,7 @@ impl Session {
                 RequestMode::Start => unreachable!(),
             }
         }
-        self.flush_forward();
+        // Forwarded bytes stay where they are: `poll_io` writes them from `client_in`.
         let scanned = self.request_scanner.bytes_scanned() - scanned_before;
         self.ctx.metrics.scanned_request_bytes.increment(scanned);
         // One update per batch of input, not per command.
@@ -453,6 +504,29 @@ impl Session {
             .metrics
             .commands
             .increment(std::mem::take(&mut self.commands_forwarded));
+    }
+
+    /// The fast lane: forwards the run of whole, ordinary commands at the front of the unscanned
+    /// input in one step. False when it took nothing (the general path decides what comes next).
+    fn stream_ordinary_requests(&mut self) -> bool {
+        if !self.authenticated || self.multi_lost || self.upstream.is_none() {
+            return false;
+        }
+        debug_assert_eq!(self.held_len, 0);
+        let start = self.forward_len;
+        let (taken, count) = self
+            .request_scanner
+            .peek_request_run(&self.client_in[start..], |name| {
+                command::classify(name) == Kind::Other
+            });
+        if count == 0 {
+            return false;
+        }
+        self.request_scanner.skip_frames(taken);
+        self.forward_len = start + taken;
+        self.commands_forwarded += count;
+        self.replies.relay(count);
+        true
     }
 
     /// Decides how the request starting at `pos` is handled. False when more bytes are needed.
@@ -891,7 +965,10 @@ impl Session {
         self.replies.push(expect);
     }
 
-    /// Moves the scanned, forwardable prefix of the client input to the upstream output.
+    /// Moves the scanned, forwardable prefix of the client input to the upstream output. Needed
+    /// only before something else is queued upstream (it must go after them) or before the front
+    /// of the client input is taken for a held request; otherwise `poll_io` writes those bytes
+    /// straight from `client_in`, without a copy.
     fn flush_forward(&mut self) {
         if self.forward_len == 0 {
             return;
@@ -939,6 +1016,7 @@ impl Session {
 
     /// Makes `conn` the session's upstream connection and replays the session's state onto it.
     fn install_upstream(&mut self, conn: UpstreamConn) {
+        debug_assert!(self.upstream.is_none() && self.relay_len == 0 && self.forward_len == 0);
         self.reply_scanner = new_reply_scanner();
         self.reply_frame = None;
         self.relay_len = 0;
@@ -991,7 +1069,25 @@ impl Session {
     async fn on_upstream_lost(&mut self, why: &str) {
         let owed = !self.replies.nothing_owed();
         tracing::info!(peer = %self.peer, reason = why, replies_owed = owed, "upstream connection lost");
+        // Complete replies already read are delivered; part of one cannot be finished or taken
+        // back, so a client that got part of a reply can only be disconnected once it has it.
+        let cut_mid_reply = self
+            .reply_frame
+            .is_some_and(|f| f.relay && f.confirmation.is_none())
+            && !self.reply_scanner.at_frame_start();
+        self.flush_relay();
         self.upstream = None;
+        if cut_mid_reply {
+            tracing::warn!(peer = %self.peer, "upstream lost in the middle of a reply; closing the client");
+            self.ctx
+                .metrics
+                .client_error(ClientErrorReason::UpstreamLost);
+            self.replies.take_all();
+            self.reply_frame = None;
+            self.closing = true;
+            self.resume_input = false;
+            return;
+        }
         self.reply_scanner = new_reply_scanner();
         self.reply_frame = None;
         self.relay_len = 0;
@@ -1061,7 +1157,6 @@ impl Session {
     fn on_upstream_input(&mut self) -> Result<(), String> {
         let scanned_before = self.reply_scanner.bytes_scanned();
         let result = self.scan_replies();
-        self.flush_relay();
         self.flush_old_upstream_pushes();
         self.drop_old_upstream_when_replaced();
         let scanned = self.reply_scanner.bytes_scanned() - scanned_before;
@@ -1079,6 +1174,9 @@ impl Session {
                 return Ok(());
             }
             if self.reply_frame.is_none() {
+                if self.relay_scalar_replies(pos) {
+                    continue;
+                }
                 let Some(frame) = self.start_reply(pos) else {
                     return Ok(());
                 };
@@ -1114,6 +1212,34 @@ impl Session {
                 self.on_reply_matched(frame);
             }
         }
+    }
+
+    /// The fast lane: relays the whole scalar replies at `pos` that answer the run of ordinary
+    /// commands at the head of the queue, in one step. False when it took nothing.
+    fn relay_scalar_replies(&mut self, pos: usize) -> bool {
+        // A swallowed nil (CLIENT UNBLOCK) or a MONITOR line needs a look at each frame.
+        if self.unblocking || self.state.monitor {
+            return false;
+        }
+        let (Some(run), Some(up)) = (self.replies.head_relay_run(), &self.upstream) else {
+            return false;
+        };
+        let (bytes, count) = self
+            .reply_scanner
+            .peek_scalar_replies(&up.input[pos..], run);
+        if count == 0 {
+            return false;
+        }
+        self.reply_scanner.skip_frames(bytes);
+        self.relay_len += bytes;
+        self.replies.match_relayed(count);
+        if matches!(self.replies.head(), Some(Expect::Local(_))) {
+            self.flush_relay();
+            while let Some(local) = self.replies.pop_ready_locals().next() {
+                self.client_out.extend_from_slice(&local);
+            }
+        }
+        true
     }
 
     /// Decides how the reply starting at `pos` is handled; None when more bytes are needed.
@@ -1239,6 +1365,7 @@ impl Session {
 
     /// Sends the proxy's AUTH again on the current connection.
     fn reauthenticate(&mut self) {
+        self.flush_forward();
         let Some(up) = &mut self.upstream else {
             return;
         };
@@ -1249,7 +1376,10 @@ impl Session {
         self.replies.push(injected("AUTH"));
     }
 
-    /// Moves the scanned, relayable prefix of the upstream input to the client output.
+    /// Moves the scanned, relayable prefix of the upstream input to the client output. Needed only
+    /// before the proxy queues a reply of its own (it must go after them), before the front of the
+    /// upstream input is held or dropped, and before the upstream connection goes away; otherwise
+    /// `poll_io` writes those bytes straight from the upstream's input, without a copy.
     fn flush_relay(&mut self) {
         if self.relay_len == 0 {
             return;
@@ -1270,6 +1400,7 @@ impl Session {
             return;
         };
         let clean = self.at_safe_point()
+            && self.relay_len == 0
             && self.replies.is_empty()
             && self.state.is_default()
             && up.out.is_empty()
@@ -1310,6 +1441,30 @@ fn single_line(s: &str) -> String {
     s.replace(['\r', '\n'], " ")
 }
 
+/// Writes `queued` (what the proxy put together) and then the first `*passed_len` bytes of
+/// `passed` (bytes passed through from the other side, written from where they were read), as
+/// much as the stream takes now; flushes once both are written. Written bytes are removed from
+/// the front of each buffer.
+fn poll_write_queued_then_passed(
+    stream: &mut Stream,
+    queued: &mut BytesMut,
+    passed: Option<&mut BytesMut>,
+    passed_len: &mut usize,
+    needs_flush: &mut bool,
+    cx: &mut Context<'_>,
+) -> io::Result<()> {
+    let mut queued_len = queued.len();
+    if !poll_write_front(stream, queued, &mut queued_len, needs_flush, cx)? {
+        return Ok(());
+    }
+    if let Some(passed) = passed
+        && !poll_write_front(stream, passed, passed_len, needs_flush, cx)?
+    {
+        return Ok(());
+    }
+    poll_flush_if_needed(stream, needs_flush, cx)
+}
+
 /// Writes as much of `buf` as the stream takes now, then flushes once it is all written.
 fn poll_write_all(
     stream: &mut Stream,
@@ -1317,17 +1472,43 @@ fn poll_write_all(
     needs_flush: &mut bool,
     cx: &mut Context<'_>,
 ) -> io::Result<()> {
-    while !buf.is_empty() {
-        match Pin::new(&mut *stream).poll_write(cx, buf) {
+    let mut len = buf.len();
+    if poll_write_front(stream, buf, &mut len, needs_flush, cx)? {
+        poll_flush_if_needed(stream, needs_flush, cx)?;
+    }
+    Ok(())
+}
+
+/// Writes the first `*len` bytes of `buf`, as much as the stream takes now, removing what was
+/// written from the front. True when all of them were written.
+fn poll_write_front(
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+    len: &mut usize,
+    needs_flush: &mut bool,
+    cx: &mut Context<'_>,
+) -> io::Result<bool> {
+    while *len > 0 {
+        match Pin::new(&mut *stream).poll_write(cx, &buf[..*len]) {
             Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
             Poll::Ready(Ok(n)) => {
                 buf.advance(n);
+                *len -= n;
                 *needs_flush = true;
             }
             Poll::Ready(Err(e)) => return Err(e),
-            Poll::Pending => return Ok(()),
+            Poll::Pending => return Ok(false),
         }
     }
+    Ok(true)
+}
+
+/// Flushes (TLS buffers what it encrypts) after everything was written.
+fn poll_flush_if_needed(
+    stream: &mut Stream,
+    needs_flush: &mut bool,
+    cx: &mut Context<'_>,
+) -> io::Result<()> {
     if *needs_flush {
         match Pin::new(&mut *stream).poll_flush(cx) {
             Poll::Ready(Ok(())) => *needs_flush = false,
