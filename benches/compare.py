@@ -701,12 +701,32 @@ def summarize(results: list[Result], max_other: float) -> dict[tuple[str, str], 
     return out
 
 
-def print_table(summary: dict, cases: list[Case], target_order: list[str]) -> None:
+def paired_floor_ratios(results: list[Result], max_other: float) -> dict[tuple[str, str], float]:
+    """Median over repetitions of (sidecar CPU / floor CPU) from the same repetition, where both
+    runs were clean: the two ran back to back, so slow drift of the machine cancels out."""
+    floor_of = {"plain": "floor", "tls": "floor-tls"}
+    by_pass: dict[tuple[str, str, str], Result] = {}
+    for r in results:
+        tag = r.extra.get("pass", "")
+        if (not r.error and r.sidecar_us_per_req and r.other_cpu is not None
+                and r.other_cpu <= max_other and not tag.startswith("retry")):
+            by_pass[(r.case, r.target, tag)] = r
+    ratios: dict[tuple[str, str], list[float]] = {}
+    for (case, target, tag), r in by_pass.items():
+        f = by_pass.get((case, floor_of.get(r.kind, ""), tag))
+        if f is not None and target != f.target:
+            ratios.setdefault((case, target), []).append(
+                r.sidecar_us_per_req / f.sidecar_us_per_req)
+    return {k: median(v) for k, v in ratios.items() if v}
+
+
+def print_table(summary: dict, cases: list[Case], target_order: list[str],
+                paired: dict[tuple[str, str], float]) -> None:
     direct_of = {"plain": "direct", "tls": "direct-tls"}
     floor_of = {"plain": "floor", "tls": "floor-tls"}
     head = ("case", "sidecar", "kind", "rps", "±rps", "x direct", "p50 µs", "p99 µs",
-            "sidecar CPU µs/req", "x floor", "redis CPU µs/req", "clean", "other CPU")
-    widths = (12, 14, 5, 8, 5, 8, 6, 6, 18, 7, 16, 5, 9)
+            "sidecar CPU µs/req", "x floor", "paired", "redis CPU µs/req", "clean", "other CPU")
+    widths = (12, 14, 5, 8, 5, 8, 6, 6, 18, 7, 6, 16, 5, 9)
     line = lambda cols: "  ".join(
         (c.ljust(w) if i < 3 else c.rjust(w)) for i, (c, w) in enumerate(zip(cols, widths))).rstrip()
     print(line(head))
@@ -730,7 +750,8 @@ def print_table(summary: dict, cases: list[Case], target_order: list[str]) -> No
                 fmt(r["rps"], ".0f"), "-" if spread is None else f"{spread * 100:.0f}%",
                 fmt(ratio, ".2f"), fmt(r["p50_us"], ".0f"), fmt(r["p99_us"], ".0f"),
                 fmt(r["sidecar_us_per_req"], ".2f") + ("~" if r["sidecar_cpu_by_ticks"] else ""),
-                fmt(fl, ".2f"), fmt(r["redis_us_per_req"], ".2f"),
+                fmt(fl, ".2f"), fmt(paired.get((case.label, name)), ".2f"),
+                fmt(r["redis_us_per_req"], ".2f"),
                 f"{r['clean_runs']}/{r['runs']}",
                 ("-" if r["other_cpu"] is None else f"{r['other_cpu'] * 100:.0f}%")
                 + ("" if r["clean_runs"] else " !"),
@@ -753,6 +774,8 @@ def main() -> int:
     ap.add_argument("--only", default="", help="comma-separated targets to run (direct and floor "
                     "targets are always added for the ratios), e.g. rotaproxy,rotaproxy-tls")
     ap.add_argument("--skip", default="", help="comma-separated targets to leave out")
+    ap.add_argument("--cases", default="", help="comma-separated cases to run, written like "
+                    "their labels without spaces, any case (e.g. getc50p16,setc50p16); default all")
     ap.add_argument("--no-install", action="store_true", help="never run apt-get")
     ap.add_argument("--no-build", action="store_true", help="use existing target/release binaries")
     ap.add_argument("--json", type=Path, help="also write every run's result as JSON to this file")
@@ -792,6 +815,12 @@ def main() -> int:
         raise SystemExit("--repeat must be at least 1")
     cases = [Case(test, c, p, max(1000, int(n * args.scale)))
              for (c, p), n in counts.items() for test in ("set", "get")]
+    wanted = {s.strip().lower() for s in args.cases.split(",") if s.strip()}
+    if wanted:
+        known = {c.label.replace(" ", "").lower() for c in cases}
+        if wanted - known:
+            raise SystemExit(f"unknown case(s) {sorted(wanted - known)}; known: {sorted(known)}")
+        cases = [c for c in cases if c.label.replace(" ", "").lower() in wanted]
 
     ensure_packages(not args.no_install)
 
@@ -876,7 +905,9 @@ def main() -> int:
         started = time.monotonic()
         for rep in range(1, repeat + 1):
             for case in cases:
-                for t in live:
+                # Every other repetition runs the targets in reverse order, so that drift of the
+                # machine within a case favours no target (see the paired ratio in the table).
+                for t in (live if rep % 2 else live[::-1]):
                     if not t.error:
                         one(t, case, f"{rep}/{repeat}")
             log(f"repetition {rep}/{repeat} done at {time.monotonic() - started:.0f}s")
@@ -915,12 +946,15 @@ def main() -> int:
           + (f" Measured processes ran at nice {NICE['n']}." if NICE["n"] else ""))
     print("# x direct: rps / rps of direct Redis of the same kind (plain: direct, tls: direct-tls).")
     print("# x floor: sidecar CPU µs/req / floor_forwarder's of the same kind (floor, floor-tls).")
+    print("# paired: median over repetitions of that ratio taken within one repetition (the two runs")
+    print("#   back to back, both clean; target order alternates): steadier than x floor on a noisy machine.")
     print("# other CPU: share of CPUs 0+1 used during the run by anything but Redis, the sidecar and")
     print("#   redis-benchmark (other processes, steal, unattributed softirq), median of the runs used.")
     print("# clean: clean runs / runs. `!`: no clean run, the figures come from disturbed runs: do not trust them.")
     print("# requests per run: " + ", ".join(f"{c.label}={c.requests}" for c in cases))
     print()
-    print_table(summary, cases, [t.name for t in chosen])
+    paired = paired_floor_ratios(results, args.max_other)
+    print_table(summary, cases, [t.name for t in chosen], paired)
     for t in chosen:
         print(f"  {t.name:14} {t.note}" + (f"  [FAILED: {t.error.splitlines()[0]}]" if t.error else ""))
     for n in notes:
