@@ -348,6 +348,63 @@ fn malformed_input_closes_only_that_client() {
 }
 
 #[test]
+fn client_reply_off_and_skip_drop_exactly_the_replies_asked_for() {
+    let env = Env::start();
+    let mut c = env.conn();
+    let mut sub = env.conn();
+    sub.cmd(&["SUBSCRIBE", "news"]).assert_not_error();
+
+    // OFF: nothing at all comes back, not even for errors or local answers, until ON.
+    c.send_cmd(&["CLIENT", "REPLY", "OFF"]);
+    c.send_cmd(&["SET", "a", "1"]);
+    c.send_cmd(&["INCR", "a"]);
+    c.send_cmd(&["NOSUCHCOMMAND"]);
+    c.send_cmd(&["AUTH", "anything"]);
+    c.send_cmd(&["CLIENT", "REPLY", "ON"]);
+    c.read_reply().assert_ok();
+    c.cmd(&["GET", "a"]).assert_bulk("2");
+
+    // SKIP: only the next command's reply is dropped.
+    c.send_cmd(&["CLIENT", "REPLY", "SKIP"]);
+    c.send_cmd(&["SET", "b", "x"]);
+    c.send_cmd(&["APPEND", "b", "y"]);
+    c.read_reply().assert_int(2);
+    c.cmd(&["GET", "b"]).assert_bulk("xy");
+
+    // A pipeline of ordinary commands under OFF, then a reply again: every reply was counted.
+    c.send_cmd(&["CLIENT", "REPLY", "OFF"]);
+    for i in 0..1000 {
+        c.send_cmd(&["RPUSH", "l", &i.to_string()]);
+    }
+    c.send_cmd(&["CLIENT", "REPLY", "ON"]);
+    c.send_cmd(&["LLEN", "l"]);
+    c.read_reply().assert_ok();
+    c.read_reply().assert_int(1000);
+
+    // The server's own error for a bad mode; the proxy's for one inside MULTI.
+    c.cmd(&["CLIENT", "REPLY", "MAYBE"]).assert_error("ERR");
+    c.cmd(&["MULTI"]).assert_ok();
+    c.cmd(&["CLIENT", "REPLY", "OFF"])
+        .assert_error("ERR rotaproxy does not support CLIENT REPLY inside MULTI");
+    c.cmd(&["DISCARD"]).assert_ok();
+
+    // The subscriber in the other session was never affected.
+    env.redis
+        .admin_cmd(&["PUBLISH", "news", "n1"])
+        .assert_int(1);
+    assert_eq!(
+        sub.read_reply(),
+        Frame::Array(vec![
+            Frame::bulk("message"),
+            Frame::bulk("news"),
+            Frame::bulk("n1")
+        ])
+    );
+    c.cmd(&["PING"]).assert_simple("PONG");
+    env.assert_no_secret_leaked();
+}
+
+#[test]
 fn commands_the_proxy_owns() {
     let env = Env::start();
     let mut c = env.conn();
@@ -359,8 +416,6 @@ fn commands_the_proxy_owns() {
         "internal-ip",
     ])
     .assert_ok();
-    c.cmd(&["CLIENT", "REPLY", "OFF"])
-        .assert_error("ERR rotaproxy does not support CLIENT REPLY");
     c.cmd(&["CLIENT", "REPLY", "ON"]).assert_ok();
     c.cmd(&["CLIENT", "SETNAME", "worker-1"]).assert_ok();
     c.cmd(&["CLIENT", "GETNAME"]).assert_bulk("worker-1");

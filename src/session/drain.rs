@@ -350,6 +350,11 @@ impl Session {
         if let Some(old) = &mut self.old_upstream
             && !old.pending.is_empty()
         {
+            if self.reply_off {
+                // CLIENT REPLY OFF: the client gets no messages either.
+                old.pending.clear();
+                return;
+            }
             self.client_out.extend_from_slice(&old.pending);
             old.pending.clear();
         }

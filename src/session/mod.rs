@@ -192,6 +192,11 @@ pub struct Session {
     upstream_first: bool,
     /// Commands forwarded since the metric was last updated.
     commands_forwarded: u64,
+    /// `CLIENT REPLY OFF` is in force. The server is never told (the proxy needs every reply to
+    /// keep count): the proxy drops what the client asked not to get.
+    reply_off: bool,
+    /// `CLIENT REPLY SKIP`: the next command's reply is dropped.
+    skip_next_reply: bool,
     /// Completes when a new generation is published.
     generation_changed: Pin<Box<tokio::sync::futures::OwnedNotified>>,
     /// Completes when the proxy begins to shut down.
@@ -256,6 +261,8 @@ impl Session {
             closing,
             upstream_first: false,
             commands_forwarded: 0,
+            reply_off: false,
+            skip_next_reply: false,
             generation_changed,
             shutdown,
             signals_polled: None,
@@ -509,7 +516,12 @@ impl Session {
     /// The fast lane: forwards the run of whole, ordinary commands at the front of the unscanned
     /// input in one step. False when it took nothing (the general path decides what comes next).
     fn stream_ordinary_requests(&mut self) -> bool {
-        if !self.authenticated || self.multi_lost || self.upstream.is_none() {
+        if !self.authenticated
+            || self.multi_lost
+            || self.upstream.is_none()
+            || self.reply_off
+            || self.skip_next_reply
+        {
             return false;
         }
         debug_assert_eq!(self.held_len, 0);
@@ -601,14 +613,52 @@ impl Session {
 
     fn on_streamed_request(&mut self, kind: Kind) {
         self.commands_forwarded += 1;
-        if kind == Kind::Blocking && !self.in_multi {
-            self.replies.push(Expect::Tracked {
+        let expect = if kind == Kind::Blocking && !self.in_multi {
+            Expect::Tracked {
                 action: Action::None,
                 relay: true,
                 blocking: true,
-            });
+            }
         } else {
-            self.replies.relay(1);
+            Expect::Relay(1)
+        };
+        let expect = self.as_client_asked(expect);
+        self.replies.push(expect);
+    }
+
+    /// Whether the reply to the client's current command is dropped (`CLIENT REPLY OFF|SKIP`).
+    /// Called once per command: it uses up a SKIP.
+    fn reply_muted(&mut self) -> bool {
+        std::mem::take(&mut self.skip_next_reply) || self.reply_off
+    }
+
+    /// The expectation for a client command's reply, muted if the client asked for no reply: the
+    /// reply is still counted, and dropped.
+    fn as_client_asked(&mut self, expect: Expect) -> Expect {
+        if !self.reply_muted() {
+            return expect;
+        }
+        match expect {
+            Expect::Relay(_) => Expect::Tracked {
+                action: Action::None,
+                relay: false,
+                blocking: false,
+            },
+            Expect::Tracked {
+                action, blocking, ..
+            } => Expect::Tracked {
+                action,
+                relay: false,
+                blocking,
+            },
+            Expect::Confirmations {
+                remaining, added, ..
+            } => Expect::Confirmations {
+                remaining,
+                relay: false,
+                added,
+            },
+            local @ Expect::Local(_) => local,
         }
     }
 
@@ -895,16 +945,8 @@ impl Session {
                     .map(|a| Bytes::copy_from_slice(a))
                     .collect()
             }))
-        } else if command::is(sub, "REPLY") {
-            if !on(2) {
-                self.ctx
-                    .metrics
-                    .client_error(ClientErrorReason::Unsupported);
-                return self.reply_local(Bytes::from_static(
-                    b"-ERR rotaproxy does not support CLIENT REPLY OFF|SKIP: the proxy must see a reply for every command\r\n",
-                ));
-            }
-            Action::None
+        } else if command::is(sub, "REPLY") && args.len() == 3 && !self.state.resp2_subscribed() {
+            return self.handle_client_reply(args[2], frame).await;
         } else if command::is(sub, "MAINT_NOTIFICATIONS") {
             // Maintenance notifications would send clients straight to the upstream endpoint,
             // past the proxy: accept the request and never relay them.
@@ -914,6 +956,34 @@ impl Session {
         };
         let expect = self.tracked(action);
         self.forward(frame, expect).await
+    }
+
+    /// `CLIENT REPLY ON|OFF|SKIP`, kept by the proxy: the server keeps answering every command
+    /// (the proxy must count replies to find safe points and to answer in order), and the proxy
+    /// drops the replies the client asked not to get. Anything else goes to the server, which
+    /// answers with its own error.
+    async fn handle_client_reply(&mut self, mode: &[u8], frame: &[u8]) {
+        if self.in_multi {
+            self.ctx
+                .metrics
+                .client_error(ClientErrorReason::Unsupported);
+            return self.reply_local(Bytes::from_static(
+                b"-ERR rotaproxy does not support CLIENT REPLY inside MULTI\r\n",
+            ));
+        }
+        if command::is(mode, "ON") {
+            self.reply_off = false;
+            self.skip_next_reply = false;
+            self.reply_local(Bytes::from_static(b"+OK\r\n"));
+        } else if command::is(mode, "OFF") {
+            self.reply_off = true;
+        } else if command::is(mode, "SKIP") {
+            // The SKIP itself gets no reply either; the command after it is the one skipped.
+            self.skip_next_reply = !self.reply_off;
+        } else {
+            let expect = self.tracked(Action::None);
+            self.forward(frame, expect).await;
+        }
     }
 
     async fn handle_exec(&mut self, frame: &[u8]) {
@@ -962,6 +1032,7 @@ impl Session {
         self.flush_forward();
         let up = self.upstream.as_mut().expect("ensured above");
         up.out.extend_from_slice(request);
+        let expect = self.as_client_asked(expect);
         self.replies.push(expect);
     }
 
@@ -983,6 +1054,9 @@ impl Session {
 
     /// Answers the client from the proxy, after every reply still owed before it.
     fn reply_local(&mut self, reply: Bytes) {
+        if self.reply_muted() {
+            return;
+        }
         if self.replies.is_empty() {
             self.flush_relay();
             self.client_out.extend_from_slice(&reply);
@@ -1272,9 +1346,9 @@ impl Session {
                     confirmation: Some(k),
                     ..plain
                 },
-                PushKind::Message | PushKind::Invalidate => not_a_reply(true),
+                PushKind::Message | PushKind::Invalidate => not_a_reply(!self.reply_off),
                 PushKind::Maintenance => not_a_reply(false),
-                PushKind::Other if first == b'>' => not_a_reply(true),
+                PushKind::Other if first == b'>' => not_a_reply(!self.reply_off),
                 PushKind::Other => plain,
             });
         }
@@ -1283,7 +1357,7 @@ impl Session {
                 return None;
             }
             if reply::is_monitor_line(&buf[..buf.len().min(MONITOR_PREFIX)]) {
-                return Some(not_a_reply(true));
+                return Some(not_a_reply(!self.reply_off));
             }
         }
         Some(plain)
