@@ -609,6 +609,58 @@ fn upstream_restart_is_invisible_to_idle_clients() {
 }
 
 #[test]
+fn a_client_that_does_not_read_is_held_back_not_buffered() {
+    let env = Env::start();
+    let value = "v".repeat(64 * 1024);
+    env.redis.admin_cmd(&["SET", "v", &value]).assert_ok();
+    let mut c = env.conn();
+    c.set_read_timeout(Some(Duration::from_secs(60)));
+    // 128 MiB of replies asked for, none read yet.
+    let n = 2000;
+    let mut pipeline = Vec::new();
+    for _ in 0..n {
+        pipeline.extend_from_slice(&encode_cmd(&["GET", "v"]));
+    }
+    c.send_raw(&pipeline);
+    // The proxy stops reading once its bounded buffer is full: the rest waits in Redis, whose
+    // output buffer for the proxy's connection settles (no longer drains) well above zero.
+    let omem = || {
+        env.redis
+            .client_list()
+            .iter()
+            .filter_map(|cl| cl.get("omem").and_then(|m| m.parse::<u64>().ok()))
+            .max()
+            .unwrap_or(0)
+    };
+    let mut last = omem();
+    assert_eventually(
+        Duration::from_secs(30),
+        "Redis's output buffer settles",
+        || {
+            std::thread::sleep(Duration::from_millis(200));
+            let now = omem();
+            std::mem::replace(&mut last, now) == now && now > 0
+        },
+    );
+    assert!(
+        last > 64 * 1024 * 1024,
+        "only {last} bytes held back in Redis"
+    );
+    let rss_mib = env.proxy.vm_rss_kib() / 1024;
+    assert!(
+        rss_mib < 64,
+        "proxy memory {rss_mib} MiB while holding back"
+    );
+    // Every reply then arrives, whole and in order.
+    for i in 0..n {
+        assert_eq!(c.read_reply(), Frame::bulk(&value), "reply {i}");
+    }
+    c.cmd(&["PING"]).assert_simple("PONG");
+    let hwm_mib = env.proxy.vm_hwm_kib() / 1024;
+    assert!(hwm_mib < 64, "proxy peak memory {hwm_mib} MiB");
+}
+
+#[test]
 fn an_upstream_lost_in_the_middle_of_a_reply_closes_only_that_client() {
     let mut env = Env::start();
     // Far more than the socket buffers between Redis and the proxy hold: most of it is still
