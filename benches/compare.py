@@ -701,10 +701,12 @@ def summarize(results: list[Result], max_other: float) -> dict[tuple[str, str], 
     return out
 
 
+FLOOR_OF = {"plain": "floor", "tls": "floor-tls"}
+
+
 def paired_floor_ratios(results: list[Result], max_other: float) -> dict[tuple[str, str], float]:
     """Median over repetitions of (sidecar CPU / floor CPU) from the same repetition, where both
     runs were clean: the two ran back to back, so slow drift of the machine cancels out."""
-    floor_of = {"plain": "floor", "tls": "floor-tls"}
     by_pass: dict[tuple[str, str, str], Result] = {}
     for r in results:
         tag = r.extra.get("pass", "")
@@ -713,7 +715,7 @@ def paired_floor_ratios(results: list[Result], max_other: float) -> dict[tuple[s
             by_pass[(r.case, r.target, tag)] = r
     ratios: dict[tuple[str, str], list[float]] = {}
     for (case, target, tag), r in by_pass.items():
-        f = by_pass.get((case, floor_of.get(r.kind, ""), tag))
+        f = by_pass.get((case, FLOOR_OF.get(r.kind, ""), tag))
         if f is not None and target != f.target:
             ratios.setdefault((case, target), []).append(
                 r.sidecar_us_per_req / f.sidecar_us_per_req)
@@ -723,7 +725,6 @@ def paired_floor_ratios(results: list[Result], max_other: float) -> dict[tuple[s
 def print_table(summary: dict, cases: list[Case], target_order: list[str],
                 paired: dict[tuple[str, str], float]) -> None:
     direct_of = {"plain": "direct", "tls": "direct-tls"}
-    floor_of = {"plain": "floor", "tls": "floor-tls"}
     head = ("case", "sidecar", "kind", "rps", "±rps", "x direct", "p50 µs", "p99 µs",
             "sidecar CPU µs/req", "x floor", "paired", "redis CPU µs/req", "clean", "other CPU")
     widths = (12, 14, 5, 8, 5, 8, 6, 6, 18, 7, 6, 16, 5, 9)
@@ -741,7 +742,7 @@ def print_table(summary: dict, cases: list[Case], target_order: list[str],
                 continue
             d = summary.get((case.label, direct_of[r["kind"]]), {})
             ratio = r["rps"] / d["rps"] if d.get("rps") else None
-            f = summary.get((case.label, floor_of[r["kind"]]), {})
+            f = summary.get((case.label, FLOOR_OF[r["kind"]]), {})
             fl = (r["sidecar_us_per_req"] / f["sidecar_us_per_req"]
                   if f.get("sidecar_us_per_req") and r["sidecar_us_per_req"] is not None else None)
             spread = r["rps_spread"]

@@ -179,7 +179,7 @@ pub struct Generations {
     /// Woken when a new generation is published: sessions then move at their next safe point.
     changed: Arc<Notify>,
     /// Times `changed` was notified, bumped just before each notification: a session polls its
-    /// `changed` future again only when this moved (see `session::Signals`).
+    /// `changed` future again only when this moved (see `Session::signals_polled`).
     changes: AtomicU64,
     /// Unix-epoch milliseconds after which sessions stop waiting for blocking commands to end
     /// and move them instead (0: no drain deadline).

@@ -313,10 +313,9 @@ impl Scanner {
         if !self.fast_lane_open() {
             return (0, 0);
         }
-        let small_ok = self.small_headers_ok();
         let mut taken = 0;
         let mut count = 0;
-        while let Some(request) = self.lane_request(buf, taken, small_ok) {
+        while let Some(request) = self.lane_request(buf, taken) {
             if !take(&buf[request.name]) {
                 break;
             }
@@ -329,16 +328,16 @@ impl Scanner {
     /// The whole multibulk request at `pos`: where it ends (`len` is an index into `buf`) and
     /// where its name lies.
     #[inline(always)]
-    fn lane_request(&self, buf: &[u8], pos: usize, small_ok: bool) -> Option<WholeRequest> {
-        let (argc, next) = self.lane_header(buf, pos, b'*', small_ok)?;
+    fn lane_request(&self, buf: &[u8], pos: usize) -> Option<WholeRequest> {
+        let (argc, next) = self.lane_header(buf, pos, b'*')?;
         if argc == 0 {
             return None;
         }
-        let (n, next) = self.lane_header(buf, next, b'$', small_ok)?;
+        let (n, next) = self.lane_header(buf, next, b'$')?;
         let name = next..next + n as usize;
         let mut end = bulk_end(buf, next, n)?;
         for _ in 1..argc {
-            let (n, next) = self.lane_header(buf, end, b'$', small_ok)?;
+            let (n, next) = self.lane_header(buf, end, b'$')?;
             end = bulk_end(buf, next, n)?;
         }
         Some(WholeRequest { len: end, name })
@@ -353,14 +352,13 @@ impl Scanner {
         if !self.fast_lane_open() {
             return (0, 0);
         }
-        let small_ok = self.small_headers_ok();
         let max_line = self.limits.max_line_len;
         let mut pos = 0;
         let mut count = 0;
         while count < max && pos < buf.len() {
             let ty = buf[pos];
             match ty {
-                b'$' | b'!' | b'=' => match self.lane_header(buf, pos, ty, small_ok) {
+                b'$' | b'!' | b'=' => match self.lane_header(buf, pos, ty) {
                     Some((n, next)) => match bulk_end(buf, next, n) {
                         Some(end) => pos = end,
                         None => break,
@@ -384,35 +382,10 @@ impl Scanner {
         (pos, count)
     }
 
-    /// Whether one- and two-digit headers are within every limit, so the fast lanes may take
-    /// them without checking each against the limits.
-    #[inline(always)]
-    fn small_headers_ok(&self) -> bool {
-        self.limits.max_line_len >= 4
-            && self.limits.max_bulk_len >= 99
-            && self.limits.max_elements >= 99
-    }
-
     /// A non-negative length header of type `ty` at `pos` (its value and the index after its
     /// CRLF), within the limits; None for anything else.
     #[inline(always)]
-    fn lane_header(&self, buf: &[u8], pos: usize, ty: u8, small_ok: bool) -> Option<(u64, usize)> {
-        if small_ok {
-            match buf.get(pos..pos + 4) {
-                Some(&[t, d, b'\r', b'\n']) if t == ty && d.is_ascii_digit() => {
-                    return Some(((d - b'0') as u64, pos + 4));
-                }
-                Some(&[t, d0, d1, b'\r'])
-                    if t == ty
-                        && d0.is_ascii_digit()
-                        && d1.is_ascii_digit()
-                        && buf.get(pos + 4) == Some(&b'\n') =>
-                {
-                    return Some((((d0 - b'0') * 10 + (d1 - b'0')) as u64, pos + 5));
-                }
-                _ => {}
-            }
-        }
+    fn lane_header(&self, buf: &[u8], pos: usize, ty: u8) -> Option<(u64, usize)> {
         if buf.get(pos) != Some(&ty) {
             return None;
         }
@@ -2006,8 +1979,8 @@ mod tests {
         Some(pos)
     }
 
-    /// Walks `input` (cut short at `cut`) frame by frame, taking the fast lane wherever it offers
-    /// something and checking each offer against the general scanner; returns the bytes scanned.
+    /// Walks `input` frame by frame, taking the fast lane wherever it offers something and
+    /// checking each offer against the general scanner; returns the bytes scanned.
     fn walk_with_fast_lanes(dir: Direction, lim: ScanLimits, input: &[u8], max: u64) -> u64 {
         let mut sc = Scanner::new(dir, lim);
         let mut pos = 0;

@@ -336,28 +336,23 @@ impl Session {
 
     /// Appends held messages from the old connection when the client stream is between frames.
     pub(super) fn flush_old_upstream_pushes(&mut self) {
-        if self.reply_frame.is_some() || self.held_reply_len != 0 {
+        if self.reply_frame.is_some()
+            || self.held_reply_len != 0
+            || self
+                .old_upstream
+                .as_ref()
+                .is_none_or(|old| old.pending.is_empty())
+        {
             return;
         }
-        if self
-            .old_upstream
-            .as_ref()
-            .is_some_and(|old| !old.pending.is_empty())
-        {
-            // After the complete replies already relayed from the new connection.
-            self.flush_relay();
-        }
-        if let Some(old) = &mut self.old_upstream
-            && !old.pending.is_empty()
-        {
-            if self.reply_off {
-                // CLIENT REPLY OFF: the client gets no messages either.
-                old.pending.clear();
-                return;
-            }
+        // After the complete replies already relayed from the new connection.
+        self.flush_relay();
+        let old = self.old_upstream.as_mut().expect("checked above");
+        // Under CLIENT REPLY OFF the client gets no messages either.
+        if !self.reply_off {
             self.client_out.extend_from_slice(&old.pending);
-            old.pending.clear();
         }
+        old.pending.clear();
     }
 
     /// Closes the old connection once the new one holds every subscription and every message
@@ -379,9 +374,9 @@ impl Session {
         }
     }
 
-    /// Shortly before the drain deadline, makes the blocked command answer at once (nil, consuming nothing)
-    /// so the session can move; the command is then sent again. Without a control connection or
-    /// the right to CLIENT UNBLOCK, the session keeps waiting for the reply.
+    /// Shortly before the drain deadline, makes the blocked command answer at once (nil,
+    /// consuming nothing) so the session can move; the command is then sent again. Without a
+    /// control connection or the right to CLIENT UNBLOCK, the session keeps waiting for the reply.
     async fn unblock_for_move(&mut self) {
         let Some(blocked) = &self.blocked else {
             return;

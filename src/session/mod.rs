@@ -331,15 +331,11 @@ impl Session {
 
     fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
         // Replies: what the proxy queued, then relayed bytes straight from the upstream's input.
-        let (relay_from, relay_len) = match &mut self.upstream {
-            Some(up) => (Some(&mut up.input), &mut self.relay_len),
-            None => (None, &mut self.relay_len),
-        };
         if let Err(e) = poll_write_queued_then_passed(
             &mut self.client,
             &mut self.client_out,
-            relay_from,
-            relay_len,
+            self.upstream.as_mut().map(|up| &mut up.input),
+            &mut self.relay_len,
             &mut self.client_needs_flush,
             cx,
         ) {
@@ -634,32 +630,22 @@ impl Session {
 
     /// The expectation for a client command's reply, muted if the client asked for no reply: the
     /// reply is still counted, and dropped.
-    fn as_client_asked(&mut self, expect: Expect) -> Expect {
+    fn as_client_asked(&mut self, mut expect: Expect) -> Expect {
         if !self.reply_muted() {
             return expect;
         }
-        match expect {
-            Expect::Relay(_) => Expect::Tracked {
-                action: Action::None,
-                relay: false,
-                blocking: false,
-            },
-            Expect::Tracked {
-                action, blocking, ..
-            } => Expect::Tracked {
-                action,
-                relay: false,
-                blocking,
-            },
-            Expect::Confirmations {
-                remaining, added, ..
-            } => Expect::Confirmations {
-                remaining,
-                relay: false,
-                added,
-            },
-            local @ Expect::Local(_) => local,
+        match &mut expect {
+            Expect::Relay(_) => {
+                return Expect::Tracked {
+                    action: Action::None,
+                    relay: false,
+                    blocking: false,
+                };
+            }
+            Expect::Tracked { relay, .. } | Expect::Confirmations { relay, .. } => *relay = false,
+            Expect::Local(_) => {}
         }
+        expect
     }
 
     async fn on_held_request(&mut self, kind: Kind, inline: bool, frame: Bytes) {
@@ -1307,13 +1293,18 @@ impl Session {
         self.reply_scanner.skip_frames(bytes);
         self.relay_len += bytes;
         self.replies.match_relayed(count);
+        self.deliver_ready_locals();
+        true
+    }
+
+    /// Delivers the proxy-made replies now at the head of the queue, after what was relayed.
+    fn deliver_ready_locals(&mut self) {
         if matches!(self.replies.head(), Some(Expect::Local(_))) {
             self.flush_relay();
             while let Some(local) = self.replies.pop_ready_locals().next() {
                 self.client_out.extend_from_slice(&local);
             }
         }
-        true
     }
 
     /// Decides how the reply starting at `pos` is handled; None when more bytes are needed.
@@ -1407,12 +1398,7 @@ impl Session {
             };
             self.apply(matched.action, ok);
         }
-        if matches!(self.replies.head(), Some(Expect::Local(_))) {
-            self.flush_relay();
-            while let Some(local) = self.replies.pop_ready_locals().next() {
-                self.client_out.extend_from_slice(&local);
-            }
-        }
+        self.deliver_ready_locals();
     }
 
     fn apply(&mut self, action: Action, ok: bool) {
