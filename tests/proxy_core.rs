@@ -658,6 +658,7 @@ fn a_client_that_does_not_read_is_held_back_not_buffered() {
     c.cmd(&["PING"]).assert_simple("PONG");
     let hwm_mib = env.proxy.vm_hwm_kib() / 1024;
     assert!(hwm_mib < 64, "proxy peak memory {hwm_mib} MiB");
+    env.assert_no_secret_leaked();
 }
 
 #[test]
