@@ -256,12 +256,18 @@ impl Proxy {
         assert!(status.success(), "kill -TERM {} failed", self.pid);
     }
 
-    /// Waits for the process to exit; `None` if it is still running after `timeout`.
+    /// Waits for the process to exit; `None` if it is still running after `timeout`. Once it
+    /// has exited, everything it wrote is in [`Proxy::logs`].
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let child = self.child.as_mut()?;
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(Some(s)) = child.try_wait() {
+                // The readers reach the end of the pipes now that the process is gone; until
+                // they do, its last lines may not be in `logs` yet.
+                for r in self.readers.drain(..) {
+                    let _ = r.join();
+                }
                 return Some(s);
             }
             if Instant::now() > deadline {
