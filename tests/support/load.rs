@@ -1223,12 +1223,12 @@ fn subscriber(sh: &Arc<Shared>, who: &str, resp3: bool, out: &mut Outcome) -> St
             pending.push_back((now, req));
             last_request = now;
         }
-        if let Some((sent, _)) = pending.front() {
-            if now.duration_since(*sent) > REPLY_TIMEOUT {
-                c.err(format!("no reply to PING/GET within {REPLY_TIMEOUT:?}"));
-                alive = false;
-                break;
-            }
+        if let Some((sent, _)) = pending.front()
+            && now.duration_since(*sent) > REPLY_TIMEOUT
+        {
+            c.err(format!("no reply to PING/GET within {REPLY_TIMEOUT:?}"));
+            alive = false;
+            break;
         }
         let f = match c.poll(POLL, "messages") {
             Ok(Some(f)) => f,
