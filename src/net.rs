@@ -26,6 +26,12 @@ impl Stream {
         }
     }
 
+    /// True when written bytes may wait in this layer until a flush (TLS records); a plain
+    /// socket hands every write to the kernel, so the flush after it can be skipped.
+    pub fn buffers_writes(&self) -> bool {
+        !matches!(self, Stream::Tcp(_))
+    }
+
     /// True when the peer has closed the connection or sent something unexpected while it sat
     /// idle. Checked without blocking before an idle connection is handed out.
     pub fn looks_closed(&self) -> bool {

@@ -25,7 +25,7 @@ use redis_protocol::resp2::types::OwnedFrame;
 
 use super::replies::Expect;
 use super::state::Action;
-use super::{READ_RESERVE, Session, Upstream, new_reply_scanner};
+use super::{Session, Upstream, new_reply_scanner};
 use crate::credentials::Generation;
 use crate::resp::command::{self, Peek};
 use crate::resp::reply::{self, PushKind};
@@ -282,7 +282,7 @@ impl Session {
         {
             return Poll::Ready(0);
         }
-        old.up.input.reserve(READ_RESERVE);
+        super::make_read_room(&mut old.up.input);
         match tokio_util::io::poll_read_buf(
             Pin::new(&mut old.up.conn.stream),
             cx,

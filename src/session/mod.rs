@@ -46,8 +46,19 @@ use state::{Action, ConnState};
 
 /// Output waiting for a slow peer beyond which the session stops reading from the other side.
 const HIGH_WATER: usize = 256 * 1024;
-/// Free space ensured in a read buffer before each read.
+/// Size of a read buffer, and the free space made in it when it runs low.
 const READ_RESERVE: usize = 32 * 1024;
+/// Free space below which a read buffer is compacted or grown before the next read. Making
+/// room costs a call and a copy, so it is done once per tens of KiB of traffic, not per read.
+const READ_MIN: usize = 8 * 1024;
+
+/// Makes room for the next read into `buf` (see `READ_MIN`).
+#[inline(always)]
+fn make_read_room(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < READ_MIN {
+        buf.reserve(READ_RESERVE);
+    }
+}
 /// How long a session that waits for pushes (subscriptions, MONITOR, tracking) keeps trying to
 /// restore itself on a fresh upstream connection before it gives up and closes.
 const RESTORE_WINDOW: std::time::Duration = std::time::Duration::from_secs(30);
@@ -188,7 +199,10 @@ pub struct Session {
     resume_input: bool,
     /// No more client input is read; the session ends once every reply is delivered.
     closing: bool,
-    /// Which side `poll_io` reads first, alternated so neither side starves the other.
+    /// Which side `poll_io` reads first: the one that did not give the last bytes read, so
+    /// neither side starves the other when both are busy. It is also the side that is usually
+    /// ready next (a batch of requests, then their replies), so one read attempt seldom goes
+    /// to a side with nothing to give.
     upstream_first: bool,
     /// Commands forwarded since the metric was last updated.
     commands_forwarded: u64,
@@ -373,18 +387,23 @@ impl Session {
         if let Poll::Ready(n) = self.poll_read_old_upstream(cx) {
             return Poll::Ready(Event::OldUpstreamRead(n));
         }
-        self.upstream_first = !self.upstream_first;
-        if self.upstream_first {
-            if let Poll::Ready(ev) = self.poll_read_upstream(cx) {
-                return Poll::Ready(ev);
+        let event = if self.upstream_first {
+            match self.poll_read_upstream(cx) {
+                Poll::Pending => self.poll_read_client(cx),
+                ready => ready,
             }
-            self.poll_read_client(cx)
         } else {
-            if let Poll::Ready(ev) = self.poll_read_client(cx) {
-                return Poll::Ready(ev);
+            match self.poll_read_client(cx) {
+                Poll::Pending => self.poll_read_upstream(cx),
+                ready => ready,
             }
-            self.poll_read_upstream(cx)
+        };
+        match event {
+            Poll::Ready(Event::ClientRead(_)) => self.upstream_first = true,
+            Poll::Ready(Event::UpstreamRead(_)) => self.upstream_first = false,
+            _ => {}
         }
+        event
     }
 
     /// Shutdown and generation changes. See `signals_polled`.
@@ -418,7 +437,7 @@ impl Session {
         if self.closing || self.barrier || self.paused_for_move || upstream_full {
             return Poll::Pending;
         }
-        self.client_in.reserve(READ_RESERVE);
+        make_read_room(&mut self.client_in);
         match tokio_util::io::poll_read_buf(Pin::new(&mut self.client), cx, &mut self.client_in) {
             Poll::Ready(Ok(n)) => Poll::Ready(Event::ClientRead(n)),
             Poll::Ready(Err(e)) => Poll::Ready(Event::ClientFailed(e)),
@@ -433,7 +452,7 @@ impl Session {
         let Some(up) = &mut self.upstream else {
             return Poll::Pending;
         };
-        up.input.reserve(READ_RESERVE);
+        make_read_room(&mut up.input);
         match tokio_util::io::poll_read_buf(Pin::new(&mut up.conn.stream), cx, &mut up.input) {
             Poll::Ready(Ok(n)) => Poll::Ready(Event::UpstreamRead(n)),
             Poll::Ready(Err(e)) => Poll::Ready(Event::UpstreamFailed(e)),
@@ -1505,7 +1524,25 @@ fn single_line(s: &str) -> String {
 /// `passed` (bytes passed through from the other side, written from where they were read), as
 /// much as the stream takes now; flushes once both are written. Written bytes are removed from
 /// the front of each buffer.
+///
+/// Called for both directions on every pass of the event loop, and most passes have nothing
+/// to write in one of them: that case is settled inline, before any call.
+#[inline(always)]
 fn poll_write_queued_then_passed(
+    stream: &mut Stream,
+    queued: &mut BytesMut,
+    passed: Option<&mut BytesMut>,
+    passed_len: &mut usize,
+    needs_flush: &mut bool,
+    cx: &mut Context<'_>,
+) -> io::Result<()> {
+    if queued.is_empty() && *passed_len == 0 && !*needs_flush {
+        return Ok(());
+    }
+    poll_write_some_queued_then_passed(stream, queued, passed, passed_len, needs_flush, cx)
+}
+
+fn poll_write_some_queued_then_passed(
     stream: &mut Stream,
     queued: &mut BytesMut,
     passed: Option<&mut BytesMut>,
@@ -1554,7 +1591,7 @@ fn poll_write_front(
             Poll::Ready(Ok(n)) => {
                 buf.advance(n);
                 *len -= n;
-                *needs_flush = true;
+                *needs_flush = stream.buffers_writes();
             }
             Poll::Ready(Err(e)) => return Err(e),
             Poll::Pending => return Ok(false),
