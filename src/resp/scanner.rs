@@ -226,6 +226,9 @@ pub struct Scanner {
     #[cfg(test)]
     examined: u64,
     error: Option<ScanError>,
+    /// Every header of one or two digits is within the limits (true for any sensible limits),
+    /// so the fast lanes may take such headers without checking them against the limits.
+    small_headers_fit: bool,
 }
 
 /// Length of the longest header fast-path digit run: any 18-digit number fits an i64.
@@ -234,9 +237,12 @@ const FAST_DIGITS: usize = 18;
 impl Scanner {
     /// A scanner for one direction of one connection, positioned at the start of a frame.
     pub fn new(direction: Direction, limits: ScanLimits) -> Self {
+        let small_headers_fit =
+            limits.max_line_len >= 4 && limits.max_elements >= 99 && limits.max_bulk_len >= 99;
         Self {
             direction,
             limits,
+            small_headers_fit,
             state: State::Line,
             args_left: 0,
             stack: Vec::new(),
@@ -386,6 +392,25 @@ impl Scanner {
     /// CRLF), within the limits; None for anything else.
     #[inline(always)]
     fn lane_header(&self, buf: &[u8], pos: usize, ty: u8) -> Option<(u64, usize)> {
+        // Most headers are `*2`, `$3`, `$16`: one four-byte load settles them.
+        if self.small_headers_fit
+            && let Some(&word) = buf.get(pos..).and_then(<[u8]>::first_chunk::<4>)
+        {
+            let word = u32::from_le_bytes(word);
+            let d0 = ((word >> 8) as u8).wrapping_sub(b'0');
+            if d0 <= 9 {
+                if word & 0xFFFF_00FF == u32::from_le_bytes([ty, 0, b'\r', b'\n']) {
+                    return Some((u64::from(d0), pos + 4));
+                }
+                let d1 = ((word >> 16) as u8).wrapping_sub(b'0');
+                if d1 <= 9
+                    && word & 0xFF00_00FF == u32::from_le_bytes([ty, 0, 0, b'\r'])
+                    && buf.get(pos + 4) == Some(&b'\n')
+                {
+                    return Some((u64::from(d0) * 10 + u64::from(d1), pos + 5));
+                }
+            }
+        }
         if buf.get(pos) != Some(&ty) {
             return None;
         }
@@ -2055,6 +2080,32 @@ mod tests {
         assert_eq!(sc.peek_scalar_replies(b"c\r\n+OK\r\n", 9), (0, 0));
     }
 
+    /// The lanes read one- and two-digit headers a word at a time without checking them against
+    /// the limits, which is only right when every such header fits: check the edge both ways.
+    #[test]
+    fn fast_lanes_respect_limits_at_the_two_digit_edge() {
+        let arg = [b'a'; 99];
+        let request = [&b"*1\r\n$99\r\n"[..], &arg, b"\r\n"].concat();
+        let reply = [&b"$99\r\n"[..], &arg, b"\r\n"].concat();
+        let edge = |bulk: u64, line: usize| ScanLimits {
+            max_depth: 1,
+            max_bulk_len: bulk,
+            max_elements: 99,
+            max_line_len: line,
+        };
+        let sc = Scanner::new(Direction::Request, edge(99, 4));
+        assert_eq!(sc.peek_request_run(&request, |_| true), (request.len(), 1));
+        let sc = Scanner::new(Direction::Reply, edge(99, 4));
+        assert_eq!(sc.peek_scalar_replies(&reply, 1), (reply.len(), 1));
+        for (bulk, line) in [(98, 4), (99, 3)] {
+            let sc = Scanner::new(Direction::Request, edge(bulk, line));
+            assert_eq!(sc.peek_request_run(&request, |_| true), (0, 0));
+            assert!(run(Direction::Request, edge(bulk, line), &request, &[]).1.error.is_some());
+            let sc = Scanner::new(Direction::Reply, edge(bulk, line));
+            assert_eq!(sc.peek_scalar_replies(&reply, 1), (0, 0));
+        }
+    }
+
     fn config() -> ProptestConfig {
         ProptestConfig {
             cases: 256,
@@ -2165,14 +2216,15 @@ mod tests {
                 0..64,
             ),
             reply in any::<bool>(),
-            tight in any::<bool>(),
+            tight in 0u8..3,
             max in 1u64..5,
         ) {
             let dir = if reply { Direction::Reply } else { Direction::Request };
-            let lim = if tight {
-                ScanLimits { max_depth: 3, max_bulk_len: 8, max_elements: 4, max_line_len: 4 }
-            } else {
-                limits(dir)
+            let lim = match tight {
+                0 => limits(dir),
+                1 => ScanLimits { max_depth: 3, max_bulk_len: 8, max_elements: 4, max_line_len: 4 },
+                // Just inside the lanes' two-digit shortcut.
+                _ => ScanLimits { max_depth: 3, max_bulk_len: 99, max_elements: 99, max_line_len: 4 },
             };
             walk_with_fast_lanes(dir, lim, &input, max);
         }
