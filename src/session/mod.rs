@@ -153,9 +153,14 @@ enum Event {
     /// Bytes read from the client; 0 means it closed.
     ClientRead(usize),
     ClientFailed(io::Error),
-    /// Bytes read from the upstream; 0 means it closed.
+    /// Bytes read from the upstream; 0 means it closed. `poll_io` takes the bytes itself (see
+    /// `InputHandled`): only 0 reaches `run`.
     UpstreamRead(usize),
     UpstreamFailed(io::Error),
+    /// The upstream sent something that is not RESP.
+    UpstreamInvalid(String),
+    /// `poll_io` took the input itself; `run` has only its after-event work to do.
+    InputHandled,
     /// The session is closing and everything owed to the client has been delivered.
     Finished,
 }
@@ -320,11 +325,8 @@ impl Session {
                         .await
                 }
                 Event::UpstreamFailed(err) => self.on_upstream_lost(&err.to_string()).await,
-                Event::UpstreamRead(_) => {
-                    if let Err(fault) = self.on_upstream_input() {
-                        self.on_upstream_lost(&fault).await;
-                    }
-                }
+                Event::UpstreamInvalid(fault) => self.on_upstream_lost(&fault).await,
+                Event::UpstreamRead(_) | Event::InputHandled => {}
                 Event::GenerationChanged => {}
                 Event::MoveTimer => self.on_move_timer(),
                 Event::OldUpstreamRead(n) => self.on_old_upstream_input(n),
@@ -343,7 +345,35 @@ impl Session {
 
     // ---- I/O ----------------------------------------------------------------------------
 
+    /// Waits for the next thing `run` must handle. Ordinary traffic never gets that far: a
+    /// batch of ordinary requests is forwarded and a batch of replies relayed right here, and
+    /// the loop goes on to write them and read again, as a plain forwarder would.
     fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+        loop {
+            let event = std::task::ready!(self.poll_event(cx));
+            match event {
+                Event::ClientRead(n) if n > 0 => {
+                    if !self.take_ordinary_requests() {
+                        // Something else is in there: `on_client_input` goes on from here.
+                        return Poll::Ready(event);
+                    }
+                }
+                Event::UpstreamRead(n) if n > 0 => {
+                    if let Err(fault) = self.on_upstream_input() {
+                        return Poll::Ready(Event::UpstreamInvalid(fault));
+                    }
+                }
+                _ => return Poll::Ready(event),
+            }
+            // What `run` does after every event, were there anything to do.
+            if self.resume_input || self.move_wanted() {
+                return Poll::Ready(Event::InputHandled);
+            }
+        }
+    }
+
+    /// Writes what is owed in both directions, then reports the first thing that happened.
+    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
         // Replies: what the proxy queued, then relayed bytes straight from the upstream's input.
         if let Err(e) = poll_write_queued_then_passed(
             &mut self.client,
@@ -519,9 +549,32 @@ impl Session {
             }
         }
         // Forwarded bytes stay where they are: `poll_io` writes them from `client_in`.
+        self.count_requests_scanned(scanned_before);
+    }
+
+    /// New client input, as `poll_io` sees it: forwards the ordinary commands at its front.
+    /// True when that was all of it (and nothing else is under way), so `on_client_input` has
+    /// nothing to do.
+    fn take_ordinary_requests(&mut self) -> bool {
+        if self.barrier
+            || self.closing
+            || !matches!(self.request_mode, RequestMode::Start)
+            || self.held_len != 0
+        {
+            return false;
+        }
+        let scanned_before = self.request_scanner.bytes_scanned();
+        let took = self.stream_ordinary_requests();
+        if took {
+            self.count_requests_scanned(scanned_before);
+        }
+        took && self.forward_len == self.client_in.len()
+    }
+
+    /// Updates the metrics after a batch of client input: one update per batch, not per command.
+    fn count_requests_scanned(&mut self, scanned_before: u64) {
         let scanned = self.request_scanner.bytes_scanned() - scanned_before;
         self.ctx.metrics.scanned_request_bytes.increment(scanned);
-        // One update per batch of input, not per command.
         self.ctx
             .metrics
             .commands
@@ -1551,7 +1604,7 @@ fn poll_write_some_queued_then_passed(
     cx: &mut Context<'_>,
 ) -> io::Result<()> {
     let mut queued_len = queued.len();
-    if !poll_write_front(stream, queued, &mut queued_len, needs_flush, cx)? {
+    if queued_len > 0 && !poll_write_front(stream, queued, &mut queued_len, needs_flush, cx)? {
         return Ok(());
     }
     if let Some(passed) = passed
