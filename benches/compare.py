@@ -513,6 +513,7 @@ class Result:
     kind: str
     requests: int
     rps: float | None = None
+    avg_ms: float | None = None
     p50_ms: float | None = None
     p99_ms: float | None = None
     sidecar_us_per_req: float | None = None
@@ -529,6 +530,7 @@ def parse_csv(out: str) -> dict:
     row = rows[0]
     return {
         "rps": float(row["rps"]),
+        "avg_ms": float(row["avg_latency_ms"]),
         "p50_ms": float(row["p50_latency_ms"]),
         "p99_ms": float(row["p99_latency_ms"]),
     }
@@ -595,7 +597,7 @@ def bench(ctx: Ctx, t: Target, case: Case, timeout: float) -> Result:
     except Exception as e:
         r.error = f"{e}; stderr: {cp.stderr.strip()[-300:]}"
         return r
-    r.rps, r.p50_ms, r.p99_ms = m["rps"], m["p50_ms"], m["p99_ms"]
+    r.rps, r.avg_ms, r.p50_ms, r.p99_ms = m["rps"], m["avg_ms"], m["p50_ms"], m["p99_ms"]
     d = {}
     for k in pids:
         d[k], r.extra[f"{k}_cpu_method"] = cpu_us(before[k], after[k])
@@ -691,6 +693,7 @@ def summarize(results: list[Result], max_other: float) -> dict[tuple[str, str], 
             "failed_runs": len(errs),
             "rps": med,
             "rps_spread": (max(rps) - min(rps)) / med if len(rps) > 1 and med else None,
+            "avg_us": median([r.avg_ms * 1000 for r in use]),
             "p50_us": median([r.p50_ms * 1000 for r in use]),
             "p99_us": median([r.p99_ms * 1000 for r in use]),
             "sidecar_us_per_req": median([r.sidecar_us_per_req for r in use]),
@@ -725,9 +728,9 @@ def paired_floor_ratios(results: list[Result], max_other: float) -> dict[tuple[s
 def print_table(summary: dict, cases: list[Case], target_order: list[str],
                 paired: dict[tuple[str, str], float]) -> None:
     direct_of = {"plain": "direct", "tls": "direct-tls"}
-    head = ("case", "sidecar", "kind", "rps", "±rps", "x direct", "p50 µs", "p99 µs",
+    head = ("case", "sidecar", "kind", "rps", "±rps", "x direct", "avg µs", "p50 µs", "p99 µs",
             "sidecar CPU µs/req", "x floor", "paired", "redis CPU µs/req", "clean", "other CPU")
-    widths = (12, 14, 5, 8, 5, 8, 6, 6, 18, 7, 6, 16, 5, 9)
+    widths = (12, 14, 5, 8, 5, 8, 6, 6, 6, 18, 7, 6, 16, 5, 9)
     line = lambda cols: "  ".join(
         (c.ljust(w) if i < 3 else c.rjust(w)) for i, (c, w) in enumerate(zip(cols, widths))).rstrip()
     print(line(head))
@@ -749,7 +752,8 @@ def print_table(summary: dict, cases: list[Case], target_order: list[str],
             print(line((
                 case.label, name, r["kind"],
                 fmt(r["rps"], ".0f"), "-" if spread is None else f"{spread * 100:.0f}%",
-                fmt(ratio, ".2f"), fmt(r["p50_us"], ".0f"), fmt(r["p99_us"], ".0f"),
+                fmt(ratio, ".2f"), fmt(r["avg_us"], ".1f"), fmt(r["p50_us"], ".0f"),
+                fmt(r["p99_us"], ".0f"),
                 fmt(r["sidecar_us_per_req"], ".2f") + ("~" if r["sidecar_cpu_by_ticks"] else ""),
                 fmt(fl, ".2f"), fmt(paired.get((case.label, name)), ".2f"),
                 fmt(r["redis_us_per_req"], ".2f"),
@@ -939,7 +943,7 @@ def main() -> int:
     summary = summarize(results, args.max_other)
     print()
     print(f"# redis-server pinned to CPU {REDIS_CPU}; each sidecar AND redis-benchmark pinned to CPU {SIDECAR_CPU}.")
-    print("# rps, p50, p99 from redis-benchmark --csv; CPU = the process's run time over the run / requests:")
+    print("# rps, avg, p50, p99 from redis-benchmark --csv; CPU = the process's run time over the run / requests:")
     print("#   from /proc/PID/task/*/schedstat (ns) when its threads were the same before and after, else")
     print(f"#   utime+stime from /proc/PID/stat (CLK_TCK={CLK_TCK}), marked ~ (±1 tick per run).")
     print(f"# Each figure is the median over the clean runs (other CPU <= {args.max_other:.0%}) of "
