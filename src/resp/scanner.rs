@@ -2100,7 +2100,12 @@ mod tests {
         for (bulk, line) in [(98, 4), (99, 3)] {
             let sc = Scanner::new(Direction::Request, edge(bulk, line));
             assert_eq!(sc.peek_request_run(&request, |_| true), (0, 0));
-            assert!(run(Direction::Request, edge(bulk, line), &request, &[]).1.error.is_some());
+            assert!(
+                run(Direction::Request, edge(bulk, line), &request, &[])
+                    .1
+                    .error
+                    .is_some()
+            );
             let sc = Scanner::new(Direction::Reply, edge(bulk, line));
             assert_eq!(sc.peek_scalar_replies(&reply, 1), (0, 0));
         }
