@@ -62,6 +62,7 @@ fn make_read_room(buf: &mut BytesMut) {
         buf.reserve(READ_RESERVE);
     }
 }
+
 /// How long a session that waits for pushes (subscriptions, MONITOR, tracking) keeps trying to
 /// restore itself on a fresh upstream connection before it gives up and closes.
 const RESTORE_WINDOW: std::time::Duration = std::time::Duration::from_secs(30);
