@@ -1646,7 +1646,13 @@ fn poll_write_front(
         match Pin::new(&mut *stream).poll_write(cx, &buf[..*len]) {
             Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
             Poll::Ready(Ok(n)) => {
-                buf.advance(n);
+                // All of it written (the usual case): clearing keeps the buffer's start where
+                // it is, so the next read lands in the same cache lines, with no compaction.
+                if n == buf.len() {
+                    buf.clear();
+                } else {
+                    buf.advance(n);
+                }
                 *len -= n;
                 *needs_flush = stream.buffers_writes();
             }
