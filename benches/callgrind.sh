@@ -7,6 +7,7 @@
 #
 # Needs valgrind, redis-server, redis-benchmark, redis-cli and release builds of rotaproxy and
 # examples/floor_forwarder (cargo build --release --bin rotaproxy --example floor_forwarder).
+# ROTAPROXY_BIN=/path/to/rotaproxy counts another build of rotaproxy instead.
 # Each target runs twice, with the given request count and with 1/10 of it, so the start-up
 # cost (the warm pool, metrics set-up, valgrind itself) cancels out of the per-request figure.
 # Start-up is not quite constant (the metrics clock calibrates for a set time, so its count
@@ -18,7 +19,7 @@ test_name="${1:-set}"
 pipeline="${2:-16}"
 requests="${3:-1000000}"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-proxy_bin="$root/target/release/rotaproxy"
+proxy_bin="${ROTAPROXY_BIN:-$root/target/release/rotaproxy}"  # another build, for an A/B
 floor_bin="$root/target/release/examples/floor_forwarder"
 for need in valgrind redis-server redis-cli redis-benchmark python3; do
   command -v "$need" >/dev/null || { echo "callgrind.sh: $need is required" >&2; exit 2; }
