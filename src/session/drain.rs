@@ -358,12 +358,13 @@ impl Session {
     /// Closes the old connection once the new one holds every subscription and every message
     /// the old one was sent before that has been relayed (or after a grace period).
     pub(super) fn drop_old_upstream_when_replaced(&mut self) {
-        let s = &self.state;
-        let replaced = s.server_subscriptions >= (s.channels.len() + s.patterns.len()) as i64
-            && s.server_shard_subscriptions >= s.shard_channels.len() as i64;
+        // Called after every batch of replies; almost always there is no old connection.
         let Some(old) = &mut self.old_upstream else {
             return;
         };
+        let s = &self.state;
+        let replaced = s.server_subscriptions >= (s.channels.len() + s.patterns.len()) as i64
+            && s.server_shard_subscriptions >= s.shard_channels.len() as i64;
         if replaced && !old.ping_sent {
             // The server answers this PING after every message it already sent here.
             old.up.out.extend_from_slice(b"*1\r\n$4\r\nPING\r\n");

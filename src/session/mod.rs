@@ -1599,6 +1599,8 @@ fn poll_write_queued_then_passed(
     poll_write_some_queued_then_passed(stream, queued, passed, passed_len, needs_flush, cx)
 }
 
+/// The body of `poll_write_queued_then_passed`, kept out of line: only passes with something
+/// to write (or flush) get here.
 fn poll_write_some_queued_then_passed(
     stream: &mut Stream,
     queued: &mut BytesMut,
