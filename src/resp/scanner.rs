@@ -197,15 +197,6 @@ enum Line {
     TooLong,
 }
 
-/// A whole multibulk request found by a fast lane.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct WholeRequest {
-    /// Where the request ends.
-    len: usize,
-    /// Where the command name (the first argument) lies.
-    name: std::ops::Range<usize>,
-}
-
 /// Finds RESP frame boundaries in a byte stream. See the module documentation.
 #[derive(Debug, Clone)]
 pub struct Scanner {
@@ -319,34 +310,33 @@ impl Scanner {
         if !self.fast_lane_open() {
             return (0, 0);
         }
-        let mut taken = 0;
+        let mut rest = buf;
         let mut count = 0;
-        while let Some(request) = self.lane_request(buf, taken) {
-            if !take(&buf[request.name]) {
+        while let Some((name, after)) = self.lane_request(rest) {
+            if !take(name) {
                 break;
             }
-            taken = request.len;
+            rest = after;
             count += 1;
         }
-        (taken, count)
+        (buf.len() - rest.len(), count)
     }
 
-    /// The whole multibulk request at `pos`: where it ends (`len` is an index into `buf`) and
-    /// where its name lies.
+    /// The whole multibulk request at the front of `buf`: its command name (the first argument)
+    /// and what follows the request.
     #[inline(always)]
-    fn lane_request(&self, buf: &[u8], pos: usize) -> Option<WholeRequest> {
-        let (argc, next) = self.lane_header(buf, pos, b'*')?;
+    fn lane_request<'a>(&self, buf: &'a [u8]) -> Option<(&'a [u8], &'a [u8])> {
+        let (argc, rest) = self.lane_header(buf, b'*')?;
         if argc == 0 {
             return None;
         }
-        let (n, next) = self.lane_header(buf, next, b'$')?;
-        let name = next..next + n as usize;
-        let mut end = bulk_end(buf, next, n)?;
+        let (n, rest) = self.lane_header(rest, b'$')?;
+        let (name, mut rest) = bulk_payload(rest, n)?;
         for _ in 1..argc {
-            let (n, next) = self.lane_header(buf, end, b'$')?;
-            end = bulk_end(buf, next, n)?;
+            let (n, after) = self.lane_header(rest, b'$')?;
+            (_, rest) = bulk_payload(after, n)?;
         }
-        Some(WholeRequest { len: end, name })
+        Some((name, rest))
     }
 
     /// Fast lane for replies, between frames: the whole scalar replies (simple strings, errors,
@@ -364,9 +354,9 @@ impl Scanner {
         while count < max && pos < buf.len() {
             let ty = buf[pos];
             match ty {
-                b'$' | b'!' | b'=' => match self.lane_header(buf, pos, ty) {
-                    Some((n, next)) => match bulk_end(buf, next, n) {
-                        Some(end) => pos = end,
+                b'$' | b'!' | b'=' => match self.lane_header(&buf[pos..], ty) {
+                    Some((n, after)) => match bulk_payload(after, n) {
+                        Some((_, rest)) => pos = buf.len() - rest.len(),
                         None => break,
                     },
                     None if ty == b'$' && max_line >= 4 && buf[pos..].starts_with(b"$-1\r\n") => {
@@ -388,39 +378,39 @@ impl Scanner {
         (pos, count)
     }
 
-    /// A non-negative length header of type `ty` at `pos` (its value and the index after its
-    /// CRLF), within the limits; None for anything else.
+    /// A non-negative length header of type `ty` at the front of `buf`, within the limits: its
+    /// value and what follows its CRLF. None for anything else.
     #[inline(always)]
-    fn lane_header(&self, buf: &[u8], pos: usize, ty: u8) -> Option<(u64, usize)> {
+    fn lane_header<'a>(&self, buf: &'a [u8], ty: u8) -> Option<(u64, &'a [u8])> {
         // Most headers are `*2`, `$3`, `$16`: one four-byte load settles them.
         if self.small_headers_fit
-            && let Some(&word) = buf.get(pos..).and_then(<[u8]>::first_chunk::<4>)
+            && let Some((&word, after)) = buf.split_first_chunk::<4>()
         {
             let word = u32::from_le_bytes(word);
             let d0 = ((word >> 8) as u8).wrapping_sub(b'0');
             if d0 <= 9 {
                 if word & 0xFFFF_00FF == u32::from_le_bytes([ty, 0, b'\r', b'\n']) {
-                    return Some((u64::from(d0), pos + 4));
+                    return Some((u64::from(d0), after));
                 }
                 let d1 = ((word >> 16) as u8).wrapping_sub(b'0');
                 if d1 <= 9
                     && word & 0xFF00_00FF == u32::from_le_bytes([ty, 0, 0, b'\r'])
-                    && buf.get(pos + 4) == Some(&b'\n')
+                    && let Some((b'\n', after)) = after.split_first()
                 {
-                    return Some((u64::from(d0) * 10 + u64::from(d1), pos + 5));
+                    return Some((u64::from(d0) * 10 + u64::from(d1), after));
                 }
             }
         }
-        if buf.get(pos) != Some(&ty) {
+        if buf.first() != Some(&ty) {
             return None;
         }
-        let (n, next) = fast_len(buf, pos, self.limits.max_line_len).ok()?;
+        let (n, next) = fast_len(buf, 0, self.limits.max_line_len).ok()?;
         let limit = if ty == b'*' {
             self.limits.max_elements
         } else {
             self.limits.max_bulk_len
         };
-        (n <= limit).then_some((n, next))
+        (n <= limit).then(|| (n, &buf[next..]))
     }
 
     /// Records `n` bytes of whole frames, found by a fast lane, as scanned and consumed.
@@ -1049,12 +1039,12 @@ fn fast_len(buf: &[u8], start: usize, max_line: usize) -> Result<(u64, usize), u
     }
 }
 
-/// Where a bulk payload of `n` bytes starting at `start` ends, its CRLF included, if the whole of
+/// A bulk payload of `n` bytes at the front of `buf` and what follows its CRLF, if the whole of
 /// it is in `buf` and the CRLF is right.
 #[inline(always)]
-fn bulk_end(buf: &[u8], start: usize, n: u64) -> Option<usize> {
-    let crlf = start.checked_add(usize::try_from(n).ok()?)?;
-    (buf.get(crlf..crlf + 2)? == b"\r\n").then_some(crlf + 2)
+fn bulk_payload(buf: &[u8], n: u64) -> Option<(&[u8], &[u8])> {
+    let (payload, rest) = buf.split_at_checked(usize::try_from(n).ok()?)?;
+    Some((payload, rest.strip_prefix(b"\r\n")?))
 }
 
 /// The first `\n` in `buf[from..limit]`. Simple replies are short: a plain loop finds their end
