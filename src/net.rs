@@ -3,13 +3,19 @@
 
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
 pub enum Stream {
-    Tcp(TcpStream),
+    Tcp {
+        tcp: TcpStream,
+        /// The waker this stream last left with tokio for its next readability event, while
+        /// that registration still stands (no event has come in since). See `poll_read_into`.
+        read_waiter: Option<Waker>,
+    },
     /// TLS towards the upstream (we are the TLS client).
     TlsUpstream(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     /// TLS from an application (we are the TLS server).
@@ -17,10 +23,18 @@ pub enum Stream {
 }
 
 impl Stream {
+    /// A plain TCP connection.
+    pub fn plain(tcp: TcpStream) -> Self {
+        Stream::Tcp {
+            tcp,
+            read_waiter: None,
+        }
+    }
+
     /// The TCP socket under any TLS layer.
     pub fn tcp(&self) -> &TcpStream {
         match self {
-            Stream::Tcp(s) => s,
+            Stream::Tcp { tcp, .. } => tcp,
             Stream::TlsUpstream(s) => s.get_ref().0,
             Stream::TlsClient(s) => s.get_ref().0,
         }
@@ -29,17 +43,128 @@ impl Stream {
     /// True when written bytes may wait in this layer until a flush (TLS records); a plain
     /// socket hands every write to the kernel, so the flush after it can be skipped.
     pub fn buffers_writes(&self) -> bool {
-        !matches!(self, Stream::Tcp(_))
+        !matches!(self, Stream::Tcp { .. })
     }
 
     /// True when the peer has closed the connection or sent something unexpected while it sat
     /// idle. Checked without blocking before an idle connection is handed out.
-    pub fn looks_closed(&self) -> bool {
+    pub fn looks_closed(&mut self) -> bool {
+        // The peek below leaves its own (no-op) waker with tokio in place of any earlier one.
+        if let Stream::Tcp { read_waiter, .. } = self {
+            *read_waiter = None;
+        }
         let mut probe = [0u8; 1];
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let mut buf = ReadBuf::new(&mut probe);
         // Ready means EOF, an error, or bytes nobody asked for (a TLS alert, a shutdown notice).
         self.tcp().poll_peek(&mut cx, &mut buf).is_ready()
+    }
+
+    /// Reads what has arrived into the spare capacity of `buf` (the caller makes room), as
+    /// `tokio_util::io::poll_read_buf` would, and returns how many bytes came (0: end of stream).
+    ///
+    /// A plain TCP stream skips work a forwarder would otherwise do several times per
+    /// request: a session polls both of its streams after every event, and a poll that finds
+    /// nothing re-registers the task's waker with tokio (a lock and a waker comparison) even
+    /// when the one left by the previous poll is still there. Here a poll that finds nothing
+    /// returns at once when this stream's registration still stands: tokio consumes a
+    /// registration only when an event makes the socket readable, and a readable socket is
+    /// always read below (which drops the record), so a standing record means no event came.
+    pub fn poll_read_into(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut BytesMut,
+    ) -> Poll<io::Result<usize>> {
+        match self {
+            Stream::Tcp { tcp, read_waiter } => poll_read_plain(tcp, read_waiter, cx, buf),
+            tls => tokio_util::io::poll_read_buf(Pin::new(tls), cx, buf),
+        }
+    }
+}
+
+/// `Stream::poll_read_into` for plain TCP.
+fn poll_read_plain(
+    tcp: &TcpStream,
+    read_waiter: &mut Option<Waker>,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+) -> Poll<io::Result<usize>> {
+    loop {
+        let spare = buf.capacity() - buf.len();
+        let mut attempted = false;
+        let mut drained = 0;
+        // `try_io` runs the read only when tokio has seen the socket readable, and clears that
+        // readiness when the read reports `WouldBlock`.
+        let result = tcp.try_io(Interest::READABLE, || {
+            attempted = true;
+            let n = tcp.try_read_buf(buf)?;
+            if 0 < n && n < spare {
+                // A read that did not fill the buffer emptied the socket (epoll is
+                // edge-triggered): clear the readiness, as tokio's own `poll_read` does, so
+                // the next read waits for an event instead of making a system call in vain.
+                drained = n;
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(n)
+        });
+        if attempted {
+            // The socket was readable: whatever was registered has been woken and consumed.
+            *read_waiter = None;
+        }
+        match result {
+            Ok(n) => return Poll::Ready(Ok(n)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if drained > 0 {
+                    return Poll::Ready(Ok(drained));
+                }
+            }
+            Err(e) => return Poll::Ready(Err(e)),
+        }
+        if let Some(waker) = read_waiter
+            && waker.will_wake(cx.waker())
+        {
+            return Poll::Pending;
+        }
+        match tcp.poll_read_ready(cx) {
+            // An event came in between the two looks.
+            Poll::Ready(Ok(())) => continue,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => {
+                *read_waiter = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+        }
+    }
+}
+
+/// `poll_write` for plain TCP: writes straight away when tokio has seen the socket writable
+/// (the usual case), without the task-budget and registration steps of tokio's `poll_write`,
+/// which is left to wait for writability when the socket is full.
+fn poll_write_plain(
+    tcp: &mut TcpStream,
+    cx: &mut Context<'_>,
+    buf: &[u8],
+) -> Poll<io::Result<usize>> {
+    let mut partial = 0;
+    let result = tcp.try_io(Interest::WRITABLE, || {
+        let n = tcp.try_write(buf)?;
+        if n < buf.len() {
+            // The socket is full: clear the readiness, as tokio's own `poll_write` does.
+            partial = n;
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match result {
+        Ok(n) => Poll::Ready(Ok(n)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            if partial > 0 {
+                Poll::Ready(Ok(partial))
+            } else {
+                Pin::new(tcp).poll_write(cx, buf)
+            }
+        }
+        Err(e) => Poll::Ready(Err(e)),
     }
 }
 
@@ -50,7 +175,11 @@ impl AsyncRead for Stream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tcp { tcp, read_waiter } => {
+                // Tokio's own read may consume the readiness and the registration.
+                *read_waiter = None;
+                Pin::new(tcp).poll_read(cx, buf)
+            }
             Stream::TlsUpstream(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             Stream::TlsClient(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
@@ -64,7 +193,7 @@ impl AsyncWrite for Stream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tcp { tcp, .. } => poll_write_plain(tcp, cx, buf),
             Stream::TlsUpstream(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             Stream::TlsClient(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
@@ -72,7 +201,7 @@ impl AsyncWrite for Stream {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tcp { tcp, .. } => Pin::new(tcp).poll_flush(cx),
             Stream::TlsUpstream(s) => Pin::new(s.as_mut()).poll_flush(cx),
             Stream::TlsClient(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
@@ -80,7 +209,7 @@ impl AsyncWrite for Stream {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tcp { tcp, .. } => Pin::new(tcp).poll_shutdown(cx),
             Stream::TlsUpstream(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             Stream::TlsClient(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }

@@ -170,7 +170,7 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
                 let _slot = slot;
                 let _ = socket.set_nodelay(true);
                 let stream = match tls {
-                    None => Stream::Tcp(socket),
+                    None => Stream::plain(socket),
                     Some(acceptor) => {
                         match tokio::time::timeout(
                             CLIENT_TLS_HANDSHAKE_TIMEOUT,

@@ -967,3 +967,86 @@ fn shutdown_delivers_the_replies_in_flight_before_closing() {
     assert!(status.success(), "{status:?}");
     assert!(env.proxy.log_contains("every client session finished"));
 }
+
+#[test]
+fn a_client_that_never_pauses_does_not_hold_up_the_others() {
+    use std::io::Read;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::time::Instant;
+
+    // One worker thread (the default): every session shares it.
+    let env = Env::start();
+    let flood_for = Duration::from_secs(60);
+    let stop = Arc::new(AtomicBool::new(false));
+    let received = Arc::new(AtomicU64::new(0));
+    let mut writer = TcpStream::connect(env.proxy.client_addr()).expect("connect");
+    let mut reader = writer.try_clone().expect("clone");
+    // The flood: commands the proxy answers itself (client auth is "none", so AUTH is +OK),
+    // written without pause so its socket never runs dry, and the replies read as fast as they
+    // come. That session always has input and never waits for Redis: only the proxy's own
+    // turn-taking lets the other sessions run.
+    let batch = encode_cmd(&["AUTH", "flood", "pw"]).repeat(512);
+    let writing = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            // A timeout only so that the loop sees `stop` even when the proxy holds it back.
+            writer
+                .set_write_timeout(Some(Duration::from_secs(1)))
+                .expect("timeout");
+            let started = Instant::now();
+            let mut at = 0;
+            while !stop.load(Ordering::Relaxed) && started.elapsed() < flood_for {
+                match writer.write(&batch[at..]) {
+                    Ok(n) => at = (at + n) % batch.len(),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                    Err(_) => break,
+                }
+            }
+        })
+    };
+    let reading = {
+        let stop = stop.clone();
+        let received = received.clone();
+        std::thread::spawn(move || {
+            reader
+                .set_read_timeout(Some(Duration::from_secs(1)))
+                .expect("timeout");
+            let started = Instant::now();
+            let mut buf = vec![0u8; 64 * 1024];
+            while !stop.load(Ordering::Relaxed) && started.elapsed() < flood_for {
+                match reader.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        received.fetch_add(n as u64, Ordering::Relaxed);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                    Err(_) => break,
+                }
+            }
+        })
+    };
+    assert_eventually(Duration::from_secs(30), "the flood is under way", || {
+        received.load(Ordering::Relaxed) > 1024 * 1024
+    });
+    // Another client's round trips are still served, each long before the flood would end
+    // by itself (a starved session would wait for that).
+    let mut other = env.conn();
+    other.set_read_timeout(Some(Duration::from_secs(20)));
+    for i in 0..20 {
+        other
+            .cmd(&["ECHO", &format!("turn {i}")])
+            .assert_bulk(format!("turn {i}"));
+    }
+    let flood_still_on = !writing.is_finished() && !reading.is_finished();
+    stop.store(true, Ordering::Relaxed);
+    writing.join().expect("writer");
+    reading.join().expect("reader");
+    assert!(
+        flood_still_on,
+        "the flood ended before the other client was served"
+    );
+    env.assert_no_secret_leaked();
+}

@@ -15,7 +15,6 @@
 //! connection makes it answer nil at once (consuming nothing), the nil is swallowed, and the
 //! command is sent again on the new connection with the time it had left.
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -283,11 +282,7 @@ impl Session {
             return Poll::Ready(0);
         }
         super::make_read_room(&mut old.up.input);
-        match tokio_util::io::poll_read_buf(
-            Pin::new(&mut old.up.conn.stream),
-            cx,
-            &mut old.up.input,
-        ) {
+        match old.up.conn.stream.poll_read_into(cx, &mut old.up.input) {
             Poll::Ready(Ok(n)) => Poll::Ready(n),
             Poll::Ready(Err(_)) => Poll::Ready(0),
             Poll::Pending => Poll::Pending,

@@ -52,6 +52,11 @@ const READ_RESERVE: usize = 32 * 1024;
 /// read. Making room costs a call and a copy, so it is not done before every read.
 const READ_MIN: usize = 8 * 1024;
 
+/// Events a session handles in a row before it lets the other tasks run. Plain TCP reads and
+/// writes skip tokio's task budget (see `Stream::poll_read_into`), so a client that never stops
+/// sending must not keep the thread to itself.
+const EVENTS_PER_TURN: u32 = 16;
+
 /// Makes room for the next read into `buf`. A buffer whose bytes were all consumed goes back
 /// to the start of its allocation (nothing to copy), so reads keep landing in the same few
 /// cache lines instead of walking every session's buffers through their whole capacity.
@@ -165,6 +170,8 @@ enum Event {
     UpstreamInvalid(String),
     /// `poll_io` took the input itself; `run` has only its after-event work to do.
     InputHandled,
+    /// The session has handled `EVENTS_PER_TURN` events in a row: it yields to the others.
+    TurnEnded,
     /// The session is closing and everything owed to the client has been delivered.
     Finished,
 }
@@ -213,6 +220,8 @@ pub struct Session {
     /// ready next (a batch of requests, then their replies), so one read attempt seldom goes
     /// to a side with nothing to give.
     upstream_first: bool,
+    /// Events handled since the session last waited or yielded (see `EVENTS_PER_TURN`).
+    events_this_turn: u32,
     /// Commands forwarded since the metric was last updated.
     commands_forwarded: u64,
     /// `CLIENT REPLY OFF` is in force. The server is never told (the proxy needs every reply to
@@ -283,6 +292,7 @@ impl Session {
             resume_input: false,
             closing,
             upstream_first: false,
+            events_this_turn: 0,
             commands_forwarded: 0,
             reply_off: false,
             skip_next_reply: false,
@@ -331,6 +341,9 @@ impl Session {
                 Event::UpstreamFailed(err) => self.on_upstream_lost(&err.to_string()).await,
                 Event::UpstreamInvalid(fault) => self.on_upstream_lost(&fault).await,
                 Event::UpstreamRead(_) | Event::InputHandled => {}
+                // `yield_now` (unlike a plain self-wake) lets the runtime look for I/O events
+                // before the session runs again, so the others are served within a turn.
+                Event::TurnEnded => tokio::task::yield_now().await,
                 Event::GenerationChanged => {}
                 Event::MoveTimer => self.on_move_timer(),
                 Event::OldUpstreamRead(n) => self.on_old_upstream_input(n),
@@ -354,7 +367,15 @@ impl Session {
     /// the loop goes on to write them and read again, as a plain forwarder would.
     fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
         loop {
-            let event = std::task::ready!(self.poll_event(cx));
+            if self.events_this_turn == EVENTS_PER_TURN {
+                self.events_this_turn = 0;
+                return Poll::Ready(Event::TurnEnded);
+            }
+            let Poll::Ready(event) = self.poll_event(cx) else {
+                self.events_this_turn = 0;
+                return Poll::Pending;
+            };
+            self.events_this_turn += 1;
             match event {
                 Event::ClientRead(n) if n > 0 => {
                     if !self.take_ordinary_requests() {
@@ -472,7 +493,7 @@ impl Session {
             return Poll::Pending;
         }
         make_read_room(&mut self.client_in);
-        match tokio_util::io::poll_read_buf(Pin::new(&mut self.client), cx, &mut self.client_in) {
+        match self.client.poll_read_into(cx, &mut self.client_in) {
             Poll::Ready(Ok(n)) => Poll::Ready(Event::ClientRead(n)),
             Poll::Ready(Err(e)) => Poll::Ready(Event::ClientFailed(e)),
             Poll::Pending => Poll::Pending,
@@ -487,7 +508,7 @@ impl Session {
             return Poll::Pending;
         };
         make_read_room(&mut up.input);
-        match tokio_util::io::poll_read_buf(Pin::new(&mut up.conn.stream), cx, &mut up.input) {
+        match up.conn.stream.poll_read_into(cx, &mut up.input) {
             Poll::Ready(Ok(n)) => Poll::Ready(Event::UpstreamRead(n)),
             Poll::Ready(Err(e)) => Poll::Ready(Event::UpstreamFailed(e)),
             Poll::Pending => Poll::Pending,

@@ -162,7 +162,7 @@ async fn connect_inner(
     // Commands are small and latency matters more than packet count.
     let _ = tcp.set_nodelay(true);
     let stream = match &ep.tls {
-        None => Stream::Tcp(tcp),
+        None => Stream::plain(tcp),
         Some((config, name)) => {
             let connector = tokio_rustls::TlsConnector::from(config.clone());
             let tls = timeout(timeouts.tls_handshake, connector.connect(name.clone(), tcp))
