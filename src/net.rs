@@ -113,12 +113,12 @@ fn poll_read_plain(
         }
         match result {
             Ok(n) => return Poll::Ready(Ok(n)),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if drained > 0 {
-                    return Poll::Ready(Ok(drained));
-                }
+            Err(_) if drained > 0 => return Poll::Ready(Ok(drained)),
+            // Without an attempt the error can only be tokio's "not readable".
+            Err(e) if attempted && e.kind() != io::ErrorKind::WouldBlock => {
+                return Poll::Ready(Err(e));
             }
-            Err(e) => return Poll::Ready(Err(e)),
+            Err(_) => {}
         }
         if let Some(waker) = read_waiter
             && waker.will_wake(cx.waker())
@@ -145,8 +145,10 @@ fn poll_write_plain(
     cx: &mut Context<'_>,
     buf: &[u8],
 ) -> Poll<io::Result<usize>> {
+    let mut attempted = false;
     let mut partial = 0;
     let result = tcp.try_io(Interest::WRITABLE, || {
+        attempted = true;
         let n = tcp.try_write(buf)?;
         if n < buf.len() {
             // The socket is full: clear the readiness, as tokio's own `poll_write` does.
@@ -157,14 +159,11 @@ fn poll_write_plain(
     });
     match result {
         Ok(n) => Poll::Ready(Ok(n)),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-            if partial > 0 {
-                Poll::Ready(Ok(partial))
-            } else {
-                Pin::new(tcp).poll_write(cx, buf)
-            }
-        }
-        Err(e) => Poll::Ready(Err(e)),
+        Err(_) if partial > 0 => Poll::Ready(Ok(partial)),
+        // Without an attempt the error can only be tokio's "not writable".
+        Err(e) if attempted && e.kind() != io::ErrorKind::WouldBlock => Poll::Ready(Err(e)),
+        // Not writable now: tokio's `poll_write` waits for it.
+        Err(_) => Pin::new(tcp).poll_write(cx, buf),
     }
 }
 
