@@ -67,6 +67,7 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> String {
             .metrics
             .update_connection_gauges(state.pool.generations()),
     }
+    state.metrics.publish_traffic();
     state.prometheus.render()
 }
 

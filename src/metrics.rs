@@ -1,7 +1,12 @@
 //! Prometheus metrics, all named `rotaproxy_*`.
 //!
 //! Handles are registered once and kept in [`Metrics`], so the hot path increments an atomic
-//! instead of looking a metric up by name. Labels never carry a secret.
+//! instead of looking a metric up by name. The counters every batch of traffic moves
+//! (commands, scanned bytes) are kept per session instead and added up when /metrics is
+//! scraped: see [`Traffic`]. Labels never carry a secret.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use metrics::{Counter, Gauge, counter, describe_counter, describe_gauge, gauge};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -116,12 +121,14 @@ pub struct Metrics {
     pub client_connections_total: Counter,
     pub client_connections_rejected: Counter,
     pub pool_idle: Gauge,
-    pub commands: Counter,
     pub upstream_auth_failures: Counter,
     pub upstream_auth_probe_failures: Counter,
     pub upstream_reconnects: Counter,
-    pub scanned_request_bytes: Counter,
-    pub scanned_reply_bytes: Counter,
+    /// Commands and scanned bytes, counted per session.
+    pub traffic: Traffic,
+    commands: Counter,
+    scanned_request_bytes: Counter,
+    scanned_reply_bytes: Counter,
 }
 
 impl Metrics {
@@ -137,7 +144,17 @@ impl Metrics {
             upstream_reconnects: counter!("rotaproxy_upstream_reconnects_total"),
             scanned_request_bytes: counter!("rotaproxy_scanned_bytes_total", "direction" => "request"),
             scanned_reply_bytes: counter!("rotaproxy_scanned_bytes_total", "direction" => "reply"),
+            traffic: Traffic::default(),
         }
+    }
+
+    /// Sets the traffic counters to what every session, past and present, has counted (read
+    /// when /metrics is scraped).
+    pub fn publish_traffic(&self) {
+        let totals = self.traffic.totals();
+        self.commands.absolute(totals.commands);
+        self.scanned_request_bytes.absolute(totals.request_bytes);
+        self.scanned_reply_bytes.absolute(totals.reply_bytes);
     }
 
     /// Sets the gauges derived from the generations (read when /metrics is scraped).
@@ -164,5 +181,141 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// The counters every batch of traffic moves. Incrementing one shared atomic counter (two, with
+/// the exporter's bookkeeping) per batch is a locked read-modify-write on a cache line every
+/// session touches; instead each session counts in its own [`SessionTraffic`], and a scrape adds
+/// the live sessions' counts to what finished sessions left behind.
+#[derive(Clone, Default)]
+pub struct Traffic {
+    inner: Arc<Mutex<TrafficBook>>,
+}
+
+#[derive(Default)]
+struct TrafficBook {
+    live: Vec<Arc<TrafficCells>>,
+    finished: TrafficTotals,
+}
+
+#[derive(Default)]
+struct TrafficCells {
+    commands: AtomicU64,
+    request_bytes: AtomicU64,
+    reply_bytes: AtomicU64,
+}
+
+/// Sums of the traffic counters.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TrafficTotals {
+    pub commands: u64,
+    pub request_bytes: u64,
+    pub reply_bytes: u64,
+}
+
+impl TrafficTotals {
+    fn add(&mut self, cells: &TrafficCells) {
+        self.commands += cells.commands.load(Ordering::Relaxed);
+        self.request_bytes += cells.request_bytes.load(Ordering::Relaxed);
+        self.reply_bytes += cells.reply_bytes.load(Ordering::Relaxed);
+    }
+}
+
+impl Traffic {
+    /// Counters for one session; its counts stay in the totals after it is dropped.
+    pub fn session(&self) -> SessionTraffic {
+        let cells = Arc::new(TrafficCells::default());
+        self.book().live.push(cells.clone());
+        SessionTraffic {
+            cells,
+            traffic: self.clone(),
+        }
+    }
+
+    pub fn totals(&self) -> TrafficTotals {
+        let book = self.book();
+        let mut totals = book.finished;
+        for cells in &book.live {
+            totals.add(cells);
+        }
+        totals
+    }
+
+    fn book(&self) -> std::sync::MutexGuard<'_, TrafficBook> {
+        // A panic elsewhere while holding the lock leaves plain numbers behind: keep counting.
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// One session's traffic counters. Only its owner writes them, so an update is a plain load
+/// and store (no locked instruction); a scrape may read them at any time.
+pub struct SessionTraffic {
+    cells: Arc<TrafficCells>,
+    traffic: Traffic,
+}
+
+impl SessionTraffic {
+    #[inline]
+    pub fn commands(&self, n: u64) {
+        bump(&self.cells.commands, n);
+    }
+
+    #[inline]
+    pub fn request_bytes(&self, n: u64) {
+        bump(&self.cells.request_bytes, n);
+    }
+
+    #[inline]
+    pub fn reply_bytes(&self, n: u64) {
+        bump(&self.cells.reply_bytes, n);
+    }
+}
+
+impl Drop for SessionTraffic {
+    fn drop(&mut self) {
+        let mut book = self.traffic.book();
+        book.finished.add(&self.cells);
+        book.live.retain(|cells| !Arc::ptr_eq(cells, &self.cells));
+    }
+}
+
+/// Adds `n` to a counter that only the caller writes.
+#[inline]
+fn bump(cell: &AtomicU64, n: u64) {
+    cell.store(cell.load(Ordering::Relaxed) + n, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traffic_totals_keep_what_finished_sessions_counted() {
+        let traffic = Traffic::default();
+        let a = traffic.session();
+        let b = traffic.session();
+        a.commands(3);
+        a.request_bytes(100);
+        b.commands(2);
+        b.reply_bytes(7);
+        let expected = TrafficTotals {
+            commands: 5,
+            request_bytes: 100,
+            reply_bytes: 7,
+        };
+        assert_eq!(traffic.totals(), expected);
+        drop(a);
+        assert_eq!(
+            traffic.totals(),
+            expected,
+            "a finished session's counts stay"
+        );
+        b.commands(1);
+        drop(b);
+        assert_eq!(traffic.totals().commands, 6);
+        assert!(traffic.book().live.is_empty());
     }
 }

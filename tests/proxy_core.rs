@@ -92,6 +92,18 @@ fn pipeline_of_ten_thousand_commands_keeps_order() {
             reply.assert_bulk(format!("m{i}"));
         }
     }
+    // Every command is counted, while the client is connected and after it has left.
+    let commands = || env.proxy.metric("rotaproxy_commands_total").unwrap_or(0.0);
+    let counted = commands();
+    assert!(
+        (10_000.0..10_010.0).contains(&counted),
+        "{counted} commands counted"
+    );
+    drop(c);
+    assert_eventually(Duration::from_secs(10), "the client is gone", || {
+        env.proxy.metric("rotaproxy_client_connections") == Some(0.0)
+    });
+    assert_eq!(commands(), counted);
     env.assert_no_secret_leaked();
 }
 

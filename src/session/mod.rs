@@ -33,7 +33,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::AsyncWrite;
 
 use crate::credentials::{Generation, Generations};
-use crate::metrics::{ClientErrorReason, Metrics};
+use crate::metrics::{ClientErrorReason, Metrics, SessionTraffic};
 use crate::net::Stream;
 use crate::resp::command::{self, Head, Kind, Peek};
 use crate::resp::reply::{self, PushKind, SubClass, SubKind};
@@ -178,6 +178,8 @@ enum Event {
 
 pub struct Session {
     ctx: Arc<SessionContext>,
+    /// This session's commands and scanned bytes (see `metrics::Traffic`).
+    traffic: SessionTraffic,
     peer: SocketAddr,
     client: Stream,
     client_in: BytesMut,
@@ -265,6 +267,7 @@ impl Session {
         // A session accepted just as shutdown began finishes at once.
         let closing = ctx.shutting_down.load(std::sync::atomic::Ordering::Acquire);
         Self {
+            traffic: ctx.metrics.traffic.session(),
             ctx,
             peer,
             client,
@@ -599,11 +602,9 @@ impl Session {
     /// Updates the metrics after a batch of client input: one update per batch, not per command.
     fn count_requests_scanned(&mut self, scanned_before: u64) {
         let scanned = self.request_scanner.bytes_scanned() - scanned_before;
-        self.ctx.metrics.scanned_request_bytes.increment(scanned);
-        self.ctx
-            .metrics
-            .commands
-            .increment(std::mem::take(&mut self.commands_forwarded));
+        self.traffic.request_bytes(scanned);
+        self.traffic
+            .commands(std::mem::take(&mut self.commands_forwarded));
     }
 
     /// The fast lane: forwards the run of whole, ordinary commands at the front of the unscanned
@@ -1317,7 +1318,7 @@ impl Session {
         self.flush_old_upstream_pushes();
         self.drop_old_upstream_when_replaced();
         let scanned = self.reply_scanner.bytes_scanned() - scanned_before;
-        self.ctx.metrics.scanned_reply_bytes.increment(scanned);
+        self.traffic.reply_bytes(scanned);
         result
     }
 
