@@ -365,6 +365,12 @@ impl Scanner {
                     None => break,
                 },
                 b'+' | b'-' | b':' | b'_' | b'#' | b',' | b'(' => {
+                    // Most such replies (`+OK`, `:1`, `_`) end within eight bytes: one load.
+                    if let Some(end) = short_line_end(&buf[pos..], max_line) {
+                        pos += end;
+                        count += 1;
+                        continue;
+                    }
                     let limit = buf.len().min(pos + max_line + 1);
                     match find_lf(buf, pos + 1, limit) {
                         Some(nl) if buf[nl - 1] == b'\r' => pos = nl + 1,
@@ -1045,6 +1051,26 @@ fn fast_len(buf: &[u8], start: usize, max_line: usize) -> Result<(u64, usize), u
 fn bulk_payload(buf: &[u8], n: u64) -> Option<(&[u8], &[u8])> {
     let (payload, rest) = buf.split_at_checked(usize::try_from(n).ok()?)?;
     Some((payload, rest.strip_prefix(b"\r\n")?))
+}
+
+/// Where the line at the start of `buf` ends (the index after its `\n`) when the whole line,
+/// CRLF included, lies in its first eight bytes, the `\n` follows a `\r` and it is within the
+/// line cap. None for anything else, including lines that are merely longer.
+#[inline(always)]
+fn short_line_end(buf: &[u8], max_line: usize) -> Option<usize> {
+    const ONES: u64 = u64::from_le_bytes([0x01; 8]);
+    const LOW7: u64 = ONES * 0x7F;
+    let word = u64::from_le_bytes(*buf.first_chunk::<8>()?);
+    // The high bit of every byte that is `\n` (exact: no carry crosses between bytes).
+    let x = word ^ (ONES * u64::from(b'\n'));
+    let newlines = !(((x & LOW7) + LOW7) | x | LOW7);
+    if newlines == 0 {
+        return None;
+    }
+    let nl = (newlines.trailing_zeros() / 8) as usize;
+    // nl is at least 1 (byte 0 is the type); the byte before it must be the `\r`.
+    let before = (word >> ((nl - 1) * 8)) as u8;
+    (before == b'\r' && nl <= max_line).then_some(nl + 1)
 }
 
 /// The first `\n` in `buf[from..limit]`. Simple replies are short: a plain loop finds their end
@@ -2098,6 +2124,36 @@ mod tests {
             );
             let sc = Scanner::new(Direction::Reply, edge(bulk, line));
             assert_eq!(sc.peek_scalar_replies(&reply, 1), (0, 0));
+        }
+    }
+
+    #[test]
+    fn fast_lanes_respect_the_line_cap_on_short_lines() {
+        // Lines of every length around the eight-byte shortcut, under every small cap: the lane
+        // takes exactly the lines the scanner accepts.
+        for cap in 1..=10 {
+            let lim = ScanLimits {
+                max_depth: 1,
+                max_bulk_len: 99,
+                max_elements: 99,
+                max_line_len: cap,
+            };
+            for content in 0..=9 {
+                let line = [&b"+"[..], &b"x".repeat(content), b"\r\n"].concat();
+                let padded = [&line[..], b"+OK\r\n"].concat();
+                let (outcome, _) = run(Direction::Reply, lim, &line, &[]);
+                let accepted = outcome.error.is_none();
+                let sc = Scanner::new(Direction::Reply, lim);
+                for buf in [&line, &padded] {
+                    let expected = if accepted { (line.len(), 1) } else { (0, 0) };
+                    assert_eq!(
+                        sc.peek_scalar_replies(buf, 1),
+                        expected,
+                        "cap {cap}, {content} bytes of content, {} bytes buffered",
+                        buf.len()
+                    );
+                }
+            }
         }
     }
 
