@@ -302,17 +302,28 @@ impl Scanner {
     /// name), as (bytes, requests). Stops before the first request `take` refuses, and before
     /// anything else: an inline or empty command, a partial or malformed request.
     #[inline]
-    pub fn peek_request_run(
+    pub fn peek_request_run(&self, buf: &[u8], take: impl FnMut(&[u8]) -> bool) -> (usize, u64) {
+        if !self.fast_lane_open() {
+            return (0, 0);
+        }
+        // Settled once per run rather than at every header.
+        if self.small_headers_fit {
+            self.request_run::<true>(buf, take)
+        } else {
+            self.request_run::<false>(buf, take)
+        }
+    }
+
+    /// `peek_request_run`, with `small_headers_fit` known.
+    #[inline(always)]
+    fn request_run<const SMALL_FIT: bool>(
         &self,
         buf: &[u8],
         mut take: impl FnMut(&[u8]) -> bool,
     ) -> (usize, u64) {
-        if !self.fast_lane_open() {
-            return (0, 0);
-        }
         let mut rest = buf;
         let mut count = 0;
-        while let Some((name, after)) = self.lane_request(rest) {
+        while let Some((name, after)) = self.lane_request::<SMALL_FIT>(rest) {
             if !take(name) {
                 break;
             }
@@ -325,15 +336,18 @@ impl Scanner {
     /// The whole multibulk request at the front of `buf`: its command name (the first argument)
     /// and what follows the request.
     #[inline(always)]
-    fn lane_request<'a>(&self, buf: &'a [u8]) -> Option<(&'a [u8], &'a [u8])> {
-        let (argc, rest) = self.lane_header(buf, b'*')?;
+    fn lane_request<'a, const SMALL_FIT: bool>(
+        &self,
+        buf: &'a [u8],
+    ) -> Option<(&'a [u8], &'a [u8])> {
+        let (argc, rest) = self.lane_header::<SMALL_FIT>(buf, b'*')?;
         if argc == 0 {
             return None;
         }
-        let (n, rest) = self.lane_header(rest, b'$')?;
+        let (n, rest) = self.lane_header::<SMALL_FIT>(rest, b'$')?;
         let (name, mut rest) = bulk_payload(rest, n)?;
         for _ in 1..argc {
-            let (n, after) = self.lane_header(rest, b'$')?;
+            let (n, after) = self.lane_header::<SMALL_FIT>(rest, b'$')?;
             (_, rest) = bulk_payload(after, n)?;
         }
         Some((name, rest))
@@ -348,13 +362,23 @@ impl Scanner {
         if !self.fast_lane_open() {
             return (0, 0);
         }
+        if self.small_headers_fit {
+            self.scalar_run::<true>(buf, max)
+        } else {
+            self.scalar_run::<false>(buf, max)
+        }
+    }
+
+    /// `peek_scalar_replies`, with `small_headers_fit` known.
+    #[inline(always)]
+    fn scalar_run<const SMALL_FIT: bool>(&self, buf: &[u8], max: u64) -> (usize, u64) {
         let max_line = self.limits.max_line_len;
         let mut pos = 0;
         let mut count = 0;
         while count < max && pos < buf.len() {
             let ty = buf[pos];
             match ty {
-                b'$' | b'!' | b'=' => match self.lane_header(&buf[pos..], ty) {
+                b'$' | b'!' | b'=' => match self.lane_header::<SMALL_FIT>(&buf[pos..], ty) {
                     Some((n, after)) => match bulk_payload(after, n) {
                         Some((_, rest)) => pos = buf.len() - rest.len(),
                         None => break,
@@ -387,11 +411,14 @@ impl Scanner {
     /// A non-negative length header of type `ty` at the front of `buf`, within the limits: its
     /// value and what follows its CRLF. None for anything else.
     #[inline(always)]
-    fn lane_header<'a>(&self, buf: &'a [u8], ty: u8) -> Option<(u64, &'a [u8])> {
-        // Most headers are `*2`, `$3`, `$16`: one four-byte load settles them.
-        if self.small_headers_fit
-            && let Some((&word, after)) = buf.split_first_chunk::<4>()
-        {
+    fn lane_header<'a, const SMALL_FIT: bool>(
+        &self,
+        buf: &'a [u8],
+        ty: u8,
+    ) -> Option<(u64, &'a [u8])> {
+        // Most headers are `*2`, `$3`, `$16`: one four-byte load settles them (when every
+        // one- or two-digit value is within the limits: `small_headers_fit`).
+        if SMALL_FIT && let Some((&word, after)) = buf.split_first_chunk::<4>() {
             let word = u32::from_le_bytes(word);
             let d0 = ((word >> 8) as u8).wrapping_sub(b'0');
             if d0 <= 9 {
