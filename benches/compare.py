@@ -24,6 +24,7 @@ import csv
 import io
 import json
 import os
+import random
 import resource
 import secrets
 import shutil
@@ -707,9 +708,10 @@ def summarize(results: list[Result], max_other: float) -> dict[tuple[str, str], 
 FLOOR_OF = {"plain": "floor", "tls": "floor-tls"}
 
 
-def paired_floor_ratios(results: list[Result], max_other: float) -> dict[tuple[str, str], float]:
-    """Median over repetitions of (sidecar CPU / floor CPU) from the same repetition, where both
-    runs were clean: the two ran back to back, so slow drift of the machine cancels out."""
+def paired_floor_ratios(results: list[Result],
+                        max_other: float) -> dict[tuple[str, str], list[float]]:
+    """(sidecar CPU / floor CPU) from the same repetition, for every repetition where both runs
+    were clean: the two ran back to back, so slow drift of the machine cancels out."""
     by_pass: dict[tuple[str, str, str], Result] = {}
     for r in results:
         tag = r.extra.get("pass", "")
@@ -722,15 +724,26 @@ def paired_floor_ratios(results: list[Result], max_other: float) -> dict[tuple[s
         if f is not None and target != f.target:
             ratios.setdefault((case, target), []).append(
                 r.sidecar_us_per_req / f.sidecar_us_per_req)
-    return {k: median(v) for k, v in ratios.items() if v}
+    return {k: v for k, v in ratios.items() if v}
+
+
+def bootstrap_interval(ratios: list[float], rounds: int = 2000) -> tuple[float, float] | None:
+    """95% interval of the median paired ratio, by resampling the repetitions (percentile
+    bootstrap, fixed seed so a table reads the same twice). None below five repetitions."""
+    if len(ratios) < 5:
+        return None
+    rng = random.Random(0)
+    medians = sorted(median(rng.choices(ratios, k=len(ratios))) for _ in range(rounds))
+    return medians[int(rounds * 0.025)], medians[int(rounds * 0.975) - 1]
 
 
 def print_table(summary: dict, cases: list[Case], target_order: list[str],
-                paired: dict[tuple[str, str], float]) -> None:
+                paired: dict[tuple[str, str], list[float]]) -> None:
     direct_of = {"plain": "direct", "tls": "direct-tls"}
     head = ("case", "sidecar", "kind", "rps", "±rps", "x direct", "avg µs", "p50 µs", "p99 µs",
-            "sidecar CPU µs/req", "x floor", "paired", "redis CPU µs/req", "clean", "other CPU")
-    widths = (12, 14, 5, 8, 5, 8, 6, 6, 6, 18, 7, 6, 16, 5, 9)
+            "sidecar CPU µs/req", "x floor", "paired", "paired 95%", "redis CPU µs/req", "clean",
+            "other CPU")
+    widths = (12, 14, 5, 8, 5, 8, 6, 6, 6, 18, 7, 6, 10, 16, 5, 9)
     line = lambda cols: "  ".join(
         (c.ljust(w) if i < 3 else c.rjust(w)) for i, (c, w) in enumerate(zip(cols, widths))).rstrip()
     print(line(head))
@@ -749,13 +762,16 @@ def print_table(summary: dict, cases: list[Case], target_order: list[str],
             fl = (r["sidecar_us_per_req"] / f["sidecar_us_per_req"]
                   if f.get("sidecar_us_per_req") and r["sidecar_us_per_req"] is not None else None)
             spread = r["rps_spread"]
+            pairs = paired.get((case.label, name), [])
+            interval = bootstrap_interval(pairs)
             print(line((
                 case.label, name, r["kind"],
                 fmt(r["rps"], ".0f"), "-" if spread is None else f"{spread * 100:.0f}%",
                 fmt(ratio, ".2f"), fmt(r["avg_us"], ".1f"), fmt(r["p50_us"], ".0f"),
                 fmt(r["p99_us"], ".0f"),
                 fmt(r["sidecar_us_per_req"], ".2f") + ("~" if r["sidecar_cpu_by_ticks"] else ""),
-                fmt(fl, ".2f"), fmt(paired.get((case.label, name)), ".2f"),
+                fmt(fl, ".2f"), fmt(median(pairs) if pairs else None, ".2f"),
+                "-" if interval is None else f"{interval[0]:.2f}-{interval[1]:.2f}",
                 fmt(r["redis_us_per_req"], ".2f"),
                 f"{r['clean_runs']}/{r['runs']}",
                 ("-" if r["other_cpu"] is None else f"{r['other_cpu'] * 100:.0f}%")
@@ -953,6 +969,8 @@ def main() -> int:
     print("# x floor: sidecar CPU µs/req / floor_forwarder's of the same kind (floor, floor-tls).")
     print("# paired: median over repetitions of that ratio taken within one repetition (the two runs")
     print("#   back to back, both clean; target order alternates): steadier than x floor on a noisy machine.")
+    print("# paired 95%: bootstrap interval of that median (from 5 repetitions on): a target such as")
+    print("#   `within 1.1x of the floor` is met when the whole interval is below it.")
     print("# other CPU: share of CPUs 0+1 used during the run by anything but Redis, the sidecar and")
     print("#   redis-benchmark (other processes, steal, unattributed softirq), median of the runs used.")
     print("# clean: clean runs / runs. `!`: no clean run, the figures come from disturbed runs: do not trust them.")
