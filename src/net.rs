@@ -31,8 +31,9 @@ impl Stream {
         }
     }
 
-    /// The TCP socket under any TLS layer.
-    pub fn tcp(&self) -> &TcpStream {
+    /// The TCP socket under any TLS layer. Whatever reads through it directly (a peek, a
+    /// readiness wait) must drop `read_waiter`, as `looks_closed` does.
+    fn tcp(&self) -> &TcpStream {
         match self {
             Stream::Tcp { tcp, .. } => tcp,
             Stream::TlsUpstream(s) => s.get_ref().0,
@@ -70,6 +71,10 @@ impl Stream {
     /// returns at once when this stream's registration still stands: tokio consumes a
     /// registration only when an event makes the socket readable, and a readable socket is
     /// always read below (which drops the record), so a standing record means no event came.
+    /// That holds across threads too: tokio marks the socket readable before it takes the
+    /// waker, so a poll that still finds it not readable knows the waker is still there. The
+    /// record holds a clone of the waker, so it can never match a different task that happens
+    /// to reuse a finished one's memory.
     pub fn poll_read_into(
         &mut self,
         cx: &mut Context<'_>,

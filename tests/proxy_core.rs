@@ -1062,3 +1062,39 @@ fn a_client_that_never_pauses_does_not_hold_up_the_others() {
     );
     env.assert_no_secret_leaked();
 }
+
+#[test]
+fn a_multi_thread_runtime_serves_many_clients_without_a_stall() {
+    // Two workers: sessions wake on one thread while the I/O driver runs on the other. Every
+    // round trip below goes idle and wakes again, and bursts of pipelined commands mix in;
+    // a lost wake-up would show as a read timing out.
+    let env = Env::start_with_extra("", "[runtime]\nworker_threads = 2\n");
+    let clients: Vec<RespConn> = (0..8).map(|_| env.conn()).collect();
+    let workers: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(t, mut c)| {
+            std::thread::spawn(move || {
+                c.set_read_timeout(Some(Duration::from_secs(20)));
+                let key = format!("mt:{t}");
+                for i in 0..300 {
+                    c.cmd(&["SET", &key, &i.to_string()]).assert_ok();
+                    c.cmd(&["GET", &key]).assert_bulk(i.to_string());
+                    if i % 50 == 0 {
+                        let burst: Vec<u8> = (0..200)
+                            .flat_map(|j| encode_cmd(&["ECHO", &format!("{t}:{j}")]))
+                            .collect();
+                        c.send_raw(&burst);
+                        for j in 0..200 {
+                            c.read_reply().assert_bulk(format!("{t}:{j}"));
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.join().expect("client thread");
+    }
+    env.assert_no_secret_leaked();
+}
