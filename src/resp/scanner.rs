@@ -375,7 +375,18 @@ impl Scanner {
         let max_line = self.limits.max_line_len;
         let mut pos = 0;
         let mut count = 0;
+        // The last short line taken (its bytes, a mask over them, their count): the same bytes
+        // again are the same reply, as in a run of `+OK` answering pipelined SETs.
+        let (mut last, mut last_mask, mut last_len) = (0u64, 0u64, 0usize);
         while count < max && pos < buf.len() {
+            if last_len != 0
+                && let Some(&word) = buf[pos..].first_chunk::<8>()
+                && (u64::from_le_bytes(word) ^ last) & last_mask == 0
+            {
+                pos += last_len;
+                count += 1;
+                continue;
+            }
             let ty = buf[pos];
             match ty {
                 b'$' | b'!' | b'=' => match self.lane_header::<SMALL_FIT>(&buf[pos..], ty) {
@@ -390,9 +401,10 @@ impl Scanner {
                 },
                 b'+' | b'-' | b':' | b'_' | b'#' | b',' | b'(' => {
                     // Most such replies (`+OK`, `:1`, `_`) end within eight bytes: one load.
-                    if let Some(end) = short_line_end(&buf[pos..], max_line) {
+                    if let Some((end, line)) = short_line_end(&buf[pos..], max_line) {
                         pos += end;
                         count += 1;
+                        (last, last_mask, last_len) = (line, u64::MAX >> (64 - 8 * end), end);
                         continue;
                     }
                     let limit = buf.len().min(pos + max_line + 1);
@@ -1082,9 +1094,10 @@ fn bulk_payload(buf: &[u8], n: u64) -> Option<(&[u8], &[u8])> {
 
 /// Where the line at the start of `buf` ends (the index after its `\n`) when the whole line,
 /// CRLF included, lies in its first eight bytes, the `\n` follows a `\r` and it is within the
-/// line cap. None for anything else, including lines that are merely longer.
+/// line cap, with the eight bytes read (the line is their first `end`). None for anything else,
+/// including lines that are merely longer.
 #[inline(always)]
-fn short_line_end(buf: &[u8], max_line: usize) -> Option<usize> {
+fn short_line_end(buf: &[u8], max_line: usize) -> Option<(usize, u64)> {
     const ONES: u64 = u64::from_le_bytes([0x01; 8]);
     const LOW7: u64 = ONES * 0x7F;
     let word = u64::from_le_bytes(*buf.first_chunk::<8>()?);
@@ -1097,7 +1110,7 @@ fn short_line_end(buf: &[u8], max_line: usize) -> Option<usize> {
     let nl = (newlines.trailing_zeros() / 8) as usize;
     // nl is at least 1 (byte 0 is the type); the byte before it must be the `\r`.
     let before = (word >> ((nl - 1) * 8)) as u8;
-    (before == b'\r' && nl <= max_line).then_some(nl + 1)
+    (before == b'\r' && nl <= max_line).then_some((nl + 1, word))
 }
 
 /// The first `\n` in `buf[from..limit]`. Simple replies are short: a plain loop finds their end
@@ -2117,6 +2130,19 @@ mod tests {
         let sc = Scanner::new(Direction::Reply, limits(Direction::Reply));
         assert_eq!(sc.peek_scalar_replies(b"$3\r\nabcXY+OK\r\n", 9), (0, 0));
         assert_eq!(sc.peek_scalar_replies(b"+OK\n", 9), (0, 0));
+        // Runs of the same short reply, broken by near misses (a longer line, a bulk, a line
+        // that differs only in an extra `\r`, which RESP2 scanners accept as content) and by the
+        // end of what is buffered.
+        let run = b"+OK\r\n+OK\r\n+OKK\r\n+OK\r\n:1\r\n:1\r\n$3\r\nabc\r\n:1\r\n+OK\r\n+OK\r\n";
+        assert_eq!(sc.peek_scalar_replies(run, 99), (run.len(), 10));
+        assert_eq!(sc.peek_scalar_replies(run, 2), (10, 2));
+        assert_eq!(
+            sc.peek_scalar_replies(&run[..run.len() - 1], 99),
+            (run.len() - 5, 9)
+        );
+        let near = b"+OK\r\n+OK\r\r\n+OK\r\n";
+        assert_eq!(sc.peek_scalar_replies(near, 99), (near.len(), 3));
+        assert_eq!(ends(Direction::Reply, near), [5, 11, 16]);
         // Never in the middle of a frame.
         let mut sc = Scanner::new(Direction::Reply, limits(Direction::Reply));
         sc.scan(b"$5\r\nab").unwrap();
