@@ -12,9 +12,9 @@ use tokio::net::TcpStream;
 pub enum Stream {
     Tcp {
         tcp: TcpStream,
-        /// The waker this stream last left with tokio for its next readability event, while
-        /// that registration still stands (no event has come in since). See `poll_read_into`.
-        read_waiter: Option<Waker>,
+        /// What this stream last left with tokio for its next readability event. See
+        /// `poll_read_into`.
+        read_waiter: ReadWaiter,
     },
     /// TLS towards the upstream (we are the TLS client).
     TlsUpstream(Box<tokio_rustls::client::TlsStream<TcpStream>>),
@@ -27,12 +27,12 @@ impl Stream {
     pub fn plain(tcp: TcpStream) -> Self {
         Stream::Tcp {
             tcp,
-            read_waiter: None,
+            read_waiter: ReadWaiter::default(),
         }
     }
 
     /// The TCP socket under any TLS layer. Whatever reads through it directly (a peek, a
-    /// readiness wait) must drop `read_waiter`, as `looks_closed` does.
+    /// readiness wait) must mark `read_waiter` consumed, as `looks_closed` does.
     fn tcp(&self) -> &TcpStream {
         match self {
             Stream::Tcp { tcp, .. } => tcp,
@@ -52,7 +52,7 @@ impl Stream {
     pub fn looks_closed(&mut self) -> bool {
         // The peek below leaves its own (no-op) waker with tokio in place of any earlier one.
         if let Stream::Tcp { read_waiter, .. } = self {
-            *read_waiter = None;
+            read_waiter.consumed();
         }
         let mut probe = [0u8; 1];
         let mut cx = Context::from_waker(std::task::Waker::noop());
@@ -70,7 +70,7 @@ impl Stream {
     /// when the one left by the previous poll is still there. Here a poll that finds nothing
     /// returns at once when this stream's registration still stands: tokio consumes a
     /// registration only when an event makes the socket readable, and a readable socket is
-    /// always read below (which drops the record), so a standing record means no event came.
+    /// always read below (which ends the record), so a standing record means no event came.
     /// That holds across threads too: tokio marks the socket readable before it takes the
     /// waker, so a poll that still finds it not readable knows the waker is still there. The
     /// record holds a clone of the waker, so it can never match a different task that happens
@@ -87,10 +87,45 @@ impl Stream {
     }
 }
 
+/// The registration a plain TCP stream last left with tokio for its next readability event.
+#[derive(Default)]
+pub struct ReadWaiter {
+    /// The waker registered last. It is kept after the registration is consumed, so the next
+    /// registration by the same task needs no clone, and so a record can never match another
+    /// task that happens to reuse a finished one's memory.
+    waker: Option<Waker>,
+    /// The registration still stands: no event has come in since.
+    standing: bool,
+}
+
+impl ReadWaiter {
+    /// Whether tokio still holds this task's waker for the next event.
+    fn stands_for(&self, cx: &Context<'_>) -> bool {
+        self.standing && self.is_for(cx)
+    }
+
+    fn is_for(&self, cx: &Context<'_>) -> bool {
+        self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()))
+    }
+
+    /// Tokio has just taken `cx`'s waker for the next event.
+    fn registered(&mut self, cx: &Context<'_>) {
+        if !self.is_for(cx) {
+            self.waker = Some(cx.waker().clone());
+        }
+        self.standing = true;
+    }
+
+    /// An event came in, or something else may have replaced the registration.
+    fn consumed(&mut self) {
+        self.standing = false;
+    }
+}
+
 /// `Stream::poll_read_into` for plain TCP.
 fn poll_read_plain(
     tcp: &TcpStream,
-    read_waiter: &mut Option<Waker>,
+    read_waiter: &mut ReadWaiter,
     cx: &mut Context<'_>,
     buf: &mut BytesMut,
 ) -> Poll<io::Result<usize>> {
@@ -114,7 +149,7 @@ fn poll_read_plain(
         });
         if attempted {
             // The socket was readable: whatever was registered has been woken and consumed.
-            *read_waiter = None;
+            read_waiter.consumed();
         }
         match result {
             Ok(n) => return Poll::Ready(Ok(n)),
@@ -125,9 +160,7 @@ fn poll_read_plain(
             }
             Err(_) => {}
         }
-        if let Some(waker) = read_waiter
-            && waker.will_wake(cx.waker())
-        {
+        if read_waiter.stands_for(cx) {
             return Poll::Pending;
         }
         match tcp.poll_read_ready(cx) {
@@ -135,7 +168,7 @@ fn poll_read_plain(
             Poll::Ready(Ok(())) => continue,
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Pending => {
-                *read_waiter = Some(cx.waker().clone());
+                read_waiter.registered(cx);
                 return Poll::Pending;
             }
         }
@@ -181,7 +214,7 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Tcp { tcp, read_waiter } => {
                 // Tokio's own read may consume the readiness and the registration.
-                *read_waiter = None;
+                read_waiter.consumed();
                 Pin::new(tcp).poll_read(cx, buf)
             }
             Stream::TlsUpstream(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
