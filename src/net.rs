@@ -3,19 +3,14 @@
 
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
 pub enum Stream {
-    Tcp {
-        tcp: TcpStream,
-        /// What this stream last left with tokio for its next readability event. See
-        /// `poll_read_into`.
-        read_waiter: ReadWaiter,
-    },
+    Tcp(TcpStream),
     /// TLS towards the upstream (we are the TLS client).
     TlsUpstream(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     /// TLS from an application (we are the TLS server).
@@ -25,17 +20,13 @@ pub enum Stream {
 impl Stream {
     /// A plain TCP connection.
     pub fn plain(tcp: TcpStream) -> Self {
-        Stream::Tcp {
-            tcp,
-            read_waiter: ReadWaiter::default(),
-        }
+        Stream::Tcp(tcp)
     }
 
-    /// The TCP socket under any TLS layer. Whatever reads through it directly (a peek, a
-    /// readiness wait) must mark `read_waiter` consumed, as `looks_closed` does.
+    /// The TCP socket under any TLS layer.
     fn tcp(&self) -> &TcpStream {
         match self {
-            Stream::Tcp { tcp, .. } => tcp,
+            Stream::Tcp(tcp) => tcp,
             Stream::TlsUpstream(s) => s.get_ref().0,
             Stream::TlsClient(s) => s.get_ref().0,
         }
@@ -44,16 +35,12 @@ impl Stream {
     /// True when written bytes may wait in this layer until a flush (TLS records); a plain
     /// socket hands every write to the kernel, so the flush after it can be skipped.
     pub fn buffers_writes(&self) -> bool {
-        !matches!(self, Stream::Tcp { .. })
+        !matches!(self, Stream::Tcp(_))
     }
 
     /// True when the peer has closed the connection or sent something unexpected while it sat
     /// idle. Checked without blocking before an idle connection is handed out.
-    pub fn looks_closed(&mut self) -> bool {
-        // The peek below leaves its own (no-op) waker with tokio in place of any earlier one.
-        if let Stream::Tcp { read_waiter, .. } = self {
-            read_waiter.consumed();
-        }
+    pub fn looks_closed(&self) -> bool {
         let mut probe = [0u8; 1];
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let mut buf = ReadBuf::new(&mut probe);
@@ -64,68 +51,26 @@ impl Stream {
     /// Reads what has arrived into the spare capacity of `buf` (the caller makes room), as
     /// `tokio_util::io::poll_read_buf` would, and returns how many bytes came (0: end of stream).
     ///
-    /// A plain TCP stream skips work a forwarder would otherwise do several times per
-    /// request: a session polls both of its streams after every event, and a poll that finds
-    /// nothing re-registers the task's waker with tokio (a lock and a waker comparison) even
-    /// when the one left by the previous poll is still there. Here a poll that finds nothing
-    /// returns at once when this stream's registration still stands: tokio consumes a
-    /// registration only when an event makes the socket readable, and a readable socket is
-    /// always read below (which ends the record), so a standing record means no event came.
-    /// That holds across threads too: tokio marks the socket readable before it takes the
-    /// waker, so a poll that still finds it not readable knows the waker is still there. The
-    /// record holds a clone of the waker, so it can never match a different task that happens
-    /// to reuse a finished one's memory.
+    /// A plain TCP stream reads straight away when tokio has seen it readable (`try_io`), without
+    /// the task-budget and registration steps of tokio's `poll_read`, and registers for the next
+    /// event only when there is nothing to read. (Skipping that registration when the previous
+    /// one still stood was tried and lost wake-ups on a multi-thread runtime: see the note in
+    /// `a_multi_thread_runtime_serves_many_clients_without_a_stall`.)
     pub fn poll_read_into(
         &mut self,
         cx: &mut Context<'_>,
         buf: &mut BytesMut,
     ) -> Poll<io::Result<usize>> {
         match self {
-            Stream::Tcp { tcp, read_waiter } => poll_read_plain(tcp, read_waiter, cx, buf),
+            Stream::Tcp(tcp) => poll_read_plain(tcp, cx, buf),
             tls => tokio_util::io::poll_read_buf(Pin::new(tls), cx, buf),
         }
-    }
-}
-
-/// The registration a plain TCP stream last left with tokio for its next readability event.
-#[derive(Default)]
-pub struct ReadWaiter {
-    /// The waker registered last. It is kept after the registration is consumed, so the next
-    /// registration by the same task needs no clone, and so a record can never match another
-    /// task that happens to reuse a finished one's memory.
-    waker: Option<Waker>,
-    /// The registration still stands: no event has come in since.
-    standing: bool,
-}
-
-impl ReadWaiter {
-    /// Whether tokio still holds this task's waker for the next event.
-    fn stands_for(&self, cx: &Context<'_>) -> bool {
-        self.standing && self.is_for(cx)
-    }
-
-    fn is_for(&self, cx: &Context<'_>) -> bool {
-        self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()))
-    }
-
-    /// Tokio has just taken `cx`'s waker for the next event.
-    fn registered(&mut self, cx: &Context<'_>) {
-        if !self.is_for(cx) {
-            self.waker = Some(cx.waker().clone());
-        }
-        self.standing = true;
-    }
-
-    /// An event came in, or something else may have replaced the registration.
-    fn consumed(&mut self) {
-        self.standing = false;
     }
 }
 
 /// `Stream::poll_read_into` for plain TCP.
 fn poll_read_plain(
     tcp: &TcpStream,
-    read_waiter: &mut ReadWaiter,
     cx: &mut Context<'_>,
     buf: &mut BytesMut,
 ) -> Poll<io::Result<usize>> {
@@ -147,10 +92,6 @@ fn poll_read_plain(
             }
             Ok(n)
         });
-        if attempted {
-            // The socket was readable: whatever was registered has been woken and consumed.
-            read_waiter.consumed();
-        }
         match result {
             Ok(n) => return Poll::Ready(Ok(n)),
             Err(_) if drained > 0 => return Poll::Ready(Ok(drained)),
@@ -160,17 +101,11 @@ fn poll_read_plain(
             }
             Err(_) => {}
         }
-        if read_waiter.stands_for(cx) {
-            return Poll::Pending;
-        }
         match tcp.poll_read_ready(cx) {
             // An event came in between the two looks.
             Poll::Ready(Ok(())) => continue,
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-            Poll::Pending => {
-                read_waiter.registered(cx);
-                return Poll::Pending;
-            }
+            Poll::Pending => return Poll::Pending,
         }
     }
 }
@@ -212,11 +147,7 @@ impl AsyncRead for Stream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Stream::Tcp { tcp, read_waiter } => {
-                // Tokio's own read may consume the readiness and the registration.
-                read_waiter.consumed();
-                Pin::new(tcp).poll_read(cx, buf)
-            }
+            Stream::Tcp(tcp) => Pin::new(tcp).poll_read(cx, buf),
             Stream::TlsUpstream(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             Stream::TlsClient(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
@@ -230,7 +161,7 @@ impl AsyncWrite for Stream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            Stream::Tcp { tcp, .. } => poll_write_plain(tcp, cx, buf),
+            Stream::Tcp(tcp) => poll_write_plain(tcp, cx, buf),
             Stream::TlsUpstream(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             Stream::TlsClient(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
@@ -238,7 +169,7 @@ impl AsyncWrite for Stream {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Stream::Tcp { tcp, .. } => Pin::new(tcp).poll_flush(cx),
+            Stream::Tcp(tcp) => Pin::new(tcp).poll_flush(cx),
             Stream::TlsUpstream(s) => Pin::new(s.as_mut()).poll_flush(cx),
             Stream::TlsClient(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
@@ -246,7 +177,7 @@ impl AsyncWrite for Stream {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Stream::Tcp { tcp, .. } => Pin::new(tcp).poll_shutdown(cx),
+            Stream::Tcp(tcp) => Pin::new(tcp).poll_shutdown(cx),
             Stream::TlsUpstream(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             Stream::TlsClient(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
