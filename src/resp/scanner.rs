@@ -321,36 +321,85 @@ impl Scanner {
         buf: &[u8],
         mut take: impl FnMut(&[u8]) -> bool,
     ) -> (usize, u64) {
-        let mut rest = buf;
+        let mut taken = 0;
         let mut count = 0;
-        while let Some((name, after)) = self.lane_request::<SMALL_FIT>(rest) {
+        while let Some((name, end)) = self.lane_request::<SMALL_FIT>(buf, taken) {
             if !take(name) {
                 break;
             }
-            rest = after;
+            taken = end;
             count += 1;
         }
-        (buf.len() - rest.len(), count)
+        (taken, count)
     }
 
-    /// The whole multibulk request at the front of `buf`: its command name (the first argument)
-    /// and what follows the request.
+    /// The whole multibulk request at `buf[start..]`: its command name (the first argument) and
+    /// where the request ends.
+    ///
+    /// Small requests are read a word at a time: `*3\r\n$3\r\n` (the argument count and the
+    /// first length, when both are one digit) in one eight-byte load, and after each payload its
+    /// CRLF together with the next length header (`\r\n$5\r\n`, `\r\n$16\r\n`) in another.
+    /// Any other shape, at any point, is read piece by piece from there on (`lane_header`).
     #[inline(always)]
     fn lane_request<'a, const SMALL_FIT: bool>(
         &self,
         buf: &'a [u8],
-    ) -> Option<(&'a [u8], &'a [u8])> {
-        let (argc, rest) = self.lane_header::<SMALL_FIT>(buf, b'*')?;
-        if argc == 0 {
-            return None;
-        }
-        let (n, rest) = self.lane_header::<SMALL_FIT>(rest, b'$')?;
-        let (name, mut rest) = bulk_payload(rest, n)?;
+        start: usize,
+    ) -> Option<(&'a [u8], usize)> {
+        // `*3\r\n$3\r\n`: with '0' where the digits go, the digits come out of the XOR as values.
+        const START: u64 = u64::from_le_bytes(*b"*0\r\n$0\r\n");
+        let (argc, first_len, first_at) = match word_at(buf, start) {
+            Some(w) if SMALL_FIT && (w ^ START) & 0xFFFF_00FF_FFFF_00FF == 0 => {
+                let x = w ^ START;
+                let (argc, len) = ((x >> 8) as u8, (x >> 40) as u8);
+                if argc.wrapping_sub(1) > 8 || len > 9 {
+                    return None;
+                }
+                (u32::from(argc), usize::from(len), start + 8)
+            }
+            _ => {
+                let (argc, rest) = self.lane_header::<SMALL_FIT>(buf.get(start..)?, b'*')?;
+                if argc == 0 {
+                    return None;
+                }
+                let (len, rest) = self.lane_header::<SMALL_FIT>(rest, b'$')?;
+                (
+                    u32::try_from(argc).ok()?,
+                    usize::try_from(len).ok()?,
+                    buf.len() - rest.len(),
+                )
+            }
+        };
+        // `end` is where the current argument's payload ends (where its CRLF should be).
+        let mut end = first_at.checked_add(first_len)?;
+        let name = buf.get(first_at..end)?;
+        // The CRLF ending a payload and the next header, `\r\n$5\r\n` or `\r\n$16\r\n`.
+        const NEXT_1: u64 = u64::from_le_bytes(*b"\r\n$0\r\n\0\0");
+        const NEXT_2: u64 = u64::from_le_bytes(*b"\r\n$00\r\n\0");
         for _ in 1..argc {
-            let (n, after) = self.lane_header::<SMALL_FIT>(rest, b'$')?;
-            (_, rest) = bulk_payload(after, n)?;
+            if SMALL_FIT && let Some(w) = word_at(buf, end) {
+                let x = w ^ NEXT_1;
+                if x & 0x0000_FFFF_00FF_FFFF == 0 {
+                    let len = (x >> 24) as u8;
+                    if len <= 9 {
+                        end += 6 + usize::from(len);
+                        continue;
+                    }
+                } else {
+                    let x = w ^ NEXT_2;
+                    let (d0, d1) = ((x >> 24) as u8, (x >> 32) as u8);
+                    if x & 0x00FF_FF00_00FF_FFFF == 0 && d0 <= 9 && d1 <= 9 {
+                        end += 7 + usize::from(d0 * 10 + d1);
+                        continue;
+                    }
+                }
+            }
+            let after = buf.get(end..)?.strip_prefix(b"\r\n")?;
+            let (len, rest) = self.lane_header::<SMALL_FIT>(after, b'$')?;
+            end = (buf.len() - rest.len()).checked_add(usize::try_from(len).ok()?)?;
         }
-        Some((name, rest))
+        // The last payload's CRLF; every earlier one was checked above.
+        (buf.get(end..)?.first_chunk::<2>()? == b"\r\n").then_some((name, end + 2))
     }
 
     /// Fast lane for replies, between frames: the whole scalar replies (simple strings, errors,
@@ -1090,6 +1139,14 @@ fn fast_len(buf: &[u8], start: usize, max_line: usize) -> Result<(u64, usize), u
 fn bulk_payload(buf: &[u8], n: u64) -> Option<(&[u8], &[u8])> {
     let (payload, rest) = buf.split_at_checked(usize::try_from(n).ok()?)?;
     Some((payload, rest.strip_prefix(b"\r\n")?))
+}
+
+/// The eight bytes at `buf[at..]` as a little-endian word, if there are eight.
+#[inline(always)]
+fn word_at(buf: &[u8], at: usize) -> Option<u64> {
+    // (A range that wraps around is empty, so `get` refuses it too.)
+    let word = buf.get(at..at.wrapping_add(8))?;
+    Some(u64::from_le_bytes(*word.first_chunk::<8>()?))
 }
 
 /// Where the line at the start of `buf` ends (the index after its `\n`) when the whole line,
@@ -2147,6 +2204,46 @@ mod tests {
         let mut sc = Scanner::new(Direction::Reply, limits(Direction::Reply));
         sc.scan(b"$5\r\nab").unwrap();
         assert_eq!(sc.peek_scalar_replies(b"c\r\n+OK\r\n", 9), (0, 0));
+    }
+
+    /// The request lane reads a header's digits out of a word: a byte that is not a digit must
+    /// stop it wherever it sits, even when the rest of the input would parse had it been taken
+    /// for one (the payload here is as long as such a misreading would make it).
+    #[test]
+    fn request_lane_refuses_a_non_digit_in_a_short_header() {
+        let sc = Scanner::new(Direction::Request, limits(Direction::Request));
+        for b in (0..=255u8).filter(|b| !b.is_ascii_digit()) {
+            let misread = usize::from(b ^ b'0');
+            let bulk = |len: usize| [&b"a".repeat(len)[..], b"\r\n"].concat();
+            let cases = [
+                // The argument count, then that many one-byte arguments.
+                [&[b'*', b][..], b"\r\n", &b"$1\r\nA\r\n".repeat(misread)].concat(),
+                // The first argument's length (read with the count).
+                [&b"*1\r\n$"[..], &[b], b"\r\n", &bulk(misread)].concat(),
+                // A later argument's length: one digit, first or second of two.
+                [&b"*2\r\n$3\r\nGET\r\n$"[..], &[b], b"\r\n", &bulk(misread)].concat(),
+                [
+                    &b"*2\r\n$3\r\nGET\r\n$"[..],
+                    &[b, b'5'],
+                    b"\r\n",
+                    &bulk((misread * 10 + 5) % 256),
+                ]
+                .concat(),
+                [
+                    &b"*2\r\n$3\r\nGET\r\n$1"[..],
+                    &[b],
+                    b"\r\n",
+                    &bulk(10 + misread),
+                ]
+                .concat(),
+            ];
+            for input in cases {
+                let shown = String::from_utf8_lossy(&input).into_owned();
+                let (out, _) = run(Direction::Request, limits(Direction::Request), &input, &[]);
+                assert!(out.error.is_some(), "{shown:?} should be refused");
+                assert_eq!(sc.peek_request_run(&input, |_| true), (0, 0), "{shown:?}");
+            }
+        }
     }
 
     /// The lanes read one- and two-digit headers a word at a time without checking them against
