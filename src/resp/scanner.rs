@@ -427,14 +427,36 @@ impl Scanner {
         // The last short line taken (its bytes, a mask over them, their count): the same bytes
         // again are the same reply, as in a run of `+OK` answering pipelined SETs.
         let (mut last, mut last_mask, mut last_len) = (0u64, 0u64, 0usize);
+        // A bulk string's header, `$3\r\n` or `$16\r\n` (digits come out of the XOR as values).
+        const BULK_1: u64 = u64::from_le_bytes(*b"$0\r\n\0\0\0\0");
+        const BULK_2: u64 = u64::from_le_bytes(*b"$00\r\n\0\0\0");
         while count < max && pos < buf.len() {
-            if last_len != 0
-                && let Some(&word) = buf[pos..].first_chunk::<8>()
-                && (u64::from_le_bytes(word) ^ last) & last_mask == 0
-            {
-                pos += last_len;
-                count += 1;
-                continue;
+            if let Some(w) = word_at(buf, pos) {
+                if last_len != 0 && (w ^ last) & last_mask == 0 {
+                    pos += last_len;
+                    count += 1;
+                    continue;
+                }
+                if SMALL_FIT {
+                    let (x1, x2) = (w ^ BULK_1, w ^ BULK_2);
+                    let (d0, d1) = ((x2 >> 8) as u8, (x2 >> 16) as u8);
+                    let payload_end = if x1 & 0xFFFF_00FF == 0 && d0 <= 9 {
+                        Some(pos + 4 + usize::from(d0))
+                    } else if x2 & 0xFF_FF00_00FF == 0 && d0 <= 9 && d1 <= 9 {
+                        Some(pos + 5 + usize::from(d0 * 10 + d1))
+                    } else {
+                        None
+                    };
+                    if let Some(end) = payload_end {
+                        // (`end` is at most `pos + 104`: no overflow.)
+                        if buf.get(end..end + 2) != Some(b"\r\n") {
+                            break;
+                        }
+                        pos = end + 2;
+                        count += 1;
+                        continue;
+                    }
+                }
             }
             let ty = buf[pos];
             match ty {
@@ -2242,6 +2264,33 @@ mod tests {
                 let (out, _) = run(Direction::Request, limits(Direction::Request), &input, &[]);
                 assert!(out.error.is_some(), "{shown:?} should be refused");
                 assert_eq!(sc.peek_request_run(&input, |_| true), (0, 0), "{shown:?}");
+            }
+        }
+    }
+
+    /// The same for a bulk reply's length, read the same way.
+    #[test]
+    fn reply_lane_refuses_a_non_digit_in_a_short_bulk_header() {
+        let sc = Scanner::new(Direction::Reply, limits(Direction::Reply));
+        for b in (0..=255u8).filter(|b| !b.is_ascii_digit()) {
+            let misread = usize::from(b ^ b'0');
+            let bulk = |len: usize| [&b"a".repeat(len)[..], b"\r\n"].concat();
+            let cases = [
+                [&b"$"[..], &[b], b"\r\n", &bulk(misread)].concat(),
+                [
+                    &b"$"[..],
+                    &[b, b'5'],
+                    b"\r\n",
+                    &bulk((misread * 10 + 5) % 256),
+                ]
+                .concat(),
+                [&b"$1"[..], &[b], b"\r\n", &bulk(10 + misread)].concat(),
+            ];
+            for input in cases {
+                let shown = String::from_utf8_lossy(&input).into_owned();
+                let (out, _) = run(Direction::Reply, limits(Direction::Reply), &input, &[]);
+                assert!(out.error.is_some(), "{shown:?} should be refused");
+                assert_eq!(sc.peek_scalar_replies(&input, 9), (0, 0), "{shown:?}");
             }
         }
     }
