@@ -3,21 +3,14 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Context, Poll};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
 pub enum Stream {
-    Tcp {
-        tcp: TcpStream,
-        /// What this stream last left with tokio for its next readable event. See
-        /// `poll_read_into`.
-        registration: ReadRegistration,
-    },
+    Tcp(TcpStream),
     /// TLS towards the upstream (we are the TLS client).
     TlsUpstream(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     /// TLS from an application (we are the TLS server).
@@ -27,17 +20,13 @@ pub enum Stream {
 impl Stream {
     /// A plain TCP connection.
     pub fn plain(tcp: TcpStream) -> Self {
-        Stream::Tcp {
-            tcp,
-            registration: ReadRegistration::default(),
-        }
+        Stream::Tcp(tcp)
     }
 
-    /// The TCP socket under any TLS layer. Whatever waits for it to become readable other than
-    /// `poll_read_into` replaces that method's registration, and must say so (`looks_closed`).
+    /// The TCP socket under any TLS layer.
     fn tcp(&self) -> &TcpStream {
         match self {
-            Stream::Tcp { tcp, .. } => tcp,
+            Stream::Tcp(tcp) => tcp,
             Stream::TlsUpstream(s) => s.get_ref().0,
             Stream::TlsClient(s) => s.get_ref().0,
         }
@@ -46,16 +35,12 @@ impl Stream {
     /// True when written bytes may wait in this layer until a flush (TLS records); a plain
     /// socket hands every write to the kernel, so the flush after it can be skipped.
     pub fn buffers_writes(&self) -> bool {
-        !matches!(self, Stream::Tcp { .. })
+        !matches!(self, Stream::Tcp(_))
     }
 
     /// True when the peer has closed the connection or sent something unexpected while it sat
     /// idle. Checked without blocking before an idle connection is handed out.
-    pub fn looks_closed(&mut self) -> bool {
-        // The peek below leaves its own (no-op) waker with tokio in place of any earlier one.
-        if let Stream::Tcp { registration, .. } = self {
-            registration.replaced();
-        }
+    pub fn looks_closed(&self) -> bool {
         let mut probe = [0u8; 1];
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let mut buf = ReadBuf::new(&mut probe);
@@ -67,100 +52,27 @@ impl Stream {
     /// `tokio_util::io::poll_read_buf` would, and returns how many bytes came (0: end of stream).
     ///
     /// A plain TCP stream reads straight away when tokio has seen it readable (`try_io`), without
-    /// the task-budget and registration steps of tokio's `poll_read`. When there is nothing to
-    /// read it registers for the next event only if its previous registration is gone: a session
-    /// polls both of its streams after every event, and re-registering a waker tokio still holds
-    /// costs a task-budget check, a lock and a waker comparison each time (about 120 instructions
-    /// per request at `-P 1`, 4% of the proxy's). See `ReadRegistration` for how it knows.
+    /// the task-budget and registration steps of tokio's `poll_read`, and registers for the next
+    /// event only when there is nothing to read. (Skipping that registration while the previous
+    /// one still stands was tried twice: judged by readiness alone it lost wake-ups on a
+    /// multi-thread runtime; judged by a waker of our own that marks itself fired it was correct,
+    /// but the extra waker cost more CPU per request than the skipped registrations saved. See
+    /// the note in `a_multi_thread_runtime_serves_many_clients_without_a_stall`.)
     pub fn poll_read_into(
         &mut self,
         cx: &mut Context<'_>,
         buf: &mut BytesMut,
     ) -> Poll<io::Result<usize>> {
         match self {
-            Stream::Tcp { tcp, registration } => poll_read_plain(tcp, registration, cx, buf),
+            Stream::Tcp(tcp) => poll_read_plain(tcp, cx, buf),
             tls => tokio_util::io::poll_read_buf(Pin::new(tls), cx, buf),
         }
-    }
-}
-
-/// Whether tokio still holds a plain TCP stream's waker for its next readable event.
-///
-/// Tokio keeps one waker per socket for readability and *takes* it when an event arrives, then
-/// wakes it. Knowing that the waker is still there takes more than remembering that one was
-/// registered and no readiness has been seen since: an event whose data a poll already read
-/// (the driver on another thread marks the socket readable, the poll reads, and only then does
-/// the driver take the waker) takes a registration made *after* that read, with no readiness
-/// left to show for it. (A record without the flag below lost wake-ups exactly so, on a
-/// two-worker runtime: `a_multi_thread_runtime_serves_many_clients_without_a_stall` timed out
-/// in 2 of 36 runs, six at a time; with the flag it passed 108 of 108.)
-///
-/// So the waker registered is our own, wrapping the task's: waking it marks it fired before it
-/// wakes the task. A registration stands while it has not fired; tokio always wakes a waker it
-/// takes, and the task it wakes polls again after the mark, so the next poll cannot miss it.
-#[derive(Default)]
-pub struct ReadRegistration {
-    /// The waker last registered (kept for the next registration by the same task).
-    waker: Option<(Waker, Arc<RegistrationWaker>)>,
-    /// `waker` was left with tokio and nothing else has replaced it since.
-    placed: bool,
-}
-
-struct RegistrationWaker {
-    task: Waker,
-    fired: AtomicBool,
-}
-
-impl Wake for RegistrationWaker {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.fired.store(true, Ordering::Release);
-        self.task.wake_by_ref();
-    }
-}
-
-impl ReadRegistration {
-    /// Tokio still holds this task's waker for the next event, or is about to wake it.
-    fn stands_for(&self, cx: &Context<'_>) -> bool {
-        self.placed
-            && self.waker.as_ref().is_some_and(|(_, own)| {
-                !own.fired.load(Ordering::Acquire) && own.task.will_wake(cx.waker())
-            })
-    }
-
-    /// The waker to register for `cx`'s task, reset to "not fired". A wake still on its way
-    /// from an earlier registration may mark it fired again: that only costs one more
-    /// registration.
-    fn waker_for(&mut self, cx: &Context<'_>) -> &Waker {
-        let reusable = self
-            .waker
-            .as_ref()
-            .is_some_and(|(_, own)| own.task.will_wake(cx.waker()));
-        if !reusable {
-            let own = Arc::new(RegistrationWaker {
-                task: cx.waker().clone(),
-                fired: AtomicBool::new(false),
-            });
-            self.waker = Some((Waker::from(own.clone()), own));
-        }
-        let (waker, own) = self.waker.as_ref().expect("set above");
-        own.fired.store(false, Ordering::Relaxed);
-        waker
-    }
-
-    /// Something other than `poll_read_into` registered for readability on this socket.
-    fn replaced(&mut self) {
-        self.placed = false;
     }
 }
 
 /// `Stream::poll_read_into` for plain TCP.
 fn poll_read_plain(
     tcp: &TcpStream,
-    registration: &mut ReadRegistration,
     cx: &mut Context<'_>,
     buf: &mut BytesMut,
 ) -> Poll<io::Result<usize>> {
@@ -191,19 +103,11 @@ fn poll_read_plain(
             }
             Err(_) => {}
         }
-        if registration.stands_for(cx) {
-            return Poll::Pending;
-        }
-        registration.placed = false;
-        let mut own_cx = Context::from_waker(registration.waker_for(cx));
-        match tcp.poll_read_ready(&mut own_cx) {
+        match tcp.poll_read_ready(cx) {
             // An event came in between the two looks.
             Poll::Ready(Ok(())) => continue,
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-            Poll::Pending => {
-                registration.placed = true;
-                return Poll::Pending;
-            }
+            Poll::Pending => return Poll::Pending,
         }
     }
 }
@@ -245,11 +149,7 @@ impl AsyncRead for Stream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Stream::Tcp { tcp, registration } => {
-                // Tokio's own read registers its own waker when it finds nothing.
-                registration.replaced();
-                Pin::new(tcp).poll_read(cx, buf)
-            }
+            Stream::Tcp(tcp) => Pin::new(tcp).poll_read(cx, buf),
             Stream::TlsUpstream(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             Stream::TlsClient(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
@@ -263,7 +163,7 @@ impl AsyncWrite for Stream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            Stream::Tcp { tcp, .. } => poll_write_plain(tcp, cx, buf),
+            Stream::Tcp(tcp) => poll_write_plain(tcp, cx, buf),
             Stream::TlsUpstream(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             Stream::TlsClient(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
@@ -271,7 +171,7 @@ impl AsyncWrite for Stream {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Stream::Tcp { tcp, .. } => Pin::new(tcp).poll_flush(cx),
+            Stream::Tcp(tcp) => Pin::new(tcp).poll_flush(cx),
             Stream::TlsUpstream(s) => Pin::new(s.as_mut()).poll_flush(cx),
             Stream::TlsClient(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
@@ -279,7 +179,7 @@ impl AsyncWrite for Stream {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Stream::Tcp { tcp, .. } => Pin::new(tcp).poll_shutdown(cx),
+            Stream::Tcp(tcp) => Pin::new(tcp).poll_shutdown(cx),
             Stream::TlsUpstream(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             Stream::TlsClient(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }

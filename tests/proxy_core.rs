@@ -1076,8 +1076,9 @@ fn a_multi_thread_runtime_serves_many_clients_without_a_stall() {
     // a lost wake-up would show as a read timing out. (It caught one: a plain read skipped
     // re-registering for readability while its previous registration seemed to stand, judged
     // only by having seen no readiness since; a wake for data already read could take that
-    // registration. See `ReadRegistration` in net.rs. That version failed 2 runs of 36 with
-    // six copies in parallel; the present one passed 108 of 108.)
+    // registration. That version failed 2 runs of 36 with six copies in parallel. A corrected
+    // skip, with a waker of our own that marks itself fired, passed 108 of 108 but cost more
+    // CPU than it saved (benches/side_by_side.py), so plain reads always register again.)
     let env = Env::start_with_extra("", "[runtime]\nworker_threads = 2\n");
     let clients: Vec<RespConn> = (0..8).map(|_| env.conn()).collect();
     let workers: Vec<_> = clients

@@ -164,7 +164,7 @@ impl Pool {
     fn take_idle(&self, current: u64) -> Option<UpstreamConn> {
         let inner = &self.inner;
         loop {
-            let mut conn = inner.idle.lock().expect("not poisoned").pop_front()?;
+            let conn = inner.idle.lock().expect("not poisoned").pop_front()?;
             inner.metrics.pool_idle.decrement(1.0);
             inner.refill.notify_one();
             if conn.generation.id >= current && !conn.stream.looks_closed() {
