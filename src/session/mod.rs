@@ -1397,7 +1397,7 @@ impl Session {
 
     /// Delivers the proxy-made replies now at the head of the queue, after what was relayed.
     fn deliver_ready_locals(&mut self) {
-        if matches!(self.replies.head(), Some(Expect::Local(_))) {
+        if self.replies.head_is_local() {
             self.flush_relay();
             while let Some(local) = self.replies.pop_ready_locals().next() {
                 self.client_out.extend_from_slice(&local);
