@@ -18,7 +18,9 @@ per request over its total A CPU per request; the summary is the median of the r
 bootstrap interval, and the per-window spread.
 
 Sides are written KIND or KIND:BINARY with KIND `floor` (the tokio copy_bidirectional forwarder,
-examples/floor_forwarder.rs) or `rotaproxy`; BINARY defaults to this checkout's release build.
+examples/floor_forwarder.rs), `rotaproxy` or `haproxy` (TCP mode, one thread, configured as
+compare.py configures it); BINARY defaults to this checkout's release build (HAProxy: always
+the one on PATH).
 Comparing a build with itself (`--a rotaproxy --b rotaproxy`) shows the method's own bias and
 spread; comparing two builds of rotaproxy shows what a change is worth.
 
@@ -57,7 +59,7 @@ SIDECAR_CPU = "1"
 @dataclass
 class Side:
     label: str  # "A" or "B"
-    kind: str  # "floor" or "rotaproxy"
+    kind: str  # "floor", "rotaproxy" or "haproxy"
     binary: Path
 
     @property
@@ -71,10 +73,13 @@ def log(msg: str) -> None:
 
 def parse_side(label: str, spec: str) -> Side:
     kind, _, binary = spec.partition(":")
-    if kind not in ("floor", "rotaproxy"):
-        raise SystemExit(f"--{label.lower()}: kind must be floor or rotaproxy, not {kind!r}")
-    default = FLOOR_BIN if kind == "floor" else ROTAPROXY_BIN
-    path = Path(binary) if binary else default
+    defaults = {"floor": FLOOR_BIN, "rotaproxy": ROTAPROXY_BIN, "haproxy": None}
+    if kind not in defaults:
+        raise SystemExit(f"--{label.lower()}: kind must be one of {', '.join(defaults)}, "
+                         f"not {kind!r}")
+    if kind == "haproxy" and binary:
+        raise SystemExit(f"--{label.lower()}: HAProxy is the one on PATH (compare.py starts it)")
+    path = Path(binary) if binary else defaults[kind] or Path(which(kind))
     if not path.is_file():
         raise SystemExit(f"--{label.lower()}: no binary at {path}")
     return Side(label, kind, path)
@@ -150,6 +155,13 @@ def start_redis(tmp: Path, name: str, certs: dict[str, Path] | None) -> Redis:
 def start_sidecar(tmp: Path, side: Side, redis: Redis, certs: dict[str, Path] | None):
     """Starts the side's sidecar in front of Redis (over TLS when `certs`); returns (proc, port,
     redis-benchmark auth)."""
+    if side.kind == "haproxy":
+        own = tmp / f"side-{side.label}"
+        own.mkdir(exist_ok=True)
+        as_compare = compare.Redis(redis.port, redis.tls_port or 0, redis.proc, redis.password, "")
+        ctx = compare.Ctx(own, certs or {}, as_compare, None, None)
+        proc, port = compare.start_haproxy(ctx, tls=certs is not None)
+        return proc, port, compare.acl_auth(ctx)
     port = compare.free_port()
     logf = tmp / f"sidecar-{side.label}.log"
     if side.kind == "floor":
