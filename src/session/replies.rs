@@ -44,6 +44,16 @@ pub struct Matched {
     pub revert: Vec<(SubClass, Bytes)>,
 }
 
+impl Matched {
+    /// A reply that changes nothing (an ordinary one, or one confirmation of several).
+    fn nothing() -> Self {
+        Self {
+            action: Action::None,
+            revert: Vec::new(),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct ReplyQueue {
     entries: VecDeque<Expect>,
@@ -146,14 +156,11 @@ impl ReplyQueue {
             return self.relay(n);
         }
         self.settle_trailing_relays();
-        match &expect {
-            Expect::Relay(_) => unreachable!("handled above"),
-            Expect::Local(_) => {}
-            Expect::Tracked { blocking, .. } => {
-                self.upstream_owed += 1;
-                self.blocking += usize::from(*blocking);
-            }
-            Expect::Confirmations { .. } => self.upstream_owed += 1,
+        if !matches!(expect, Expect::Local(_)) {
+            self.upstream_owed += 1;
+        }
+        if let Expect::Tracked { blocking: true, .. } = expect {
+            self.blocking += 1;
         }
         self.entries.push_back(expect);
     }
@@ -163,51 +170,36 @@ impl ReplyQueue {
     pub fn match_reply(&mut self, is_error: bool) -> Option<Matched> {
         if self.entries.is_empty() && self.trailing_relays > 0 {
             self.trailing_relays -= 1;
-            return Some(Matched {
-                action: Action::None,
-                revert: Vec::new(),
-            });
+            return Some(Matched::nothing());
         }
         let head = self.entries.front_mut()?;
         let done = match head {
             Expect::Relay(n) => {
                 *n -= 1;
                 if *n > 0 {
-                    return Some(Matched {
-                        action: Action::None,
-                        revert: Vec::new(),
-                    });
+                    return Some(Matched::nothing());
                 }
-                Matched {
-                    action: Action::None,
-                    revert: Vec::new(),
-                }
+                Matched::nothing()
             }
             Expect::Tracked { action, .. } => Matched {
                 action: std::mem::replace(action, Action::None),
-                revert: Vec::new(),
+                ..Matched::nothing()
             },
             Expect::Confirmations {
                 remaining, added, ..
             } => {
                 if is_error {
                     Matched {
-                        action: Action::None,
                         revert: std::mem::take(added),
+                        ..Matched::nothing()
                     }
                 } else {
                     *remaining = remaining.saturating_sub(1);
                     if *remaining > 0 {
                         // Confirmed one channel: whatever else it added stays.
-                        return Some(Matched {
-                            action: Action::None,
-                            revert: Vec::new(),
-                        });
+                        return Some(Matched::nothing());
                     }
-                    Matched {
-                        action: Action::None,
-                        revert: Vec::new(),
-                    }
+                    Matched::nothing()
                 }
             }
             Expect::Local(_) => return None,
@@ -326,14 +318,18 @@ mod tests {
         assert!(q.is_empty() && q.nothing_owed());
     }
 
-    #[test]
-    fn only_a_blocking_command_owed_counts_the_trailing_run() {
-        let mut q = ReplyQueue::default();
-        q.push(Expect::Tracked {
+    fn blocking_command() -> Expect {
+        Expect::Tracked {
             action: Action::None,
             relay: true,
             blocking: true,
-        });
+        }
+    }
+
+    #[test]
+    fn only_a_blocking_command_owed_counts_the_trailing_run() {
+        let mut q = ReplyQueue::default();
+        q.push(blocking_command());
         assert!(q.only_a_blocking_command_owed());
         q.relay(1);
         assert!(!q.only_a_blocking_command_owed());
@@ -355,11 +351,7 @@ mod tests {
     #[test]
     fn blocking_is_counted() {
         let mut q = ReplyQueue::default();
-        q.push(Expect::Tracked {
-            action: Action::None,
-            relay: true,
-            blocking: true,
-        });
+        q.push(blocking_command());
         assert!(q.blocking_in_flight());
         q.match_reply(false);
         assert!(!q.blocking_in_flight());
