@@ -620,6 +620,115 @@ fn upstream_restart_is_invisible_to_idle_clients() {
     env.assert_no_secret_leaked();
 }
 
+/// `MULTI`, `SUBSCRIBE a b` and `SET` (in the order given), `EXEC`, two messages, then `PING`:
+/// the frames `conn` gets. Redis counts the SUBSCRIBE once in the EXEC array's length but writes
+/// a confirmation per channel, so the array's last element is followed by one more frame: the
+/// SET's `+OK`, or the second confirmation when the SUBSCRIBE comes last.
+fn subscribe_inside_multi_frames(
+    env: &Env,
+    conn: &mut RespConn,
+    protocol: &str,
+    subscribe_first: bool,
+) -> Vec<Frame> {
+    if protocol == "3" {
+        conn.cmd(&["HELLO", "3"]).assert_not_error();
+    }
+    let subscribe = &["SUBSCRIBE", "tx-a", "tx-b"][..];
+    let set = &["SET", "tx-key", "1"][..];
+    let (first, second) = if subscribe_first {
+        (subscribe, set)
+    } else {
+        (set, subscribe)
+    };
+    for cmd in [&["MULTI"][..], first, second, &["EXEC"]] {
+        conn.send_cmd(cmd);
+    }
+    let mut frames = conn.read_replies(5);
+    env.redis
+        .admin_cmd(&["PUBLISH", "tx-a", "hi"])
+        .assert_int(1);
+    env.redis
+        .admin_cmd(&["PUBLISH", "tx-b", "yo"])
+        .assert_int(1);
+    conn.send_cmd(&["PING"]);
+    frames.extend(conn.read_replies(3));
+    frames
+}
+
+#[test]
+fn subscribe_inside_multi_reads_exactly_as_from_redis() {
+    let env = Env::start();
+    for (protocol, subscribe_first) in [("2", true), ("2", false), ("3", true), ("3", false)] {
+        let case = format!("RESP{protocol}, SUBSCRIBE first: {subscribe_first}");
+        let direct = {
+            let mut conn = env.redis.admin_conn();
+            subscribe_inside_multi_frames(&env, &mut conn, protocol, subscribe_first)
+        };
+        // The direct subscriber is gone before the proxied one subscribes.
+        assert_eventually(Duration::from_secs(10), "direct subscriber gone", || {
+            env.redis
+                .admin_cmd(&["PUBSUB", "NUMSUB", "tx-a"])
+                .as_array()
+                .unwrap()[1]
+                == Frame::Integer(0)
+        });
+        let mut conn = env.conn();
+        let proxied = subscribe_inside_multi_frames(&env, &mut conn, protocol, subscribe_first);
+        assert_eq!(proxied, direct, "{case}");
+        let after_array = if subscribe_first {
+            Frame::simple("OK")
+        } else {
+            let confirmation = vec![
+                Frame::bulk("subscribe"),
+                Frame::bulk("tx-b"),
+                Frame::Integer(2),
+            ];
+            if protocol == "3" {
+                Frame::Push(confirmation)
+            } else {
+                Frame::Array(confirmation)
+            }
+        };
+        assert_eq!(proxied[4], after_array, "{case}: {proxied:?}");
+        // Nothing more: no frame was invented or held back.
+        conn.cmd(&["UNSUBSCRIBE"]);
+        conn.read_reply();
+        conn.cmd(&["ECHO", "end"]).assert_bulk("end");
+        // A reply the proxy makes itself waits for every reply owed before it: it arrives only
+        // if the proxy counted the EXEC's frames right.
+        conn.cmd(&["AUTH", "any-password"]).assert_ok();
+    }
+    assert!(
+        !env.proxy.log_contains("nobody asked for"),
+        "the proxy lost count of replies"
+    );
+    env.assert_no_secret_leaked();
+}
+
+#[test]
+fn a_subscription_made_inside_multi_survives_a_lost_connection() {
+    let env = Env::start();
+    let mut sub = env.conn();
+    sub.cmd(&["MULTI"]).assert_ok();
+    sub.cmd(&["SUBSCRIBE", "tx-events"]).assert_simple("QUEUED");
+    sub.cmd(&["EXEC"]).assert_not_error();
+    kill_upstream_connection_of(&env, "exec");
+    // The proxy re-subscribed on a fresh connection at once: the subscriber misses nothing
+    // published from then on.
+    assert_eventually(Duration::from_secs(20), "subscriber restored", || {
+        env.redis.admin_cmd(&["PUBLISH", "tx-events", "e1"]) == Frame::Integer(1)
+    });
+    assert_eq!(
+        sub.read_reply(),
+        Frame::Array(vec![
+            Frame::bulk("message"),
+            Frame::bulk("tx-events"),
+            Frame::bulk("e1")
+        ])
+    );
+    env.assert_no_secret_leaked();
+}
+
 #[test]
 fn a_client_that_does_not_read_is_held_back_not_buffered() {
     let env = Env::start();

@@ -740,7 +740,9 @@ impl Session {
                     blocking: false,
                 };
             }
-            Expect::Tracked { relay, .. } | Expect::Confirmations { relay, .. } => *relay = false,
+            Expect::Tracked { relay, .. }
+            | Expect::Confirmations { relay, .. }
+            | Expect::ExecTail { relay, .. } => *relay = false,
             Expect::Local(_) => {}
         }
         expect
@@ -870,7 +872,9 @@ impl Session {
             Kind::Subscribe | Kind::Psubscribe | Kind::Ssubscribe => {
                 let class = sub_class(kind);
                 if self.in_multi {
-                    return self.forward(frame, relay_one).await;
+                    let channels = args[1..].iter().map(|c| Bytes::copy_from_slice(c));
+                    let expect = self.tracked(Action::Subscribe(class, channels.collect()));
+                    return self.forward(frame, expect).await;
                 }
                 // Connect (and replay) before the set changes, or the replay would subscribe too.
                 if let Err(reply) = self.upstream_for_command().await {
@@ -893,7 +897,9 @@ impl Session {
             Kind::Unsubscribe | Kind::Punsubscribe | Kind::Sunsubscribe => {
                 let class = sub_class(kind);
                 if self.in_multi {
-                    return self.forward(frame, relay_one).await;
+                    let channels = args[1..].iter().map(|c| Bytes::copy_from_slice(c));
+                    let expect = self.tracked(Action::Unsubscribe(class, channels.collect()));
+                    return self.forward(frame, expect).await;
                 }
                 if let Err(reply) = self.upstream_for_command().await {
                     return self.reply_local(reply);
@@ -1256,6 +1262,9 @@ impl Session {
                 Expect::Tracked { relay, .. } | Expect::Confirmations { relay, .. } => {
                     u64::from(relay)
                 }
+                // The client counts these frames as replies of their own (as it would from
+                // Redis): one error stands in for each.
+                Expect::ExecTail { remaining, relay } => remaining * u64::from(relay),
                 Expect::Local(reply) => {
                     self.client_out.extend_from_slice(&reply);
                     0
@@ -1422,6 +1431,10 @@ impl Session {
             counts: false,
             ..plain
         };
+        if self.replies.head_is_exec_tail() {
+            // Inside an EXEC reply: no message or monitor line can come between its frames.
+            return Some(plain);
+        }
         let head_confirms = self.replies.head_is_confirmations();
         if first == b'>' || (first == b'*' && (head_confirms || self.state.resp2_subscribed())) {
             let kind = match reply::peek_first_element(buf) {
@@ -1487,10 +1500,20 @@ impl Session {
         for (class, channel) in matched.revert {
             self.state.set_of(class).remove(&channel);
         }
-        if matched.action != Action::None {
+        if let Action::Exec(actions) = matched.action {
+            // An array (not a null: an aborted transaction) means EXEC ran the commands.
+            if frame.first == b'*' && !frame.null_array {
+                let tail = self.state.apply_exec(actions);
+                if tail > 0 {
+                    self.replies.push_next(Expect::ExecTail {
+                        remaining: tail,
+                        relay: frame.relay,
+                    });
+                }
+            }
+        } else if matched.action != Action::None {
             let ok = match &matched.action {
                 Action::Hello { .. } => frame.first == b'%' || frame.first == b'*',
-                Action::Exec(_) => frame.first == b'*' && !frame.null_array,
                 Action::Reset => frame.first == b'+',
                 _ => !reply::is_error(frame.first),
             };

@@ -34,6 +34,9 @@ pub enum Expect {
     },
     /// A reply the proxy makes itself, delivered when every reply before it has been.
     Local(Bytes),
+    /// The frames an EXEC reply carries after its array when the transaction (un)subscribed
+    /// (see `ConnState::apply_exec`): counted whatever they look like, confirmations included.
+    ExecTail { remaining: u64, relay: bool },
 }
 
 /// What became of a counted reply when it was matched with its entry.
@@ -98,7 +101,11 @@ impl ReplyQueue {
     pub fn head_relays(&self) -> bool {
         match self.entries.front() {
             Some(Expect::Relay(_)) => true,
-            Some(Expect::Tracked { relay, .. } | Expect::Confirmations { relay, .. }) => *relay,
+            Some(
+                Expect::Tracked { relay, .. }
+                | Expect::Confirmations { relay, .. }
+                | Expect::ExecTail { relay, .. },
+            ) => *relay,
             Some(Expect::Local(_)) => false,
             None => self.trailing_relays > 0,
         }
@@ -135,6 +142,19 @@ impl ReplyQueue {
 
     pub fn head_is_confirmations(&self) -> bool {
         matches!(self.entries.front(), Some(Expect::Confirmations { .. }))
+    }
+
+    /// Whether the next frames are the rest of an EXEC reply (see [`Expect::ExecTail`]).
+    pub fn head_is_exec_tail(&self) -> bool {
+        matches!(self.entries.front(), Some(Expect::ExecTail { .. }))
+    }
+
+    /// Expects `expect` before anything already queued: what the reply being matched turned
+    /// out to carry after itself.
+    pub fn push_next(&mut self, expect: Expect) {
+        debug_assert!(!matches!(expect, Expect::Relay(_) | Expect::Local(_)));
+        self.upstream_owed += 1;
+        self.entries.push_front(expect);
     }
 
     /// Expects `n` ordinary replies.
@@ -174,7 +194,7 @@ impl ReplyQueue {
         }
         let head = self.entries.front_mut()?;
         let done = match head {
-            Expect::Relay(n) => {
+            Expect::Relay(n) | Expect::ExecTail { remaining: n, .. } => {
                 *n -= 1;
                 if *n > 0 {
                     return Some(Matched::nothing());
@@ -238,6 +258,33 @@ impl ReplyQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_exec_tail_comes_before_everything_queued_and_counts_as_owed() {
+        let mut q = ReplyQueue::default();
+        q.relay(2);
+        q.push(Expect::Local(Bytes::from_static(b"+OK\r\n")));
+        q.relay(1);
+        q.push_next(Expect::ExecTail {
+            remaining: 2,
+            relay: true,
+        });
+        assert!(q.head_is_exec_tail());
+        assert!(q.head_relays());
+        // Not a run of ordinary replies: the fast lane leaves it to the general path.
+        assert_eq!(q.head_relay_run(), None);
+        assert!(q.match_reply(false).is_some());
+        assert!(q.head_is_exec_tail());
+        assert!(q.match_reply(true).is_some());
+        assert!(!q.head_is_exec_tail());
+        assert_eq!(q.head_relay_run(), Some(2));
+        q.match_relayed(2);
+        assert!(q.head_is_local());
+        assert_eq!(q.pop_ready_locals().count(), 1);
+        assert_eq!(q.head_relay_run(), Some(1));
+        q.match_relayed(1);
+        assert!(q.is_empty() && q.nothing_owed());
+    }
 
     #[test]
     fn runs_collapse_and_locals_wait_their_turn() {

@@ -35,6 +35,10 @@ pub enum Action {
     Reset,
     /// Actions queued inside MULTI, applied when EXEC answers with an array.
     Exec(Vec<Action>),
+    /// `(P|S)SUBSCRIBE` inside MULTI: the channels join the set when EXEC runs it.
+    Subscribe(SubClass, Vec<Bytes>),
+    /// `(P|S)UNSUBSCRIBE` inside MULTI: the channels (all of them when empty) leave the set.
+    Unsubscribe(SubClass, Vec<Bytes>),
     /// A command the proxy injected (replay, re-authentication); an error is logged.
     Injected(&'static str),
     /// The AUTH that moves the connection to a new generation in place.
@@ -149,11 +153,52 @@ impl ConnState {
             Action::Monitor => self.monitor = true,
             Action::Reset => *self = ConnState::new(),
             Action::Exec(actions) => {
-                for a in actions {
-                    self.apply(a, true);
+                self.apply_exec(actions);
+            }
+            Action::Subscribe(class, channels) => {
+                self.set_of(class).extend(channels);
+                self.count_subscriptions_as_the_server_does();
+            }
+            Action::Unsubscribe(class, channels) => {
+                let set = self.set_of(class);
+                if channels.is_empty() {
+                    set.clear();
+                } else {
+                    for channel in &channels {
+                        set.remove(channel);
+                    }
                 }
+                self.count_subscriptions_as_the_server_does();
             }
         }
+    }
+
+    /// Applies the actions of a transaction EXEC ran, in order, and returns how many frames its
+    /// reply carries beyond the array's own count. Redis counts a (un)subscribe command once in
+    /// the EXEC array's length but writes one confirmation per channel (per subscription for an
+    /// UNSUBSCRIBE without arguments, at least one), so those frames follow the array.
+    pub fn apply_exec(&mut self, actions: Vec<Action>) -> u64 {
+        let mut extra = 0;
+        for action in actions {
+            let confirmations = match &action {
+                Action::Subscribe(_, channels) => channels.len() as u64,
+                Action::Unsubscribe(class, channels) if channels.is_empty() => {
+                    self.set_of(*class).len() as u64
+                }
+                Action::Unsubscribe(_, channels) => channels.len() as u64,
+                _ => 1,
+            };
+            extra += confirmations.max(1) - 1;
+            self.apply(action, true);
+        }
+        extra
+    }
+
+    /// After (un)subscribe commands whose confirmations the proxy did not read one by one (they
+    /// came inside an EXEC reply): the server now counts what the sets hold.
+    fn count_subscriptions_as_the_server_does(&mut self) {
+        self.server_subscriptions = (self.channels.len() + self.patterns.len()) as i64;
+        self.server_shard_subscriptions = self.shard_channels.len() as i64;
     }
 
     /// Commands that recreate this state on a fresh, authenticated RESP2 connection, each with the
@@ -260,5 +305,44 @@ mod tests {
         s.apply(Action::SetName(Some(Bytes::from_static(b"n"))), true);
         s.apply(Action::Reset, true);
         assert!(s.is_default());
+    }
+
+    fn channels(names: &[&'static str]) -> Vec<Bytes> {
+        names
+            .iter()
+            .map(|n| Bytes::from_static(n.as_bytes()))
+            .collect()
+    }
+
+    #[test]
+    fn exec_counts_one_frame_per_confirmation_beyond_the_array() {
+        let mut s = ConnState::new();
+        // SUBSCRIBE a b a: three confirmations (one per argument), two channels.
+        let extra = s.apply_exec(vec![
+            Action::Subscribe(SubClass::Channel, channels(&["a", "b", "a"])),
+            Action::SelectDb(1),
+            Action::Subscribe(SubClass::Pattern, channels(&["p*"])),
+        ]);
+        assert_eq!(extra, 2);
+        assert_eq!(s.channels.len(), 2);
+        assert_eq!(s.db, 1);
+        assert_eq!(s.server_subscriptions, 3);
+        assert!(s.resp2_subscribed());
+        // UNSUBSCRIBE without arguments: one confirmation per channel it leaves.
+        assert_eq!(
+            s.apply_exec(vec![Action::Unsubscribe(SubClass::Channel, Vec::new())]),
+            1
+        );
+        assert!(s.channels.is_empty());
+        assert_eq!(s.server_subscriptions, 1);
+        // ... and still one when there is none to leave.
+        assert_eq!(
+            s.apply_exec(vec![
+                Action::Unsubscribe(SubClass::Channel, Vec::new()),
+                Action::Unsubscribe(SubClass::Pattern, channels(&["p*", "q*"])),
+            ]),
+            1
+        );
+        assert!(!s.has_subscriptions());
     }
 }
