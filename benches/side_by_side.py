@@ -26,6 +26,11 @@ spread; comparing two builds of rotaproxy shows what a change is worth.
 
   benches/side_by_side.py                                   # floor vs rotaproxy, SET+GET, P16+P1
   benches/side_by_side.py --a rotaproxy:/tmp/old/rotaproxy --b rotaproxy --tests set -P 16
+  benches/side_by_side.py --syscalls -P 16 --rounds 2          # also system calls per command
+
+`--syscalls` attaches `perf stat` (syscall tracepoints: root, or kernel.perf_event_paranoid=-1)
+to each sidecar over the measured windows and reports its system calls per 1000 commands: a
+change that adds reads, writes or wake-ups shows there even when CPU time is too noisy to tell.
 
 Python 3.11 standard library only; reuses compare.py's process bookkeeping and build helpers.
 """
@@ -198,6 +203,46 @@ def cpu_ns(pid: int) -> int:
     return sum(compare.thread_ns(pid).values())
 
 
+# The system calls `--syscalls` counts, as perf names them, and as the report names them.
+SYSCALL_EVENTS = {
+    "raw_syscalls:sys_enter": "all",
+    "syscalls:sys_enter_recvfrom": "recvfrom",
+    "syscalls:sys_enter_sendto": "sendto",
+    "syscalls:sys_enter_read": "read",
+    "syscalls:sys_enter_write": "write",
+    "syscalls:sys_enter_epoll_wait": "epoll_wait",
+}
+
+
+class SyscallCount:
+    """`perf stat` attached to one process, counting SYSCALL_EVENTS until `finish`."""
+
+    def __init__(self, tmp: Path, label: str, pid: int):
+        self.out = tmp / f"syscalls-{label}.csv"
+        self.out.unlink(missing_ok=True)
+        events = [arg for event in SYSCALL_EVENTS for arg in ("-e", event)]
+        self.log = tmp / f"perf-{label}.log"
+        self.proc = spawn(["perf", "stat", "-x,", "-o", str(self.out), *events, "-p", str(pid)],
+                          self.log)
+
+    def finish(self) -> dict[str, int]:
+        # perf stat writes its counts when interrupted (SIGTERM would end it without them).
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            self.proc.wait(timeout=10)
+        stop(self.proc)
+        counts = {}
+        text = self.out.read_text() if self.out.exists() else ""
+        for line in text.splitlines():
+            fields = line.split(",")
+            if len(fields) > 2 and fields[0].isdigit() and fields[2] in SYSCALL_EVENTS:
+                counts[SYSCALL_EVENTS[fields[2]]] = int(fields[0])
+        if not counts:
+            raise RuntimeError(f"perf stat counted no system calls: {compare.tail(self.log, 3)}"
+                               f" {text.strip()[-200:]}")
+        return counts
+
+
 # ---------------------------------------------------------------------------------------------
 # Rounds
 # ---------------------------------------------------------------------------------------------
@@ -224,6 +269,8 @@ class Round:
     cpu_ns: dict[str, int] = field(default_factory=dict)
     commands: dict[str, int] = field(default_factory=dict)
     window_ratios: list[float] = field(default_factory=list)
+    # Per side label: system calls by name over the measured windows (`--syscalls`).
+    syscalls: dict[str, dict[str, int]] = field(default_factory=dict)
     error: str = ""
 
     def ns_per_request(self, label: str) -> float:
@@ -266,6 +313,8 @@ def run_round(tmp: Path, sides: list[Side], case: Case, index: int, args,
                     for s in sides}
 
         first = prev = sample()
+        counters = {s.label: SyscallCount(tmp, s.label, setup[s.label][0].pid)
+                    for s in sides} if args.syscalls else {}
         for _ in range(args.windows):
             time.sleep(args.window)
             now = sample()
@@ -277,6 +326,8 @@ def run_round(tmp: Path, sides: list[Side], case: Case, index: int, args,
                 per[label] = (now[label][0] - prev[label][0]) / served
             r.window_ratios.append(per["B"] / per["A"])
             prev = now
+        for label, counter in counters.items():
+            r.syscalls[label] = counter.finish()
         for label in ("A", "B"):
             r.cpu_ns[label] = prev[label][0] - first[label][0]
             r.commands[label] = prev[label][1] - first[label][1]
@@ -327,6 +378,14 @@ def report(case: Case, rounds: list[Round], sides: list[Side]) -> dict:
           f"median {statistics.median(windows):.3f} p90 {windows[9 * len(windows) // 10]:.3f}")
     out.update(ratio=statistics.median(ratios), interval=interval, round_ratios=ratios,
                window_ratios=windows)
+    if all(r.syscalls for r in ok):
+        for side in sides:
+            per_1000 = {name: statistics.median(r.syscalls[side.label].get(name, 0) * 1000
+                                                / r.commands[side.label] for r in ok)
+                        for name in SYSCALL_EVENTS.values()}
+            print(f"  {side.label} system calls per 1000 commands: "
+                  + "  ".join(f"{name} {n:.1f}" for name, n in per_1000.items()))
+            out[f"{side.label}_syscalls_per_1000"] = per_1000
     return out
 
 
@@ -345,6 +404,8 @@ def main() -> int:
     ap.add_argument("--bench-cpu", default=SIDECAR_CPU,
                     help="CPU of the redis-benchmark clients (default 1, with the sidecars)")
     ap.add_argument("--tls", action="store_true", help="both sidecars reach Redis over TLS")
+    ap.add_argument("--syscalls", action="store_true",
+                    help="also count each sidecar's system calls per command (perf stat)")
     ap.add_argument("--no-build", action="store_true", help="use existing release binaries")
     ap.add_argument("--json", type=Path, help="also write the summary as JSON to this file")
     args = ap.parse_args()
@@ -352,7 +413,7 @@ def main() -> int:
         signal.signal(sig, compare.on_signal)
     if (os.cpu_count() or 1) < 2:
         raise SystemExit("needs at least 2 CPUs (Redis on CPU 0, the sidecars on CPU 1)")
-    for binary in ("redis-server", "redis-benchmark", "taskset"):
+    for binary in ("redis-server", "redis-benchmark", "taskset", *(["perf"] if args.syscalls else [])):
         which(binary)  # exits with "... not found" (benches/compare.sh installs Redis)
     if not args.no_build:
         if not compare.cargo_build(["build", "--release", "--bin", "rotaproxy",
