@@ -705,6 +705,110 @@ fn subscribe_inside_multi_reads_exactly_as_from_redis() {
     env.assert_no_secret_leaked();
 }
 
+/// Runs `transactions` on `conn`, each followed by `ECHO <marker>`, and returns every frame read
+/// up to each marker's answer (a bulk, or an error while RESP2 subscribed mode refuses ECHO).
+fn frames_of_transactions(conn: &mut RespConn, transactions: &[Vec<Vec<String>>]) -> Vec<Frame> {
+    let mut frames = Vec::new();
+    for (i, transaction) in transactions.iter().enumerate() {
+        let marker = format!("end-of-{i}");
+        conn.send_cmd(&["MULTI"]);
+        for cmd in transaction {
+            conn.send_cmd(cmd);
+        }
+        conn.send_cmd(&["EXEC"]);
+        conn.send_cmd(&["ECHO", &marker]);
+        loop {
+            let frame = conn.try_read_reply().unwrap_or_else(|e| {
+                panic!(
+                    "transaction {i} {transaction:?}: {e}; read so far: {:?}",
+                    &frames[frames.len().saturating_sub(8)..]
+                )
+            });
+            let end = frame == Frame::bulk(&marker)
+                || (frame.is_error() && frame.as_str().is_some_and(|e| e.contains("'echo'")));
+            frames.push(frame);
+            if end {
+                break;
+            }
+            assert!(frames.len() < 10_000, "no end to transaction {i}");
+        }
+    }
+    frames
+}
+
+/// A small fixed-seed generator: the same "random" transactions on every run.
+struct XorShift(u64);
+
+impl XorShift {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+
+    /// Up to `most` names from `prefix0` .. `prefix3`, repeats allowed.
+    fn names(&mut self, prefix: &str, most: u64) -> Vec<String> {
+        (0..self.below(most + 1))
+            .map(|_| format!("{prefix}{}", self.below(4)))
+            .collect()
+    }
+}
+
+#[test]
+fn random_transactions_that_subscribe_read_as_from_redis() {
+    let mut rng = XorShift(0x9e37_79b9_7f4a_7c15);
+    let mut transactions = Vec::new();
+    for _ in 0..40 {
+        let mut transaction = Vec::new();
+        for _ in 0..1 + rng.below(4) {
+            let (name, args) = match rng.below(7) {
+                0 | 1 => ("SUBSCRIBE", {
+                    let mut channels = rng.names("ch", 3);
+                    if channels.is_empty() {
+                        channels.push("ch0".into());
+                    }
+                    channels
+                }),
+                2 => ("UNSUBSCRIBE", rng.names("ch", 2)),
+                3 => ("PSUBSCRIBE", vec![format!("p{}*", rng.below(3))]),
+                4 => (
+                    "PUNSUBSCRIBE",
+                    rng.names("p", 1).iter().map(|p| format!("{p}*")).collect(),
+                ),
+                5 => ("SET", vec![format!("k{}", rng.below(3)), "v".into()]),
+                _ => ("PING", Vec::new()),
+            };
+            let mut cmd = vec![name.to_string()];
+            cmd.extend(args);
+            transaction.push(cmd);
+        }
+        transactions.push(transaction);
+    }
+    let env = Env::start();
+    for protocol in ["2", "3"] {
+        let direct = {
+            let mut conn = env.redis.admin_conn();
+            conn.cmd(&["HELLO", protocol]).assert_not_error();
+            frames_of_transactions(&mut conn, &transactions)
+        };
+        let mut conn = env.conn();
+        conn.cmd(&["HELLO", protocol]).assert_not_error();
+        let proxied = frames_of_transactions(&mut conn, &transactions);
+        assert_eq!(proxied.len(), direct.len(), "RESP{protocol}");
+        for (i, (p, d)) in proxied.iter().zip(&direct).enumerate() {
+            assert_eq!(p, d, "RESP{protocol}, frame {i}");
+        }
+        // The proxy still knows which replies are owed: one it makes itself comes next.
+        conn.cmd(&["AUTH", "any-password"]).assert_ok();
+    }
+    assert!(
+        !env.proxy.log_contains("nobody asked for"),
+        "the proxy lost count of replies"
+    );
+    env.assert_no_secret_leaked();
+}
+
 #[test]
 fn a_subscription_made_inside_multi_survives_a_lost_connection() {
     let env = Env::start();

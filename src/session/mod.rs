@@ -837,7 +837,9 @@ impl Session {
             }
             Kind::Client => self.handle_client(args, frame).await,
             Kind::Multi => {
-                if !self.in_multi {
+                // A RESP2 connection with subscriptions refuses MULTI: what follows runs at once.
+                let refused = self.state.protocol == 2 && self.state.has_subscribed_channels();
+                if !self.in_multi && !refused {
                     self.in_multi = true;
                     self.multi_actions.clear();
                 }

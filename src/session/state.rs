@@ -99,6 +99,12 @@ impl ConnState {
             || self.server_shard_subscriptions > 0
     }
 
+    /// Whether the connection holds a subscription once the server has run every command sent
+    /// so far (the sets change when a (un)subscribe is sent, and change back if it fails).
+    pub fn has_subscribed_channels(&self) -> bool {
+        !self.channels.is_empty() || !self.patterns.is_empty() || !self.shard_channels.is_empty()
+    }
+
     /// Under RESP2 a subscribed connection receives messages as plain arrays, so arrays must be
     /// looked into to tell a message from a reply.
     pub fn resp2_subscribed(&self) -> bool {
