@@ -413,7 +413,8 @@ def main() -> int:
         signal.signal(sig, compare.on_signal)
     if (os.cpu_count() or 1) < 2:
         raise SystemExit("needs at least 2 CPUs (Redis on CPU 0, the sidecars on CPU 1)")
-    for binary in ("redis-server", "redis-benchmark", "taskset", *(["perf"] if args.syscalls else [])):
+    needed = ["redis-server", "redis-benchmark", "taskset"] + (["perf"] if args.syscalls else [])
+    for binary in needed:
         which(binary)  # exits with "... not found" (benches/compare.sh installs Redis)
     if not args.no_build:
         if not compare.cargo_build(["build", "--release", "--bin", "rotaproxy",
