@@ -117,6 +117,7 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
         shutdown: Arc::new(tokio::sync::Notify::new()),
         shutting_down: std::sync::atomic::AtomicBool::new(false),
         client_auth,
+        links: Default::default(),
         request_limits: ScanLimits {
             max_depth: 1,
             max_bulk_len: limits.max_bulk_len.0,

@@ -829,6 +829,156 @@ fn a_subscription_made_inside_multi_survives_a_lost_connection() {
     env.assert_no_secret_leaked();
 }
 
+// ---- client-side caching (CLIENT TRACKING) across lost connections ---------------------------
+
+const INVALIDATION_CHANNEL: &str = "__redis__:invalidate";
+
+/// What a RESP2 subscriber of `__redis__:invalidate` gets for `keys` (None: flush everything,
+/// as Redis sends after FLUSHALL).
+fn invalidation_message(keys: Option<&[&str]>) -> Frame {
+    Frame::Array(vec![
+        Frame::bulk("message"),
+        Frame::bulk(INVALIDATION_CHANNEL),
+        keys.map_or(Frame::Null, Frame::bulks),
+    ])
+}
+
+/// A RESP2 client-side cache as clients build it: `target` subscribes to the invalidation
+/// channel, `tracker` redirects its invalidations there and reads `key`. Returns
+/// (target's id, tracker's id), as `CLIENT ID` gave them.
+fn redirected_tracking(env: &Env, key: &str) -> (RespConn, RespConn, i64, i64) {
+    let mut target = env.conn();
+    target.set_read_timeout(Some(Duration::from_secs(30)));
+    let target_id = target.cmd(&["CLIENT", "ID"]).as_int().expect("CLIENT ID");
+    target.cmd(&["SUBSCRIBE", INVALIDATION_CHANNEL]);
+    let mut tracker = env.conn();
+    let tracker_id = tracker.cmd(&["CLIENT", "ID"]).as_int().expect("CLIENT ID");
+    tracker
+        .cmd(&[
+            "CLIENT",
+            "TRACKING",
+            "ON",
+            "REDIRECT",
+            &target_id.to_string(),
+        ])
+        .assert_ok();
+    tracker.cmd(&["GET", key]).assert_null();
+    // The redirect works before anything moves.
+    env.redis.admin_cmd(&["SET", key, "0"]).assert_ok();
+    assert_eq!(target.read_reply(), invalidation_message(Some(&[key])));
+    (target, tracker, target_id, tracker_id)
+}
+
+/// After a move, the target's client is told to flush, and invalidations reach it again: the
+/// tracker reads `key` (a client does after a flush), a write elsewhere invalidates it.
+fn assert_invalidations_flow_after_a_flush(
+    env: &Env,
+    target: &mut RespConn,
+    tracker: &mut RespConn,
+    key: &str,
+) {
+    assert_eq!(
+        target.read_reply(),
+        invalidation_message(None),
+        "the target's client is told to flush its cache"
+    );
+    tracker.cmd(&["GET", key]).assert_not_error();
+    env.redis.admin_cmd(&["INCR", key]).assert_not_error();
+    assert_eq!(target.read_reply(), invalidation_message(Some(&[key])));
+}
+
+#[test]
+fn a_tracking_redirect_follows_its_target_to_a_new_connection() {
+    let env = Env::start();
+    let (mut target, mut tracker, target_id, _) = redirected_tracking(&env, "trk-a");
+    // The target's connection goes: the session restores its subscription on a fresh one with
+    // another server-side id, and the tracker's redirect must follow it.
+    kill_upstream_connection(&env, &target_id.to_string());
+    assert_invalidations_flow_after_a_flush(&env, &mut target, &mut tracker, "trk-a");
+    // The target keeps the id it was given; a redirect to it reaches its new connection.
+    let mut other = env.conn();
+    other
+        .cmd(&[
+            "CLIENT",
+            "TRACKING",
+            "ON",
+            "REDIRECT",
+            &target_id.to_string(),
+        ])
+        .assert_ok();
+    other.cmd(&["GET", "trk-b"]).assert_null();
+    env.redis.admin_cmd(&["SET", "trk-b", "1"]).assert_ok();
+    assert_eq!(target.read_reply(), invalidation_message(Some(&["trk-b"])));
+    env.assert_no_secret_leaked();
+}
+
+#[test]
+fn a_tracking_client_that_moved_redirects_to_its_target_again() {
+    let env = Env::start();
+    let (mut target, mut tracker, target_id, tracker_id) = redirected_tracking(&env, "trk-c");
+    // The tracker's new connection starts with an empty tracking table, so the target's client
+    // must flush what it cached through the old one.
+    kill_upstream_connection(&env, &tracker_id.to_string());
+    assert_invalidations_flow_after_a_flush(&env, &mut target, &mut tracker, "trk-c");
+    tracker.cmd(&["CLIENT", "ID"]).assert_int(tracker_id);
+    // Both move, the target first: the tracker's replay must point at the target's connection
+    // of now, not at the id the client gave.
+    kill_upstream_connection(&env, &target_id.to_string());
+    assert_invalidations_flow_after_a_flush(&env, &mut target, &mut tracker, "trk-c");
+    let tracker_upstream = env
+        .redis
+        .client_list()
+        .into_iter()
+        .find(|c| c.get("cmd").map(String::as_str) == Some("get"))
+        .and_then(|c| c.get("id").cloned())
+        .expect("the tracker's connection");
+    kill_upstream_connection(&env, &tracker_upstream);
+    assert_invalidations_flow_after_a_flush(&env, &mut target, &mut tracker, "trk-c");
+    env.assert_no_secret_leaked();
+}
+
+#[test]
+fn resp3_tracking_flushes_the_client_cache_after_a_lost_connection() {
+    let env = Env::start();
+    let mut c = env.conn();
+    c.set_read_timeout(Some(Duration::from_secs(30)));
+    c.cmd(&["HELLO", "3"]).assert_not_error();
+    let id = c.cmd(&["CLIENT", "ID"]).as_int().expect("CLIENT ID");
+    c.cmd(&["CLIENT", "TRACKING", "ON"]).assert_ok();
+    c.cmd(&["GET", "trk-d"]).assert_null();
+    kill_upstream_connection(&env, &id.to_string());
+    let flush = Frame::Push(vec![Frame::bulk("invalidate"), Frame::Null]);
+    assert_eq!(c.read_reply(), flush, "the cache is flushed");
+    // Tracking is on again on the new connection.
+    c.cmd(&["GET", "trk-d"]).assert_null();
+    env.redis.admin_cmd(&["SET", "trk-d", "1"]).assert_ok();
+    assert_eq!(
+        c.read_reply(),
+        Frame::Push(vec![Frame::bulk("invalidate"), Frame::bulks(&["trk-d"])])
+    );
+    c.cmd(&["CLIENT", "ID"]).assert_int(id);
+    env.assert_no_secret_leaked();
+}
+
+#[test]
+fn client_unblock_reaches_a_session_that_moved() {
+    let env = Env::start();
+    let mut blocked = env.conn();
+    blocked.set_read_timeout(Some(Duration::from_secs(30)));
+    let id = blocked.cmd(&["CLIENT", "ID"]).as_int().expect("CLIENT ID");
+    kill_upstream_connection(&env, &id.to_string());
+    blocked.send_cmd(&["BLPOP", "unblock-list", "0"]);
+    let mut other = env.conn();
+    // The session now blocks on a connection with another server-side id; the id it was given
+    // still reaches it.
+    assert_eventually(Duration::from_secs(20), "CLIENT UNBLOCK found it", || {
+        other.cmd(&["CLIENT", "UNBLOCK", &id.to_string()]) == Frame::Integer(1)
+    });
+    blocked.read_reply().assert_null();
+    blocked.cmd(&["CLIENT", "ID"]).assert_int(id);
+    env.assert_no_secret_leaked();
+}
+
 #[test]
 fn a_client_that_does_not_read_is_held_back_not_buffered() {
     let env = Env::start();
@@ -1030,10 +1180,6 @@ fn raw_reply(stream: &mut TcpStream) -> Vec<u8> {
 /// Kills the upstream connection the proxy uses for the client whose last command was `cmd`,
 /// and waits until the proxy has noticed.
 fn kill_upstream_connection_of(env: &Env, cmd: &str) {
-    let before = env
-        .proxy
-        .metric("rotaproxy_upstream_reconnects_total")
-        .unwrap_or(0.0);
     let id = env
         .redis
         .client_list()
@@ -1041,8 +1187,17 @@ fn kill_upstream_connection_of(env: &Env, cmd: &str) {
         .find(|c| c.get("cmd").map(String::as_str) == Some(cmd))
         .and_then(|c| c.get("id").cloned())
         .unwrap_or_else(|| panic!("no upstream connection ran {cmd}"));
+    kill_upstream_connection(env, &id);
+}
+
+/// Kills the upstream connection with server-side id `id`; returns once the proxy noticed.
+fn kill_upstream_connection(env: &Env, id: &str) {
+    let before = env
+        .proxy
+        .metric("rotaproxy_upstream_reconnects_total")
+        .unwrap_or(0.0);
     env.redis
-        .admin_cmd(&["CLIENT", "KILL", "ID", &id])
+        .admin_cmd(&["CLIENT", "KILL", "ID", id])
         .assert_int(1);
     assert_eventually(
         Duration::from_secs(10),

@@ -106,6 +106,53 @@ fn multi_password_rotation_moves_every_kind_of_session() {
 }
 
 #[test]
+fn client_side_caching_with_a_redirect_keeps_working_across_rotations() {
+    // The RESP2 way of client-side caching: one connection subscribes to the invalidation
+    // channel, the others redirect their invalidations to it. A rotation swaps the subscribed
+    // connection (it cannot re-authenticate in place) and re-authenticates the tracker in place.
+    let mut env = RotEnv::alternating("");
+    let addr = env.proxy().client_addr();
+    let channel = "__redis__:invalidate";
+    let invalidation = |keys: Option<&[&str]>| {
+        Frame::Array(vec![
+            Frame::bulk("message"),
+            Frame::bulk(channel),
+            keys.map_or(Frame::Null, Frame::bulks),
+        ])
+    };
+    let mut target = RespConn::connect(addr);
+    target.set_read_timeout(Some(Duration::from_secs(30)));
+    let target_id = target.cmd(&["CLIENT", "ID"]).as_int().expect("CLIENT ID");
+    target.cmd(&["SUBSCRIBE", channel]).assert_not_error();
+    let mut tracker = RespConn::connect(addr);
+    tracker
+        .cmd(&[
+            "CLIENT",
+            "TRACKING",
+            "ON",
+            "REDIRECT",
+            &target_id.to_string(),
+        ])
+        .assert_ok();
+    for round in 0..2 {
+        tracker.cmd(&["GET", "cached"]).assert_not_error();
+        env.rotate(false);
+        // Invalidations sent while the redirect pointed at the old connection are lost, so the
+        // target's client is told to drop everything; after that, they arrive again.
+        assert_eq!(target.read_reply(), invalidation(None), "round {round}");
+        tracker.cmd(&["GET", "cached"]).assert_not_error();
+        env.redis.admin_cmd(&["INCR", "cached"]).assert_not_error();
+        assert_eq!(
+            target.read_reply(),
+            invalidation(Some(&["cached"])),
+            "round {round}"
+        );
+    }
+    tracker.cmd(&["ACL", "WHOAMI"]).assert_bulk("app-a");
+    env.assert_nothing_leaked();
+}
+
+#[test]
 fn alternating_users_take_turns_and_the_previous_is_scrambled() {
     let mut env = RotEnv::alternating("");
     let first = env.secrets[0].clone();

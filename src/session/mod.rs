@@ -19,6 +19,7 @@
 
 pub mod client_auth;
 mod drain;
+pub mod links;
 pub mod replies;
 pub mod state;
 
@@ -92,6 +93,8 @@ pub struct SessionContext {
     pub shutdown: Arc<tokio::sync::Notify>,
     pub shutting_down: std::sync::atomic::AtomicBool,
     pub client_auth: ClientAuth,
+    /// Sessions' public client ids, for tracking redirects and ids given as arguments.
+    pub links: links::ClientLinks,
     pub request_limits: ScanLimits,
     /// Most bytes of one command the proxy holds while it must read the command whole.
     pub max_buffered: usize,
@@ -100,12 +103,14 @@ pub struct SessionContext {
 
 impl SessionContext {
     /// Changes whenever a session must look at its signals (a generation change, a drain
-    /// deadline, shutdown); read before polling them, so a change made meanwhile is not missed.
+    /// deadline, shutdown, a client link event); read before polling them, so a change made
+    /// meanwhile is not missed. Both counters only grow, so their sum changes with either.
     fn signal_epoch(&self) -> u64 {
         let shutting_down = self
             .shutting_down
             .load(std::sync::atomic::Ordering::Acquire);
-        (self.generations.changes() << 1) | u64::from(shutting_down)
+        let changes = self.generations.changes().wrapping_add(self.links.events());
+        (changes << 1) | u64::from(shutting_down)
     }
 
     /// Tells every session to stop reading requests and close once its replies are delivered.
@@ -174,6 +179,8 @@ enum Event {
     TurnEnded,
     /// The session is closing and everything owed to the client has been delivered.
     Finished,
+    /// A session moved or asked for a cache flush (see `links`).
+    LinksChanged,
 }
 
 pub struct Session {
@@ -256,6 +263,19 @@ pub struct Session {
     unblocking: bool,
     /// A blocking command to send again, with its remaining timeout, once the session moved.
     reissue: Option<Vec<u8>>,
+    /// This session's public client id, from its first upstream connection (see `links`).
+    own_link: Option<Arc<links::ClientLink>>,
+    /// Whether the session's first upstream connection was installed (and so `own_link` set,
+    /// when the server told the id and it was free).
+    public_id_decided: bool,
+    /// The session of this proxy that this session's tracking redirects invalidations to.
+    redirect: Option<links::Redirect>,
+    /// Link work is waiting (a re-point or a flush the session could not do at once).
+    links_pending: bool,
+    /// The client must be told to flush its cache, as soon as a push can go in.
+    flush_pending: bool,
+    /// Completes at the next client link event.
+    links_changed: Pin<Box<tokio::sync::futures::OwnedNotified>>,
 }
 
 impl Session {
@@ -264,6 +284,7 @@ impl Session {
         let request_scanner = Scanner::new(Direction::Request, ctx.request_limits);
         let generation_changed = Box::pin(ctx.generations.changed());
         let shutdown = Box::pin(ctx.shutdown.clone().notified_owned());
+        let links_changed = Box::pin(ctx.links.changed());
         // A session accepted just as shutdown began finishes at once.
         let closing = ctx.shutting_down.load(std::sync::atomic::Ordering::Acquire);
         Self {
@@ -310,6 +331,12 @@ impl Session {
             blocked: None,
             unblocking: false,
             reissue: None,
+            own_link: None,
+            public_id_decided: false,
+            redirect: None,
+            links_pending: false,
+            flush_pending: false,
+            links_changed,
         }
     }
 
@@ -348,6 +375,7 @@ impl Session {
                 // before the session runs again, so the others are served within a turn.
                 Event::TurnEnded => tokio::task::yield_now().await,
                 Event::GenerationChanged => {}
+                Event::LinksChanged => self.on_links_changed(),
                 Event::MoveTimer => self.on_move_timer(),
                 Event::OldUpstreamRead(n) => self.on_old_upstream_input(n),
             }
@@ -357,6 +385,9 @@ impl Session {
             if self.resume_input {
                 self.resume_input = false;
                 self.on_client_input().await;
+            }
+            if self.links_pending {
+                self.do_link_work();
             }
         }
         self.finish();
@@ -394,7 +425,7 @@ impl Session {
                 _ => return Poll::Ready(event),
             }
             // What `run` does after every event, were there anything to do.
-            if self.resume_input || self.move_wanted() {
+            if self.resume_input || self.links_pending || self.move_wanted() {
                 return Poll::Ready(Event::InputHandled);
             }
         }
@@ -482,6 +513,10 @@ impl Session {
         if self.generation_changed.as_mut().poll(cx).is_ready() {
             self.generation_changed = Box::pin(self.ctx.generations.changed());
             return Poll::Ready(Event::GenerationChanged);
+        }
+        if self.links_changed.as_mut().poll(cx).is_ready() {
+            self.links_changed = Box::pin(self.ctx.links.changed());
+            return Poll::Ready(Event::LinksChanged);
         }
         self.signals_polled = Some((epoch, cx.waker().clone()));
         Poll::Pending
@@ -1031,12 +1066,53 @@ impl Session {
         } else if command::is(sub, "NO-TOUCH") {
             Action::NoTouch(on(2))
         } else if command::is(sub, "TRACKING") {
-            Action::Tracking(on(2).then(|| {
+            let tracking: Option<Vec<Bytes>> = on(2).then(|| {
                 args[2..]
                     .iter()
                     .map(|a| Bytes::copy_from_slice(a))
                     .collect()
-            }))
+            });
+            // A redirect to one of this proxy's sessions goes to that session's connection now.
+            let target = tracking
+                .as_deref()
+                .and_then(links::redirect_target)
+                .and_then(|public| self.ctx.links.lookup(public));
+            if let (Some(target), Some(args)) = (target, &tracking) {
+                let sent = target.upstream_id();
+                let rewritten = (sent != target.public_id()).then(|| {
+                    let mut full = vec![Bytes::from_static(b"CLIENT"), Bytes::copy_from_slice(sub)];
+                    full.extend(links::with_redirect(args, sent));
+                    command::encode(&full)
+                });
+                let expect = self.tracked(Action::Tracking {
+                    args: tracking,
+                    sent_redirect: Some(sent),
+                });
+                return self
+                    .forward(rewritten.as_deref().unwrap_or(frame), expect)
+                    .await;
+            }
+            Action::Tracking {
+                args: tracking,
+                sent_redirect: None,
+            }
+        } else if command::is(sub, "ID")
+            && args.len() == 2
+            && !self.in_multi
+            && !(self.state.protocol == 2 && self.state.has_subscribed_channels())
+        {
+            // The session's public id, which stays when it moves. (Inside MULTI the command is
+            // queued and answered in the EXEC reply; a subscribed RESP2 connection refuses it.)
+            if let Err(reply) = self.upstream_for_command().await {
+                return self.reply_local(reply);
+            }
+            if let Some(link) = &self.own_link {
+                let id = Bytes::from(format!(":{}\r\n", link.public_id()));
+                return self.reply_local(id);
+            }
+            Action::None
+        } else if let Some(translated) = self.translate_client_ids(args) {
+            return self.forward(&translated, Expect::Relay(1)).await;
         } else if command::is(sub, "REPLY") && args.len() == 3 && !self.state.resp2_subscribed() {
             return self.handle_client_reply(args[2], frame).await;
         } else if command::is(sub, "MAINT_NOTIFICATIONS") {
@@ -1196,9 +1272,18 @@ impl Session {
         // The new connection has no subscriptions until the replay is confirmed.
         self.state.server_subscriptions = 0;
         self.state.server_shard_subscriptions = 0;
-        for (cmd, replies, what) in self.state.replay_commands() {
+        self.note_new_connection(up.conn.client_id);
+        let redirect_to = self.redirect.as_mut().map(links::Redirect::point_at_target);
+        for (cmd, replies, what) in self.state.replay_commands(redirect_to) {
             up.out.extend_from_slice(&cmd);
-            if what.ends_with("SUBSCRIBE") {
+            if let (Some(id), state::TRACKING_REPLAY) = (redirect_to, what) {
+                // Once it is on, the target's client learns its cache may hold stale entries.
+                self.replies.push(Expect::Tracked {
+                    action: Action::RedirectPointed(id),
+                    relay: false,
+                    blocking: false,
+                });
+            } else if what.ends_with("SUBSCRIBE") {
                 self.replies.push(Expect::Confirmations {
                     remaining: replies,
                     relay: false,
@@ -1506,6 +1591,7 @@ impl Session {
             // An array (not a null: an aborted transaction) means EXEC ran the commands.
             if frame.first == b'*' && !frame.null_array {
                 let tail = self.state.apply_exec(actions);
+                self.sync_redirect(None);
                 if tail > 0 {
                     self.replies.push_next(Expect::ExecTail {
                         remaining: tail,
@@ -1532,8 +1618,25 @@ impl Session {
                 }
             }
             Action::Reauth => self.on_reauth_answered(ok),
+            Action::RedirectPointed(id) => self.on_redirect_pointed(id, ok),
+            Action::Tracking {
+                args,
+                sent_redirect,
+            } => {
+                self.state.apply(
+                    Action::Tracking {
+                        args,
+                        sent_redirect: None,
+                    },
+                    ok,
+                );
+                if ok {
+                    self.sync_redirect(sent_redirect);
+                }
+            }
             Action::Reset => {
                 self.state.apply(Action::Reset, ok);
+                self.sync_redirect(None);
                 self.barrier = false;
                 self.resume_input = true;
                 if ok {
@@ -1542,7 +1645,11 @@ impl Session {
                     self.reauthenticate();
                 }
             }
-            other => self.state.apply(other, ok),
+            other => {
+                self.state.apply(other, ok);
+                // RESET and EXEC may have changed the tracking.
+                self.sync_redirect(None);
+            }
         }
     }
 
@@ -1579,6 +1686,9 @@ impl Session {
     /// The session is over: a connection in the default state, with nothing in flight, serves the
     /// next client; any other is closed.
     fn finish(&mut self) {
+        if let Some(link) = self.own_link.take() {
+            self.ctx.links.unregister(&link);
+        }
         let Some(up) = self.upstream.take() else {
             return;
         };

@@ -14,6 +14,9 @@ use bytes::Bytes;
 use crate::resp::command;
 use crate::resp::reply::SubClass;
 
+/// What the replayed `CLIENT TRACKING` is called in `ConnState::replay_commands`.
+pub const TRACKING_REPLAY: &str = "CLIENT TRACKING";
+
 /// A change that takes effect when the server accepts the command that carries it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -28,8 +31,16 @@ pub enum Action {
     NoEvict(bool),
     NoTouch(bool),
     Readonly(bool),
-    /// `CLIENT TRACKING` arguments after the subcommand (`ON ...`), or None for `OFF`.
-    Tracking(Option<Vec<Bytes>>),
+    /// `CLIENT TRACKING` arguments after the subcommand (`ON ...`) as the client gave them, or
+    /// None for `OFF`. `sent_redirect` is the server-side id the proxy put in place of a
+    /// REDIRECT to one of its own sessions (see `links`).
+    Tracking {
+        args: Option<Vec<Bytes>>,
+        sent_redirect: Option<i64>,
+    },
+    /// A `CLIENT TRACKING ON` the proxy sent to point the redirect at the target session's
+    /// connection with this server-side id (a replay, or the target moved).
+    RedirectPointed(i64),
     Monitor,
     /// The client's own RESET: the upstream connection falls back to the default user.
     Reset,
@@ -131,7 +142,7 @@ impl ConnState {
             return;
         }
         match action {
-            Action::None | Action::Injected(_) | Action::Reauth => {}
+            Action::None | Action::Injected(_) | Action::Reauth | Action::RedirectPointed(_) => {}
             Action::SelectDb(db) => self.db = db,
             Action::SetName(name) => self.name = name,
             Action::SetInfo(attr, value) => {
@@ -155,7 +166,7 @@ impl ConnState {
             Action::NoEvict(on) => self.no_evict = on,
             Action::NoTouch(on) => self.no_touch = on,
             Action::Readonly(on) => self.readonly = on,
-            Action::Tracking(args) => self.tracking = args,
+            Action::Tracking { args, .. } => self.tracking = args,
             Action::Monitor => self.monitor = true,
             Action::Reset => *self = ConnState::new(),
             Action::Exec(actions) => {
@@ -209,8 +220,9 @@ impl ConnState {
 
     /// Commands that recreate this state on a fresh, authenticated RESP2 connection, each with the
     /// number of replies it produces. HELLO goes first so every later reply is in the session's
-    /// protocol.
-    pub fn replay_commands(&self) -> Vec<(Vec<u8>, u64, &'static str)> {
+    /// protocol. `redirect_to` replaces the value of a tracking REDIRECT (the target session's
+    /// current server-side id).
+    pub fn replay_commands(&self, redirect_to: Option<i64>) -> Vec<(Vec<u8>, u64, &'static str)> {
         let mut cmds = Vec::new();
         if self.protocol == 3 {
             cmds.push((command::encode(&[&b"HELLO"[..], b"3"]), 1, "HELLO 3"));
@@ -251,9 +263,13 @@ impl ConnState {
             cmds.push((command::encode(&[&b"READONLY"[..]]), 1, "READONLY"));
         }
         if let Some(args) = &self.tracking {
+            let args = match redirect_to {
+                Some(id) => super::links::with_redirect(args, id),
+                None => args.clone(),
+            };
             let mut full: Vec<&[u8]> = vec![b"CLIENT", b"TRACKING"];
             full.extend(args.iter().map(|a| a.as_ref()));
-            cmds.push((command::encode(&full), 1, "CLIENT TRACKING"));
+            cmds.push((command::encode(&full), 1, TRACKING_REPLAY));
         }
         for (name, set) in [
             ("SUBSCRIBE", &self.channels),
@@ -299,7 +315,7 @@ mod tests {
         s.apply(Action::SelectDb(2), true);
         s.channels.insert(Bytes::from_static(b"a"));
         s.channels.insert(Bytes::from_static(b"b"));
-        let cmds = s.replay_commands();
+        let cmds = s.replay_commands(None);
         assert_eq!(cmds[0].2, "HELLO 3");
         assert_eq!(cmds[1].2, "SELECT");
         assert_eq!(cmds[2].1, 2);
