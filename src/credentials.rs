@@ -226,6 +226,14 @@ impl Generations {
         self.changed.notify_waiters();
     }
 
+    /// Wakes every session to look at its signals without a new generation: a session another
+    /// one redirects to moved, or asked for a cache flush (`session::links`). Rare, and a
+    /// session woken for nothing only finds it has nothing to do, so sessions need no second
+    /// signal to check on every event.
+    pub fn wake_sessions(&self) {
+        self.notify_changed();
+    }
+
     /// Publishes a new generation: connections opened from now on use it, and every session is
     /// told to move at its next safe point.
     pub fn publish(&self, generation: Generation) -> Arc<Generation> {

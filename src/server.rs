@@ -17,6 +17,7 @@ use crate::net::Stream;
 use crate::resp::scanner::ScanLimits;
 use crate::rotation::{RotationHandle, RotationParts};
 use crate::session::client_auth::ClientAuth;
+use crate::session::links::ClientLinks;
 use crate::session::{Session, SessionContext};
 use crate::upstream::pool::Pool;
 
@@ -117,7 +118,7 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
         shutdown: Arc::new(tokio::sync::Notify::new()),
         shutting_down: std::sync::atomic::AtomicBool::new(false),
         client_auth,
-        links: Default::default(),
+        links: ClientLinks::new(generations.clone()),
         request_limits: ScanLimits {
             max_depth: 1,
             max_bulk_len: limits.max_bulk_len.0,

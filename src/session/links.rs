@@ -18,27 +18,25 @@
 //!   moves, because its new connection starts with an empty tracking table.
 //!
 //! Everything here is off the hot path: the registry is touched when a session gets or changes
-//! its upstream connection, and sessions look at it only when signalled.
+//! its upstream connection, and sessions look at it only when woken through `Generations`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use tokio::sync::Notify;
 
 use super::Session;
 use super::replies::Expect;
 use super::state::Action;
+use crate::credentials::Generations;
 use crate::resp::command;
 
 /// The public ids of this proxy's sessions.
-#[derive(Default)]
 pub struct ClientLinks {
     by_public_id: Mutex<HashMap<i64, Arc<ClientLink>>>,
-    /// Bumped on every move of a registered session and every flush request.
-    events: AtomicU64,
-    changed: Arc<Notify>,
+    /// Wakes the sessions when a tracked session moves or a flush is asked for.
+    generations: Arc<Generations>,
 }
 
 /// One session's public id and where it is now.
@@ -70,6 +68,13 @@ impl ClientLink {
 }
 
 impl ClientLinks {
+    pub fn new(generations: Arc<Generations>) -> Self {
+        Self {
+            by_public_id: Mutex::default(),
+            generations,
+        }
+    }
+
     /// Registers a session whose first upstream connection has server-side id `upstream_id`.
     /// None if a live session already holds that public id (ids start again when the server
     /// restarts): that session keeps it, and this one has no public id (its ids are passed
@@ -103,29 +108,14 @@ impl ClientLinks {
     pub fn moved(&self, link: &ClientLink, upstream_id: i64) {
         let before = link.upstream_id.swap(upstream_id, Ordering::AcqRel);
         if before != upstream_id && link.trackers.load(Ordering::Acquire) > 0 {
-            self.signal();
+            self.generations.wake_sessions();
         }
     }
 
     /// Asks the session behind `link` to tell its client to flush its cache.
     pub fn request_flush(&self, link: &ClientLink) {
         link.flush_wanted.store(true, Ordering::Release);
-        self.signal();
-    }
-
-    /// Changes whenever a session may have something to do here.
-    pub fn events(&self) -> u64 {
-        self.events.load(Ordering::Acquire)
-    }
-
-    /// Completes at the next event.
-    pub fn changed(&self) -> tokio::sync::futures::OwnedNotified {
-        self.changed.clone().notified_owned()
-    }
-
-    fn signal(&self) {
-        self.events.fetch_add(1, Ordering::AcqRel);
-        self.changed.notify_waiters();
+        self.generations.wake_sessions();
     }
 
     /// The server-side id for an id a client gave: the current one of the session holding it
@@ -201,7 +191,7 @@ impl Session {
         });
     }
 
-    /// Another session moved or asked this one for a flush.
+    /// The session was woken: another session may have moved or asked this one for a flush.
     pub(super) fn on_links_changed(&mut self) {
         if self
             .own_link
@@ -425,7 +415,19 @@ mod tests {
 
     #[test]
     fn a_moved_session_is_found_by_its_first_id() {
-        let links = ClientLinks::default();
+        let generations = Arc::new(Generations::new(crate::credentials::Generation::new(
+            1,
+            crate::credentials::Endpoint {
+                host: "127.0.0.1".into(),
+                port: 6379,
+                tls: None,
+            },
+            crate::credentials::Credential {
+                username: None,
+                password: None,
+            },
+        )));
+        let links = ClientLinks::new(generations.clone());
         let link = links.register(10).expect("free id");
         assert!(links.register(10).is_none(), "a public id is held once");
         assert_eq!(
@@ -433,17 +435,17 @@ mod tests {
             None,
             "unmoved: the id is right as it is"
         );
-        let before = links.events();
+        let before = generations.changes();
         links.moved(&link, 20);
         assert_eq!(
-            links.events(),
+            generations.changes(),
             before,
             "nobody redirects here: nobody is woken"
         );
         let tracker = Redirect::new(link.clone(), 20);
         links.moved(&link, 25);
         assert!(
-            links.events() > before,
+            generations.changes() > before,
             "a tracker's target moved: signalled"
         );
         drop(tracker);

@@ -103,14 +103,13 @@ pub struct SessionContext {
 
 impl SessionContext {
     /// Changes whenever a session must look at its signals (a generation change, a drain
-    /// deadline, shutdown, a client link event); read before polling them, so a change made
-    /// meanwhile is not missed. Both counters only grow, so their sum changes with either.
+    /// deadline, a client link event, shutdown); read before polling them, so a change made
+    /// meanwhile is not missed.
     fn signal_epoch(&self) -> u64 {
         let shutting_down = self
             .shutting_down
             .load(std::sync::atomic::Ordering::Acquire);
-        let changes = self.generations.changes().wrapping_add(self.links.events());
-        (changes << 1) | u64::from(shutting_down)
+        (self.generations.changes() << 1) | u64::from(shutting_down)
     }
 
     /// Tells every session to stop reading requests and close once its replies are delivered.
@@ -157,7 +156,8 @@ struct Upstream {
 }
 
 enum Event {
-    /// A new generation was published (or a drain deadline set): time to move.
+    /// A new generation was published (or a drain deadline set): time to move. Also the wake-up
+    /// for client link events (`links`).
     GenerationChanged,
     /// The pause that creates a safe point, or the wait for a drain deadline, is over.
     MoveTimer,
@@ -179,8 +179,6 @@ enum Event {
     TurnEnded,
     /// The session is closing and everything owed to the client has been delivered.
     Finished,
-    /// A session moved or asked for a cache flush (see `links`).
-    LinksChanged,
 }
 
 pub struct Session {
@@ -274,8 +272,6 @@ pub struct Session {
     links_pending: bool,
     /// The client must be told to flush its cache, as soon as a push can go in.
     flush_pending: bool,
-    /// Completes at the next client link event.
-    links_changed: Pin<Box<tokio::sync::futures::OwnedNotified>>,
 }
 
 impl Session {
@@ -284,7 +280,6 @@ impl Session {
         let request_scanner = Scanner::new(Direction::Request, ctx.request_limits);
         let generation_changed = Box::pin(ctx.generations.changed());
         let shutdown = Box::pin(ctx.shutdown.clone().notified_owned());
-        let links_changed = Box::pin(ctx.links.changed());
         // A session accepted just as shutdown began finishes at once.
         let closing = ctx.shutting_down.load(std::sync::atomic::Ordering::Acquire);
         Self {
@@ -336,7 +331,6 @@ impl Session {
             redirect: None,
             links_pending: false,
             flush_pending: false,
-            links_changed,
         }
     }
 
@@ -374,8 +368,7 @@ impl Session {
                 // `yield_now` (unlike a plain self-wake) lets the runtime look for I/O events
                 // before the session runs again, so the others are served within a turn.
                 Event::TurnEnded => tokio::task::yield_now().await,
-                Event::GenerationChanged => {}
-                Event::LinksChanged => self.on_links_changed(),
+                Event::GenerationChanged => self.on_links_changed(),
                 Event::MoveTimer => self.on_move_timer(),
                 Event::OldUpstreamRead(n) => self.on_old_upstream_input(n),
             }
@@ -513,10 +506,6 @@ impl Session {
         if self.generation_changed.as_mut().poll(cx).is_ready() {
             self.generation_changed = Box::pin(self.ctx.generations.changed());
             return Poll::Ready(Event::GenerationChanged);
-        }
-        if self.links_changed.as_mut().poll(cx).is_ready() {
-            self.links_changed = Box::pin(self.ctx.links.changed());
-            return Poll::Ready(Event::LinksChanged);
         }
         self.signals_polled = Some((epoch, cx.waker().clone()));
         Poll::Pending
