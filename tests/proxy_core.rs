@@ -938,6 +938,101 @@ fn a_tracking_client_that_moved_redirects_to_its_target_again() {
 }
 
 #[test]
+fn a_broadcast_redirect_keeps_its_prefixes_when_it_follows_its_target() {
+    let env = Env::start();
+    let mut target = env.conn();
+    target.set_read_timeout(Some(Duration::from_secs(30)));
+    let target_id = target.cmd(&["CLIENT", "ID"]).as_int().expect("CLIENT ID");
+    target.cmd(&["SUBSCRIBE", INVALIDATION_CHANNEL]);
+    let mut tracker = env.conn();
+    let on = [
+        "CLIENT", "TRACKING", "ON", "BCAST", "PREFIX", "bc:", "REDIRECT",
+    ];
+    let mut on = on.map(String::from).to_vec();
+    on.push(target_id.to_string());
+    tracker.cmd(&on).assert_ok();
+    kill_upstream_connection(&env, &target_id.to_string());
+    assert_eq!(target.read_reply(), invalidation_message(None));
+    // Still broadcast for the prefix only: a key outside it says nothing.
+    env.redis.admin_cmd(&["SET", "other", "1"]).assert_ok();
+    env.redis.admin_cmd(&["SET", "bc:1", "1"]).assert_ok();
+    assert_eq!(target.read_reply(), invalidation_message(Some(&["bc:1"])));
+    env.assert_no_secret_leaked();
+}
+
+#[test]
+fn a_redirect_targets_connection_serves_nobody_else() {
+    let env = Env::start();
+    let mut target = env.conn();
+    let target_id = target.cmd(&["CLIENT", "ID"]).as_int().expect("CLIENT ID");
+    let mut tracker = env.conn();
+    tracker
+        .cmd(&[
+            "CLIENT",
+            "TRACKING",
+            "ON",
+            "REDIRECT",
+            &target_id.to_string(),
+        ])
+        .assert_ok();
+    // The target leaves with its connection in a clean state, which would otherwise go back to
+    // the pool, and the tracker's invalidations with it, to whoever took it next.
+    drop(target);
+    let id = target_id.to_string();
+    assert_eventually(Duration::from_secs(20), "the connection closed", || {
+        !env.redis
+            .client_list()
+            .iter()
+            .any(|c| c.get("id") == Some(&id))
+    });
+    env.assert_no_secret_leaked();
+}
+
+#[test]
+fn client_kill_id_disconnects_a_client_of_the_proxy() {
+    let env = Env::start();
+    let mut victim = env.conn();
+    victim.set_read_timeout(Some(Duration::from_secs(30)));
+    let victim_id = victim.cmd(&["CLIENT", "ID"]).as_int().expect("CLIENT ID");
+    // It moved once (its id stays), and waits in a blocking command when it is killed.
+    kill_upstream_connection(&env, &victim_id.to_string());
+    victim.send_cmd(&["BLPOP", "kill-list", "0"]);
+    let mut killer = env.conn();
+    let killer_id = killer.cmd(&["CLIENT", "ID"]).as_int().expect("CLIENT ID");
+    assert_eventually(Duration::from_secs(20), "the BLPOP waits", || {
+        env.redis
+            .client_list()
+            .iter()
+            .any(|c| c.get("cmd").map(String::as_str) == Some("blpop"))
+    });
+    killer
+        .cmd(&["CLIENT", "KILL", "ID", &victim_id.to_string()])
+        .assert_int(1);
+    let err = victim
+        .try_read_reply()
+        .expect_err("the killed client is disconnected");
+    assert!(
+        matches!(
+            err.kind(),
+            std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+        ),
+        "{err}"
+    );
+    // As on Redis, SKIPME is yes by default: a client does not kill itself.
+    killer
+        .cmd(&["CLIENT", "KILL", "ID", &killer_id.to_string()])
+        .assert_int(0);
+    killer.cmd(&["PING"]).assert_simple("PONG");
+    assert_eventually(Duration::from_secs(20), "the BLPOP is gone", || {
+        !env.redis
+            .client_list()
+            .iter()
+            .any(|c| c.get("cmd").map(String::as_str) == Some("blpop"))
+    });
+    env.assert_no_secret_leaked();
+}
+
+#[test]
 fn resp3_tracking_flushes_the_client_cache_after_a_lost_connection() {
     let env = Env::start();
     let mut c = env.conn();

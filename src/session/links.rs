@@ -15,7 +15,9 @@
 //! - the invalidations Redis dropped meanwhile (it drops them while the redirect target does not
 //!   exist) cannot be recovered, so the target's client is told to flush its whole cache, the
 //!   message Redis itself sends after `FLUSHALL`. The same happens when the tracking session
-//!   moves, because its new connection starts with an empty tracking table.
+//!   moves, because its new connection starts with an empty tracking table;
+//! - `CLIENT KILL ID <id>` of a session of this proxy disconnects that session's client, as Redis
+//!   would (closing only its upstream connection would be healed by the session at once).
 //!
 //! Everything here is off the hot path: the registry is touched when a session gets or changes
 //! its upstream connection, and sessions look at it only when woken through `Generations`.
@@ -49,6 +51,8 @@ pub struct ClientLink {
     flush_wanted: AtomicBool,
     /// Sessions whose tracking redirects here: only their targets' moves wake the sessions.
     trackers: AtomicUsize,
+    /// Another client ran `CLIENT KILL ID` with this public id.
+    kill_requested: AtomicBool,
 }
 
 impl ClientLink {
@@ -59,6 +63,16 @@ impl ClientLink {
     /// The server-side id of the session's connection now.
     pub fn upstream_id(&self) -> i64 {
         self.upstream_id.load(Ordering::Acquire)
+    }
+
+    /// Whether another client asked for this session's client to be disconnected.
+    pub fn kill_requested(&self) -> bool {
+        self.kill_requested.load(Ordering::Acquire)
+    }
+
+    /// Whether another session's tracking redirects here.
+    pub fn is_redirect_target(&self) -> bool {
+        self.trackers.load(Ordering::Acquire) > 0
     }
 
     /// Whether a flush was requested since the last call.
@@ -89,6 +103,7 @@ impl ClientLinks {
             upstream_id: AtomicI64::new(upstream_id),
             flush_wanted: AtomicBool::new(false),
             trackers: AtomicUsize::new(0),
+            kill_requested: AtomicBool::new(false),
         });
         map.insert(upstream_id, link.clone());
         Some(link)
@@ -110,6 +125,12 @@ impl ClientLinks {
         if before != upstream_id && link.trackers.load(Ordering::Acquire) > 0 {
             self.generations.wake_sessions();
         }
+    }
+
+    /// Asks the session behind `link` to disconnect its client.
+    pub fn request_kill(&self, link: &ClientLink) {
+        link.kill_requested.store(true, Ordering::Release);
+        self.generations.wake_sessions();
     }
 
     /// Asks the session behind `link` to tell its client to flush its cache.
@@ -193,12 +214,9 @@ impl Session {
 
     /// The session was woken: another session may have moved or asked this one for a flush.
     pub(super) fn on_links_changed(&mut self) {
-        if self
-            .own_link
-            .as_ref()
-            .is_some_and(|link| link.take_flush_request())
-        {
-            self.flush_pending = true;
+        if let Some(link) = &self.own_link {
+            self.flush_pending |= link.take_flush_request();
+            self.killed = link.kill_requested();
         }
         self.links_pending = true;
     }
@@ -236,10 +254,15 @@ impl Session {
         };
         self.flush_forward();
         let up = self.upstream.as_mut().expect("checked above");
-        // OFF first: ON again with the same prefixes would be refused as overlapping.
-        up.out
-            .extend_from_slice(&command::encode(&[&b"CLIENT"[..], b"TRACKING", b"OFF"]));
-        self.replies.push(super::injected("CLIENT TRACKING OFF"));
+        // ON again with a new REDIRECT keeps the server's tracking table (what the client read
+        // before stays tracked), except that the same prefixes again are refused as overlapping
+        // and none would mean all keys: with prefixes, tracking starts over (the flush covers
+        // what the table held).
+        if args.iter().any(|a| command::is(a, "PREFIX")) {
+            up.out
+                .extend_from_slice(&command::encode(&[&b"CLIENT"[..], b"TRACKING", b"OFF"]));
+            self.replies.push(super::injected("CLIENT TRACKING OFF"));
+        }
         let mut full = vec![
             Bytes::from_static(b"CLIENT"),
             Bytes::from_static(b"TRACKING"),
@@ -297,6 +320,28 @@ impl Session {
         self.flush_relay();
         self.client_out.extend_from_slice(message);
         true
+    }
+
+    /// `CLIENT KILL ID <id>` (that filter alone) naming a session of this proxy: asks that
+    /// session to disconnect its client and returns the reply Redis would give (`SKIPME` is
+    /// `yes` by default, so a client does not kill itself). None for any other command, which
+    /// goes to the server with its ids translated.
+    pub(super) fn kill_client_of_this_proxy(&mut self, args: &[&[u8]]) -> Option<Bytes> {
+        if args.len() != 4 || !command::is(args[1], "KILL") || !command::is(args[2], "ID") {
+            return None;
+        }
+        let public: i64 = std::str::from_utf8(args[3]).ok()?.parse().ok()?;
+        let target = self.ctx.links.lookup(public)?;
+        if self
+            .own_link
+            .as_ref()
+            .is_some_and(|own| Arc::ptr_eq(own, &target))
+        {
+            return Some(Bytes::from_static(b":0\r\n"));
+        }
+        tracing::info!(peer = %self.peer, client_id = public, "CLIENT KILL ID: disconnecting a client of this proxy");
+        self.ctx.links.request_kill(&target);
+        Some(Bytes::from_static(b":1\r\n"))
     }
 
     /// `CLIENT UNBLOCK` or `CLIENT KILL ID` naming a session of this proxy that moved: the

@@ -272,6 +272,8 @@ pub struct Session {
     links_pending: bool,
     /// The client must be told to flush its cache, as soon as a push can go in.
     flush_pending: bool,
+    /// Another client ran `CLIENT KILL ID` with this session's public id: it ends now.
+    killed: bool,
 }
 
 impl Session {
@@ -331,6 +333,7 @@ impl Session {
             redirect: None,
             links_pending: false,
             flush_pending: false,
+            killed: false,
         }
     }
 
@@ -381,6 +384,10 @@ impl Session {
             }
             if self.links_pending {
                 self.do_link_work();
+                if self.killed {
+                    tracing::info!(peer = %self.peer, "client disconnected by CLIENT KILL");
+                    break;
+                }
             }
         }
         self.finish();
@@ -1100,6 +1107,10 @@ impl Session {
                 return self.reply_local(id);
             }
             Action::None
+        } else if !self.in_multi
+            && let Some(reply) = self.kill_client_of_this_proxy(args)
+        {
+            return self.reply_local(reply);
         } else if let Some(translated) = self.translate_client_ids(args) {
             return self.forward(&translated, Expect::Relay(1)).await;
         } else if command::is(sub, "REPLY") && args.len() == 3 && !self.state.resp2_subscribed() {
@@ -1634,11 +1645,7 @@ impl Session {
                     self.reauthenticate();
                 }
             }
-            other => {
-                self.state.apply(other, ok);
-                // RESET and EXEC may have changed the tracking.
-                self.sync_redirect(None);
-            }
+            other => self.state.apply(other, ok),
         }
     }
 
@@ -1675,13 +1682,18 @@ impl Session {
     /// The session is over: a connection in the default state, with nothing in flight, serves the
     /// next client; any other is closed.
     fn finish(&mut self) {
-        if let Some(link) = self.own_link.take() {
-            self.ctx.links.unregister(&link);
-        }
+        // Other sessions' invalidations still go to this connection: it must not serve anyone.
+        let redirect_target = self
+            .own_link
+            .take()
+            .inspect(|link| self.ctx.links.unregister(link))
+            .is_some_and(|link| link.is_redirect_target());
         let Some(up) = self.upstream.take() else {
             return;
         };
-        let clean = self.at_safe_point()
+        let clean = !redirect_target
+            && !self.killed
+            && self.at_safe_point()
             && self.relay_len == 0
             && self.replies.is_empty()
             && self.state.is_default()
