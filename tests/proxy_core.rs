@@ -938,6 +938,36 @@ fn a_tracking_client_that_moved_redirects_to_its_target_again() {
 }
 
 #[test]
+fn a_resp3_redirect_target_is_restored_at_once_and_told_to_flush() {
+    let env = Env::start();
+    // A RESP3 target gets invalidations as pushes without subscribing to anything.
+    let mut target = env.conn();
+    target.set_read_timeout(Some(Duration::from_secs(30)));
+    target.cmd(&["HELLO", "3"]).assert_not_error();
+    let target_id = target.cmd(&["CLIENT", "ID"]).as_int().expect("CLIENT ID");
+    let mut tracker = env.conn();
+    tracker
+        .cmd(&[
+            "CLIENT",
+            "TRACKING",
+            "ON",
+            "REDIRECT",
+            &target_id.to_string(),
+        ])
+        .assert_ok();
+    tracker.cmd(&["GET", "trk-r3"]).assert_null();
+    // The target sends nothing after losing its connection: it must not wait for a command
+    // to get a new one, or the tracker's invalidations go nowhere meanwhile.
+    kill_upstream_connection(&env, &target_id.to_string());
+    let push = |keys: Frame| Frame::Push(vec![Frame::bulk("invalidate"), keys]);
+    assert_eq!(target.read_reply(), push(Frame::Null), "told to flush");
+    tracker.cmd(&["GET", "trk-r3"]).assert_null();
+    env.redis.admin_cmd(&["SET", "trk-r3", "1"]).assert_ok();
+    assert_eq!(target.read_reply(), push(Frame::bulks(&["trk-r3"])));
+    env.assert_no_secret_leaked();
+}
+
+#[test]
 fn a_broadcast_redirect_keeps_its_prefixes_when_it_follows_its_target() {
     let env = Env::start();
     let mut target = env.conn();

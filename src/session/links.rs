@@ -191,6 +191,13 @@ impl Session {
         }
     }
 
+    /// Whether another session's tracking redirects to this one.
+    pub(super) fn is_redirect_target(&self) -> bool {
+        self.own_link
+            .as_ref()
+            .is_some_and(|link| link.is_redirect_target())
+    }
+
     /// Keeps `redirect` in step with the tracking the server confirmed. `sent` is the id the
     /// proxy sent for the REDIRECT, when the confirmed command was the client's own.
     pub(super) fn sync_redirect(&mut self, sent: Option<i64>) {

@@ -1388,10 +1388,11 @@ impl Session {
         self.state.server_subscriptions = 0;
         self.state.server_shard_subscriptions = 0;
         self.ctx.metrics.upstream_reconnects.increment(1);
-        if self.state.needs_live_connection() && !self.closing {
-            // A subscriber (or monitor, or tracking client) is waiting for pushes, not sending
-            // commands: reconnect now rather than at its next command, retrying for a while
-            // (a restarting server takes a moment to come back).
+        if (self.state.needs_live_connection() || self.is_redirect_target()) && !self.closing {
+            // A subscriber (or monitor, or tracking client, or a client others send their
+            // invalidations to) is waiting for pushes, not sending commands: reconnect now
+            // rather than at its next command, retrying for a while (a restarting server takes
+            // a moment to come back).
             let deadline = tokio::time::Instant::now() + RESTORE_WINDOW;
             let mut pause = std::time::Duration::from_millis(50);
             while self.ensure_upstream().await.is_err() {
