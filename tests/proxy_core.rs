@@ -816,6 +816,49 @@ fn random_transactions_that_subscribe_read_as_from_redis() {
 }
 
 #[test]
+fn a_multi_pipelined_behind_a_subscribing_exec_reads_as_from_redis() {
+    // Under RESP2 the EXEC subscribes, so Redis refuses the MULTI that follows and runs the
+    // next SUBSCRIBE at once: one confirmation per channel, not a QUEUED. All of it is sent
+    // before the EXEC's reply could arrive.
+    let commands: [&[&str]; 8] = [
+        &["MULTI"],
+        &["SUBSCRIBE", "tx-p"],
+        &["EXEC"],
+        &["MULTI"],
+        &["SUBSCRIBE", "tx-q", "tx-r"],
+        &["PING"],
+        &["UNSUBSCRIBE"],
+        &["PING"],
+    ];
+    let pipeline: Vec<u8> = commands.iter().flat_map(|c| encode_cmd(c)).collect();
+    let env = Env::start();
+    let mut direct = env.redis.admin_conn();
+    direct.send_raw(&pipeline);
+    let expected = direct.read_replies(11);
+    assert!(
+        expected[3].is_error(),
+        "Redis refused the MULTI: {:?}",
+        expected[3]
+    );
+    let mut conn = env.conn();
+    conn.set_read_timeout(Some(Duration::from_secs(10)));
+    conn.send_raw(&pipeline);
+    for (i, want) in expected.iter().enumerate() {
+        let got = conn
+            .try_read_reply()
+            .unwrap_or_else(|e| panic!("frame {i}: {e}"));
+        assert_eq!(&got, want, "frame {i}");
+    }
+    // The proxy still knows which replies are owed: one it makes itself comes next.
+    conn.cmd(&["AUTH", "any-password"]).assert_ok();
+    assert!(
+        !env.proxy.log_contains("nobody asked for"),
+        "the proxy lost count of replies"
+    );
+    env.assert_no_secret_leaked();
+}
+
+#[test]
 fn a_subscription_made_inside_multi_survives_a_lost_connection() {
     let env = Env::start();
     let mut sub = env.conn();

@@ -216,7 +216,9 @@ pub struct Session {
     /// The connection holding the open MULTI was lost: queued commands are acknowledged and the
     /// EXEC answers nil.
     multi_lost: bool,
-    /// Requests wait until a reply arrives (after RESET, the proxy re-authenticates first).
+    /// Requests wait until a reply arrives: after RESET (the proxy re-authenticates first), and
+    /// after a RESP2 EXEC that (un)subscribes (its reply tells whether the connection is
+    /// subscribed, which changes how Redis takes what follows).
     barrier: bool,
     /// Input waited at a barrier and may be processed now.
     resume_input: bool,
@@ -1172,6 +1174,13 @@ impl Session {
             self.forward(&discard, injected("DISCARD")).await;
             return self.reply_local(self.null_reply());
         }
+        // Under RESP2, whether the connection is subscribed after this EXEC decides how Redis
+        // takes the next commands (a MULTI is refused, a SUBSCRIBE runs at once), and only the
+        // reply tells: the next requests wait for it.
+        let subscribes = self.state.protocol == 2
+            && actions
+                .iter()
+                .any(|a| matches!(a, Action::Subscribe(..) | Action::Unsubscribe(..)));
         self.forward(
             frame,
             Expect::Tracked {
@@ -1180,7 +1189,10 @@ impl Session {
                 blocking: false,
             },
         )
-        .await
+        .await;
+        if subscribes && self.upstream.is_some() {
+            self.barrier = true;
+        }
     }
 
     fn null_reply(&self) -> Bytes {
@@ -1589,6 +1601,10 @@ impl Session {
             self.state.set_of(class).remove(&channel);
         }
         if let Action::Exec(actions) = matched.action {
+            if std::mem::take(&mut self.barrier) {
+                // Requests held back behind an EXEC that may have (un)subscribed.
+                self.resume_input = true;
+            }
             // An array (not a null: an aborted transaction) means EXEC ran the commands.
             if frame.first == b'*' && !frame.null_array {
                 let tail = self.state.apply_exec(actions);
