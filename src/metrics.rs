@@ -65,6 +65,14 @@ fn describe() {
         "Sessions moved to a fresh upstream connection after theirs was lost"
     );
     describe_counter!(
+        "rotaproxy_tracking_redirects_followed_total",
+        "CLIENT TRACKING redirects pointed at their target session's new connection after one of the two moved"
+    );
+    describe_counter!(
+        "rotaproxy_client_cache_flushes_total",
+        "Flush-everything invalidations sent to clients whose tracking lost invalidations in a move"
+    );
+    describe_counter!(
         "rotaproxy_scanned_bytes_total",
         "Bytes examined by the RESP scanners, by direction"
     );

@@ -149,6 +149,12 @@ fn client_side_caching_with_a_redirect_keeps_working_across_rotations() {
         );
     }
     tracker.cmd(&["ACL", "WHOAMI"]).assert_bulk("app-a");
+    for metric in [
+        "rotaproxy_tracking_redirects_followed_total",
+        "rotaproxy_client_cache_flushes_total",
+    ] {
+        assert_eq!(env.proxy().metric(metric), Some(2.0), "{metric}");
+    }
     env.assert_nothing_leaked();
 }
 

@@ -297,6 +297,7 @@ impl Session {
             tracing::warn!(peer = %self.peer, upstream_id = id, "the server refused to point tracking at the target session's connection");
             return;
         }
+        metrics::counter!("rotaproxy_tracking_redirects_followed_total").increment(1);
         if let Some(r) = &self.redirect {
             self.ctx.links.request_flush(&r.target);
         }
@@ -326,6 +327,7 @@ impl Session {
         };
         self.flush_relay();
         self.client_out.extend_from_slice(message);
+        metrics::counter!("rotaproxy_client_cache_flushes_total").increment(1);
         true
     }
 

@@ -1311,6 +1311,7 @@ impl Session {
             // entries whose invalidations would have gone to the old one.
             self.flush_relay();
             self.client_out.extend_from_slice(INVALIDATE_ALL);
+            metrics::counter!("rotaproxy_client_cache_flushes_total").increment(1);
         }
     }
 
