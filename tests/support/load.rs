@@ -1,6 +1,7 @@
 //! A self-checking client load for the proxy: about fifty concurrent clients of every kind an
 //! application runs (pipelines, optimistic and plain transactions, RESP2 and RESP3 pub/sub,
-//! parked `BLPOP`s, connection churn, autopipelining, idle sessions), each checking every reply.
+//! parked `BLPOP`s, connection churn, autopipelining, idle sessions, a RESP2 client-side cache),
+//! each checking every reply.
 //!
 //! The promise it checks: whatever the proxy does meanwhile (e.g. a credential rotation that moves
 //! sessions to new upstream connections), no client sees an error reply, a wrong value, a missing
@@ -61,6 +62,10 @@ const BLPOP_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_SEQ: usize = 10_000_000;
 /// Pause between two requests of an idle client.
 const IDLE_PERIOD: Duration = Duration::from_millis(300);
+/// Keys of one cache pair, read through its client-side cache and written by the same client.
+const CACHE_KEYS: usize = 4;
+/// Where RESP2 clients receive redirected invalidations.
+const INVALIDATION_CHANNEL: &str = "__redis__:invalidate";
 
 /// What to run. [`LoadConfig::new`] gives the defaults (50 connections at once).
 #[derive(Debug, Clone)]
@@ -83,6 +88,9 @@ pub struct LoadConfig {
     pub autopipeline_clients: usize,
     /// Mostly quiet sessions with state (name, db 2) that check it every 300 ms.
     pub idle_clients: usize,
+    /// RESP2 client-side caching: a connection subscribed to `__redis__:invalidate` and one that
+    /// redirects its invalidations there, reads through a local cache and writes the keys.
+    pub cache_pairs: usize,
     /// Pause between rounds of the paced clients (pipelined, transactions, publisher, producer;
     /// churn waits 5x this). Default 5 ms.
     pub pace: Duration,
@@ -101,7 +109,8 @@ pub struct LoadConfig {
 
 impl LoadConfig {
     /// The defaults: 10 pipelined, 6 transaction, 4 + 4 subscribers, 6 consumers, 6 churn,
-    /// 4 autopipeline and 8 idle clients, one publisher and one producer (50 connections).
+    /// 4 autopipeline and 8 idle clients, one cache pair, one publisher and one producer (52
+    /// connections).
     pub fn new(addr: SocketAddr, key_prefix: impl Into<String>) -> LoadConfig {
         LoadConfig {
             addr,
@@ -113,6 +122,7 @@ impl LoadConfig {
             churn_clients: 6,
             autopipeline_clients: 4,
             idle_clients: 8,
+            cache_pairs: 1,
             pace: Duration::from_millis(5),
             max_duration: Duration::from_secs(120),
             drain_timeout: Duration::from_secs(15),
@@ -134,6 +144,7 @@ impl LoadConfig {
             + self.churn_clients
             + self.autopipeline_clients
             + self.idle_clients
+            + 2 * self.cache_pairs
             + usize::from(self.subscribers() > 0)
             + usize::from(self.blpop_consumers > 0)
     }
@@ -241,6 +252,11 @@ impl Load {
         for i in 0..cfg.idle_clients {
             workers.push(spawn(&sh, "idle", i, move |sh, who, out| {
                 idle(sh, who, i, out)
+            }));
+        }
+        for i in 0..cfg.cache_pairs {
+            workers.push(spawn(&sh, "cache", i, move |sh, who, out| {
+                cache_pair(sh, who, i, out)
             }));
         }
         let first_wave = workers.len();
@@ -1782,6 +1798,114 @@ fn idle(sh: &Arc<Shared>, who: &str, i: usize, out: &mut Outcome) -> Step<()> {
     }
     c.expect(&["GET", &key], &Frame::bulk(who))?;
     Ok(())
+}
+
+/// RESP2 client-side caching as clients do it: `target` subscribes to the invalidation channel,
+/// the tracker redirects its invalidations there and reads through a local cache. It also writes
+/// the keys, so every write must come back as an invalidation, or as a flush-everything after a
+/// move. One thread owns both connections, so no invalidation can race a cache fill. At the end,
+/// once the target has read everything sent before its final PING, every cached value must be
+/// the server's: a stale one means an invalidation was lost.
+fn cache_pair(sh: &Arc<Shared>, who: &str, i: usize, out: &mut Outcome) -> Step<()> {
+    let mut ready = Ready::new(sh);
+    let keys: Vec<String> = (0..CACHE_KEYS)
+        .map(|k| format!("{}:cache:{i}:{k}", sh.prefix()))
+        .collect();
+    let mut target = Client::connect(sh, &format!("{who}-target"))?;
+    let id = target.setup(&["CLIENT", "ID"], |f| f.as_int().is_some())?;
+    let confirmation = Frame::Array(vec![
+        Frame::bulk("subscribe"),
+        Frame::bulk(INVALIDATION_CHANNEL),
+        Frame::Integer(1),
+    ]);
+    target.setup(&["SUBSCRIBE", INVALIDATION_CHANNEL], |f| f == &confirmation)?;
+    let mut tracker = Client::connect(sh, who)?;
+    let id = id.as_int().unwrap_or_default().to_string();
+    tracker.setup(&["CLIENT", "TRACKING", "ON", "REDIRECT", &id], is_ok)?;
+    let mut cache: HashMap<String, Frame> = HashMap::new();
+    ready.mark();
+    for n in 0..MAX_ROUNDS {
+        sh.pause(sh.cfg.pace);
+        if sh.stopping() {
+            break;
+        }
+        read_invalidations(&mut target, &mut cache, out, None)?;
+        let key = &keys[n as usize % CACHE_KEYS];
+        if n % 3 == 2 {
+            tracker.expect(&["SET", key, &n.to_string()], &ok())?;
+            out.add("writes", 1);
+        } else if cache.contains_key(key) {
+            out.add("cache hits", 1);
+        } else {
+            let f = tracker.cmd(&["GET", key])?;
+            if f.is_error() {
+                tracker.err(format!("GET {key}: {f:?}"));
+            } else {
+                sh.op();
+                cache.insert(key.clone(), f);
+            }
+            out.add("reads", 1);
+        }
+    }
+    target.send(&["PING"])?;
+    let pong = Frame::Array(vec![Frame::bulk("pong"), Frame::bulk("")]);
+    read_invalidations(&mut target, &mut cache, out, Some(&pong))?;
+    for (key, cached) in &cache {
+        let now = tracker.cmd(&["GET", key])?;
+        if &now == cached {
+            sh.op();
+        } else {
+            tracker.err(format!(
+                "cached {key} = {cached:?}, but the server has {now:?}: an invalidation was lost"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Applies the invalidations `target` has received: those already waiting, or with `until`,
+/// every frame before that reply.
+fn read_invalidations(
+    target: &mut Client,
+    cache: &mut HashMap<String, Frame>,
+    out: &mut Outcome,
+    until: Option<&Frame>,
+) -> Step<()> {
+    loop {
+        let f = match until {
+            Some(_) => target.read("invalidations")?,
+            None => match target.poll(Duration::from_millis(1), "invalidations")? {
+                Some(f) => f,
+                None => return Ok(()),
+            },
+        };
+        if Some(&f) == until {
+            target.sh.op();
+            return Ok(());
+        }
+        match f.as_array() {
+            Some([kind, channel, keys])
+                if kind.as_str() == Some("message")
+                    && channel.as_str() == Some(INVALIDATION_CHANNEL) =>
+            {
+                match keys {
+                    Frame::Null => {
+                        cache.clear();
+                        out.add("flushes", 1);
+                    }
+                    Frame::Array(keys) => {
+                        for key in keys.iter().filter_map(Frame::as_str) {
+                            cache.remove(key);
+                        }
+                        out.add("invalidations", 1);
+                    }
+                    other => target.err(format!("invalidation of {other:?}")),
+                }
+                target.sh.op();
+            }
+            _ => target.err(format!("not an invalidation: {f:?}")),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
