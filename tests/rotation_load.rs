@@ -1,8 +1,9 @@
 //! The promise under load: at least 50 client connections of every kind (pipelines, WATCH/MULTI
 //! transactions, RESP2 and RESP3 subscribers, BLPOP consumers parked with timeout 0, connect-
-//! one-command-disconnect clients, auto-pipelining clients that never pause) see zero errors and
-//! zero disconnects while the proxy rotates 20 times back to back, with each strategy; every
-//! reply is checked, and after each rotation the old secret no longer authenticates.
+//! one-command-disconnect clients, auto-pipelining clients that never pause, a RESP2 client-side
+//! cache whose invalidations are redirected) see zero errors and zero disconnects while the proxy
+//! rotates 20 times back to back, with each strategy; every reply is checked, no cached value is
+//! left stale, and after each rotation the old secret no longer authenticates.
 
 mod support;
 
