@@ -939,8 +939,10 @@ fn a_tracking_redirect_follows_its_target_to_a_new_connection() {
     // another server-side id, and the tracker's redirect must follow it.
     kill_upstream_connection(&env, &target_id.to_string());
     assert_invalidations_flow_after_a_flush(&env, &mut target, &mut tracker, "trk-a");
+    tracker.cmd(&["CLIENT", "GETREDIR"]).assert_int(target_id);
     // The target keeps the id it was given; a redirect to it reaches its new connection.
     let mut other = env.conn();
+    other.cmd(&["CLIENT", "GETREDIR"]).assert_int(-1);
     other
         .cmd(&[
             "CLIENT",

@@ -331,6 +331,27 @@ impl Session {
         true
     }
 
+    /// The answer to `CLIENT GETREDIR` in terms of the ids the client knows: the REDIRECT it
+    /// gave (the server would name the target's connection of now), 0 for tracking without a
+    /// redirect, -1 without tracking. None when only the server can tell: a tracking change is
+    /// still in flight, the command would be queued in MULTI, or a subscribed RESP2 connection
+    /// would refuse it.
+    pub(super) fn redirect_as_the_client_gave_it(&self) -> Option<i64> {
+        if self.in_multi
+            || !self.replies.nothing_owed()
+            || (self.state.protocol == 2 && self.state.has_subscribed_channels())
+        {
+            return None;
+        }
+        let Some(args) = &self.state.tracking else {
+            return Some(-1);
+        };
+        match redirect_position(args) {
+            None => Some(0),
+            Some(pos) => std::str::from_utf8(&args[pos]).ok()?.parse().ok(),
+        }
+    }
+
     /// `CLIENT KILL ID <id>` (that filter alone) naming a session of this proxy: asks that
     /// session to disconnect its client and returns the reply Redis would give (`SKIPME` is
     /// `yes` by default, so a client does not kill itself). None for any other command, which

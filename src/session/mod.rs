@@ -1109,6 +1109,11 @@ impl Session {
                 return self.reply_local(id);
             }
             Action::None
+        } else if command::is(sub, "GETREDIR")
+            && args.len() == 2
+            && let Some(id) = self.redirect_as_the_client_gave_it()
+        {
+            return self.reply_local(Bytes::from(format!(":{id}\r\n")));
         } else if !self.in_multi
             && let Some(reply) = self.kill_client_of_this_proxy(args)
         {
