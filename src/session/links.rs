@@ -143,7 +143,7 @@ impl ClientLinks {
     /// as its public id, or the id itself (a connection not made through this proxy, or no
     /// connection at all: Redis answers as it would).
     pub fn translate(&self, id: &[u8]) -> Option<i64> {
-        let public: i64 = std::str::from_utf8(id).ok()?.parse().ok()?;
+        let public = command::parse_i64(id)?;
         let current = self.lookup(public)?.upstream_id();
         (current != public).then_some(current)
     }
@@ -270,12 +270,8 @@ impl Session {
                 .extend_from_slice(&command::encode(&[&b"CLIENT"[..], b"TRACKING", b"OFF"]));
             self.replies.push(super::injected("CLIENT TRACKING OFF"));
         }
-        let mut full = vec![
-            Bytes::from_static(b"CLIENT"),
-            Bytes::from_static(b"TRACKING"),
-        ];
-        full.extend(with_redirect(&args, now));
-        up.out.extend_from_slice(&command::encode(&full));
+        up.out
+            .extend_from_slice(&tracking_command(&args, Some(now)));
         self.replies.push(Expect::Tracked {
             action: Action::RedirectPointed(now),
             relay: false,
@@ -317,7 +313,7 @@ impl Session {
             return self.closing;
         }
         self.flush_pending = false;
-        let message: &[u8] = if self.state.protocol == 3 {
+        let message: &'static [u8] = if self.state.protocol == 3 {
             super::INVALIDATE_ALL
         } else if self.state.channels.contains(INVALIDATION_CHANNEL) {
             RESP2_FLUSH_MESSAGE
@@ -325,10 +321,16 @@ impl Session {
             // Not listening for invalidations: nothing to tell.
             return true;
         };
+        self.send_cache_flush(message);
+        true
+    }
+
+    /// Tells the client to drop its whole cache (`message` in its protocol), after the replies
+    /// already relayed.
+    pub(super) fn send_cache_flush(&mut self, message: &'static [u8]) {
         self.flush_relay();
         self.client_out.extend_from_slice(message);
         metrics::counter!("rotaproxy_client_cache_flushes_total").increment(1);
-        true
     }
 
     /// The answer to `CLIENT GETREDIR` in terms of the ids the client knows: the REDIRECT it
@@ -348,7 +350,7 @@ impl Session {
         };
         match redirect_position(args) {
             None => Some(0),
-            Some(pos) => std::str::from_utf8(&args[pos]).ok()?.parse().ok(),
+            Some(pos) => command::parse_i64(&args[pos]),
         }
     }
 
@@ -360,7 +362,7 @@ impl Session {
         if args.len() != 4 || !command::is(args[1], "KILL") || !command::is(args[2], "ID") {
             return None;
         }
-        let public: i64 = std::str::from_utf8(args[3]).ok()?.parse().ok()?;
+        let public = command::parse_i64(args[3])?;
         let target = self.ctx.links.lookup(public)?;
         if self
             .own_link
@@ -407,11 +409,25 @@ pub fn redirect_position<A: AsRef<[u8]>>(args: &[A]) -> Option<usize> {
 /// The public id a `CLIENT TRACKING ON` redirects to, if any.
 pub fn redirect_target(args: &[Bytes]) -> Option<i64> {
     let value = &args[redirect_position(args)?];
-    std::str::from_utf8(value).ok()?.parse().ok()
+    command::parse_i64(value)
+}
+
+/// `CLIENT TRACKING <args>`, with the REDIRECT value replaced by `redirect_to` when given.
+pub fn tracking_command(args: &[Bytes], redirect_to: Option<i64>) -> Vec<u8> {
+    let args = match redirect_to {
+        Some(id) => with_redirect(args, id),
+        None => args.to_vec(),
+    };
+    let mut full = vec![
+        Bytes::from_static(b"CLIENT"),
+        Bytes::from_static(b"TRACKING"),
+    ];
+    full.extend(args);
+    command::encode(&full)
 }
 
 /// `args` with the REDIRECT value replaced by `upstream_id`.
-pub fn with_redirect(args: &[Bytes], upstream_id: i64) -> Vec<Bytes> {
+fn with_redirect(args: &[Bytes], upstream_id: i64) -> Vec<Bytes> {
     let mut out = args.to_vec();
     if let Some(pos) = redirect_position(args) {
         out[pos] = Bytes::from(upstream_id.to_string());

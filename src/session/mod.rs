@@ -1077,11 +1077,8 @@ impl Session {
                 .and_then(|public| self.ctx.links.lookup(public));
             if let (Some(target), Some(args)) = (target, &tracking) {
                 let sent = target.upstream_id();
-                let rewritten = (sent != target.public_id()).then(|| {
-                    let mut full = vec![Bytes::from_static(b"CLIENT"), Bytes::copy_from_slice(sub)];
-                    full.extend(links::with_redirect(args, sent));
-                    command::encode(&full)
-                });
+                let rewritten =
+                    (sent != target.public_id()).then(|| links::tracking_command(args, Some(sent)));
                 let expect = self.tracked(Action::Tracking {
                     args: tracking,
                     sent_redirect: Some(sent),
@@ -1314,9 +1311,7 @@ impl Session {
         if self.state.tracking.is_some() && self.state.protocol == 3 {
             // The new connection's tracking table is empty: the client's cache must not trust
             // entries whose invalidations would have gone to the old one.
-            self.flush_relay();
-            self.client_out.extend_from_slice(INVALIDATE_ALL);
-            metrics::counter!("rotaproxy_client_cache_flushes_total").increment(1);
+            self.send_cache_flush(INVALIDATE_ALL);
         }
     }
 
@@ -1649,7 +1644,7 @@ impl Session {
                 self.state.apply(
                     Action::Tracking {
                         args,
-                        sent_redirect: None,
+                        sent_redirect,
                     },
                     ok,
                 );

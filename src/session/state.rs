@@ -263,13 +263,8 @@ impl ConnState {
             cmds.push((command::encode(&[&b"READONLY"[..]]), 1, "READONLY"));
         }
         if let Some(args) = &self.tracking {
-            let args = match redirect_to {
-                Some(id) => super::links::with_redirect(args, id),
-                None => args.clone(),
-            };
-            let mut full: Vec<&[u8]> = vec![b"CLIENT", b"TRACKING"];
-            full.extend(args.iter().map(|a| a.as_ref()));
-            cmds.push((command::encode(&full), 1, TRACKING_REPLAY));
+            let cmd = super::links::tracking_command(args, redirect_to);
+            cmds.push((cmd, 1, TRACKING_REPLAY));
         }
         for (name, set) in [
             ("SUBSCRIBE", &self.channels),
