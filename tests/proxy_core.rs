@@ -875,37 +875,17 @@ fn a_subscription_made_inside_multi_survives_a_lost_connection() {
 
 // ---- client-side caching (CLIENT TRACKING) across lost connections ---------------------------
 
-const INVALIDATION_CHANNEL: &str = "__redis__:invalidate";
-
-/// What a RESP2 subscriber of `__redis__:invalidate` gets for `keys` (None: flush everything,
-/// as Redis sends after FLUSHALL).
-fn invalidation_message(keys: Option<&[&str]>) -> Frame {
-    Frame::Array(vec![
-        Frame::bulk("message"),
-        Frame::bulk(INVALIDATION_CHANNEL),
-        keys.map_or(Frame::Null, Frame::bulks),
-    ])
-}
-
 /// A RESP2 client-side cache as clients build it: `target` subscribes to the invalidation
 /// channel, `tracker` redirects its invalidations there and reads `key`. Returns
 /// (target's id, tracker's id), as `CLIENT ID` gave them.
 fn redirected_tracking(env: &Env, key: &str) -> (RespConn, RespConn, i64, i64) {
     let mut target = env.conn();
     target.set_read_timeout(Some(Duration::from_secs(30)));
-    let target_id = target.cmd(&["CLIENT", "ID"]).as_int().expect("CLIENT ID");
+    let target_id = target.client_id();
     target.cmd(&["SUBSCRIBE", INVALIDATION_CHANNEL]);
     let mut tracker = env.conn();
-    let tracker_id = tracker.cmd(&["CLIENT", "ID"]).as_int().expect("CLIENT ID");
-    tracker
-        .cmd(&[
-            "CLIENT",
-            "TRACKING",
-            "ON",
-            "REDIRECT",
-            &target_id.to_string(),
-        ])
-        .assert_ok();
+    let tracker_id = tracker.client_id();
+    tracker.redirect_tracking_to(target_id);
     tracker.cmd(&["GET", key]).assert_null();
     // The redirect works before anything moves.
     env.redis.admin_cmd(&["SET", key, "0"]).assert_ok();
@@ -943,15 +923,7 @@ fn a_tracking_redirect_follows_its_target_to_a_new_connection() {
     // The target keeps the id it was given; a redirect to it reaches its new connection.
     let mut other = env.conn();
     other.cmd(&["CLIENT", "GETREDIR"]).assert_int(-1);
-    other
-        .cmd(&[
-            "CLIENT",
-            "TRACKING",
-            "ON",
-            "REDIRECT",
-            &target_id.to_string(),
-        ])
-        .assert_ok();
+    other.redirect_tracking_to(target_id);
     other.cmd(&["GET", "trk-b"]).assert_null();
     env.redis.admin_cmd(&["SET", "trk-b", "1"]).assert_ok();
     assert_eq!(target.read_reply(), invalidation_message(Some(&["trk-b"])));
@@ -973,10 +945,7 @@ fn a_tracking_client_that_moved_redirects_to_its_target_again() {
     assert_invalidations_flow_after_a_flush(&env, &mut target, &mut tracker, "trk-c");
     let tracker_upstream = env
         .redis
-        .client_list()
-        .into_iter()
-        .find(|c| c.get("cmd").map(String::as_str) == Some("get"))
-        .and_then(|c| c.get("id").cloned())
+        .client_running("get")
         .expect("the tracker's connection");
     kill_upstream_connection(&env, &tracker_upstream);
     assert_invalidations_flow_after_a_flush(&env, &mut target, &mut tracker, "trk-c");
@@ -990,17 +959,9 @@ fn a_resp3_redirect_target_is_restored_at_once_and_told_to_flush() {
     let mut target = env.conn();
     target.set_read_timeout(Some(Duration::from_secs(30)));
     target.cmd(&["HELLO", "3"]).assert_not_error();
-    let target_id = target.cmd(&["CLIENT", "ID"]).as_int().expect("CLIENT ID");
+    let target_id = target.client_id();
     let mut tracker = env.conn();
-    tracker
-        .cmd(&[
-            "CLIENT",
-            "TRACKING",
-            "ON",
-            "REDIRECT",
-            &target_id.to_string(),
-        ])
-        .assert_ok();
+    tracker.redirect_tracking_to(target_id);
     tracker.cmd(&["GET", "trk-r3"]).assert_null();
     // The target sends nothing after losing its connection: it must not wait for a command
     // to get a new one, or the tracker's invalidations go nowhere meanwhile.
@@ -1018,7 +979,7 @@ fn a_broadcast_redirect_keeps_its_prefixes_when_it_follows_its_target() {
     let env = Env::start();
     let mut target = env.conn();
     target.set_read_timeout(Some(Duration::from_secs(30)));
-    let target_id = target.cmd(&["CLIENT", "ID"]).as_int().expect("CLIENT ID");
+    let target_id = target.client_id();
     target.cmd(&["SUBSCRIBE", INVALIDATION_CHANNEL]);
     let mut tracker = env.conn();
     let on = [
@@ -1040,17 +1001,9 @@ fn a_broadcast_redirect_keeps_its_prefixes_when_it_follows_its_target() {
 fn a_redirect_targets_connection_serves_nobody_else() {
     let env = Env::start();
     let mut target = env.conn();
-    let target_id = target.cmd(&["CLIENT", "ID"]).as_int().expect("CLIENT ID");
+    let target_id = target.client_id();
     let mut tracker = env.conn();
-    tracker
-        .cmd(&[
-            "CLIENT",
-            "TRACKING",
-            "ON",
-            "REDIRECT",
-            &target_id.to_string(),
-        ])
-        .assert_ok();
+    tracker.redirect_tracking_to(target_id);
     // The target leaves with its connection in a clean state, which would otherwise go back to
     // the pool, and the tracker's invalidations with it, to whoever took it next.
     drop(target);
@@ -1069,17 +1022,14 @@ fn client_kill_id_disconnects_a_client_of_the_proxy() {
     let env = Env::start();
     let mut victim = env.conn();
     victim.set_read_timeout(Some(Duration::from_secs(30)));
-    let victim_id = victim.cmd(&["CLIENT", "ID"]).as_int().expect("CLIENT ID");
+    let victim_id = victim.client_id();
     // It moved once (its id stays), and waits in a blocking command when it is killed.
     kill_upstream_connection(&env, &victim_id.to_string());
     victim.send_cmd(&["BLPOP", "kill-list", "0"]);
     let mut killer = env.conn();
-    let killer_id = killer.cmd(&["CLIENT", "ID"]).as_int().expect("CLIENT ID");
+    let killer_id = killer.client_id();
     assert_eventually(Duration::from_secs(20), "the BLPOP waits", || {
-        env.redis
-            .client_list()
-            .iter()
-            .any(|c| c.get("cmd").map(String::as_str) == Some("blpop"))
+        env.redis.client_running("blpop").is_some()
     });
     killer
         .cmd(&["CLIENT", "KILL", "ID", &victim_id.to_string()])
@@ -1100,10 +1050,7 @@ fn client_kill_id_disconnects_a_client_of_the_proxy() {
         .assert_int(0);
     killer.cmd(&["PING"]).assert_simple("PONG");
     assert_eventually(Duration::from_secs(20), "the BLPOP is gone", || {
-        !env.redis
-            .client_list()
-            .iter()
-            .any(|c| c.get("cmd").map(String::as_str) == Some("blpop"))
+        env.redis.client_running("blpop").is_none()
     });
     env.assert_no_secret_leaked();
 }
@@ -1114,7 +1061,7 @@ fn resp3_tracking_flushes_the_client_cache_after_a_lost_connection() {
     let mut c = env.conn();
     c.set_read_timeout(Some(Duration::from_secs(30)));
     c.cmd(&["HELLO", "3"]).assert_not_error();
-    let id = c.cmd(&["CLIENT", "ID"]).as_int().expect("CLIENT ID");
+    let id = c.client_id();
     c.cmd(&["CLIENT", "TRACKING", "ON"]).assert_ok();
     c.cmd(&["GET", "trk-d"]).assert_null();
     kill_upstream_connection(&env, &id.to_string());
@@ -1136,7 +1083,7 @@ fn client_unblock_reaches_a_session_that_moved() {
     let env = Env::start();
     let mut blocked = env.conn();
     blocked.set_read_timeout(Some(Duration::from_secs(30)));
-    let id = blocked.cmd(&["CLIENT", "ID"]).as_int().expect("CLIENT ID");
+    let id = blocked.client_id();
     kill_upstream_connection(&env, &id.to_string());
     blocked.send_cmd(&["BLPOP", "unblock-list", "0"]);
     let mut other = env.conn();
@@ -1353,10 +1300,7 @@ fn raw_reply(stream: &mut TcpStream) -> Vec<u8> {
 fn kill_upstream_connection_of(env: &Env, cmd: &str) {
     let id = env
         .redis
-        .client_list()
-        .into_iter()
-        .find(|c| c.get("cmd").map(String::as_str) == Some(cmd))
-        .and_then(|c| c.get("id").cloned())
+        .client_running(cmd)
         .unwrap_or_else(|| panic!("no upstream connection ran {cmd}"));
     kill_upstream_connection(env, &id);
 }
@@ -1497,10 +1441,7 @@ fn shutdown_delivers_the_replies_in_flight_before_closing() {
     let mut busy = env.conn();
     busy.send_cmd(&["BLPOP", "nothing", "1"]);
     assert_eventually(Duration::from_secs(10), "BLPOP reached Redis", || {
-        env.redis
-            .client_list()
-            .iter()
-            .any(|c| c.get("cmd").map(String::as_str) == Some("blpop"))
+        env.redis.client_running("blpop").is_some()
     });
     env.proxy.terminate();
     // The command in flight still gets its answer, then the connection closes.

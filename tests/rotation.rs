@@ -112,39 +112,29 @@ fn client_side_caching_with_a_redirect_keeps_working_across_rotations() {
     // connection (it cannot re-authenticate in place) and re-authenticates the tracker in place.
     let mut env = RotEnv::alternating("");
     let addr = env.proxy().client_addr();
-    let channel = "__redis__:invalidate";
-    let invalidation = |keys: Option<&[&str]>| {
-        Frame::Array(vec![
-            Frame::bulk("message"),
-            Frame::bulk(channel),
-            keys.map_or(Frame::Null, Frame::bulks),
-        ])
-    };
     let mut target = RespConn::connect(addr);
     target.set_read_timeout(Some(Duration::from_secs(30)));
-    let target_id = target.cmd(&["CLIENT", "ID"]).as_int().expect("CLIENT ID");
-    target.cmd(&["SUBSCRIBE", channel]).assert_not_error();
+    let target_id = target.client_id();
+    target
+        .cmd(&["SUBSCRIBE", INVALIDATION_CHANNEL])
+        .assert_not_error();
     let mut tracker = RespConn::connect(addr);
-    tracker
-        .cmd(&[
-            "CLIENT",
-            "TRACKING",
-            "ON",
-            "REDIRECT",
-            &target_id.to_string(),
-        ])
-        .assert_ok();
+    tracker.redirect_tracking_to(target_id);
     for round in 0..2 {
         tracker.cmd(&["GET", "cached"]).assert_not_error();
         env.rotate(false);
         // Invalidations sent while the redirect pointed at the old connection are lost, so the
         // target's client is told to drop everything; after that, they arrive again.
-        assert_eq!(target.read_reply(), invalidation(None), "round {round}");
+        assert_eq!(
+            target.read_reply(),
+            invalidation_message(None),
+            "round {round}"
+        );
         tracker.cmd(&["GET", "cached"]).assert_not_error();
         env.redis.admin_cmd(&["INCR", "cached"]).assert_not_error();
         assert_eq!(
             target.read_reply(),
-            invalidation(Some(&["cached"])),
+            invalidation_message(Some(&["cached"])),
             "round {round}"
         );
     }

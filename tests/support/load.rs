@@ -28,7 +28,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::resp::{Frame, RespConn, encode_cmd, is_timeout};
+use super::resp::{Frame, INVALIDATION_CHANNEL, RespConn, encode_cmd, is_timeout};
 use super::wait_until;
 
 /// Longest wait for one reply: generous for a busy 2-core machine, but a hang is an error.
@@ -64,8 +64,6 @@ const MAX_SEQ: usize = 10_000_000;
 const IDLE_PERIOD: Duration = Duration::from_millis(300);
 /// Keys of one cache pair, read through its client-side cache and written by the same client.
 const CACHE_KEYS: usize = 4;
-/// Where RESP2 clients receive redirected invalidations.
-const INVALIDATION_CHANNEL: &str = "__redis__:invalidate";
 
 /// What to run. [`LoadConfig::new`] gives the defaults (50 connections at once).
 #[derive(Debug, Clone)]

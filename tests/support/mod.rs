@@ -25,7 +25,9 @@ pub use proxy::{
     http_request, mask_secrets, metric_value, proxy_bin, toml_path, toml_str,
 };
 pub use redis::{ADMIN_USER, RedisOptions, RedisServer, RedisTls};
-pub use resp::{Frame, RespConn, TlsClientOptions, encode_cmd};
+pub use resp::{
+    Frame, INVALIDATION_CHANNEL, RespConn, TlsClientOptions, encode_cmd, invalidation_message,
+};
 
 /// Polls `cond` (every 10 ms, backing off to 100 ms) until it is true or `timeout` passes.
 /// Returns whether it became true.

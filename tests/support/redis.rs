@@ -232,6 +232,14 @@ impl RedisServer {
             .collect()
     }
 
+    /// The id of a connection whose last command was `cmd` (lower case, as `CLIENT LIST` shows).
+    pub fn client_running(&self, cmd: &str) -> Option<String> {
+        self.client_list()
+            .into_iter()
+            .find(|c| c.get("cmd").map(String::as_str) == Some(cmd))
+            .and_then(|c| c.get("id").cloned())
+    }
+
     /// Kills the server (SIGKILL, by PID) and waits for it. Ports stay reserved for [`start_again`].
     ///
     /// [`start_again`]: RedisServer::start_again

@@ -367,7 +367,36 @@ pub struct TlsClientOptions<'a> {
     pub client_cert: Option<(&'a Path, &'a Path)>,
 }
 
+/// Where RESP2 clients receive the invalidations other connections redirect to them.
+pub const INVALIDATION_CHANNEL: &str = "__redis__:invalidate";
+
+/// What a RESP2 subscriber of [`INVALIDATION_CHANNEL`] gets for `keys` (None: flush everything,
+/// as Redis sends after FLUSHALL).
+pub fn invalidation_message(keys: Option<&[&str]>) -> Frame {
+    Frame::Array(vec![
+        Frame::bulk("message"),
+        Frame::bulk(INVALIDATION_CHANNEL),
+        keys.map_or(Frame::Null, Frame::bulks),
+    ])
+}
+
 impl RespConn {
+    /// `CLIENT ID`.
+    #[track_caller]
+    pub fn client_id(&mut self) -> i64 {
+        let reply = self.cmd(&["CLIENT", "ID"]);
+        reply
+            .as_int()
+            .unwrap_or_else(|| panic!("CLIENT ID answered {reply:?}"))
+    }
+
+    /// `CLIENT TRACKING ON REDIRECT <target>`, which must succeed.
+    #[track_caller]
+    pub fn redirect_tracking_to(&mut self, target: i64) {
+        self.cmd(&["CLIENT", "TRACKING", "ON", "REDIRECT", &target.to_string()])
+            .assert_ok();
+    }
+
     /// Connects over plain TCP (panics on failure). Read timeout: [`DEFAULT_READ_TIMEOUT`].
     #[track_caller]
     pub fn connect(addr: impl ToSocketAddrs + fmt::Debug) -> RespConn {
