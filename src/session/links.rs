@@ -339,10 +339,7 @@ impl Session {
     /// still in flight, the command would be queued in MULTI, or a subscribed RESP2 connection
     /// would refuse it.
     pub(super) fn redirect_as_the_client_gave_it(&self) -> Option<i64> {
-        if self.in_multi
-            || !self.replies.nothing_owed()
-            || (self.state.protocol == 2 && self.state.has_subscribed_channels())
-        {
+        if self.in_multi || !self.replies.nothing_owed() || self.state.resp2_subscribe_context() {
             return None;
         }
         let Some(args) = &self.state.tracking else {

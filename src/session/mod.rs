@@ -871,7 +871,7 @@ impl Session {
             Kind::Client => self.handle_client(args, frame).await,
             Kind::Multi => {
                 // A RESP2 connection with subscriptions refuses MULTI: what follows runs at once.
-                let refused = self.state.protocol == 2 && self.state.has_subscribed_channels();
+                let refused = self.state.resp2_subscribe_context();
                 if !self.in_multi && !refused {
                     self.in_multi = true;
                     self.multi_actions.clear();
@@ -1094,7 +1094,7 @@ impl Session {
         } else if command::is(sub, "ID")
             && args.len() == 2
             && !self.in_multi
-            && !(self.state.protocol == 2 && self.state.has_subscribed_channels())
+            && !self.state.resp2_subscribe_context()
         {
             // The session's public id, which stays when it moves. (Inside MULTI the command is
             // queued and answered in the EXEC reply; a subscribed RESP2 connection refuses it.)

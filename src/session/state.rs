@@ -116,6 +116,12 @@ impl ConnState {
         !self.channels.is_empty() || !self.patterns.is_empty() || !self.shard_channels.is_empty()
     }
 
+    /// Whether Redis will take only (un)subscribe commands, PING, QUIT and RESET from this
+    /// connection once it has run everything sent so far: a subscribed RESP2 connection.
+    pub fn resp2_subscribe_context(&self) -> bool {
+        self.protocol == 2 && self.has_subscribed_channels()
+    }
+
     /// Under RESP2 a subscribed connection receives messages as plain arrays, so arrays must be
     /// looked into to tell a message from a reply.
     pub fn resp2_subscribed(&self) -> bool {
