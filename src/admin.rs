@@ -26,6 +26,8 @@ pub struct AdminState {
     pub rotation: Option<RotationHandle>,
     /// Bearer token for POST endpoints; without one they are refused.
     pub token: Option<SecretString>,
+    /// Certificates in use and their reloads.
+    pub tls: Arc<crate::tls_reload::TlsStatus>,
 }
 
 pub fn router(state: Arc<AdminState>) -> Router {
@@ -81,12 +83,16 @@ async fn status(State(state): State<Arc<AdminState>>) -> Json<serde_json::Value>
                 "strategy": null,
                 "active_username": current.credential.display_user(),
                 "generation": current.id,
-                "connections": { "current": current.live_connections(), "previous": 0 },
+                "connections": {
+                    "current": current.live_connections(),
+                    "previous": generations.previous().map_or(0, |p| p.live_connections()),
+                },
             })
         }
     };
     doc["upstream_ready"] = json!(state.pool.is_ready());
     doc["upstream_error"] = json!(state.pool.last_error());
+    doc["tls"] = state.tls.to_json();
     Json(doc)
 }
 

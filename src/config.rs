@@ -104,6 +104,14 @@ pub struct ListenerTlsConfig {
     pub cert: PathBuf,
     /// PEM private key of that certificate.
     pub key: PathBuf,
+    /// How often the certificate and key files are re-read in case a change event was missed
+    /// (changes in their directory are followed at once).
+    #[serde(default = "default_tls_poll_interval", with = "humantime_serde")]
+    pub poll_interval: Duration,
+}
+
+fn default_tls_poll_interval() -> Duration {
+    Duration::from_secs(30)
 }
 
 /// Client authentication. `none` accepts any AUTH (applications migrating from a direct connection
@@ -161,6 +169,11 @@ pub struct UpstreamConfig {
     /// PEM private key of the client certificate.
     #[serde(default)]
     pub client_key: Option<PathBuf>,
+    /// How often `ca_file`, `client_cert` and `client_key` are re-read in case a change event
+    /// was missed (changes in their directories are followed at once), and how often files the
+    /// server refused are tried again.
+    #[serde(default = "default_tls_poll_interval", with = "humantime_serde")]
+    pub tls_poll_interval: Duration,
 }
 
 /// The upstream credential. Without a password the proxy does not authenticate upstream.
@@ -778,6 +791,23 @@ impl Config {
         if self.pool.idle_check_interval.is_zero() {
             return Err(invalid("pool.idle_check_interval", "must be more than 0s"));
         }
+        if self.upstream.tls_poll_interval.is_zero() {
+            return Err(invalid(
+                "upstream.tls_poll_interval",
+                "must be more than 0s",
+            ));
+        }
+        if self
+            .listener
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.poll_interval.is_zero())
+        {
+            return Err(invalid(
+                "listener.tls.poll_interval",
+                "must be more than 0s",
+            ));
+        }
         if self.runtime.worker_threads == 0 {
             return Err(invalid("runtime.worker_threads", "must be at least 1"));
         }
@@ -895,6 +925,12 @@ fn validate_rotation(config: &Config, r: &RotationConfig) -> Result<(), ConfigEr
                 return Err(invalid(
                     "rotation.external.password",
                     "must be a file: reference (it is watched for changes)",
+                ));
+            }
+            if ext.poll_interval.is_zero() {
+                return Err(invalid(
+                    "rotation.external.poll_interval",
+                    "must be more than 0s",
                 ));
             }
         }

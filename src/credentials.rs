@@ -36,6 +36,20 @@ impl fmt::Debug for Endpoint {
     }
 }
 
+impl Endpoint {
+    /// Whether a connection opened for `self` is one `other` would open too: same address,
+    /// same TLS material (the very same config, so a reloaded one counts as different).
+    pub fn same_as(&self, other: &Endpoint) -> bool {
+        self.host == other.host
+            && self.port == other.port
+            && match (&self.tls, &other.tls) {
+                (None, None) => true,
+                (Some((a, a_name)), Some((b, b_name))) => Arc::ptr_eq(a, b) && a_name == b_name,
+                _ => false,
+            }
+    }
+}
+
 /// An upstream credential: the username and its password.
 #[derive(Clone)]
 pub struct Credential {
@@ -103,15 +117,7 @@ impl Generation {
         let url: UpstreamUrl = config.upstream_url();
         let tls = if url.tls {
             let up = &config.upstream;
-            let client_cert = match (&up.client_cert, &up.client_key) {
-                (Some(c), Some(k)) => Some((c.clone(), k.clone())),
-                _ => None,
-            };
-            let tls_config = tls::upstream_client_config(&UpstreamTls {
-                ca_file: up.ca_file.clone(),
-                insecure_skip_verify: up.insecure_skip_verify,
-                client_cert,
-            })?;
+            let tls_config = tls::upstream_client_config(&UpstreamTls::from_config(up))?;
             let name = tls::server_name(up.server_name.as_deref().unwrap_or(&url.host))?;
             Some((tls_config, name))
         } else {
@@ -147,6 +153,16 @@ impl Generation {
     /// The same endpoint and TLS material with another credential.
     pub fn with_credential(&self, id: u64, credential: Credential) -> Generation {
         Generation::new(id, self.endpoint.clone(), credential)
+    }
+
+    /// The same endpoint and credential with other TLS material (a renewed client certificate
+    /// or CA bundle). Only for a TLS endpoint: a plain one has no TLS material to replace.
+    pub fn with_tls(&self, id: u64, config: Arc<rustls::ClientConfig>) -> Generation {
+        let mut endpoint = self.endpoint.clone();
+        if let Some((tls, _)) = &mut endpoint.tls {
+            *tls = config;
+        }
+        Generation::new(id, endpoint, self.credential.clone())
     }
 
     /// Upstream connections of this generation open now.

@@ -12,6 +12,7 @@
 //! - [`upstream`] opens authenticated connections and keeps a warm pool of them;
 //! - [`credentials`] defines generations (endpoint + TLS material + credential);
 //! - [`tls`] builds rustls configs; [`net`] is the stream type shared by both sides;
+//! - [`tls_reload`] follows renewed certificates, keys and CA bundles, with [`watch`];
 //! - [`admin`] and [`metrics`] are for operators; [`config`] is the TOML file.
 
 pub mod admin;
@@ -25,4 +26,6 @@ pub mod rotation;
 pub mod server;
 pub mod session;
 pub mod tls;
+pub mod tls_reload;
 pub mod upstream;
+pub mod watch;

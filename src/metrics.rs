@@ -16,6 +16,7 @@ pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new().install_recorder()?;
     describe();
     crate::cloud::describe_metrics();
+    crate::tls_reload::describe_metrics();
     Ok(handle)
 }
 

@@ -19,7 +19,10 @@ use crate::rotation::{RotationHandle, RotationParts};
 use crate::session::client_auth::ClientAuth;
 use crate::session::links::ClientLinks;
 use crate::session::{Session, SessionContext};
+use crate::tls::UpstreamTls;
+use crate::tls_reload::{Publisher, Side, TlsStatus, UpstreamFollower, follow_listener};
 use crate::upstream::pool::Pool;
+use crate::watch::contents_digest;
 
 /// How long, after SIGTERM/SIGINT, sessions get to deliver the replies they owe.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
@@ -31,6 +34,9 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
     let metrics = Metrics::new();
     warn_about_risky_settings(&config);
 
+    // What the upstream TLS files hold before they are read: a change from now on is followed.
+    let upstream_tls = UpstreamTls::from_config(&config.upstream);
+    let upstream_tls_loaded = contents_digest(&upstream_tls.files());
     let first = Generation::from_config(&config).context("cannot prepare the upstream")?;
     let (generation, rotation_state) = match &config.rotation {
         Some(rotation) => {
@@ -99,12 +105,47 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
         None => None,
     };
 
+    let tls_status = Arc::new(TlsStatus::default());
+    if generations.current().endpoint.tls.is_some() {
+        tls_status.started(Side::Upstream, upstream_tls.client_cert_summary());
+        let publisher = match &rotation {
+            Some(rotation) => Publisher::Rotation(rotation.clone()),
+            None => Publisher::Direct {
+                generations: generations.clone(),
+                pool: pool.clone(),
+            },
+        };
+        let follower = UpstreamFollower {
+            tls: upstream_tls,
+            loaded: upstream_tls_loaded,
+            poll_interval: config.upstream.tls_poll_interval,
+            generations: generations.clone(),
+            publisher,
+            timeouts: config.timeouts.clone(),
+            metrics: metrics.clone(),
+            status: tls_status.clone(),
+        };
+        tokio::spawn(follower.run());
+    }
+
     let client_auth =
         ClientAuth::from_config(&config.listener.auth).context("listener.auth.users")?;
     let tls_acceptor = match &config.listener.tls {
-        Some(tls) => Some(tokio_rustls::TlsAcceptor::from(
-            crate::tls::listener_server_config(&tls.cert, &tls.key).context("listener.tls")?,
-        )),
+        Some(tls) => {
+            let loaded = contents_digest(&[&tls.cert, &tls.key]);
+            let (server_config, resolver) =
+                crate::tls::listener_server_config(&tls.cert, &tls.key).context("listener.tls")?;
+            tls_status.started(Side::Listener, resolver.summary());
+            tokio::spawn(follow_listener(
+                resolver,
+                tls.cert.clone(),
+                tls.key.clone(),
+                loaded,
+                tls.poll_interval,
+                tls_status.clone(),
+            ));
+            Some(tokio_rustls::TlsAcceptor::from(server_config))
+        }
         None => None,
     };
     let limits = &config.limits;
@@ -143,6 +184,7 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
         pool: pool.clone(),
         rotation,
         token: admin_token,
+        tls: tls_status,
     });
     tokio::spawn(admin::serve(admin_listener, admin_state));
     tracing::info!(%client_addr, %admin_addr, tls = tls_acceptor.is_some(), "listening");

@@ -1,16 +1,23 @@
 //! TLS configuration for both sides of the proxy, built with rustls (aws-lc-rs provider).
 //!
-//! Configs are built once per generation and shared; a new CA bundle or client certificate makes a
-//! new generation with a new config, so connections opened before keep their own.
+//! Upstream configs are built once per generation and shared; a new CA bundle or client
+//! certificate makes a new generation with a new config, so connections opened before keep
+//! their own (see [`crate::tls_reload`]). The listener's certificate sits behind a
+//! [`ListenerCert`] resolver instead, so a renewed one serves the next handshake.
 
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+
+use crate::config::UpstreamConfig;
 
 /// Why TLS material could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +40,8 @@ pub enum TlsError {
         path: PathBuf,
         message: String,
     },
+    #[error("{cert} and {key} do not belong together: the key is not the certificate's")]
+    KeyMismatch { cert: PathBuf, key: PathBuf },
     #[error("no trusted root certificates: the system store is empty; set upstream.ca_file")]
     NoRoots,
     #[error("invalid TLS server name `{0}`")]
@@ -88,10 +97,42 @@ pub fn load_key(what: &'static str, path: &Path) -> Result<PrivateKeyDer<'static
 }
 
 /// What the proxy needs to open TLS connections to the upstream.
+#[derive(Debug, Clone)]
 pub struct UpstreamTls {
     pub ca_file: Option<PathBuf>,
     pub insecure_skip_verify: bool,
     pub client_cert: Option<(PathBuf, PathBuf)>,
+}
+
+impl UpstreamTls {
+    pub fn from_config(up: &UpstreamConfig) -> UpstreamTls {
+        let client_cert = match (&up.client_cert, &up.client_key) {
+            (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+            _ => None,
+        };
+        UpstreamTls {
+            ca_file: up.ca_file.clone(),
+            insecure_skip_verify: up.insecure_skip_verify,
+            client_cert,
+        }
+    }
+
+    /// The files this TLS material is read from (none: system roots, no client certificate).
+    pub fn files(&self) -> Vec<&Path> {
+        let mut files: Vec<&Path> = self.ca_file.iter().map(PathBuf::as_path).collect();
+        if let Some((cert, key)) = &self.client_cert {
+            files.push(cert);
+            files.push(key);
+        }
+        files
+    }
+
+    /// The client certificate as it is on disk now, for status output.
+    pub fn client_cert_summary(&self) -> Option<CertSummary> {
+        let (cert, _) = self.client_cert.as_ref()?;
+        let chain = load_certs("upstream client certificate", cert).ok()?;
+        CertSummary::of(chain.first()?)
+    }
 }
 
 /// Builds the client-side config used for upstream connections. Session resumption is off: a
@@ -129,26 +170,101 @@ pub fn upstream_client_config(opts: &UpstreamTls) -> Result<Arc<ClientConfig>, T
         builder.with_root_certificates(roots)
     };
     let mut config = match &opts.client_cert {
-        Some((cert, key)) => builder.with_client_auth_cert(
-            load_certs("upstream client certificate", cert)?,
-            load_key("upstream client key", key)?,
-        )?,
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                load_certs("upstream client certificate", cert)?,
+                load_key("upstream client key", key)?,
+            )
+            .map_err(|e| pair_error(e, cert, key))?,
         None => builder.with_no_client_auth(),
     };
     config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }
 
-/// Builds the server-side config for a TLS client listener.
-pub fn listener_server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+/// Builds the server-side config for a TLS client listener, and the resolver through which its
+/// certificate can be replaced later.
+pub fn listener_server_config(
+    cert: &Path,
+    key: &Path,
+) -> Result<(Arc<ServerConfig>, Arc<ListenerCert>), TlsError> {
+    let resolver = Arc::new(ListenerCert(ArcSwap::from_pointee(load_listener_cert(
+        cert, key,
+    )?)));
     let config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(
-            load_certs("listener certificate", cert)?,
-            load_key("listener key", key)?,
-        )?;
-    Ok(Arc::new(config))
+        .with_cert_resolver(resolver.clone());
+    Ok((Arc::new(config), resolver))
+}
+
+/// Reads the listener's certificate chain and key, and checks that they belong together.
+pub fn load_listener_cert(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
+    CertifiedKey::from_der(
+        load_certs("listener certificate", cert)?,
+        load_key("listener key", key)?,
+        &provider(),
+    )
+    .map_err(|e| pair_error(e, cert, key))
+}
+
+/// A certificate and key rustls would not pair, in the words of the files involved.
+fn pair_error(err: rustls::Error, cert: &Path, key: &Path) -> TlsError {
+    match err {
+        rustls::Error::InconsistentKeys(_) => TlsError::KeyMismatch {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+        },
+        other => other.into(),
+    }
+}
+
+/// The certificate the client listener presents; [`ListenerCert::replace`] takes effect at the
+/// next handshake, and connections already open keep theirs.
+#[derive(Debug)]
+pub struct ListenerCert(ArcSwap<CertifiedKey>);
+
+impl ListenerCert {
+    pub fn replace(&self, key: CertifiedKey) {
+        self.0.store(Arc::new(key));
+    }
+
+    pub fn summary(&self) -> Option<CertSummary> {
+        CertSummary::of(self.0.load().cert.first()?)
+    }
+}
+
+impl ResolvesServerCert for ListenerCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.load_full())
+    }
+}
+
+/// What an operator wants to know about a certificate in use. Nothing in it is secret.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CertSummary {
+    pub subject: String,
+    pub issuer: String,
+    /// The serial number in hex, as `openssl x509 -serial` prints it.
+    pub serial: String,
+    /// Unix seconds.
+    pub not_after: i64,
+}
+
+impl CertSummary {
+    /// None if the certificate cannot be parsed (rustls accepted it, so that would be odd).
+    pub fn of(cert: &CertificateDer<'_>) -> Option<CertSummary> {
+        let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+        Some(CertSummary {
+            subject: parsed.subject().to_string(),
+            issuer: parsed.issuer().to_string(),
+            serial: parsed
+                .raw_serial_as_string()
+                .replace(':', "")
+                .to_uppercase(),
+            not_after: parsed.validity().not_after.timestamp(),
+        })
+    }
 }
 
 /// Parses the name used for SNI and certificate verification.

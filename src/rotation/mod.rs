@@ -25,6 +25,7 @@ use crate::credentials::{Credential, Generation, Generations};
 use crate::metrics::Metrics;
 use crate::upstream::connector::{self, ConnectError};
 use crate::upstream::pool::Pool;
+use crate::watch::FileWatch;
 use state::{InFlight, Outcome, RotationState, Slot, Step, now_unix};
 use store::{FileStore, StateStore, StoreError};
 use strategy::{ServerControl, Strategy, credential_of};
@@ -91,7 +92,15 @@ struct Shared {
     last_error: Mutex<Option<String>>,
     /// When the current drain started, and how many old connections it began with.
     drain: Mutex<Option<(SystemTime, i64)>>,
+    /// Proven upstream TLS material waiting to become a generation (see `change_tls`), and
+    /// who waits for its id.
+    tls_change: Mutex<Option<TlsChange>>,
 }
+
+type TlsChange = (
+    Arc<rustls::ClientConfig>,
+    tokio::sync::oneshot::Sender<Result<u64, String>>,
+);
 
 /// Prepares rotation at start-up: loads (or creates) the state, finds the credential the server
 /// accepts, and returns the generation to start with. `first` is the generation built from the
@@ -200,6 +209,7 @@ impl RotationHandle {
             next_scheduled: Mutex::new(None),
             last_error: Mutex::new(None),
             drain: Mutex::new(None),
+            tls_change: Mutex::new(None),
         });
         let handle = RotationHandle { shared };
         let runner = handle.clone();
@@ -333,12 +343,54 @@ impl RotationHandle {
         s.metrics.update_connection_gauges(&s.generations);
     }
 
+    /// Makes new upstream TLS material (already proven by `tls_reload`) a generation. The
+    /// rotation task does it between rotations, so that a generation's TLS material and
+    /// credential always come from one place in one order and the generation counter persisted
+    /// in the state stays the one source of ids. Waits until it is published (the drain that
+    /// follows is the rotation task's business) and returns the generation's id.
+    pub async fn change_tls(&self, config: Arc<rustls::ClientConfig>) -> Result<u64, String> {
+        let (done, published) = tokio::sync::oneshot::channel();
+        // A change still waiting is replaced: only the newest files matter.
+        *self.shared.tls_change.lock().expect("not poisoned") = Some((config, done));
+        self.shared.wake.notify_one();
+        published
+            .await
+            .unwrap_or_else(|_| Err("replaced by newer TLS files before it was applied".into()))
+    }
+
+    /// Publishes the waiting TLS change, if any, then drains like a rotation does, so that a
+    /// rotation starting next finds no connection older than PREVIOUS.
+    async fn apply_tls_change(&self) {
+        let s = &self.shared;
+        let Some((config, done)) = s.tls_change.lock().expect("not poisoned").take() else {
+            return;
+        };
+        let generation = {
+            let mut state = s.state.lock().expect("not poisoned");
+            state.generation += 1;
+            s.generations.current().with_tls(state.generation, config)
+        };
+        if let Err(err) = self.persist() {
+            s.state.lock().expect("not poisoned").generation -= 1;
+            let _ = done.send(Err(format!("cannot save the rotation state: {err}")));
+            return;
+        }
+        let id = s.generations.publish(generation).id;
+        s.pool.purge_old_generations();
+        self.update_gauges();
+        let _ = done.send(Ok(id));
+        self.drain(false, DrainFor::TlsChange).await;
+        *s.drain.lock().expect("not poisoned") = None;
+        s.generations.set_drain_deadline(None);
+    }
+
     // ---- the rotation task ------------------------------------------------------------------
 
     async fn run(self) {
         let s = &self.shared;
         let mut failures = 0u32;
         loop {
+            self.apply_tls_change().await;
             let in_flight = s.state.lock().expect("not poisoned").rotation.is_some();
             if in_flight {
                 if self.run_rotation().await {
@@ -608,7 +660,7 @@ impl RotationHandle {
                 Ok(StepDone::Next(Step::Drain))
             }
             Step::Drain => {
-                self.drain(urgent).await;
+                self.drain(urgent, DrainFor::Rotation).await;
                 Ok(StepDone::Next(Step::Revoke))
             }
             Step::Revoke => {
@@ -645,7 +697,7 @@ impl RotationHandle {
     }
 
     /// Waits until no connection of the previous generation is left, or the drain deadline.
-    async fn drain(&self, urgent_at_start: bool) {
+    async fn drain(&self, urgent_at_start: bool, purpose: DrainFor) {
         let s = &self.shared;
         let Some(previous) = s.generations.previous() else {
             return;
@@ -657,6 +709,13 @@ impl RotationHandle {
         let mut deadline = self.set_deadline(urgent);
         loop {
             if previous.live_connections() <= 0 {
+                break;
+            }
+            if purpose == DrainFor::TlsChange
+                && s.state.lock().expect("not poisoned").rotation.is_some()
+            {
+                // A requested rotation (perhaps an urgent one) goes first; sessions keep
+                // moving off the old TLS material at their safe points all the same.
                 break;
             }
             if !urgent && s.escalate.load(Ordering::Acquire) {
@@ -757,27 +816,17 @@ impl RotationHandle {
         );
     }
 
-    /// `external`: watches the source's directory (a Kubernetes secret volume is updated by
-    /// swapping a symlink in it, so the file itself is never written) and re-reads the source
-    /// on every change, with a polling fallback for file systems without change events.
+    /// `external`: re-reads the source whenever its directory changes (see [`crate::watch`]),
+    /// and at least every `poll_interval`.
     async fn watch_source(self) {
         let s = &self.shared;
         let Some(ext) = &s.config.external else {
             return;
         };
-        let (tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
-        let _watcher = ext
-            .password
-            .path()
-            .and_then(|p| p.parent())
-            .and_then(|dir| watch_directory(dir, tx));
-        let mut interval = tokio::time::interval(ext.poll_interval);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let files: Vec<&std::path::Path> = ext.password.path().into_iter().collect();
+        let mut watch = FileWatch::new(&files, ext.poll_interval, "credential source");
         loop {
-            tokio::select! {
-                _ = interval.tick() => {}
-                Some(()) = changes.recv() => {}
-            }
+            watch.next().await;
             self.check_source();
         }
     }
@@ -823,29 +872,6 @@ impl RotationHandle {
     }
 }
 
-/// Starts watching `dir`; every event becomes a unit message. None (polling only) if the
-/// platform or file system cannot watch.
-fn watch_directory(
-    dir: &std::path::Path,
-    tx: tokio::sync::mpsc::UnboundedSender<()>,
-) -> Option<notify::RecommendedWatcher> {
-    use notify::Watcher;
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
-            let _ = tx.send(());
-        }
-    })
-    .inspect_err(|e| tracing::warn!(error = %e, "cannot watch the credential source; polling only"))
-    .ok()?;
-    match watcher.watch(dir, notify::RecursiveMode::NonRecursive) {
-        Ok(()) => Some(watcher),
-        Err(e) => {
-            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the credential source; polling only");
-            None
-        }
-    }
-}
-
 impl crate::upstream::pool::AuthRecovery for RotationHandle {
     fn recover(
         &self,
@@ -853,6 +879,13 @@ impl crate::upstream::pool::AuthRecovery for RotationHandle {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + '_>> {
         Box::pin(self.recover_from_refusal(refused_generation))
     }
+}
+
+/// What a drain waits for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum DrainFor {
+    Rotation,
+    TlsChange,
 }
 
 enum StepDone {

@@ -195,7 +195,13 @@ impl Session {
         let target = self.ctx.generations.current();
         // RESP2 refuses AUTH while subscribed; MONITOR streams forever.
         let resp2_subscribed = self.state.protocol == 2 && self.state.has_subscriptions();
+        // AUTH changes the credential only: new TLS material needs a new connection.
+        let same_endpoint = self
+            .upstream
+            .as_ref()
+            .is_some_and(|u| u.conn.generation.endpoint.same_as(&target.endpoint));
         let in_place = !(self.reauth_refused || self.state.monitor || resp2_subscribed)
+            && same_endpoint
             && target.credential.password.is_some();
         if in_place {
             self.reauthenticate_as(target);

@@ -201,7 +201,7 @@ pub fn sha256_hex(redis: &RedisServer, password: &str) -> String {
 }
 
 /// A Kubernetes-style secret volume: `password` -> `..data/password`, `..data` -> a dated dir,
-/// updated by swapping the `..data` symlink.
+/// updated by swapping the `..data` symlink, so every file of the volume changes at once.
 pub struct SecretVolume {
     dir: PathBuf,
     version: u32,
@@ -209,29 +209,48 @@ pub struct SecretVolume {
 
 impl SecretVolume {
     pub fn new(dir: &Path, password: &str) -> SecretVolume {
+        Self::with_files(dir, &[("password", password.as_bytes())])
+    }
+
+    /// A volume holding `files` (name, contents), e.g. a TLS secret's `tls.crt` and `tls.key`.
+    pub fn with_files(dir: &Path, files: &[(&str, &[u8])]) -> SecretVolume {
         std::fs::create_dir_all(dir).unwrap();
         let mut v = SecretVolume {
             dir: dir.to_path_buf(),
             version: 0,
         };
-        v.publish(password);
-        std::os::unix::fs::symlink("..data/password", dir.join("password")).unwrap();
+        v.publish_files(files);
+        for (name, _) in files {
+            std::os::unix::fs::symlink(format!("..data/{name}"), dir.join(name)).unwrap();
+        }
         v
     }
 
     pub fn publish(&mut self, password: &str) {
+        self.publish_files(&[("password", password.as_bytes())]);
+    }
+
+    /// New contents for the volume's files, all swapped in with one rename.
+    pub fn publish_files(&mut self, files: &[(&str, &[u8])]) {
         self.version += 1;
-        let dated = format!("..2026_v{}", self.version);
-        std::fs::create_dir_all(self.dir.join(&dated)).unwrap();
-        std::fs::write(self.dir.join(&dated).join("password"), password).unwrap();
+        let dated = self.dir.join(format!("..2026_v{}", self.version));
+        std::fs::create_dir_all(&dated).unwrap();
+        for (name, contents) in files {
+            std::fs::write(dated.join(name), contents).unwrap();
+        }
         let tmp = self.dir.join("..data_tmp");
         let _ = std::fs::remove_file(&tmp);
-        std::os::unix::fs::symlink(&dated, &tmp).unwrap();
+        std::os::unix::fs::symlink(dated.file_name().unwrap(), &tmp).unwrap();
         std::fs::rename(&tmp, self.dir.join("..data")).unwrap();
     }
 
     pub fn file(&self) -> PathBuf {
         self.dir.join("password")
+    }
+
+    /// The path of one of the volume's files.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
     }
 }
 

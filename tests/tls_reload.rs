@@ -1,0 +1,405 @@
+//! Renewed TLS material followed without a restart: the upstream client certificate (with a CA
+//! change on the server, the hard case), files the server refuses, and the listener's own
+//! certificate. Real redis-server with mutual TLS, certificates made by the test.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+use support::load::{Load, LoadConfig};
+use support::rotation::SecretVolume;
+use support::*;
+
+const APP_USER: &str = "app";
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A Redis requiring client certificates from the test CA, the PKI, and a folder standing in
+/// for the proxy's certificate volume.
+struct MtlsEnv {
+    redis: RedisServer,
+    certs: Certs,
+    password: String,
+    /// The proxy's `client_cert` / `client_key` (copies the test replaces).
+    volume: CertFiles,
+    _dir: tempfile::TempDir,
+}
+
+impl MtlsEnv {
+    fn start() -> MtlsEnv {
+        let dir = temp_dir();
+        let certs = Certs::generate(&dir.path().join("pki"));
+        let password = random_token(32);
+        let redis = RedisServer::start(
+            RedisOptions::new()
+                .tls(RedisTls::from_certs(&certs, true))
+                .user(&format!("{APP_USER} on >{password} ~* &* +@all")),
+        );
+        let volume_dir = dir.path().join("volume");
+        std::fs::create_dir_all(&volume_dir).expect("volume dir");
+        let volume = CertFiles {
+            cert: volume_dir.join("tls.crt"),
+            key: volume_dir.join("tls.key"),
+        };
+        replace_file(&volume.cert, &certs.client.cert);
+        replace_file(&volume.key, &certs.client.key);
+        MtlsEnv {
+            redis,
+            certs,
+            password,
+            volume,
+            _dir: dir,
+        }
+    }
+
+    fn proxy_config(&self) -> ProxyConfig {
+        let mut config = ProxyConfig::tls(&self.redis, &self.certs.ca)
+            .credentials(Some(APP_USER), "env:TEST_UPSTREAM_PASSWORD")
+            .client_cert(&self.volume);
+        config.upstream_extra = "tls_poll_interval = \"200ms\"".into();
+        config
+    }
+
+    fn start_proxy(&self, config: &ProxyConfig) -> Proxy {
+        Proxy::start(
+            &config.to_toml(),
+            &[("TEST_UPSTREAM_PASSWORD", self.password.as_str())],
+        )
+    }
+
+    /// Which CAs Redis accepts client certificates from, for connections made from now on.
+    fn server_trusts(&self, cas: &[&Path]) {
+        let bundle = self
+            .redis
+            .dir()
+            .join(format!("trust-{}.pem", random_token(6)));
+        let pem: String = cas
+            .iter()
+            .map(|ca| std::fs::read_to_string(ca).expect("read CA"))
+            .collect();
+        std::fs::write(&bundle, pem).expect("write CA bundle");
+        self.redis
+            .admin_cmd(&[
+                "CONFIG",
+                "SET",
+                "tls-ca-cert-file",
+                &bundle.display().to_string(),
+            ])
+            .assert_ok();
+    }
+
+    /// Installs a certificate and key the way a secrets agent does: each written aside, then
+    /// renamed over the old one.
+    fn install(&self, cert: &Path, key: &Path) {
+        replace_file(&self.volume.key, key);
+        replace_file(&self.volume.cert, cert);
+    }
+
+    /// Closes every connection the proxy holds to Redis, so the next commands need new ones.
+    fn kill_upstream_connections(&self) {
+        let killed = self
+            .redis
+            .admin_cmd(&["CLIENT", "KILL", "USER", APP_USER])
+            .as_int()
+            .expect("CLIENT KILL answers a count");
+        assert!(killed > 0, "the proxy had connections to kill");
+    }
+
+    /// Server-side ids of the connections the proxy holds (as user `app`).
+    fn proxy_connection_ids(&self) -> std::collections::HashSet<String> {
+        self.redis
+            .client_list()
+            .into_iter()
+            .filter(|c| c.get("user").map(String::as_str) == Some(APP_USER))
+            .filter_map(|c| c.get("id").cloned())
+            .collect()
+    }
+
+    /// The private keys' PEM bodies: never to be seen in logs or status.
+    fn key_material(&self) -> Vec<String> {
+        [&self.certs.client.key, &self.certs.other_client.key]
+            .into_iter()
+            .map(|k| pem_body_line(k))
+            .collect()
+    }
+}
+
+/// Writes `from`'s contents to `to` atomically (a temporary file renamed over it).
+fn replace_file(to: &Path, from: &Path) {
+    let tmp: PathBuf = to.with_extension("tmp");
+    std::fs::copy(from, &tmp).expect("copy");
+    std::fs::rename(&tmp, to).expect("rename");
+}
+
+/// A line from the middle of a PEM file (base64 of the key itself).
+fn pem_body_line(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).expect("read PEM");
+    let lines: Vec<&str> = text.lines().filter(|l| !l.starts_with("-----")).collect();
+    assert!(!lines.is_empty(), "{} has a body", path.display());
+    lines[lines.len() / 2].to_string()
+}
+
+fn status(proxy: &Proxy) -> Value {
+    let (code, body) = proxy.http_get("/v1/status");
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).expect("status is JSON")
+}
+
+fn reloads(proxy: &Proxy, side: &str, result: &str) -> f64 {
+    proxy
+        .metric(&format!(
+            "rotaproxy_tls_reloads_total{{side=\"{side}\",result=\"{result}\"}}"
+        ))
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn a_client_certificate_from_a_new_ca_is_followed_under_load_without_a_client_error() {
+    let env = MtlsEnv::start();
+    let proxy = env.start_proxy(&env.proxy_config());
+    let before = status(&proxy);
+    assert_eq!(before["generation"], 1, "{before}");
+    let issuer = before["tls"]["upstream"]["certificate"]["issuer"].to_string();
+    assert!(issuer.contains("rotaproxy test CA"), "{before}");
+    let mut idle = proxy.conn();
+    idle.cmd(&["SET", "idle-key", "1"]).assert_ok();
+
+    let load = Load::start(LoadConfig::new(proxy.client_addr(), random_token(8)));
+    assert_eventually(WAIT, "load ran a bit", || load.progress() > 2_000);
+
+    // The CA rotation as an operator runs it: the server trusts both CAs, the proxy gets a
+    // certificate from the new one, and once nothing uses the old one the server drops it.
+    env.server_trusts(&[&env.certs.ca, &env.certs.other_ca]);
+    let before_ids = env.proxy_connection_ids();
+    assert!(before_ids.len() > 10, "{before_ids:?}");
+    env.install(&env.certs.other_client.cert, &env.certs.other_client.key);
+    assert_eventually(WAIT, "the new certificate is a new generation", || {
+        status(&proxy)["generation"] == 2
+    });
+    let at = load.progress();
+    assert_eventually(WAIT, "every session moved off the old certificate", || {
+        let s = status(&proxy);
+        s["connections"]["previous"] == 0 && load.progress() > at + 2_000
+    });
+    // Moved to new connections, not re-authenticated in place (AUTH cannot change a TLS
+    // connection's certificate): none of the connections from before is left.
+    assert_eventually(WAIT, "the old connections are closed", || {
+        env.proxy_connection_ids().is_disjoint(&before_ids)
+    });
+    load.stop().assert_clean();
+    assert_eq!(reloads(&proxy, "upstream", "applied"), 1.0);
+    assert_eq!(reloads(&proxy, "upstream", "refused"), 0.0);
+    let after = status(&proxy);
+    let cert = &after["tls"]["upstream"]["certificate"];
+    assert!(
+        cert["issuer"].to_string().contains("unrelated CA"),
+        "{after}"
+    );
+    assert_eq!(after["tls"]["upstream"]["reload_pending"], false, "{after}");
+    assert_eq!(
+        proxy
+            .metric("rotaproxy_tls_certificate_expiry_timestamp_seconds{side=\"upstream\"}")
+            .map(|v| v as i64),
+        cert["not_after"].as_i64(),
+    );
+
+    // Only the new CA now: connections made from here on work only with the new certificate.
+    env.server_trusts(&[&env.certs.other_ca]);
+    env.kill_upstream_connections();
+    proxy
+        .conn()
+        .cmd(&["SET", "after", "ca-rotation"])
+        .assert_ok();
+    idle.cmd(&["GET", "idle-key"]).assert_bulk("1");
+    proxy.wait_for_log("tls.reloaded", WAIT);
+
+    let keys = env.key_material();
+    let mut secrets: Vec<&str> = keys.iter().map(String::as_str).collect();
+    secrets.push(&env.password);
+    assert_no_secret_in_logs(&proxy, &secrets);
+    assert_no_secret_in_lines(&[after.to_string()], &secrets);
+}
+
+#[test]
+fn tls_files_that_do_not_work_are_refused_once_and_used_when_they_do() {
+    let env = MtlsEnv::start();
+    let proxy = env.start_proxy(&env.proxy_config());
+    let mut c = proxy.conn();
+    c.cmd(&["SET", "k", "v"]).assert_ok();
+
+    // A certificate with another certificate's key: refused before anything connects.
+    env.install(&env.certs.other_client.cert, &env.certs.client.key);
+    assert_eventually(WAIT, "the mismatched pair is refused", || {
+        reloads(&proxy, "upstream", "refused") == 1.0
+    });
+    let line = proxy.wait_for_log("event=\"tls.refused\"", WAIT);
+    assert!(line.contains("do not belong together"), "{line}");
+    assert_eq!(status(&proxy)["tls"]["upstream"]["reload_pending"], true);
+
+    // The right pair, but from a CA the server does not trust yet: the proxy proves it with a
+    // connection before using it, and keeps trying at every poll without logging it again.
+    env.install(&env.certs.other_client.cert, &env.certs.other_client.key);
+    assert_eventually(WAIT, "the untrusted certificate is refused", || {
+        reloads(&proxy, "upstream", "refused") == 2.0
+    });
+    let failures = |p: &Proxy| {
+        p.metric("rotaproxy_upstream_connect_failures_total")
+            .unwrap_or(0.0)
+    };
+    let tried = failures(&proxy);
+    assert_eventually(WAIT, "three more tries at the poll", || {
+        failures(&proxy) >= tried + 3.0
+    });
+    assert_eq!(reloads(&proxy, "upstream", "refused"), 2.0);
+    let s = status(&proxy);
+    assert_eq!(s["generation"], 1, "{s}");
+    assert_eq!(s["tls"]["upstream"]["last_reload"]["result"], "refused");
+    // Nothing changed for clients, even on connections made meanwhile.
+    env.kill_upstream_connections();
+    c.cmd(&["GET", "k"]).assert_bulk("v");
+    proxy.conn().cmd(&["PING"]).assert_simple("PONG");
+
+    // Once the server trusts the new CA, the next try succeeds.
+    env.server_trusts(&[&env.certs.ca, &env.certs.other_ca]);
+    assert_eventually(
+        WAIT,
+        "the certificate is used once the server trusts it",
+        || status(&proxy)["generation"] == 2,
+    );
+    let s = status(&proxy);
+    assert_eq!(s["tls"]["upstream"]["reload_pending"], false, "{s}");
+    assert_eq!(s["tls"]["upstream"]["last_reload"]["result"], "applied");
+    assert_eq!(reloads(&proxy, "upstream", "applied"), 1.0);
+    let refusals = proxy
+        .logs()
+        .iter()
+        .filter(|l| l.contains("event=\"tls.refused\""))
+        .count();
+    assert_eq!(refusals, 2, "one log line per refused content and reason");
+    c.cmd(&["GET", "k"]).assert_bulk("v");
+
+    let keys = env.key_material();
+    let mut secrets: Vec<&str> = keys.iter().map(String::as_str).collect();
+    secrets.push(&env.password);
+    assert_no_secret_in_logs(&proxy, &secrets);
+}
+
+#[test]
+fn with_rotation_a_certificate_change_is_a_generation_the_next_rotation_keeps() {
+    let env = MtlsEnv::start();
+    let state = temp_dir();
+    let mut config = env.proxy_config().extra(&format!(
+        "[rotation]\nstrategy = \"acl-multi-password\"\nstate_dir = {}\ndrain_deadline = \"3s\"\n",
+        toml_path(state.path())
+    ));
+    config.admin_extra = "token = \"env:TEST_ADMIN_TOKEN\"".into();
+    let token = random_token(24);
+    let proxy = Proxy::start(
+        &config.to_toml(),
+        &[
+            ("TEST_UPSTREAM_PASSWORD", env.password.as_str()),
+            ("TEST_ADMIN_TOKEN", token.as_str()),
+        ],
+    );
+    let mut c = proxy.conn();
+    c.cmd(&["SET", "k", "v"]).assert_ok();
+
+    env.server_trusts(&[&env.certs.ca, &env.certs.other_ca]);
+    env.install(&env.certs.other_client.cert, &env.certs.other_client.key);
+    assert_eventually(WAIT, "the certificate change is generation 2", || {
+        status(&proxy)["generation"] == 2
+    });
+    // The generation counter lives in the rotation state, so a restart starts after it.
+    let saved =
+        std::fs::read_to_string(state.path().join("rotaproxy-state.json")).expect("state file");
+    let saved: Value = serde_json::from_str(&saved).expect("state is JSON");
+    assert_eq!(saved["generation"], 2, "{saved}");
+
+    let (code, body) = proxy.http_post("/v1/rotate?wait=true", Some(&token), "");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"success\""), "{body}");
+    assert_eq!(status(&proxy)["generation"], 3);
+
+    // The rotated credential goes with the new certificate, not the old one.
+    env.server_trusts(&[&env.certs.other_ca]);
+    env.kill_upstream_connections();
+    c.cmd(&["GET", "k"]).assert_bulk("v");
+    proxy.conn().cmd(&["SET", "after", "both"]).assert_ok();
+}
+
+#[test]
+fn a_renewed_listener_certificate_serves_new_clients_and_old_ones_keep_theirs() {
+    let dir = temp_dir();
+    let certs = Certs::generate(&dir.path().join("pki"));
+    let read = |p: &Path| std::fs::read(p).expect("read PEM");
+    // Mounted the way Kubernetes mounts a TLS secret cert-manager renews.
+    let mut volume = SecretVolume::with_files(
+        &dir.path().join("listener-tls"),
+        &[
+            ("tls.crt", &read(&certs.server.cert)),
+            ("tls.key", &read(&certs.server.key)),
+        ],
+    );
+    let redis = RedisServer::start(RedisOptions::new());
+    let mut config = ProxyConfig::plain(&redis);
+    config.extra = format!(
+        "[listener.tls]\ncert = {}\nkey = {}\npoll_interval = \"200ms\"\n",
+        toml_path(&volume.path("tls.crt")),
+        toml_path(&volume.path("tls.key"))
+    );
+    let proxy = Proxy::start(&config.to_toml(), &[]);
+    let mut old = RespConn::connect_tls(proxy.client_addr(), &certs.ca);
+    old.cmd(&["SET", "k", "v"]).assert_ok();
+
+    // A certificate with the wrong key is refused, and the one in use goes on serving.
+    volume.publish_files(&[
+        ("tls.crt", &read(&certs.other_server.cert)),
+        ("tls.key", &read(&certs.server.key)),
+    ]);
+    assert_eventually(WAIT, "the mismatched pair is refused", || {
+        reloads(&proxy, "listener", "refused") == 1.0
+    });
+    RespConn::connect_tls(proxy.client_addr(), &certs.ca)
+        .cmd(&["GET", "k"])
+        .assert_bulk("v");
+    assert_eq!(status(&proxy)["tls"]["listener"]["reload_pending"], true);
+
+    volume.publish_files(&[
+        ("tls.crt", &read(&certs.other_server.cert)),
+        ("tls.key", &read(&certs.other_server.key)),
+    ]);
+    assert_eventually(WAIT, "the listener certificate is reloaded", || {
+        reloads(&proxy, "listener", "applied") == 1.0
+    });
+    let mut new = RespConn::connect_tls(proxy.client_addr(), &certs.other_ca);
+    new.cmd(&["GET", "k"]).assert_bulk("v");
+    assert!(
+        RespConn::try_connect_tls_with(
+            proxy.client_addr(),
+            TlsClientOptions {
+                ca: Some(&certs.ca),
+                ..TlsClientOptions::default()
+            }
+        )
+        .is_err(),
+        "a client trusting only the old CA no longer gets through"
+    );
+    old.cmd(&["GET", "k"]).assert_bulk("v");
+    let s = status(&proxy);
+    assert_eq!(s["tls"]["listener"]["reload_pending"], false, "{s}");
+    assert!(
+        s["tls"]["listener"]["certificate"]["issuer"]
+            .to_string()
+            .contains("unrelated CA"),
+        "{s}"
+    );
+    assert!(s["tls"].get("upstream").is_none(), "plain upstream: {s}");
+    assert_no_secret_in_logs(
+        &proxy,
+        &[
+            &pem_body_line(&certs.server.key),
+            &pem_body_line(&certs.other_server.key),
+        ],
+    );
+}
