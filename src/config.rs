@@ -1055,6 +1055,35 @@ mod tests {
     }
 
     #[test]
+    fn zero_poll_intervals_are_refused_by_key() {
+        let cases = [
+            (
+                "[upstream]\nurl = \"rediss://h:1\"\ntls_poll_interval = \"0s\"\n".to_string(),
+                "upstream.tls_poll_interval",
+            ),
+            (
+                format!(
+                    "{MINIMAL}[listener.tls]\ncert = \"/c\"\nkey = \"/k\"\npoll_interval = \"0s\"\n"
+                ),
+                "listener.tls.poll_interval",
+            ),
+            (
+                format!(
+                    "{MINIMAL}[rotation]\nstrategy = \"external\"\n[rotation.external]\npassword = \"file:/pw\"\npoll_interval = \"0s\"\n"
+                ),
+                "rotation.external.poll_interval",
+            ),
+        ];
+        for (text, key) in cases {
+            let err = Config::parse(&text).unwrap_err().to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
+        let text = "[upstream]\nurl = \"rediss://h:1\"\ntls_poll_interval = \"2s\"\n";
+        let c = Config::parse(text).unwrap();
+        assert_eq!(c.upstream.tls_poll_interval, Duration::from_secs(2));
+    }
+
+    #[test]
     fn url_forms() {
         let u = UpstreamUrl::parse("rediss://db.example.com:12000").unwrap();
         assert_eq!(
