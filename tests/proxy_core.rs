@@ -611,6 +611,35 @@ fn upstream_restart_is_invisible_to_idle_clients() {
     env.assert_no_secret_leaked();
 }
 
+#[test]
+fn a_command_sent_right_after_the_server_killed_an_idle_connection_is_answered() {
+    let env = Env::start();
+    let mut c = env.conn();
+    c.cmd(&["SELECT", "3"]).assert_ok();
+    // Each round the server closes the session's idle connection, and the client's next
+    // command follows at once: it must go to a new connection, not into the closed one.
+    for round in 0..20 {
+        let id = c.cmd(&["CLIENT", "ID"]).as_int().expect("an id");
+        // Answered by the server, so the session last read from the upstream.
+        c.cmd(&["INCR", "pings"]).assert_int(round + 1);
+        let killed = env.redis.admin_cmd(&["CLIENT", "KILL", "USER", APP_USER]);
+        assert!(
+            killed.as_int().unwrap_or(0) >= 1,
+            "round {round}: {killed:?}"
+        );
+        c.cmd(&["SET", "round", &round.to_string()]).assert_ok();
+        c.cmd(&["GET", "round"]).assert_bulk(round.to_string());
+        assert_eq!(
+            c.cmd(&["CLIENT", "ID"]).as_int(),
+            Some(id),
+            "the client keeps its id"
+        );
+    }
+    let mut admin = env.redis.admin_conn();
+    admin.cmd(&["SELECT", "3"]).assert_ok();
+    admin.cmd(&["GET", "round"]).assert_bulk("19");
+}
+
 /// Publishes on `channel` until the proxy's (RESP2) subscriber `sub` is subscribed again after
 /// losing its connection, and checks the message reaches it.
 fn assert_resubscribed(env: &Env, sub: &mut RespConn, channel: &str) {

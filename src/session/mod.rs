@@ -478,7 +478,12 @@ impl Session {
         if let Poll::Ready(n) = self.poll_read_old_upstream(cx) {
             return Poll::Ready(Event::OldUpstreamRead(n));
         }
-        let event = if self.upstream_first {
+        // Alternate for fairness while replies flow. With none owed, anything the upstream
+        // sent is a push or the end of the connection: looking there first lets an idle
+        // session notice a connection the server closed (a kill, a restart) before it forwards
+        // the client's next command into it, so that command goes to a new connection instead
+        // of failing as "lost before the reply".
+        let event = if self.upstream_first || self.replies.is_empty() {
             match self.poll_read_upstream(cx) {
                 Poll::Pending => self.poll_read_client(cx),
                 ready => ready,
