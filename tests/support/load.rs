@@ -757,9 +757,11 @@ fn queued() -> Frame {
 }
 
 /// A bulk string holding an integer.
+/// A counter's value as `GET` answers it; a key never written (nil) counts 0.
 fn bulk_i64(f: &Frame) -> Option<i64> {
     match f {
         Frame::Bulk(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+        Frame::Null => Some(0),
         _ => None,
     }
 }
