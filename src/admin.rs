@@ -28,6 +28,8 @@ pub struct AdminState {
     pub token: Option<SecretString>,
     /// Certificates in use and their reloads.
     pub tls: Arc<crate::tls_reload::TlsStatus>,
+    /// Proxy-owned client certificates (`[rotation.client_certificate]`).
+    pub client_cert_rotation: Option<crate::rotation::client_cert::ClientCertRotation>,
 }
 
 pub fn router(state: Arc<AdminState>) -> Router {
@@ -37,6 +39,10 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/status", get(status))
         .route("/v1/rotate", post(rotate))
+        .route(
+            "/v1/client-certificate/rotate",
+            post(rotate_client_certificate),
+        )
         .with_state(state)
 }
 
@@ -93,7 +99,50 @@ async fn status(State(state): State<Arc<AdminState>>) -> Json<serde_json::Value>
     doc["upstream_ready"] = json!(state.pool.is_ready());
     doc["upstream_error"] = json!(state.pool.last_error());
     doc["tls"] = state.tls.to_json();
+    if let Some(rotation) = &state.client_cert_rotation {
+        doc["client_certificate_rotation"] = rotation.status();
+    }
     Json(doc)
+}
+
+/// `POST /v1/client-certificate/rotate[?wait=true]`: a new client certificate now.
+async fn rotate_client_certificate(
+    State(state): State<Arc<AdminState>>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    if let Err(refusal) = authorize(&state, &headers) {
+        return *refusal;
+    }
+    let Some(rotation) = &state.client_cert_rotation else {
+        return error(
+            StatusCode::CONFLICT,
+            "client certificate rotation is not configured ([rotation.client_certificate] in the config)",
+        );
+    };
+    let before = rotation.settled_count();
+    let running = rotation.request();
+    let mut body = match &running {
+        Some(id) => json!({ "state": "in_progress", "rotation_id": id }),
+        None => json!({ "state": "started" }),
+    };
+    let wait = query
+        .get("wait")
+        .is_some_and(|v| v.is_empty() || v == "true" || v == "1");
+    if !wait {
+        return (StatusCode::ACCEPTED, Json(body)).into_response();
+    }
+    // The rotation ended, or a step failed (it is retried at the next check or request).
+    let status = rotation.wait_settled(before).await;
+    let failed = status["in_progress"].is_object();
+    body["state"] = json!(if failed { "step_failed" } else { "finished" });
+    body["status"] = status;
+    let code = if failed {
+        StatusCode::BAD_GATEWAY
+    } else {
+        StatusCode::OK
+    };
+    (code, Json(body)).into_response()
 }
 
 /// `POST /v1/rotate[?urgent=true][&wait=true]`.

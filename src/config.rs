@@ -375,9 +375,48 @@ pub struct RotationConfig {
     /// The Redis Cloud REST API (`backend = "cloud"`).
     #[serde(default)]
     pub cloud: Option<crate::cloud::CloudApiConfig>,
-    /// `default-user` with `backend = "cloud"`: the database whose default-user password rotates.
+    /// The Redis Cloud database: whose default-user password rotates (`default-user`), and
+    /// whose client certificate list the proxy keeps (`[rotation.client_certificate]`).
     #[serde(default)]
     pub database: Option<crate::cloud::DatabaseRef>,
+    /// Client certificates the proxy makes and registers itself (Redis Cloud).
+    #[serde(default)]
+    pub client_certificate: Option<ClientCertRotationConfig>,
+}
+
+/// `[rotation.client_certificate]`: the proxy makes its own mTLS client certificates
+/// (self-signed), registers each with the database through the REST API
+/// (`clientTlsCertificates`: old and new, then new only) and writes it to
+/// `upstream.client_cert` / `client_key`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientCertRotationConfig {
+    /// Lifetime of a certificate the proxy makes.
+    #[serde(default = "default_cert_validity", with = "humantime_serde")]
+    pub validity: Duration,
+    /// A new certificate is made when the one in use has less than this left (checked at
+    /// start-up and every `check_interval`), or on `POST /v1/client-certificate/rotate`.
+    #[serde(default = "default_cert_renew_before", with = "humantime_serde")]
+    pub renew_before: Duration,
+    /// How often the remaining lifetime is checked (and a failed rotation retried).
+    #[serde(default = "default_cert_check_interval", with = "humantime_serde")]
+    pub check_interval: Duration,
+    /// Common name of the certificates the proxy makes.
+    #[serde(default = "default_cert_subject")]
+    pub subject: String,
+}
+
+fn default_cert_validity() -> Duration {
+    Duration::from_secs(90 * 24 * 3600)
+}
+fn default_cert_renew_before() -> Duration {
+    Duration::from_secs(30 * 24 * 3600)
+}
+fn default_cert_check_interval() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_cert_subject() -> String {
+    "rotaproxy".to_string()
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -935,6 +974,9 @@ fn validate_rotation(config: &Config, r: &RotationConfig) -> Result<(), ConfigEr
             }
         }
     }
+    if let Some(cert) = &r.client_certificate {
+        validate_client_cert_rotation(config, r, cert)?;
+    }
     if r.backend == RotationBackend::Cloud {
         if r.cloud.is_none() {
             return Err(invalid(
@@ -992,6 +1034,49 @@ fn validate_rotation(config: &Config, r: &RotationConfig) -> Result<(), ConfigEr
         return Err(invalid(
             "rotation.users",
             "is only used by strategy \"alternating-users\"",
+        ));
+    }
+    Ok(())
+}
+
+fn validate_client_cert_rotation(
+    config: &Config,
+    r: &RotationConfig,
+    cert: &ClientCertRotationConfig,
+) -> Result<(), ConfigError> {
+    let invalid = |key, message: &str| ConfigError::Invalid {
+        key,
+        message: message.to_string(),
+    };
+    let key = "rotation.client_certificate";
+    if r.backend != RotationBackend::Cloud || r.database.is_none() {
+        return Err(invalid(
+            key,
+            "needs backend = \"cloud\" and [rotation.database]: certificates are registered through the Redis Cloud API",
+        ));
+    }
+    if config.upstream.client_cert.is_none() {
+        return Err(invalid(
+            key,
+            "needs upstream.client_cert and client_key: the files the proxy writes its certificates to",
+        ));
+    }
+    if cert.renew_before >= cert.validity {
+        return Err(invalid(
+            "rotation.client_certificate.renew_before",
+            "must be shorter than validity",
+        ));
+    }
+    if cert.check_interval.is_zero() {
+        return Err(invalid(
+            "rotation.client_certificate.check_interval",
+            "must be more than 0s",
+        ));
+    }
+    if cert.subject.is_empty() {
+        return Err(invalid(
+            "rotation.client_certificate.subject",
+            "must not be empty",
         ));
     }
     Ok(())
@@ -1081,6 +1166,50 @@ mod tests {
         let text = "[upstream]\nurl = \"rediss://h:1\"\ntls_poll_interval = \"2s\"\n";
         let c = Config::parse(text).unwrap();
         assert_eq!(c.upstream.tls_poll_interval, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn client_certificate_rotation_needs_the_cloud_and_the_files() {
+        let cloud = "[rotation]\nstrategy = \"default-user\"\nbackend = \"cloud\"\n\
+                     [rotation.cloud]\naccount_key = \"env:A\"\nsecret_key = \"env:S\"\n\
+                     [rotation.database]\nkind = \"pro\"\nsubscription_id = 1\ndatabase_id = 2\n";
+        let upstream = "[upstream]\nurl = \"rediss://h:1\"\nclient_cert = \"/c\"\nclient_key = \"/k\"\n\
+                        [credentials]\npassword = \"env:P\"\n";
+        let ok = format!(
+            "{upstream}{cloud}[rotation.client_certificate]\nvalidity = \"30d\"\nrenew_before = \"10d\"\n"
+        );
+        let c = Config::parse(&ok).unwrap();
+        let cert = c.rotation.unwrap().client_certificate.unwrap();
+        assert_eq!(cert.validity, Duration::from_secs(30 * 86_400));
+        assert_eq!(cert.subject, "rotaproxy");
+
+        let cases = [
+            // No files to write to.
+            (
+                format!(
+                    "[upstream]\nurl = \"rediss://h:1\"\n[credentials]\npassword = \"env:P\"\n{cloud}[rotation.client_certificate]\n"
+                ),
+                "rotation.client_certificate",
+            ),
+            // Renewing before more than the whole lifetime.
+            (
+                format!(
+                    "{upstream}{cloud}[rotation.client_certificate]\nvalidity = \"10d\"\nrenew_before = \"10d\"\n"
+                ),
+                "rotation.client_certificate.renew_before",
+            ),
+            // Not the cloud backend.
+            (
+                format!(
+                    "{upstream}[rotation]\nstrategy = \"acl-multi-password\"\n[rotation.client_certificate]\n"
+                ),
+                "rotation.client_certificate",
+            ),
+        ];
+        for (text, key) in cases {
+            let err = Config::parse(&text).unwrap_err().to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
     }
 
     #[test]

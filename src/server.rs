@@ -15,12 +15,15 @@ use crate::credentials::{Credential, Generation, Generations};
 use crate::metrics::Metrics;
 use crate::net::Stream;
 use crate::resp::scanner::ScanLimits;
+use crate::rotation::client_cert::{ClientCertParts, ClientCertRotation};
 use crate::rotation::{RotationHandle, RotationParts};
 use crate::session::client_auth::ClientAuth;
 use crate::session::links::ClientLinks;
 use crate::session::{Session, SessionContext};
 use crate::tls::UpstreamTls;
-use crate::tls_reload::{Publisher, Side, TlsStatus, UpstreamFollower, follow_listener};
+use crate::tls_reload::{
+    Publisher, Side, TlsStatus, UpstreamFilesParts, UpstreamTlsFiles, follow_listener,
+};
 use crate::upstream::pool::Pool;
 use crate::watch::contents_digest;
 
@@ -106,6 +109,7 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
     };
 
     let tls_status = Arc::new(TlsStatus::default());
+    let mut client_cert_rotation = None;
     if generations.current().endpoint.tls.is_some() {
         tls_status.started(Side::Upstream, upstream_tls.client_cert_summary());
         let publisher = match &rotation {
@@ -115,7 +119,7 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
                 pool: pool.clone(),
             },
         };
-        let follower = UpstreamFollower {
+        let files = UpstreamTlsFiles::new(UpstreamFilesParts {
             tls: upstream_tls,
             loaded: upstream_tls_loaded,
             poll_interval: config.upstream.tls_poll_interval,
@@ -124,8 +128,25 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
             timeouts: config.timeouts.clone(),
             metrics: metrics.clone(),
             status: tls_status.clone(),
-        };
-        tokio::spawn(follower.run());
+        });
+        tokio::spawn(files.clone().follow());
+        if let (Some(rotation_config), Some(rotation)) = (&config.rotation, &rotation)
+            && let Some(cert_config) = &rotation_config.client_certificate
+            && let Some((cloud, Some(database))) = rotation.cloud_api()
+        {
+            client_cert_rotation = Some(
+                ClientCertRotation::start(ClientCertParts {
+                    config: cert_config.clone(),
+                    drain_deadline: rotation_config.drain_deadline,
+                    state_dir: rotation_config.state_dir.clone(),
+                    cloud,
+                    database,
+                    files,
+                    generations: generations.clone(),
+                })
+                .context("cannot start client certificate rotation")?,
+            );
+        }
     }
 
     let client_auth =
@@ -185,6 +206,7 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
         rotation,
         token: admin_token,
         tls: tls_status,
+        client_cert_rotation,
     });
     tokio::spawn(admin::serve(admin_listener, admin_state));
     tracing::info!(%client_addr, %admin_addr, tls = tls_acceptor.is_some(), "listening");

@@ -185,8 +185,24 @@ impl Publisher {
     }
 }
 
+/// The upstream TLS files and what is known about them: shared by the task that follows them
+/// and by the client-certificate rotation, which installs new ones
+/// ([`UpstreamTlsFiles::install`]).
+pub struct UpstreamTlsFiles {
+    tls: UpstreamTls,
+    poll_interval: Duration,
+    generations: Arc<Generations>,
+    publisher: Publisher,
+    timeouts: TimeoutsConfig,
+    metrics: Metrics,
+    status: Arc<TlsStatus>,
+    /// Held while the files are looked at or replaced, so the follower never reads a pair the
+    /// rotation is halfway through writing.
+    book: tokio::sync::Mutex<Book>,
+}
+
 /// Everything the upstream follower needs.
-pub struct UpstreamFollower {
+pub struct UpstreamFilesParts {
     pub tls: UpstreamTls,
     /// Digest of the files the first generation was built from (read before building it, so
     /// a change made meanwhile is not missed).
@@ -199,55 +215,133 @@ pub struct UpstreamFollower {
     pub status: Arc<TlsStatus>,
 }
 
-impl UpstreamFollower {
-    /// Follows the files until the process ends. Does nothing without files to follow.
-    pub async fn run(self) {
-        let files: Vec<PathBuf> = self
-            .tls
+impl UpstreamTlsFiles {
+    pub fn new(parts: UpstreamFilesParts) -> Arc<UpstreamTlsFiles> {
+        Arc::new(UpstreamTlsFiles {
+            tls: parts.tls,
+            poll_interval: parts.poll_interval,
+            generations: parts.generations,
+            publisher: parts.publisher,
+            timeouts: parts.timeouts,
+            metrics: parts.metrics,
+            status: parts.status,
+            book: tokio::sync::Mutex::new(Book {
+                in_use: parts.loaded,
+                refused: None,
+            }),
+        })
+    }
+
+    fn paths(&self) -> Vec<PathBuf> {
+        self.tls
             .files()
             .into_iter()
             .map(Path::to_path_buf)
-            .collect();
+            .collect()
+    }
+
+    /// The client certificate and key files, if there are any.
+    pub fn client_cert_paths(&self) -> Option<(&Path, &Path)> {
+        self.tls
+            .client_cert
+            .as_ref()
+            .map(|(c, k)| (c.as_path(), k.as_path()))
+    }
+
+    /// Follows the files until the process ends. Does nothing without files to follow.
+    pub async fn follow(self: Arc<Self>) {
+        let files = self.paths();
         if files.is_empty() {
             return;
         }
-        let mut follow = Follow::new(Side::Upstream, &files, self.loaded, self.poll_interval);
+        let paths: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
+        let mut watch = FileWatch::new(&paths, self.poll_interval, "upstream TLS files");
         loop {
-            let Some(digest) = follow.next_change().await else {
-                self.status.settled(Side::Upstream);
+            watch.next().await;
+            let mut book = self.book.lock().await;
+            let Some(digest) = contents_digest(&paths) else {
+                // A replacement under way, a volume being remounted: wait it out.
                 continue;
             };
-            match self.try_apply().await {
-                Ok(generation) => {
-                    let certificate = self.tls.client_cert_summary();
-                    tracing::info!(
-                        target: "rotaproxy::audit",
-                        event = "tls.reloaded",
-                        side = "upstream",
-                        generation,
-                        certificate_subject = certificate.as_ref().map_or("", |c| c.subject.as_str()),
-                        certificate_serial = certificate.as_ref().map_or("", |c| c.serial.as_str()),
-                        certificate_not_after = certificate.as_ref().map_or(0, |c| c.not_after),
-                        "new upstream TLS files in use; sessions move to them at their next safe point"
-                    );
-                    self.status
-                        .applied(Side::Upstream, certificate, Some(generation));
-                    follow.applied(digest);
+            if Some(digest) == book.in_use {
+                if book.refused.take().is_some() {
+                    self.status.settled(Side::Upstream);
                 }
+                continue;
+            }
+            match self.try_apply().await {
+                Ok(generation) => self.applied(&mut book, digest, generation),
                 Err(reason) => {
-                    if follow.refused(digest, &reason) {
-                        tracing::warn!(
-                            target: "rotaproxy::audit",
-                            event = "tls.refused",
-                            side = "upstream",
-                            error = %reason,
-                            "the upstream TLS files changed but cannot be used; keeping the ones in use and trying again at every change and poll"
-                        );
-                        self.status.refused(Side::Upstream, &reason);
+                    if book.refused(digest, &reason) {
+                        self.log_refusal(&reason);
                     }
                 }
             }
         }
+    }
+
+    /// Replaces the client certificate and key files with `cert_pem` and `key_pem` (each
+    /// written aside, fsynced and renamed over the old one; the key with mode 0600) and puts
+    /// them in use as [`Self::follow`] would: proven with a fresh connection, then published.
+    /// Returns the new generation's id. A pair that is refused is taken back: the old files
+    /// are written again, so a restart never starts with a certificate the server refused.
+    pub async fn install(&self, cert_pem: &[u8], key_pem: &[u8]) -> Result<u64, String> {
+        let Some((cert, key)) = self.client_cert_paths() else {
+            return Err("upstream.client_cert and client_key are not set".into());
+        };
+        let mut book = self.book.lock().await;
+        let read =
+            |p: &Path| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
+        let (old_cert, old_key) = (read(cert)?, read(key)?);
+        let write = |cert_pem: &[u8], key_pem: &[u8]| {
+            write_durably(key, key_pem, 0o600)
+                .and_then(|()| write_durably(cert, cert_pem, 0o644))
+                .map_err(|e| format!("cannot write the client certificate files: {e}"))
+        };
+        write(cert_pem, key_pem)?;
+        let files = self.paths();
+        let paths: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
+        let digest = contents_digest(&paths)
+            .ok_or_else(|| "cannot read back the client certificate files".to_string())?;
+        match self.try_apply().await {
+            Ok(generation) => {
+                self.applied(&mut book, digest, generation);
+                Ok(generation)
+            }
+            Err(reason) => {
+                write(&old_cert, &old_key)?;
+                Err(reason)
+            }
+        }
+    }
+
+    fn applied(&self, book: &mut Book, digest: u64, generation: u64) {
+        let certificate = self.tls.client_cert_summary();
+        tracing::info!(
+            target: "rotaproxy::audit",
+            event = "tls.reloaded",
+            side = "upstream",
+            generation,
+            certificate_subject = certificate.as_ref().map_or("", |c| c.subject.as_str()),
+            certificate_serial = certificate.as_ref().map_or("", |c| c.serial.as_str()),
+            certificate_not_after = certificate.as_ref().map_or(0, |c| c.not_after),
+            "new upstream TLS files in use; sessions move to them at their next safe point"
+        );
+        self.status
+            .applied(Side::Upstream, certificate, Some(generation));
+        book.in_use = Some(digest);
+        book.refused = None;
+    }
+
+    fn log_refusal(&self, reason: &str) {
+        tracing::warn!(
+            target: "rotaproxy::audit",
+            event = "tls.refused",
+            side = "upstream",
+            error = %reason,
+            "the upstream TLS files changed but cannot be used; keeping the ones in use and trying again at every change and poll"
+        );
+        self.status.refused(Side::Upstream, reason);
     }
 
     /// Loads the files, proves them with a fresh connection, and publishes them.
@@ -262,6 +356,27 @@ impl UpstreamFollower {
     }
 }
 
+/// Writes `path` so that a crash leaves the old contents or the new, never a torn file.
+fn write_durably(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dir.join(format!(".{name}.rotaproxy-tmp"));
+    {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        file.write_all(contents)?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
 /// Follows the listener's certificate and key until the process ends.
 pub async fn follow_listener(
     resolver: Arc<ListenerCert>,
@@ -271,13 +386,23 @@ pub async fn follow_listener(
     poll_interval: Duration,
     status: Arc<TlsStatus>,
 ) {
-    let files = [cert.clone(), key.clone()];
-    let mut follow = Follow::new(Side::Listener, &files, loaded, poll_interval);
+    let paths = [cert.as_path(), key.as_path()];
+    let mut watch = FileWatch::new(&paths, poll_interval, "listener TLS files");
+    let mut book = Book {
+        in_use: loaded,
+        refused: None,
+    };
     loop {
-        let Some(digest) = follow.next_change().await else {
-            status.settled(Side::Listener);
+        watch.next().await;
+        let Some(digest) = contents_digest(&paths) else {
             continue;
         };
+        if Some(digest) == book.in_use {
+            if book.refused.take().is_some() {
+                status.settled(Side::Listener);
+            }
+            continue;
+        }
         match tls::load_listener_cert(&cert, &key) {
             Ok(certified) => {
                 resolver.replace(certified);
@@ -292,11 +417,12 @@ pub async fn follow_listener(
                     "new listener certificate in use for new client connections"
                 );
                 status.applied(Side::Listener, certificate, None);
-                follow.applied(digest);
+                book.in_use = Some(digest);
+                book.refused = None;
             }
             Err(err) => {
                 let reason = err.to_string();
-                if follow.refused(digest, &reason) {
+                if book.refused(digest, &reason) {
                     tracing::warn!(
                         target: "rotaproxy::audit",
                         event = "tls.refused",
@@ -311,55 +437,14 @@ pub async fn follow_listener(
     }
 }
 
-/// The bookkeeping both followers share: which contents are in use, and which were refused
-/// for what reason (so a refusal is logged and counted once, not at every poll).
-struct Follow {
-    watch: FileWatch,
-    files: Vec<PathBuf>,
+/// Which contents of a side's files are in use, and which were refused for what reason (so a
+/// refusal is logged and counted once, not at every poll).
+struct Book {
     in_use: Option<u64>,
     refused: Option<(u64, String)>,
 }
 
-impl Follow {
-    fn new(side: Side, files: &[PathBuf], in_use: Option<u64>, poll: Duration) -> Follow {
-        let paths: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
-        let what = match side {
-            Side::Upstream => "upstream TLS files",
-            Side::Listener => "listener TLS files",
-        };
-        Follow {
-            watch: FileWatch::new(&paths, poll, what),
-            files: files.to_vec(),
-            in_use,
-            refused: None,
-        }
-    }
-
-    /// Waits for a reason to look, then returns the digest of contents to try, or None when
-    /// the files hold what is in use again. Files that cannot be read (a replacement under
-    /// way, a volume being remounted) are waited out.
-    async fn next_change(&mut self) -> Option<u64> {
-        loop {
-            self.watch.next().await;
-            let paths: Vec<&Path> = self.files.iter().map(PathBuf::as_path).collect();
-            let Some(digest) = contents_digest(&paths) else {
-                continue;
-            };
-            if Some(digest) == self.in_use {
-                if self.refused.take().is_some() {
-                    return None;
-                }
-                continue;
-            }
-            return Some(digest);
-        }
-    }
-
-    fn applied(&mut self, digest: u64) {
-        self.in_use = Some(digest);
-        self.refused = None;
-    }
-
+impl Book {
     /// Records a refusal; true when it is news (other contents, or another reason).
     fn refused(&mut self, digest: u64, reason: &str) -> bool {
         let news = self

@@ -9,7 +9,8 @@
 //!
 //! Not modelled (facts about the data path, checked elsewhere or not checkable here): Redis Cloud
 //! refusing `ACL SETUSER` and friends on the database itself (the emulator's Redis is plain
-//! open-source Redis), mTLS enforcement of `clientTlsCertificates` (the list is kept, not applied).
+//! open-source Redis). mTLS enforcement of `clientTlsCertificates` on a TLS Redis is checked by
+//! tests/cloud_cert_rotation.rs.
 
 mod support;
 
@@ -1298,6 +1299,12 @@ async fn spec_conformance_of_client_requests_and_emulator_answers() {
         };
         let t = client
             .set_database_password(&db, &pw("spec-db-pass-1"))
+            .await
+            .unwrap();
+        client.wait_task(&t).await.unwrap();
+        let certs = ["-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----".to_string()];
+        let t = client
+            .set_database_client_certificates(&db, &certs)
             .await
             .unwrap();
         client.wait_task(&t).await.unwrap();

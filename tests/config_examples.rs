@@ -38,7 +38,13 @@ fn check_config(path: &Path) -> (bool, String, String) {
 #[test]
 fn every_example_loads_and_passes_check_config() {
     let files = example_files();
-    for name in ["minimal.toml", "redis-cloud.toml", "mtls.toml", "full.toml"] {
+    for name in [
+        "minimal.toml",
+        "redis-cloud.toml",
+        "redis-cloud-mtls.toml",
+        "mtls.toml",
+        "full.toml",
+    ] {
         assert!(
             files.iter().any(|f| f.ends_with(name)),
             "config/{name} is missing"

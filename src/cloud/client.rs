@@ -387,6 +387,29 @@ impl CloudClient {
         .await
     }
 
+    /// Replaces the database's list of trusted client certificates (`clientTlsCertificates`;
+    /// the list given is the whole new list). Certificates are public: nothing to redact.
+    pub async fn set_database_client_certificates(
+        &self,
+        db: &DatabaseRef,
+        certificates: &[String],
+    ) -> Result<TaskId, CloudError> {
+        let path = db.path();
+        let list: Vec<serde_json::Value> = certificates
+            .iter()
+            .map(|pem| json!({"publicCertificatePEMString": pem}))
+            .collect();
+        let body = json!({"clientTlsCertificates": list});
+        self.submit(Call {
+            method: Method::PUT,
+            path: &path,
+            body: Some(encode(&body)),
+            operation: "set database client certificates",
+            secret: None,
+        })
+        .await
+    }
+
     /// Sends a change and returns its task id.
     async fn submit(&self, call: Call<'_>) -> Result<TaskId, CloudError> {
         let operation = call.operation;

@@ -7,6 +7,7 @@
 //! generation at their safe points (see [`crate::session`]); the old secret is revoked only when
 //! no connection of the old generation is left, or at the drain deadline.
 
+pub mod client_cert;
 pub mod secret;
 pub mod state;
 pub mod store;
@@ -219,6 +220,16 @@ impl RotationHandle {
             tokio::spawn(async move { watcher.watch_source().await });
         }
         Ok(handle)
+    }
+
+    /// The Redis Cloud API client and database, with `backend = "cloud"`.
+    pub fn cloud_api(
+        &self,
+    ) -> Option<(crate::cloud::CloudClient, Option<crate::cloud::DatabaseRef>)> {
+        self.shared
+            .strategy
+            .cloud()
+            .map(|(client, db)| (client.clone(), db))
     }
 
     /// Asks for a rotation. A rotation already running is reported, never started twice; an

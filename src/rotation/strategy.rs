@@ -147,6 +147,12 @@ pub struct Strategy {
 }
 
 impl Strategy {
+    /// The Redis Cloud API client and database, with `backend = "cloud"` (shared with the
+    /// client-certificate rotation, so both spend one rate budget).
+    pub fn cloud(&self) -> Option<(&CloudClient, Option<DatabaseRef>)> {
+        self.cloud.as_ref().map(|c| (&c.client, c.database))
+    }
+
     pub fn new(config: &RotationConfig, control: ServerControl) -> Result<Self, RotationError> {
         let cloud = match (&config.backend, &config.cloud) {
             (RotationBackend::Cloud, Some(api)) => Some(CloudBackend {

@@ -75,6 +75,25 @@ impl Certs {
         issue(&self.dir, name, &self.ca_issuer, sans, true)
     }
 
+    /// A self-signed client certificate (what one registers with a Redis Cloud database's
+    /// `clientTlsCertificates`), as `<name>.pem` / `<name>-key.pem`.
+    pub fn self_signed_client(&self, name: &str) -> CertFiles {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        params.distinguished_name.push(DnType::CommonName, name);
+        // Made a while ago: a month of its life left.
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::days(60);
+        params.not_after = now + time::Duration::days(30);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate().expect("key");
+        let cert = params.self_signed(&key).expect("self-sign");
+        CertFiles {
+            cert: write(&self.dir, &format!("{name}.pem"), &cert.pem()),
+            key: write_key(&self.dir, &format!("{name}-key.pem"), &key.serialize_pem()),
+        }
+    }
+
     /// Issues another client certificate from the test CA (e.g. for a client-cert rotation).
     pub fn issue_client(&self, name: &str) -> CertFiles {
         issue(&self.dir, name, &self.ca_issuer, &[name], false)

@@ -19,8 +19,11 @@
 //! - `GET/PUT /v1/subscriptions/{sid}/databases/{dbid}` (Pro) and
 //!   `GET/PUT /v1/fixed/subscriptions/{sid}/databases/{dbid}` (Essentials): both name the one
 //!   database behind the emulator; `password` REPLACES the default user's password (`ACL SETUSER
-//!   default resetpass >pw on`), must be shorter than 50 characters; `enableDefaultUser`,
-//!   `enableTls` and `clientTlsCertificates` (which replaces the whole list) are kept too.
+//!   default resetpass >pw on`), must be shorter than 50 characters; `enableDefaultUser` and
+//!   `enableTls` are kept too. `clientTlsCertificates` replaces the whole list and, when the
+//!   Redis serves TLS, is enforced there: the list becomes its `tls-ca-cert-file` (each
+//!   self-signed certificate its own trust anchor) with `tls-auth-clients yes`, an empty list
+//!   `tls-auth-clients no` (new connections only, as on Redis Cloud).
 //! - Every POST/PUT/DELETE answers at once (202 for `POST /v1/acl/users`, 200 otherwise) with a
 //!   task in `received`; one task at a time runs (FIFO): at least [`set_task_delay`] in
 //!   `received`, then [`set_task_delay`] (or [`slow_next_task`]) in `processing-in-progress`,
@@ -195,6 +198,8 @@ impl CloudEmulator {
             rate: HashMap::new(),
             forced: VecDeque::new(),
             deny_ip: false,
+            redis_tls_dir: redis.has_tls().then(|| redis.dir().to_path_buf()),
+            client_cert_changes: Vec::new(),
             users: BTreeMap::new(),
             next_user_id: 101,
             db: DbState {
@@ -310,6 +315,25 @@ impl CloudEmulator {
         for k in self.lock().keys.iter_mut().filter(|k| k.secret == secret) {
             k.revoked = true;
         }
+    }
+
+    /// Every client certificate list applied through a task: its length, and the ids of the
+    /// connections open on Redis just before it was applied.
+    pub fn client_cert_changes(&self) -> Vec<(usize, std::collections::BTreeSet<i64>)> {
+        self.lock().client_cert_changes.clone()
+    }
+
+    /// Sets the database's client certificate list at once (set-up, no task), enforced on the
+    /// Redis behind when it serves TLS.
+    pub fn set_client_certificates(&self, pems: &[String]) {
+        let dir = self.lock().redis_tls_dir.clone();
+        if let Some(dir) = dir {
+            self.shared
+                .redis
+                .run(&client_cert_commands(&dir, pems))
+                .expect("apply the client certificate list");
+        }
+        self.lock().db.client_certs = pems.to_vec();
     }
 
     /// Creates an ACL user at once (set-up, no task): `ACL SETUSER` on Redis and an `active`
@@ -717,6 +741,11 @@ struct EmState {
     rate: HashMap<String, VecDeque<Instant>>,
     forced: VecDeque<u16>,
     deny_ip: bool,
+    /// Where the client certificate list is written for Redis; None when it has no TLS.
+    redis_tls_dir: Option<PathBuf>,
+    /// Every client certificate list applied: its length, and the ids of the connections open
+    /// on Redis just before (to check what was still connected when a certificate went).
+    client_cert_changes: Vec<(usize, std::collections::BTreeSet<i64>)>,
     users: BTreeMap<i64, UserRec>,
     next_user_id: i64,
     db: DbState,
@@ -1303,8 +1332,12 @@ fn plan(st: &EmState, op: &Op) -> Result<Plan, TaskFailure> {
         Op::UpdateDb {
             password,
             enable_default_user,
+            client_certs,
             ..
         } => {
+            if let (Some(list), Some(dir)) = (client_certs, &st.redis_tls_dir) {
+                commands.extend(client_cert_commands(dir, list));
+            }
             if let Some(password) = password {
                 if password.is_empty() {
                     return Err(fail("DATABASE_PASSWORD_IS_BLANK", "The password is blank"));
@@ -1354,6 +1387,22 @@ fn plan(st: &EmState, op: &Op) -> Result<Plan, TaskFailure> {
         }
     }
     Ok(Plan { commands })
+}
+
+/// The Redis commands that make `list` the client certificates Redis accepts (written to a new
+/// file in `dir`, which the commands point Redis at).
+fn client_cert_commands(dir: &Path, list: &[String]) -> Vec<Vec<String>> {
+    let set = |k: &str, v: &str| vec!["CONFIG".into(), "SET".into(), k.into(), v.into()];
+    if list.is_empty() {
+        return vec![set("tls-auth-clients", "no")];
+    }
+    let file = dir.join(format!("cloud-client-certs-{}.pem", random_token(8)));
+    let pem: String = list.iter().map(|c| format!("{}\n", c.trim())).collect();
+    std::fs::write(&file, pem).expect("write the client certificate list");
+    vec![
+        set("tls-ca-cert-file", &file.display().to_string()),
+        set("tls-auth-clients", "yes"),
+    ]
 }
 
 /// Records a task's outcome in the state (users, database, task).
@@ -1528,6 +1577,21 @@ fn worker(shared: &Shared) {
             None => plan(&st, &op).map(|p| p.commands),
         };
         drop(st);
+        if let (
+            Ok(_),
+            Op::UpdateDb {
+                client_certs: Some(list),
+                ..
+            },
+        ) = (&result, &op)
+        {
+            // Who was connected when the list changed (see `client_cert_changes`).
+            let connected = shared.redis.connected_ids().unwrap_or_default();
+            shared
+                .lock()
+                .client_cert_changes
+                .push((list.len(), connected));
+        }
         let result = result.and_then(|commands| {
             shared
                 .redis
@@ -1549,6 +1613,24 @@ struct RedisAdmin {
 }
 
 impl RedisAdmin {
+    /// Ids of the connections open on Redis now, the admin's own left out.
+    fn connected_ids(&self) -> Result<std::collections::BTreeSet<i64>, String> {
+        let mut c = RespConn::try_connect(self.addr).map_err(|e| format!("connect: {e}"))?;
+        c.try_send_raw(&encode_cmd(&["AUTH", ADMIN_USER, &self.password]))
+            .map_err(|e| format!("write: {e}"))?;
+        c.try_read_reply().map_err(|e| format!("read: {e}"))?;
+        c.try_send_raw(&encode_cmd(&["CLIENT", "LIST"]))
+            .map_err(|e| format!("write: {e}"))?;
+        let list = c.try_read_reply().map_err(|e| format!("read: {e}"))?;
+        Ok(list
+            .as_str()
+            .unwrap_or("")
+            .lines()
+            .filter(|l| !l.contains(&format!(" user={ADMIN_USER} ")))
+            .filter_map(|l| l.strip_prefix("id=")?.split(' ').next()?.parse().ok())
+            .collect())
+    }
+
     /// Runs the commands on a fresh admin connection; an error reply is an `Err` (its text has
     /// no argument in it).
     fn run(&self, commands: &[Vec<String>]) -> Result<(), String> {

@@ -150,6 +150,11 @@ impl RedisServer {
     }
 
     /// TLS port; panics if the server was started without TLS.
+    /// Whether the server also listens with TLS.
+    pub fn has_tls(&self) -> bool {
+        self.tls_port.is_some()
+    }
+
     pub fn tls_port(&self) -> u16 {
         self.tls_port.expect("this RedisServer has no TLS port")
     }
