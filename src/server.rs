@@ -37,6 +37,13 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
     let metrics = Metrics::new();
     warn_about_risky_settings(&config);
 
+    if let Some(rotation) = &config.rotation
+        && rotation.client_certificate.is_some()
+        && let (Some(cert), Some(key)) = (&config.upstream.client_cert, &config.upstream.client_key)
+    {
+        crate::rotation::client_cert::repair_interrupted_install(&rotation.state_dir, cert, key)
+            .context("upstream.client_cert")?;
+    }
     // What the upstream TLS files hold before they are read: a change from now on is followed.
     let upstream_tls = UpstreamTls::from_config(&config.upstream);
     let upstream_tls_loaded = contents_digest(&upstream_tls.files());

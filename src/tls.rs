@@ -208,6 +208,15 @@ pub fn load_listener_cert(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsEr
     .map_err(|e| pair_error(e, cert, key))
 }
 
+/// Whether the certificate file and the key file hold a pair (both readable, the key the
+/// certificate's).
+pub fn cert_and_key_match(cert: &Path, key: &Path) -> bool {
+    match (load_certs("certificate", cert), load_key("key", key)) {
+        (Ok(chain), Ok(key)) => CertifiedKey::from_der(chain, key, &provider()).is_ok(),
+        _ => false,
+    }
+}
+
 /// A certificate and key rustls would not pair, in the words of the files involved.
 fn pair_error(err: rustls::Error, cert: &Path, key: &Path) -> TlsError {
     match err {

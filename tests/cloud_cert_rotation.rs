@@ -317,8 +317,16 @@ fn a_rotation_interrupted_by_a_crash_is_resumed_with_the_same_certificate() {
         serde_json::from_str(&read(&env.state_file("client-certificate-rotation.json"))).unwrap();
     assert_eq!(job["step"], "install", "{job}");
     env.proxy.as_mut().unwrap().kill();
+    // What a crash between the install's two renames leaves: the new key, the old certificate.
+    std::fs::copy(
+        env.state_file("client-certificate-pending-key.pem"),
+        &env.volume.key,
+    )
+    .unwrap();
 
     env.launch(&[]);
+    env.proxy()
+        .wait_for_log("event=\"client_certificate.repaired\"", WAIT);
     assert_eventually(WAIT, "the resumed rotation ended", || {
         env.status()["client_certificate_rotation"]["last"]["success"] == true
     });

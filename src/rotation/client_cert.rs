@@ -498,6 +498,57 @@ impl ClientCertRotation {
     }
 }
 
+/// Repairs what a crash in the middle of the install step can leave: the two files are
+/// replaced one after the other (key first), so the key may be the new one while the
+/// certificate is still the old one. Run before the files are first read. Puts in the
+/// certificate file whichever of the rotation's two certificates the key file belongs to.
+/// Returns whether it changed anything.
+pub fn repair_interrupted_install(
+    state_dir: &Path,
+    cert: &Path,
+    key: &Path,
+) -> anyhow::Result<bool> {
+    let job = match std::fs::read_to_string(state_dir.join(JOB_FILE)) {
+        Ok(text) => serde_json::from_str::<Job>(&text).map_err(|e| {
+            anyhow::anyhow!("{} is corrupt: {e}", state_dir.join(JOB_FILE).display())
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => anyhow::bail!("cannot read {}: {e}", state_dir.join(JOB_FILE).display()),
+    };
+    if job.step != Step::Install || crate::tls::cert_and_key_match(cert, key) {
+        return Ok(false);
+    }
+    let pairs_with_key = |pem: &str| -> bool {
+        let dir = tempfile_path(state_dir);
+        let ok = write_private(&dir, pem.as_bytes()).is_ok()
+            && crate::tls::cert_and_key_match(&dir, key);
+        let _ = std::fs::remove_file(&dir);
+        ok
+    };
+    for candidate in [&job.new_cert, &job.old_cert] {
+        if pairs_with_key(candidate) {
+            write_private(cert, format!("{}\n", candidate.trim()).as_bytes())?;
+            tracing::warn!(
+                target: "rotaproxy::audit",
+                event = "client_certificate.repaired",
+                rotation_id = %job.id,
+                "the client certificate file did not match its key after an interrupted install; put back the matching certificate"
+            );
+            return Ok(true);
+        }
+    }
+    anyhow::bail!(
+        "{} and {} do not belong together, and neither certificate of rotation {} matches the key",
+        cert.display(),
+        key.display(),
+        job.id
+    )
+}
+
+fn tempfile_path(dir: &Path) -> PathBuf {
+    dir.join(format!(".client-certificate-check-{}.pem", random_suffix()))
+}
+
 /// For crash tests: `ROTAPROXY_FAULT_HANG_AT_CERT_STEP=<step>` stops the rotation before that
 /// step, so a test can kill the proxy there and check the restart resumes it.
 async fn fault_injection(step: Step) {
@@ -591,6 +642,53 @@ fn random_suffix() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_install_cut_between_the_two_files_is_repaired_to_a_matching_pair() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let (old_cert, old_key) =
+            make_certificate("p", "cert-1-aa", Duration::from_secs(86_400)).unwrap();
+        let (new_cert, new_key) =
+            make_certificate("p", "cert-2-bb", Duration::from_secs(86_400)).unwrap();
+        let job = Job {
+            id: "cert-2-bb".into(),
+            step: Step::Install,
+            started_at: 0,
+            trigger: "api".into(),
+            old_cert: old_cert.clone(),
+            new_cert: new_cert.clone(),
+            task_id: None,
+            installed_generation: None,
+        };
+        write_private(&state.join(JOB_FILE), &serde_json::to_vec(&job).unwrap()).unwrap();
+        let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        // The key was replaced, the certificate not yet.
+        std::fs::write(&cert, &old_cert).unwrap();
+        std::fs::write(&key, &new_key).unwrap();
+        assert!(repair_interrupted_install(&state, &cert, &key).unwrap());
+        assert_eq!(std::fs::read_to_string(&cert).unwrap().trim(), new_cert);
+        // A matching pair is left alone, old or new.
+        assert!(!repair_interrupted_install(&state, &cert, &key).unwrap());
+        std::fs::write(&cert, &old_cert).unwrap();
+        std::fs::write(&key, &old_key).unwrap();
+        assert!(!repair_interrupted_install(&state, &cert, &key).unwrap());
+        // A key from elsewhere is an error naming the files, not a guess.
+        let (_, stranger) =
+            make_certificate("p", "cert-3-cc", Duration::from_secs(86_400)).unwrap();
+        std::fs::write(&key, &stranger).unwrap();
+        let err = repair_interrupted_install(&state, &cert, &key)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("do not belong together"), "{err}");
+        assert!(
+            !err.contains(stranger.lines().nth(1).unwrap()),
+            "no key material: {err}"
+        );
+        // No rotation in flight: nothing to repair.
+        std::fs::remove_file(state.join(JOB_FILE)).unwrap();
+        assert!(!repair_interrupted_install(&state, &cert, &key).unwrap());
+    }
 
     #[test]
     fn a_made_certificate_is_self_signed_for_client_auth_and_pairs_with_its_key() {
