@@ -329,6 +329,66 @@ fn with_rotation_a_certificate_change_is_a_generation_the_next_rotation_keeps() 
 }
 
 #[test]
+fn a_certificate_change_during_a_rotation_waits_for_its_end() {
+    let env = MtlsEnv::start();
+    let state = temp_dir();
+    let mut config = env.proxy_config().extra(&format!(
+        "[rotation]\nstrategy = \"acl-multi-password\"\nstate_dir = {}\ndrain_deadline = \"3s\"\n",
+        toml_path(state.path())
+    ));
+    config.admin_extra = "token = \"env:TEST_ADMIN_TOKEN\"".into();
+    let token = random_token(24);
+    let proxy = Proxy::start(
+        &config.to_toml(),
+        &[
+            ("TEST_UPSTREAM_PASSWORD", env.password.as_str()),
+            ("TEST_ADMIN_TOKEN", token.as_str()),
+        ],
+    );
+    env.server_trusts(&[&env.certs.ca, &env.certs.other_ca]);
+    // A client waiting in BLPOP keeps the rotation draining until it is moved, near the
+    // deadline.
+    let mut blocked = proxy.conn();
+    blocked.send_raw(&encode_cmd(&["BLPOP", "jobs", "0"]));
+    assert_eventually(WAIT, "BLPOP is waiting on the server", || {
+        env.redis.client_running("blpop").is_some()
+    });
+    let (code, body) = proxy.http_post("/v1/rotate", Some(&token), "");
+    assert_eq!(code, 202, "{body}");
+    assert_eventually(WAIT, "the rotation is draining", || {
+        status(&proxy)["rotation"]["step"] == "drain"
+    });
+    env.install(&env.certs.other_client.cert, &env.certs.other_client.key);
+
+    assert_eventually(WAIT, "both changes are in", || {
+        let s = status(&proxy);
+        s["generation"] == 3 && s["rotation"].is_null()
+    });
+    let logs = proxy.logs();
+    let position = |needle: &str| {
+        logs.iter()
+            .position(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no log line with {needle}"))
+    };
+    assert!(
+        position("event=\"rotation.end\"") < position("event=\"tls.reloaded\""),
+        "the certificate change waited for the rotation to end"
+    );
+    let s = status(&proxy);
+    assert_eq!(s["tls"]["upstream"]["last_reload"]["generation"], 3, "{s}");
+    assert_eq!(s["last_rotation"]["outcome"], "success", "{s}");
+
+    // The blocked client got exactly its one answer, from a connection of now.
+    env.redis.admin_cmd(&["RPUSH", "jobs", "j1"]);
+    assert_eq!(blocked.read_reply(), Frame::bulks(&["jobs", "j1"]));
+    // The new credential with the new certificate.
+    env.server_trusts(&[&env.certs.other_ca]);
+    env.kill_upstream_connections();
+    blocked.cmd(&["PING"]).assert_simple("PONG");
+    proxy.conn().cmd(&["SET", "after", "both"]).assert_ok();
+}
+
+#[test]
 fn a_renewed_listener_certificate_serves_new_clients_and_old_ones_keep_theirs() {
     let dir = temp_dir();
     let certs = Certs::generate(&dir.path().join("pki"));

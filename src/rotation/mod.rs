@@ -410,6 +410,10 @@ impl RotationHandle {
                     failures += 1;
                 }
             }
+            if s.tls_change.lock().expect("not poisoned").is_some() {
+                // Arrived during the rotation, whose drain took the wake-up meant for it.
+                continue;
+            }
             let next = self.schedule_next(failures);
             *s.next_scheduled.lock().expect("not poisoned") = next;
             let sleep = async {
