@@ -215,6 +215,8 @@ fn the_proxy_rotates_its_own_client_certificate_under_load_without_a_client_erro
         .filter_map(|c| c.get("id")?.parse().ok())
         .collect();
     assert!(before.len() > 10, "{before:?}");
+    let (code, _) = proxy.http_post("/v1/client-certificate/rotate", None, "");
+    assert_eq!(code, 401, "the admin token is required");
     let (code, body) = proxy.http_post("/v1/client-certificate/rotate?wait=true", Some(TOKEN), "");
     assert_eq!(code, 200, "{body}");
     let answer: Value = serde_json::from_str(&body).unwrap();
