@@ -32,7 +32,7 @@ use crate::rotation::RotationHandle;
 use crate::tls::{self, CertSummary, ListenerCert, UpstreamTls};
 use crate::upstream::connector;
 use crate::upstream::pool::Pool;
-use crate::watch::{FileWatch, contents_digest};
+use crate::watch::{FileWatch, contents_digest, first_unreadable};
 
 pub fn describe_metrics() {
     describe_counter!(
@@ -228,6 +228,7 @@ impl UpstreamTlsFiles {
             book: tokio::sync::Mutex::new(Book {
                 in_use: parts.loaded,
                 refused: None,
+                unreadable_logged: false,
             }),
         })
     }
@@ -261,8 +262,10 @@ impl UpstreamTlsFiles {
             let mut book = self.book.lock().await;
             let Some(digest) = contents_digest(&paths) else {
                 // A replacement under way, a volume being remounted: wait it out.
+                book.unreadable(Side::Upstream, &paths);
                 continue;
             };
+            book.unreadable_logged = false;
             if Some(digest) == book.in_use {
                 if book.refused.take().is_some() {
                     self.status.settled(Side::Upstream);
@@ -391,12 +394,15 @@ pub async fn follow_listener(
     let mut book = Book {
         in_use: loaded,
         refused: None,
+        unreadable_logged: false,
     };
     loop {
         watch.next().await;
         let Some(digest) = contents_digest(&paths) else {
+            book.unreadable(Side::Listener, &paths);
             continue;
         };
+        book.unreadable_logged = false;
         if Some(digest) == book.in_use {
             if book.refused.take().is_some() {
                 status.settled(Side::Listener);
@@ -442,9 +448,23 @@ pub async fn follow_listener(
 struct Book {
     in_use: Option<u64>,
     refused: Option<(u64, String)>,
+    /// Whether the files' being unreadable was logged (once, until they are readable again).
+    unreadable_logged: bool,
 }
 
 impl Book {
+    fn unreadable(&mut self, side: Side, paths: &[&Path]) {
+        if self.unreadable_logged {
+            return;
+        }
+        self.unreadable_logged = true;
+        tracing::warn!(
+            side = side.as_str(),
+            error = first_unreadable(paths).as_deref().unwrap_or("unknown"),
+            "cannot read the TLS files; keeping the ones in use until they are back"
+        );
+    }
+
     /// Records a refusal; true when it is news (other contents, or another reason).
     fn refused(&mut self, digest: u64, reason: &str) -> bool {
         let news = self

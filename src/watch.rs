@@ -118,6 +118,15 @@ pub fn contents_digest(files: &[&Path]) -> Option<u64> {
     Some(hasher.finish())
 }
 
+/// The first of `files` that cannot be read now, and why (for a log line).
+pub fn first_unreadable(files: &[&Path]) -> Option<String> {
+    files.iter().find_map(|f| {
+        std::fs::File::open(f)
+            .err()
+            .map(|e| format!("{}: {e}", f.display()))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -279,6 +279,13 @@ fn tls_files_that_do_not_work_are_refused_once_and_used_when_they_do() {
     assert_eq!(refusals, 2, "one log line per refused content and reason");
     c.cmd(&["GET", "k"]).assert_bulk("v");
 
+    // A key file that disappears is said once; what is in use goes on serving.
+    std::fs::remove_file(&env.volume.key).unwrap();
+    let line = proxy.wait_for_log("cannot read the TLS files", WAIT);
+    assert!(line.contains("tls.key"), "{line}");
+    env.kill_upstream_connections();
+    c.cmd(&["GET", "k"]).assert_bulk("v");
+
     let keys = env.key_material();
     let mut secrets: Vec<&str> = keys.iter().map(String::as_str).collect();
     secrets.push(&env.password);
