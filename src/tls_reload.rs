@@ -45,7 +45,7 @@ pub fn describe_metrics() {
     );
     describe_gauge!(
         "rotaproxy_tls_certificate_expiry_timestamp_seconds",
-        "notAfter of the certificate in use (Unix seconds), by side"
+        "notAfter of the certificate in use (Unix seconds), by side: upstream (the client certificate), listener, upstream_server (as the server last presented it)"
     );
 }
 
@@ -136,6 +136,9 @@ impl TlsStatus {
     pub fn to_json(&self) -> serde_json::Value {
         let sides = self.sides.lock().expect("not poisoned").clone();
         let mut doc = serde_json::Map::new();
+        if let Some((_, server)) = &*UPSTREAM_SERVER_CERT.lock().expect("not poisoned") {
+            doc.insert("upstream_server".into(), json!({ "certificate": server }));
+        }
         for (side, s) in [Side::Upstream, Side::Listener].into_iter().zip(sides) {
             if s.configured {
                 doc.insert(
@@ -150,6 +153,33 @@ impl TlsStatus {
         }
         serde_json::Value::Object(doc)
     }
+}
+
+/// The upstream server's certificate as last seen in a handshake (its DER, to notice a
+/// change without parsing every time).
+static UPSTREAM_SERVER_CERT: Mutex<Option<(Vec<u8>, Option<CertSummary>)>> = Mutex::new(None);
+
+/// Records the certificate the upstream server presented in a handshake: its expiry as
+/// `rotaproxy_tls_certificate_expiry_timestamp_seconds{side="upstream_server"}`, its summary in
+/// status, and a log line when it changes (a server certificate renewed, or a new CA).
+pub fn note_upstream_server_certificate(der: &[u8]) {
+    let mut seen = UPSTREAM_SERVER_CERT.lock().expect("not poisoned");
+    if seen.as_ref().is_some_and(|(last, _)| last == der) {
+        return;
+    }
+    let summary = CertSummary::of(&rustls::pki_types::CertificateDer::from(der));
+    if let Some(cert) = &summary {
+        gauge!("rotaproxy_tls_certificate_expiry_timestamp_seconds", "side" => "upstream_server")
+            .set(cert.not_after as f64);
+        tracing::info!(
+            subject = %cert.subject,
+            issuer = %cert.issuer,
+            serial = %cert.serial,
+            not_after = cert.not_after,
+            "upstream server certificate"
+        );
+    }
+    *seen = Some((der.to_vec(), summary));
 }
 
 fn set_expiry_gauge(side: Side, certificate: Option<&CertSummary>) {

@@ -164,6 +164,15 @@ fn a_client_certificate_from_a_new_ca_is_followed_under_load_without_a_client_er
     assert!(issuer.contains("rotaproxy test CA"), "{before}");
     let mut idle = proxy.conn();
     idle.cmd(&["SET", "idle-key", "1"]).assert_ok();
+    // The server's certificate, as it presented it.
+    let server = status(&proxy)["tls"]["upstream_server"]["certificate"].clone();
+    assert_eq!(server["subject"], "CN=server", "{server}");
+    assert_eq!(
+        proxy
+            .metric("rotaproxy_tls_certificate_expiry_timestamp_seconds{side=\"upstream_server\"}")
+            .map(|v| v as i64),
+        server["not_after"].as_i64(),
+    );
 
     let load = Load::start(LoadConfig::new(proxy.client_addr(), random_token(8)));
     assert_eventually(WAIT, "load ran a bit", || load.progress() > 2_000);

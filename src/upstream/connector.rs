@@ -175,6 +175,9 @@ async fn connect_inner(
                     addr: addr.clone(),
                     reason: crate::tls::explain_handshake_error(&e),
                 })?;
+            if let Some(server_cert) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+                crate::tls_reload::note_upstream_server_certificate(server_cert);
+            }
             Stream::TlsUpstream(Box::new(tls))
         }
     };
