@@ -2,7 +2,12 @@
 //! and the CA bundle, and the listener's own certificate.
 //!
 //! Certificates are rotated outside the proxy (cert-manager, a secrets agent, an operator with
-//! a new CA bundle): rotaproxy watches the files ([`crate::watch`]) and follows.
+//! a new CA bundle): rotaproxy watches the files ([`crate::watch`]) and follows. On Redis Cloud
+//! the proxy can also make its own ([`crate::rotation::client_cert`]), which writes them
+//! through [`UpstreamTlsFiles::install`] and from there takes the same path.
+//!
+//! The upstream server's certificate is only observed: [`note_upstream_server_certificate`]
+//! keeps its expiry and summary for operators.
 //!
 //! - **Upstream.** New files are used only once they are proven: they must load (a certificate
 //!   with the key that belongs to it; a half-written pair is waited out), and a fresh connection
