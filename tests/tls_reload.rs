@@ -231,6 +231,52 @@ fn a_client_certificate_from_a_new_ca_is_followed_under_load_without_a_client_er
 }
 
 #[test]
+fn a_new_ca_bundle_lets_the_proxy_follow_the_server_to_a_certificate_from_another_ca() {
+    let env = MtlsEnv::start();
+    // The proxy's CA bundle as a file of its own, which the test replaces.
+    let bundle = env.volume.cert.with_file_name("ca.pem");
+    replace_file(&bundle, &env.certs.ca);
+    let mut config = env.proxy_config();
+    config.ca_file = Some(bundle.clone());
+    let proxy = env.start_proxy(&config);
+    let mut c = proxy.conn();
+    c.cmd(&["SET", "k", "v"]).assert_ok();
+
+    // The server's CA changes: first the proxy trusts old and new...
+    let both = bundle.with_file_name("both.pem");
+    let pem = [&env.certs.ca, &env.certs.other_ca]
+        .iter()
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect::<String>();
+    std::fs::write(&both, pem).unwrap();
+    replace_file(&bundle, &both);
+    assert_eventually(WAIT, "the new bundle is a new generation", || {
+        status(&proxy)["generation"] == 2
+    });
+    // ...then the server presents a certificate from the new CA, to new connections.
+    // (Both in one CONFIG SET: Redis refuses a key that does not match the certificate.)
+    env.redis
+        .admin_cmd(&[
+            "CONFIG",
+            "SET",
+            "tls-cert-file",
+            &env.certs.other_server.cert.display().to_string(),
+            "tls-key-file",
+            &env.certs.other_server.key.display().to_string(),
+        ])
+        .assert_ok();
+    env.kill_upstream_connections();
+    c.cmd(&["GET", "k"]).assert_bulk("v");
+    proxy.conn().cmd(&["PING"]).assert_simple("PONG");
+    assert_eventually(WAIT, "the server's new certificate is shown", || {
+        status(&proxy)["tls"]["upstream_server"]["certificate"]["issuer"]
+            .to_string()
+            .contains("unrelated CA")
+    });
+    assert_eq!(reloads(&proxy, "upstream", "applied"), 1.0);
+}
+
+#[test]
 fn tls_files_that_do_not_work_are_refused_once_and_used_when_they_do() {
     let env = MtlsEnv::start();
     let proxy = env.start_proxy(&env.proxy_config());
