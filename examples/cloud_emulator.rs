@@ -1,9 +1,13 @@
 //! The Redis Cloud REST API emulator of the tests, as a program, for `scripts/demo --cloud`.
 //!
-//! It starts its own `redis-server` (plain TCP, loopback), the emulator in front of it, two ACL
-//! users `app-a` and `app-b` with random passwords, and writes into DIR: `account-key`,
-//! `secret-key`, `app-a-password` (mode 0600) and `emulator.env` (REDIS_PORT, API_ROOT). It runs
-//! until SIGINT/SIGTERM, then stops the redis-server it started.
+//! It starts its own `redis-server` (loopback; plain TCP, and TLS requiring a client
+//! certificate from the database's `clientTlsCertificates` list, as Redis Cloud does with TLS
+//! client authentication), the emulator in front of it, two ACL users `app-a` and `app-b` with
+//! random passwords, and writes into DIR: `account-key`, `secret-key`, `app-a-password` (mode
+//! 0600), the CA of the server's certificate (`pki/ca.pem`), a first self-signed client
+//! certificate the list holds (`client/tls.crt`, `client/tls.key`), and `emulator.env`
+//! (REDIS_PORT, REDIS_TLS_PORT, API_ROOT, SUBSCRIPTION_ID, DATABASE_ID). It runs until
+//! SIGINT/SIGTERM, then stops the redis-server it started.
 //!
 //! ```text
 //! cargo run --example cloud_emulator -- DIR
@@ -16,7 +20,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
 use support::cloud::CloudEmulator;
-use support::{RedisOptions, RedisServer, random_token};
+use support::{Certs, RedisOptions, RedisServer, RedisTls, random_token};
 
 fn main() {
     let Some(dir) = std::env::args().nth(1).map(PathBuf::from) else {
@@ -24,8 +28,23 @@ fn main() {
         std::process::exit(2);
     };
     std::fs::create_dir_all(&dir).expect("create DIR");
-    let redis = RedisServer::start(RedisOptions::new());
+    let certs = Certs::generate(&dir.join("pki"));
+    // Ten minutes left: the demo's proxy replaces it as soon as it starts.
+    let first_client =
+        certs.self_signed_client_expiring_in("first-client", time::Duration::minutes(10));
+    let redis = RedisServer::start(RedisOptions::new().tls(RedisTls {
+        cert: certs.server.cert.clone(),
+        key: certs.server.key.clone(),
+        ca: first_client.cert.clone(),
+        require_client_cert: true,
+    }));
     let emulator = CloudEmulator::start(&redis);
+    let first_pem = std::fs::read_to_string(&first_client.cert).expect("read the client cert");
+    emulator.set_client_certificates(&[first_pem]);
+    let client_dir = dir.join("client");
+    std::fs::create_dir_all(&client_dir).expect("create DIR/client");
+    std::fs::copy(&first_client.cert, client_dir.join("tls.crt")).expect("copy the client cert");
+    std::fs::copy(&first_client.key, client_dir.join("tls.key")).expect("copy the client key");
     let app_a = random_token(32);
     emulator.create_acl_user("app-a", "demo-role", &app_a);
     emulator.create_acl_user("app-b", "demo-role", &random_token(32));
@@ -37,16 +56,20 @@ fn main() {
     std::fs::write(
         dir.join("emulator.env"),
         format!(
-            "REDIS_PORT={}\nAPI_ROOT={}\n",
+            "REDIS_PORT={}\nREDIS_TLS_PORT={}\nAPI_ROOT={}\nSUBSCRIPTION_ID={}\nDATABASE_ID={}\n",
             redis.port(),
-            emulator.base_url()
+            redis.tls_port(),
+            emulator.base_url(),
+            emulator.subscription_id(),
+            emulator.database_id(),
         ),
     )
     .expect("write emulator.env");
     eprintln!(
-        "cloud emulator on {} in front of redis-server on 127.0.0.1:{}",
+        "cloud emulator on {} in front of redis-server on 127.0.0.1:{} (TLS {})",
         emulator.base_url(),
-        redis.port()
+        redis.port(),
+        redis.tls_port()
     );
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

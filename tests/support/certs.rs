@@ -78,12 +78,17 @@ impl Certs {
     /// A self-signed client certificate (what one registers with a Redis Cloud database's
     /// `clientTlsCertificates`), as `<name>.pem` / `<name>-key.pem`.
     pub fn self_signed_client(&self, name: &str) -> CertFiles {
+        // Made a while ago: a month of its life left.
+        self.self_signed_client_expiring_in(name, time::Duration::days(30))
+    }
+
+    /// [`Certs::self_signed_client`] with `left` of its life left.
+    pub fn self_signed_client_expiring_in(&self, name: &str, left: time::Duration) -> CertFiles {
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
         params.distinguished_name.push(DnType::CommonName, name);
-        // Made a while ago: a month of its life left.
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::days(60);
-        params.not_after = now + time::Duration::days(30);
+        params.not_after = now + left;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         let key = KeyPair::generate().expect("key");
