@@ -19,6 +19,7 @@ pub mod admin;
 pub mod cloud;
 pub mod config;
 pub mod credentials;
+pub mod files;
 pub mod metrics;
 pub mod net;
 pub mod resp;

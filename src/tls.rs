@@ -211,8 +211,16 @@ pub fn load_listener_cert(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsEr
 /// Whether the certificate file and the key file hold a pair (both readable, the key the
 /// certificate's).
 pub fn cert_and_key_match(cert: &Path, key: &Path) -> bool {
-    match (load_certs("certificate", cert), load_key("key", key)) {
-        (Ok(chain), Ok(key)) => CertifiedKey::from_der(chain, key, &provider()).is_ok(),
+    read_file("certificate", cert).is_ok_and(|pem| cert_pem_matches_key(&pem, key))
+}
+
+/// Whether the PEM certificate chain `cert_pem` and the key file hold a pair.
+pub fn cert_pem_matches_key(cert_pem: &[u8], key: &Path) -> bool {
+    let chain = CertificateDer::pem_slice_iter(cert_pem).collect::<Result<Vec<_>, _>>();
+    match (chain, load_key("key", key)) {
+        (Ok(chain), Ok(key)) if !chain.is_empty() => {
+            CertifiedKey::from_der(chain, key, &provider()).is_ok()
+        }
         _ => false,
     }
 }

@@ -32,6 +32,7 @@ use serde_json::json;
 
 use crate::config::TimeoutsConfig;
 use crate::credentials::Generations;
+use crate::files::write_durably;
 use crate::metrics::Metrics;
 use crate::rotation::RotationHandle;
 use crate::tls::{self, CertSummary, ListenerCert, UpstreamTls};
@@ -284,6 +285,11 @@ impl UpstreamTlsFiles {
             .map(|(c, k)| (c.as_path(), k.as_path()))
     }
 
+    /// The client certificate as it is on disk now.
+    pub fn client_cert_summary(&self) -> Option<CertSummary> {
+        self.tls.client_cert_summary()
+    }
+
     /// Follows the files until the process ends. Does nothing without files to follow.
     pub async fn follow(self: Arc<Self>) {
         let files = self.paths();
@@ -392,27 +398,6 @@ impl UpstreamTlsFiles {
             .map_err(|e| format!("a connection made with them was refused: {e}"))?;
         self.publisher.publish(config).await
     }
-}
-
-/// Writes `path` so that a crash leaves the old contents or the new, never a torn file.
-fn write_durably(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let tmp = dir.join(format!(".{name}.rotaproxy-tmp"));
-    {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        file.write_all(contents)?;
-        file.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Follows the listener's certificate and key until the process ends.

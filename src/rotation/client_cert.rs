@@ -34,7 +34,8 @@ use super::state::now_unix;
 use crate::cloud::{CloudClient, CloudError, DatabaseRef, TaskId};
 use crate::config::ClientCertRotationConfig;
 use crate::credentials::Generations;
-use crate::tls::CertSummary;
+use crate::files::write_durably;
+
 use crate::tls_reload::UpstreamTlsFiles;
 
 const JOB_FILE: &str = "client-certificate-rotation.json";
@@ -133,21 +134,7 @@ enum CertError {
 impl ClientCertRotation {
     /// Loads a rotation left in flight and starts the task.
     pub fn start(parts: ClientCertParts) -> anyhow::Result<ClientCertRotation> {
-        let job = match std::fs::read_to_string(parts.state_dir.join(JOB_FILE)) {
-            Ok(text) => Some(serde_json::from_str::<Job>(&text).map_err(|e| {
-                anyhow::anyhow!(
-                    "{} is corrupt (line {} column {})",
-                    parts.state_dir.join(JOB_FILE).display(),
-                    e.line(),
-                    e.column()
-                )
-            })?),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => anyhow::bail!(
-                "cannot read {}: {e}",
-                parts.state_dir.join(JOB_FILE).display()
-            ),
-        };
+        let job = load_job(&parts.state_dir)?;
         let (settled, _) = watch::channel(0);
         let handle = ClientCertRotation {
             shared: Arc::new(Shared {
@@ -255,8 +242,7 @@ impl ClientCertRotation {
 
     /// What is left of the certificate in use (None if it cannot be read).
     fn lifetime_left(&self) -> Option<Duration> {
-        let (cert, _) = self.shared.files.client_cert_paths()?;
-        let summary = read_cert_summary(cert)?;
+        let summary = self.shared.files.client_cert_summary()?;
         let not_after =
             SystemTime::UNIX_EPOCH + Duration::from_secs(summary.not_after.max(0) as u64);
         Some(
@@ -290,8 +276,12 @@ impl ClientCertRotation {
             .trim()
             .to_string();
         let (new_cert, key_pem) = make_certificate(&s.config.subject, id, s.config.validity)?;
-        write_private(&s.state_dir.join(PENDING_KEY_FILE), key_pem.as_bytes())
-            .map_err(|e| CertError::Other(format!("cannot save the new key: {e}")))?;
+        write_durably(
+            &s.state_dir.join(PENDING_KEY_FILE),
+            key_pem.as_bytes(),
+            0o600,
+        )
+        .map_err(|e| CertError::Other(format!("cannot save the new key: {e}")))?;
         let job = Job {
             id: id.to_string(),
             step: Step::Set,
@@ -468,7 +458,7 @@ impl ClientCertRotation {
 
     fn save(&self, job: &Job) -> Result<(), CertError> {
         let json = serde_json::to_vec_pretty(job).expect("a job always serializes");
-        write_private(&self.shared.state_dir.join(JOB_FILE), &json)
+        write_durably(&self.shared.state_dir.join(JOB_FILE), &json, 0o600)
             .map_err(|e| CertError::Other(format!("cannot save the rotation state: {e}")))
     }
 
@@ -508,26 +498,15 @@ pub fn repair_interrupted_install(
     cert: &Path,
     key: &Path,
 ) -> anyhow::Result<bool> {
-    let job = match std::fs::read_to_string(state_dir.join(JOB_FILE)) {
-        Ok(text) => serde_json::from_str::<Job>(&text).map_err(|e| {
-            anyhow::anyhow!("{} is corrupt: {e}", state_dir.join(JOB_FILE).display())
-        })?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => anyhow::bail!("cannot read {}: {e}", state_dir.join(JOB_FILE).display()),
+    let Some(job) = load_job(state_dir)? else {
+        return Ok(false);
     };
     if job.step != Step::Install || crate::tls::cert_and_key_match(cert, key) {
         return Ok(false);
     }
-    let pairs_with_key = |pem: &str| -> bool {
-        let dir = tempfile_path(state_dir);
-        let ok = write_private(&dir, pem.as_bytes()).is_ok()
-            && crate::tls::cert_and_key_match(&dir, key);
-        let _ = std::fs::remove_file(&dir);
-        ok
-    };
     for candidate in [&job.new_cert, &job.old_cert] {
-        if pairs_with_key(candidate) {
-            write_private(cert, format!("{}\n", candidate.trim()).as_bytes())?;
+        if crate::tls::cert_pem_matches_key(candidate.as_bytes(), key) {
+            write_durably(cert, format!("{}\n", candidate.trim()).as_bytes(), 0o644)?;
             tracing::warn!(
                 target: "rotaproxy::audit",
                 event = "client_certificate.repaired",
@@ -545,8 +524,23 @@ pub fn repair_interrupted_install(
     )
 }
 
-fn tempfile_path(dir: &Path) -> PathBuf {
-    dir.join(format!(".client-certificate-check-{}.pem", random_suffix()))
+/// The rotation left in flight in `state_dir`, if any. A corrupt file is an error, not
+/// nothing: it may be all that points at a key the API already trusts.
+fn load_job(state_dir: &Path) -> anyhow::Result<Option<Job>> {
+    let path = state_dir.join(JOB_FILE);
+    match std::fs::read_to_string(&path) {
+        // serde_json's messages name the position, never the content of a string value.
+        Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| {
+            anyhow::anyhow!(
+                "{} is corrupt (line {} column {})",
+                path.display(),
+                e.line(),
+                e.column()
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => anyhow::bail!("cannot read {}: {e}", path.display()),
+    }
 }
 
 /// For crash tests: `ROTAPROXY_FAULT_HANG_AT_CERT_STEP=<step>` stops the rotation before that
@@ -606,33 +600,6 @@ fn make_certificate(
     Ok((cert.pem().trim().to_string(), key.serialize_pem()))
 }
 
-fn read_cert_summary(path: &Path) -> Option<CertSummary> {
-    let chain = crate::tls::load_certs("upstream client certificate", path).ok()?;
-    CertSummary::of(chain.first()?)
-}
-
-/// Writes a file readable by the owner only, durably (temporary file, fsync, rename).
-fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let tmp = dir.join(format!(".{name}.tmp"));
-    {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        file.write_all(contents)?;
-        file.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
-}
-
 fn random_suffix() -> String {
     let mut b = [0u8; 4];
     let _ = getrandom::fill(&mut b);
@@ -661,7 +628,13 @@ mod tests {
             task_id: None,
             installed_generation: None,
         };
-        write_private(&state.join(JOB_FILE), &serde_json::to_vec(&job).unwrap()).unwrap();
+        std::fs::create_dir_all(&state).unwrap();
+        write_durably(
+            &state.join(JOB_FILE),
+            &serde_json::to_vec(&job).unwrap(),
+            0o600,
+        )
+        .unwrap();
         let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
         // The key was replaced, the certificate not yet.
         std::fs::write(&cert, &old_cert).unwrap();
@@ -697,7 +670,7 @@ mod tests {
         use rustls::pki_types::pem::PemObject;
         let cert = rustls::pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap();
         let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
-        let summary = CertSummary::of(&cert).unwrap();
+        let summary = crate::tls::CertSummary::of(&cert).unwrap();
         assert!(
             summary.subject.contains("CN=svc-proxy"),
             "{}",

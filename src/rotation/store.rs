@@ -1,9 +1,7 @@
 //! Where the rotation state lives. A single proxy keeps it in a local file; a fleet will share
 //! one store (its own issue) behind the same trait.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use super::state::{RotationState, SCHEMA_VERSION};
@@ -101,22 +99,7 @@ impl StateStore for FileStore {
             source,
         };
         let json = serde_json::to_vec_pretty(state).expect("the state always serializes");
-        let dir = self.path.parent().unwrap_or(Path::new("."));
-        let tmp = dir.join(format!(".{STATE_FILE_NAME}.tmp"));
-        {
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(err)?;
-            file.write_all(&json).map_err(err)?;
-            file.sync_all().map_err(err)?;
-        }
-        fs::rename(&tmp, &self.path).map_err(err)?;
-        File::open(dir).and_then(|d| d.sync_all()).map_err(err)?;
-        Ok(())
+        crate::files::write_durably(&self.path, &json, 0o600).map_err(err)
     }
 
     fn describe(&self) -> String {
