@@ -102,7 +102,24 @@ impl TlsStatus {
         });
     }
 
+    /// New files are in use: the audit event, metrics and status.
     fn applied(&self, side: Side, certificate: Option<CertSummary>, generation: Option<u64>) {
+        let what = match side {
+            Side::Upstream => {
+                "new upstream TLS files in use; sessions move to them at their next safe point"
+            }
+            Side::Listener => "new listener certificate in use for new client connections",
+        };
+        tracing::info!(
+            target: "rotaproxy::audit",
+            event = "tls.reloaded",
+            side = side.as_str(),
+            generation,
+            certificate_subject = certificate.as_ref().map_or("", |c| c.subject.as_str()),
+            certificate_serial = certificate.as_ref().map_or("", |c| c.serial.as_str()),
+            certificate_not_after = certificate.as_ref().map_or(0, |c| c.not_after),
+            "{what}"
+        );
         set_expiry_gauge(side, certificate.as_ref());
         gauge!("rotaproxy_tls_reload_pending", "side" => side.as_str()).set(0.0);
         counter!("rotaproxy_tls_reloads_total", "side" => side.as_str(), "result" => "applied")
@@ -118,7 +135,17 @@ impl TlsStatus {
         });
     }
 
+    /// Changed files cannot be used: the audit event (the caller says it once per content and
+    /// reason), metrics and status.
     fn refused(&self, side: Side, reason: &str) {
+        tracing::warn!(
+            target: "rotaproxy::audit",
+            event = "tls.refused",
+            side = side.as_str(),
+            error = %reason,
+            "the {} TLS files changed but cannot be used; keeping the ones in use and trying again at every change and poll",
+            side.as_str()
+        );
         gauge!("rotaproxy_tls_reload_pending", "side" => side.as_str()).set(1.0);
         counter!("rotaproxy_tls_reloads_total", "side" => side.as_str(), "result" => "refused")
             .increment(1);
@@ -261,11 +288,7 @@ impl UpstreamTlsFiles {
             timeouts: parts.timeouts,
             metrics: parts.metrics,
             status: parts.status,
-            book: tokio::sync::Mutex::new(Book {
-                in_use: parts.loaded,
-                refused: None,
-                unreadable_logged: false,
-            }),
+            book: tokio::sync::Mutex::new(Book::new(parts.loaded)),
         })
     }
 
@@ -301,25 +324,12 @@ impl UpstreamTlsFiles {
         loop {
             watch.next().await;
             let mut book = self.book.lock().await;
-            let Some(digest) = contents_digest(&paths) else {
-                // A replacement under way, a volume being remounted: wait it out.
-                book.unreadable(Side::Upstream, &paths);
+            let Some(digest) = book.changed(Side::Upstream, &paths, &self.status) else {
                 continue;
             };
-            book.unreadable_logged = false;
-            if Some(digest) == book.in_use {
-                if book.refused.take().is_some() {
-                    self.status.settled(Side::Upstream);
-                }
-                continue;
-            }
             match self.try_apply().await {
                 Ok(generation) => self.applied(&mut book, digest, generation),
-                Err(reason) => {
-                    if book.refused(digest, &reason) {
-                        self.log_refusal(&reason);
-                    }
-                }
+                Err(reason) => book.refused(Side::Upstream, digest, &reason, &self.status),
             }
         }
     }
@@ -360,32 +370,12 @@ impl UpstreamTlsFiles {
     }
 
     fn applied(&self, book: &mut Book, digest: u64, generation: u64) {
-        let certificate = self.tls.client_cert_summary();
-        tracing::info!(
-            target: "rotaproxy::audit",
-            event = "tls.reloaded",
-            side = "upstream",
-            generation,
-            certificate_subject = certificate.as_ref().map_or("", |c| c.subject.as_str()),
-            certificate_serial = certificate.as_ref().map_or("", |c| c.serial.as_str()),
-            certificate_not_after = certificate.as_ref().map_or(0, |c| c.not_after),
-            "new upstream TLS files in use; sessions move to them at their next safe point"
+        self.status.applied(
+            Side::Upstream,
+            self.tls.client_cert_summary(),
+            Some(generation),
         );
-        self.status
-            .applied(Side::Upstream, certificate, Some(generation));
-        book.in_use = Some(digest);
-        book.refused = None;
-    }
-
-    fn log_refusal(&self, reason: &str) {
-        tracing::warn!(
-            target: "rotaproxy::audit",
-            event = "tls.refused",
-            side = "upstream",
-            error = %reason,
-            "the upstream TLS files changed but cannot be used; keeping the ones in use and trying again at every change and poll"
-        );
-        self.status.refused(Side::Upstream, reason);
+        book.applied(digest);
     }
 
     /// Loads the files, proves them with a fresh connection, and publishes them.
@@ -411,54 +401,19 @@ pub async fn follow_listener(
 ) {
     let paths = [cert.as_path(), key.as_path()];
     let mut watch = FileWatch::new(&paths, poll_interval, "listener TLS files");
-    let mut book = Book {
-        in_use: loaded,
-        refused: None,
-        unreadable_logged: false,
-    };
+    let mut book = Book::new(loaded);
     loop {
         watch.next().await;
-        let Some(digest) = contents_digest(&paths) else {
-            book.unreadable(Side::Listener, &paths);
+        let Some(digest) = book.changed(Side::Listener, &paths, &status) else {
             continue;
         };
-        book.unreadable_logged = false;
-        if Some(digest) == book.in_use {
-            if book.refused.take().is_some() {
-                status.settled(Side::Listener);
-            }
-            continue;
-        }
         match tls::load_listener_cert(&cert, &key) {
             Ok(certified) => {
                 resolver.replace(certified);
-                let certificate = resolver.summary();
-                tracing::info!(
-                    target: "rotaproxy::audit",
-                    event = "tls.reloaded",
-                    side = "listener",
-                    certificate_subject = certificate.as_ref().map_or("", |c| c.subject.as_str()),
-                    certificate_serial = certificate.as_ref().map_or("", |c| c.serial.as_str()),
-                    certificate_not_after = certificate.as_ref().map_or(0, |c| c.not_after),
-                    "new listener certificate in use for new client connections"
-                );
-                status.applied(Side::Listener, certificate, None);
-                book.in_use = Some(digest);
-                book.refused = None;
+                status.applied(Side::Listener, resolver.summary(), None);
+                book.applied(digest);
             }
-            Err(err) => {
-                let reason = err.to_string();
-                if book.refused(digest, &reason) {
-                    tracing::warn!(
-                        target: "rotaproxy::audit",
-                        event = "tls.refused",
-                        side = "listener",
-                        error = %reason,
-                        "the listener's certificate files changed but cannot be used; keeping the certificate in use"
-                    );
-                    status.refused(Side::Listener, &reason);
-                }
-            }
+            Err(err) => book.refused(Side::Listener, digest, &err.to_string(), &status),
         }
     }
 }
@@ -473,25 +428,53 @@ struct Book {
 }
 
 impl Book {
-    fn unreadable(&mut self, side: Side, paths: &[&Path]) {
-        if self.unreadable_logged {
-            return;
+    fn new(in_use: Option<u64>) -> Book {
+        Book {
+            in_use,
+            refused: None,
+            unreadable_logged: false,
         }
-        self.unreadable_logged = true;
-        tracing::warn!(
-            side = side.as_str(),
-            error = first_unreadable(paths).as_deref().unwrap_or("unknown"),
-            "cannot read the TLS files; keeping the ones in use until they are back"
-        );
     }
 
-    /// Records a refusal; true when it is news (other contents, or another reason).
-    fn refused(&mut self, digest: u64, reason: &str) -> bool {
+    fn applied(&mut self, digest: u64) {
+        self.in_use = Some(digest);
+        self.refused = None;
+    }
+
+    /// After a wake-up: the digest of contents to try, or None when there is nothing to do
+    /// (the files hold what is in use, or cannot be read: a replacement under way, a volume
+    /// being remounted, which is waited out and said once).
+    fn changed(&mut self, side: Side, paths: &[&Path], status: &TlsStatus) -> Option<u64> {
+        let Some(digest) = contents_digest(paths) else {
+            if !self.unreadable_logged {
+                self.unreadable_logged = true;
+                tracing::warn!(
+                    side = side.as_str(),
+                    error = first_unreadable(paths).as_deref().unwrap_or("unknown"),
+                    "cannot read the TLS files; keeping the ones in use until they are back"
+                );
+            }
+            return None;
+        };
+        self.unreadable_logged = false;
+        if Some(digest) == self.in_use {
+            if self.refused.take().is_some() {
+                status.settled(side);
+            }
+            return None;
+        }
+        Some(digest)
+    }
+
+    /// Records a refusal, and reports it when it is news (other contents, or another reason).
+    fn refused(&mut self, side: Side, digest: u64, reason: &str, status: &TlsStatus) {
         let news = self
             .refused
             .as_ref()
             .is_none_or(|(d, r)| *d != digest || r != reason);
         self.refused = Some((digest, reason.to_string()));
-        news
+        if news {
+            status.refused(side, reason);
+        }
     }
 }
