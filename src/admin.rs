@@ -105,6 +105,13 @@ async fn status(State(state): State<Arc<AdminState>>) -> Json<serde_json::Value>
     Json(doc)
 }
 
+/// Whether `?name`, `?name=true` or `?name=1` is in the query.
+fn query_flag(query: &HashMap<String, String>, name: &str) -> bool {
+    query
+        .get(name)
+        .is_some_and(|v| v.is_empty() || v == "true" || v == "1")
+}
+
 /// `POST /v1/client-certificate/rotate[?wait=true]`: a new client certificate now.
 async fn rotate_client_certificate(
     State(state): State<Arc<AdminState>>,
@@ -126,10 +133,7 @@ async fn rotate_client_certificate(
         Some(id) => json!({ "state": "in_progress", "rotation_id": id }),
         None => json!({ "state": "started" }),
     };
-    let wait = query
-        .get("wait")
-        .is_some_and(|v| v.is_empty() || v == "true" || v == "1");
-    if !wait {
+    if !query_flag(&query, "wait") {
         return (StatusCode::ACCEPTED, Json(body)).into_response();
     }
     // The rotation ended, or a step failed (it is retried at the next check or request).
@@ -160,12 +164,7 @@ async fn rotate(
             "rotation is not configured ([rotation] in the config)",
         );
     };
-    let flag = |name: &str| {
-        query
-            .get(name)
-            .is_some_and(|v| v.is_empty() || v == "true" || v == "1")
-    };
-    let urgent = flag("urgent");
+    let urgent = query_flag(&query, "urgent");
     let answer = rotation.request(urgent, if urgent { "api-urgent" } else { "api" });
     let (id, mut body) = match &answer {
         RequestAnswer::Started { id } => (
@@ -177,7 +176,7 @@ async fn rotate(
             json!({ "rotation_id": id, "state": "in_progress", "escalated": escalated }),
         ),
     };
-    if !flag("wait") {
+    if !query_flag(&query, "wait") {
         return (StatusCode::ACCEPTED, Json(body)).into_response();
     }
     let outcome = rotation.wait_for(&id).await;

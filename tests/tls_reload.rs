@@ -68,6 +68,23 @@ impl MtlsEnv {
         )
     }
 
+    /// The proxy rotating `app`'s password (`acl-multi-password`, state in `state_dir`), its
+    /// admin POSTs taking `token`.
+    fn start_rotating_proxy(&self, state_dir: &Path, token: &str) -> Proxy {
+        let mut config = self.proxy_config().extra(&format!(
+            "[rotation]\nstrategy = \"acl-multi-password\"\nstate_dir = {}\ndrain_deadline = \"3s\"\n",
+            toml_path(state_dir)
+        ));
+        config.admin_extra = "token = \"env:TEST_ADMIN_TOKEN\"".into();
+        Proxy::start(
+            &config.to_toml(),
+            &[
+                ("TEST_UPSTREAM_PASSWORD", self.password.as_str()),
+                ("TEST_ADMIN_TOKEN", token),
+            ],
+        )
+    }
+
     /// Which CAs Redis accepts client certificates from, for connections made from now on.
     fn server_trusts(&self, cas: &[&Path]) {
         let bundle = self
@@ -351,19 +368,8 @@ fn tls_files_that_do_not_work_are_refused_once_and_used_when_they_do() {
 fn with_rotation_a_certificate_change_is_a_generation_the_next_rotation_keeps() {
     let env = MtlsEnv::start();
     let state = temp_dir();
-    let mut config = env.proxy_config().extra(&format!(
-        "[rotation]\nstrategy = \"acl-multi-password\"\nstate_dir = {}\ndrain_deadline = \"3s\"\n",
-        toml_path(state.path())
-    ));
-    config.admin_extra = "token = \"env:TEST_ADMIN_TOKEN\"".into();
     let token = random_token(24);
-    let proxy = Proxy::start(
-        &config.to_toml(),
-        &[
-            ("TEST_UPSTREAM_PASSWORD", env.password.as_str()),
-            ("TEST_ADMIN_TOKEN", token.as_str()),
-        ],
-    );
+    let proxy = env.start_rotating_proxy(state.path(), &token);
     let mut c = proxy.conn();
     c.cmd(&["SET", "k", "v"]).assert_ok();
 
@@ -394,19 +400,8 @@ fn with_rotation_a_certificate_change_is_a_generation_the_next_rotation_keeps() 
 fn a_certificate_change_during_a_rotation_waits_for_its_end() {
     let env = MtlsEnv::start();
     let state = temp_dir();
-    let mut config = env.proxy_config().extra(&format!(
-        "[rotation]\nstrategy = \"acl-multi-password\"\nstate_dir = {}\ndrain_deadline = \"3s\"\n",
-        toml_path(state.path())
-    ));
-    config.admin_extra = "token = \"env:TEST_ADMIN_TOKEN\"".into();
     let token = random_token(24);
-    let proxy = Proxy::start(
-        &config.to_toml(),
-        &[
-            ("TEST_UPSTREAM_PASSWORD", env.password.as_str()),
-            ("TEST_ADMIN_TOKEN", token.as_str()),
-        ],
-    );
+    let proxy = env.start_rotating_proxy(state.path(), &token);
     env.server_trusts(&[&env.certs.ca, &env.certs.other_ca]);
     // A client waiting in BLPOP keeps the rotation draining until it is moved, near the
     // deadline.

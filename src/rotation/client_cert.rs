@@ -546,17 +546,12 @@ fn load_job(state_dir: &Path) -> anyhow::Result<Option<Job>> {
 /// For crash tests: `ROTAPROXY_FAULT_HANG_AT_CERT_STEP=<step>` stops the rotation before that
 /// step, so a test can kill the proxy there and check the restart resumes it.
 async fn fault_injection(step: Step) {
-    if std::env::var("ROTAPROXY_FAULT_HANG_AT_CERT_STEP")
-        .ok()
-        .as_deref()
-        == Some(step.as_str())
-    {
-        tracing::warn!(
-            step = step.as_str(),
-            "fault injection: hanging at client certificate rotation step"
-        );
-        std::future::pending::<()>().await;
-    }
+    super::hang_if_asked(
+        "ROTAPROXY_FAULT_HANG_AT_CERT_STEP",
+        step.as_str(),
+        "client certificate rotation",
+    )
+    .await;
 }
 
 /// Upstream connections open now whose generation is older than `generation`.

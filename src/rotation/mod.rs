@@ -939,15 +939,13 @@ fn slot_json(slot: Option<&Slot>) -> serde_json::Value {
 /// that step was persisted and before it takes effect, so a test can kill the process exactly
 /// there.
 async fn fault_injection(step: Step) {
-    if std::env::var("ROTAPROXY_FAULT_HANG_AT_STEP")
-        .ok()
-        .as_deref()
-        == Some(step.as_str())
-    {
-        tracing::warn!(
-            step = step.as_str(),
-            "fault injection: hanging at rotation step"
-        );
+    hang_if_asked("ROTAPROXY_FAULT_HANG_AT_STEP", step.as_str(), "rotation").await;
+}
+
+/// Hangs forever when the environment variable `var` names `step` (crash tests of `what`).
+pub(crate) async fn hang_if_asked(var: &str, step: &str, what: &str) {
+    if std::env::var(var).ok().as_deref() == Some(step) {
+        tracing::warn!(step, "fault injection: hanging at {what} step");
         std::future::pending::<()>().await;
     }
 }
