@@ -116,45 +116,30 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
     };
 
     let tls_status = Arc::new(TlsStatus::default());
-    let mut client_cert_rotation = None;
-    if generations.current().endpoint.tls.is_some() {
-        tls_status.started(Side::Upstream, upstream_tls.client_cert_summary());
-        let publisher = match &rotation {
-            Some(rotation) => Publisher::Rotation(rotation.clone()),
-            None => Publisher::Direct {
+    let client_cert_rotation = if generations.current().endpoint.tls.is_some() {
+        follow_upstream_tls(
+            &config,
+            UpstreamFilesParts {
+                tls: upstream_tls,
+                loaded: upstream_tls_loaded,
+                poll_interval: config.upstream.tls_poll_interval,
                 generations: generations.clone(),
-                pool: pool.clone(),
+                publisher: match &rotation {
+                    Some(rotation) => Publisher::Rotation(rotation.clone()),
+                    None => Publisher::Direct {
+                        generations: generations.clone(),
+                        pool: pool.clone(),
+                    },
+                },
+                timeouts: config.timeouts.clone(),
+                metrics: metrics.clone(),
+                status: tls_status.clone(),
             },
-        };
-        let files = UpstreamTlsFiles::new(UpstreamFilesParts {
-            tls: upstream_tls,
-            loaded: upstream_tls_loaded,
-            poll_interval: config.upstream.tls_poll_interval,
-            generations: generations.clone(),
-            publisher,
-            timeouts: config.timeouts.clone(),
-            metrics: metrics.clone(),
-            status: tls_status.clone(),
-        });
-        tokio::spawn(files.clone().follow());
-        if let (Some(rotation_config), Some(rotation)) = (&config.rotation, &rotation)
-            && let Some(cert_config) = &rotation_config.client_certificate
-            && let Some((cloud, Some(database))) = rotation.cloud_api()
-        {
-            client_cert_rotation = Some(
-                ClientCertRotation::start(ClientCertParts {
-                    config: cert_config.clone(),
-                    drain_deadline: rotation_config.drain_deadline,
-                    state_dir: rotation_config.state_dir.clone(),
-                    cloud,
-                    database,
-                    files,
-                    generations: generations.clone(),
-                })
-                .context("cannot start client certificate rotation")?,
-            );
-        }
-    }
+            rotation.as_ref(),
+        )?
+    } else {
+        None
+    };
 
     let client_auth =
         ClientAuth::from_config(&config.listener.auth).context("listener.auth.users")?;
@@ -284,6 +269,40 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
         Err(_) => tracing::warn!("shutdown grace period over with client sessions still open"),
     }
     Ok(())
+}
+
+/// Follows the upstream TLS files, and starts the client-certificate rotation when it is
+/// configured (it writes those files).
+fn follow_upstream_tls(
+    config: &Config,
+    parts: UpstreamFilesParts,
+    rotation: Option<&RotationHandle>,
+) -> anyhow::Result<Option<ClientCertRotation>> {
+    parts
+        .status
+        .started(Side::Upstream, parts.tls.client_cert_summary());
+    let generations = parts.generations.clone();
+    let files = UpstreamTlsFiles::new(parts);
+    tokio::spawn(files.clone().follow());
+    let (Some(rotation_config), Some(rotation)) = (&config.rotation, rotation) else {
+        return Ok(None);
+    };
+    let (Some(cert_config), Some((cloud, Some(database)))) =
+        (&rotation_config.client_certificate, rotation.cloud_api())
+    else {
+        return Ok(None);
+    };
+    let started = ClientCertRotation::start(ClientCertParts {
+        config: cert_config.clone(),
+        drain_deadline: rotation_config.drain_deadline,
+        state_dir: rotation_config.state_dir.clone(),
+        cloud,
+        database,
+        files,
+        generations,
+    })
+    .context("cannot start client certificate rotation")?;
+    Ok(Some(started))
 }
 
 /// Answers a client over the limit the way Redis does, then closes.
