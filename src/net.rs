@@ -40,12 +40,19 @@ impl Stream {
 
     /// True when the peer has closed the connection or sent something unexpected while it sat
     /// idle. Checked without blocking before an idle connection is handed out.
+    ///
+    /// It asks the kernel (a non-blocking `MSG_PEEK`), not tokio's readiness: that is updated
+    /// only when the reactor next polls, so a connection the server closed a moment ago (a
+    /// `CLIENT KILL USER` that took the session's connection and the idle ones together) still
+    /// looked alive, and the session that had just lost its own connection was handed a dead one.
     pub fn looks_closed(&self) -> bool {
-        let mut probe = [0u8; 1];
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        let mut buf = ReadBuf::new(&mut probe);
-        // Ready means EOF, an error, or bytes nobody asked for (a TLS alert, a shutdown notice).
-        self.tcp().poll_peek(&mut cx, &mut buf).is_ready()
+        let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        // Anything but "nothing to read" means EOF, an error, or bytes nobody asked for (a TLS
+        // alert, a shutdown notice). The socket is non-blocking, as tokio keeps it.
+        match socket2::SockRef::from(self.tcp()).peek(&mut probe) {
+            Err(e) => e.kind() != io::ErrorKind::WouldBlock,
+            Ok(_) => true,
+        }
     }
 
     /// Reads what has arrived into the spare capacity of `buf` (the caller makes room), as
