@@ -5,6 +5,7 @@
 use std::ops::Range;
 
 use super::command::Peek;
+use super::scanner::{Direction, ScanLimits, Scanner, nested_push_is_message};
 
 /// Longest first element the proxy inspects; every kind it cares about is shorter.
 const MAX_KIND_LEN: usize = 32;
@@ -148,6 +149,104 @@ pub fn is_monitor_line(frame: &[u8]) -> bool {
     }
 }
 
+/// Which commands of a transaction failed, read off EXEC's array as its bytes pass through
+/// (they are relayed as they come; a 200 MB element is not held).
+///
+/// EXEC answers a command that failed when it ran with an error element (`SELECT 99`, a
+/// `CLIENT SETNAME` with a space, an `SSUBSCRIBE` Redis 7.0 refuses inside MULTI), and the
+/// proxy must not apply what that command would have changed: replayed after a move, a
+/// `SELECT 99` the server refused put the session on db 0.
+#[derive(Debug)]
+pub struct ExecOutcomes {
+    /// Scans one element at a time: each element of the array is a frame of its own.
+    elements: Scanner,
+    /// Bytes passed in but not consumed yet (a partial line; payloads are consumed as they come).
+    pending: Vec<u8>,
+    header_seen: bool,
+    /// The element being scanned has been classified.
+    started: bool,
+    /// Per element, in order: whether it is an error.
+    failed: Vec<bool>,
+    /// Not an array, or malformed: the outcome is unknown.
+    lost: bool,
+}
+
+impl Default for ExecOutcomes {
+    fn default() -> Self {
+        ExecOutcomes {
+            elements: Scanner::new(Direction::Reply, ScanLimits::reply_defaults()),
+            pending: Vec::new(),
+            header_seen: false,
+            started: false,
+            failed: Vec::new(),
+            lost: false,
+        }
+    }
+}
+
+impl ExecOutcomes {
+    /// Follows `bytes`, the next bytes of the EXEC reply (exactly those its scanner consumed).
+    pub fn feed(&mut self, bytes: &[u8]) {
+        if self.lost {
+            return;
+        }
+        self.pending.extend_from_slice(bytes);
+        let mut at = 0;
+        while at < self.pending.len() {
+            let rest = &self.pending[at..];
+            if !self.header_seen {
+                // `*<n>\r\n`: anything else (`*-1`, `_`, an error) means nothing ran.
+                if rest[0] != b'*' || rest.get(1) == Some(&b'-') {
+                    self.lost = true;
+                    return;
+                }
+                let Some(nl) = memchr::memchr(b'\n', rest) else {
+                    break;
+                };
+                self.header_seen = true;
+                at += nl + 1;
+                continue;
+            }
+            if !self.started {
+                if rest[0] == b'>' {
+                    // A message written into the middle of the array is not an element.
+                    let Some(nl) = memchr::memchr(b'\n', rest) else {
+                        break;
+                    };
+                    match nested_push_is_message(&rest[nl + 1..]).0 {
+                        None => break,
+                        Some(true) => {}
+                        Some(false) => self.failed.push(false),
+                    }
+                } else {
+                    self.failed.push(is_error(rest[0]));
+                }
+                self.started = true;
+            }
+            match self.elements.scan(rest) {
+                Ok(progress) => {
+                    at += progress.consumed;
+                    if progress.complete {
+                        self.started = false;
+                    } else if progress.consumed == 0 {
+                        break;
+                    }
+                }
+                Err(_) => {
+                    self.lost = true;
+                    return;
+                }
+            }
+        }
+        self.pending.drain(..at);
+    }
+
+    /// Per element of the array, whether it is an error; None when that could not be told.
+    pub fn failed(self) -> Option<Vec<bool>> {
+        (!self.lost && self.header_seen).then_some(self.failed)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,5 +288,26 @@ mod tests {
             b"+1700000000.123456 [0 127.0.0.1:5000] \"get\" \"k\"\r\n"
         ));
         assert!(!is_monitor_line(b"+OK\r\n"));
+    }
+
+    #[test]
+    fn exec_outcomes_tell_which_commands_failed_whatever_the_pieces() {
+        // SELECT 99 (error), GET (a 20-byte bulk), a message written in between, an empty
+        // array, a blob error, HELLO's map.
+        let reply: &[u8] = b"*5\r\n-ERR DB index is out of range\r\n$20\r\nabcdefghijklmnopqrst\r\n>3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$1\r\nm\r\n*0\r\n!3\r\nbad\r\n%1\r\n+k\r\n:1\r\n";
+        let expected = vec![true, false, false, true, false];
+        for piece in [reply.len(), 1, 2, 3, 7] {
+            let mut exec = ExecOutcomes::default();
+            for chunk in reply.chunks(piece) {
+                exec.feed(chunk);
+            }
+            assert_eq!(exec.failed(), Some(expected.clone()), "pieces of {piece}");
+        }
+        // A transaction that did not run tells nothing.
+        for reply in [&b"*-1\r\n"[..], b"_\r\n", b"-EXECABORT x\r\n"] {
+            let mut exec = ExecOutcomes::default();
+            exec.feed(reply);
+            assert_eq!(exec.failed(), None);
+        }
     }
 }

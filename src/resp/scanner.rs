@@ -170,6 +170,14 @@ enum Kind {
     /// An attribute ended: exactly one value follows, and belongs to the enclosing level. Not counted as
     /// depth; never stacked directly on another `AttrValue` (consecutive attributes share one value).
     AttrValue,
+    /// `>n` inside another aggregate that is a message (`message`, `pmessage`, `smessage`,
+    /// `invalidate`): written into the middle of a reply, and not one of its elements. Redis 7.0
+    /// does this when a transaction publishes to a channel its own RESP3 connection subscribes
+    /// to: `*3 :4 $4 v373 >3 message ... :1` is EXEC's array of three with the message between
+    /// its second and third elements. Counted like `Counted`, but its end does not count as a
+    /// value of the enclosing level. (A subscribe confirmation inside EXEC's array is that
+    /// command's reply, and does count.)
+    OutOfBand,
 }
 
 /// A parsed length/count header.
@@ -873,10 +881,31 @@ impl Scanner {
                                     return Err(ScanError::LineTooLong(self.limits.max_line_len));
                                 }
                             };
+                            let header_start = pos;
                             carry = 0;
                             pos = next;
                             let attr = b == b'|';
                             let pairs = attr || b == b'%';
+                            let out_of_band = if b == b'>'
+                                && self.depth > 0
+                                && matches!(h, Header::Len(n) if n > 0)
+                            {
+                                let (kind, looked) = nested_push_is_message(&buf[pos..]);
+                                self.note_examined(looked);
+                                match kind {
+                                    Some(is_message) => is_message,
+                                    None => {
+                                        // Its kind has not arrived: look again with more bytes
+                                        // (a header and a short bulk, so linear all the same).
+                                        // The header's line up to its `\n` counts as searched.
+                                        self.carry = pos - header_start - 1;
+                                        self.state = state;
+                                        return Ok(partial(header_start));
+                                    }
+                                }
+                            } else {
+                                false
+                            };
                             match h {
                                 Header::Len(n) if n >= 0 => {
                                     if n as u64 > self.limits.max_elements {
@@ -887,11 +916,19 @@ impl Scanner {
                                     }
                                     let count = if pairs { n as u64 * 2 } else { n as u64 };
                                     if count > 0 {
-                                        let kind = if attr { Kind::Attr } else { Kind::Counted };
+                                        let kind = if attr {
+                                            Kind::Attr
+                                        } else if out_of_band {
+                                            Kind::OutOfBand
+                                        } else {
+                                            Kind::Counted
+                                        };
                                         self.depth += 1;
                                         self.stack.push(Level { left: count, kind });
                                     } else if attr {
                                         self.push_attr_value();
+                                    } else if out_of_band {
+                                        // An empty push inside a reply: nothing to count.
                                     } else if self.finish_value() {
                                         self.state = State::Line;
                                         return Ok(complete(pos));
@@ -1065,6 +1102,15 @@ impl Scanner {
                 Kind::AttrValue => {
                     self.stack.pop();
                 }
+                Kind::OutOfBand => {
+                    top.left -= 1;
+                    if top.left == 0 {
+                        // The push ended; the reply around it goes on as before it.
+                        self.stack.pop();
+                        self.depth -= 1;
+                    }
+                    return false;
+                }
                 Kind::Streamed { pairs, .. } => {
                     if pairs {
                         top.left ^= 1;
@@ -1092,6 +1138,44 @@ impl Scanner {
             });
         }
     }
+}
+
+/// Whether a push nested in a reply, whose elements start `rest`, is a message (see
+/// `Kind::OutOfBand`), and how many bytes that took to see; None while its first element, the
+/// kind, is still incomplete. Every message kind is a bulk of at most 10 bytes.
+pub(crate) fn nested_push_is_message(rest: &[u8]) -> (Option<bool>, usize) {
+    const LONGEST_KIND: usize = b"invalidate".len();
+    // `$<1-2 digits>\r\n`
+    let Some(&first) = rest.first() else {
+        return (None, 0);
+    };
+    if first != b'$' {
+        return (Some(false), 1);
+    }
+    let header = &rest[..rest.len().min(5)];
+    let Some(nl) = memchr(b'\n', header) else {
+        return if rest.len() < 5 {
+            (None, rest.len())
+        } else {
+            (Some(false), 5)
+        };
+    };
+    let digits = &header[1..nl.max(2) - 1];
+    let len = match digits {
+        [d] if d.is_ascii_digit() => (d - b'0') as usize,
+        [d1, d0] if d1.is_ascii_digit() && d0.is_ascii_digit() => {
+            ((d1 - b'0') * 10 + (d0 - b'0')) as usize
+        }
+        _ => return (Some(false), nl + 1),
+    };
+    if len > LONGEST_KIND {
+        return (Some(false), nl + 1);
+    }
+    let Some(kind) = rest.get(nl + 1..nl + 1 + len) else {
+        return (None, rest.len());
+    };
+    let is_message = matches!(kind, b"message" | b"pmessage" | b"smessage" | b"invalidate");
+    (Some(is_message), nl + 1 + len)
 }
 
 #[inline(always)]
@@ -1398,15 +1482,62 @@ mod tests {
         );
         if clean {
             assert_eq!(sc.bytes_scanned(), input.len() as u64);
-            // Byte by byte, only a header's type byte and digits are looked at again: bounded per line.
+            // Byte by byte, only a header's type byte and digits are looked at again: bounded per
+            // line. A push inside a reply is looked at again, header and kind (at most 5 + 10
+            // bytes), until its kind is whole: bounded per push.
+            let pushes = input.windows(2).filter(|w| w == b"\n>").count() as u64;
             assert!(
-                sc.examined <= 4 * input.len() as u64,
+                sc.examined <= 4 * input.len() as u64 + 15 * 20 * pushes,
                 "examined {} for {} bytes",
                 sc.examined,
                 input.len()
             );
         }
         whole
+    }
+
+    #[test]
+    fn a_message_inside_a_reply_is_not_one_of_its_elements() {
+        let reply = Direction::Reply;
+        let lim = limits(reply);
+        // What Redis 7.0 writes for MULTI, APPEND, GET, PUBLISH (to a channel the RESP3
+        // connection itself subscribes to), EXEC: the message sits between EXEC's elements.
+        let exec: &[u8] =
+            b"*3\r\n:4\r\n$4\r\nv373\r\n>3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$4\r\nv278\r\n:1\r\n";
+        let (input, expected) = cumulative(&[exec, b"$3\r\ntag\r\n"]);
+        assert_eq!(check_splits(reply, lim, &input).ends, expected);
+        // Every message kind, here before a map's value.
+        for kind in ["message", "pmessage", "smessage", "invalidate"] {
+            let push = format!(">2\r\n${}\r\n{kind}\r\n*1\r\n:1\r\n", kind.len());
+            let map = format!("%1\r\n+k\r\n{push}:5\r\n");
+            let (input, expected) = cumulative(&[map.as_bytes(), b"+OK\r\n"]);
+            assert_eq!(check_splits(reply, lim, &input).ends, expected, "{kind}");
+        }
+        // A message that is the reply itself is a frame of its own, as before.
+        let top: &[u8] = b">3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$1\r\nm\r\n";
+        let (input, expected) = cumulative(&[top, b":1\r\n"]);
+        assert_eq!(check_splits(reply, lim, &input).ends, expected);
+    }
+
+    #[test]
+    fn a_subscribe_confirmation_inside_exec_is_its_reply() {
+        let reply = Direction::Reply;
+        // RESP3 MULTI, SUBSCRIBE a b, EXEC: the first confirmation is the array's element,
+        // the second follows it (the session counts that one from its subscriptions).
+        let exec: &[u8] = b"*1\r\n>3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n";
+        let next: &[u8] = b">3\r\n$9\r\nsubscribe\r\n$1\r\nb\r\n:2\r\n";
+        let (input, expected) = cumulative(&[exec, next]);
+        assert_eq!(check_splits(reply, limits(reply), &input).ends, expected);
+        // Pushes whose first element is not a short bulk, or is empty, are elements too.
+        for push in [
+            &b">1\r\n:1\r\n"[..],
+            b">1\r\n$11\r\nmessagexxxx\r\n",
+            b">0\r\n",
+        ] {
+            let array = [&b"*2\r\n"[..], push, b"+x\r\n"].concat();
+            let (input, expected) = cumulative(&[&array, b"+OK\r\n"]);
+            assert_eq!(check_splits(reply, limits(reply), &input).ends, expected);
+        }
     }
 
     fn cumulative(frames: &[&[u8]]) -> (Vec<u8>, Vec<usize>) {
@@ -2024,15 +2155,23 @@ mod tests {
             f
         }
 
+        /// A reply: any value, or a push of values. Pushes are top-level only: one inside a
+        /// reply is out of band (see `Kind::OutOfBand`), where redis-protocol counts it as an
+        /// element.
         pub fn frame3() -> impl Strategy<Value = F3> {
+            prop_oneof![
+                4 => value3(),
+                1 => (prop::collection::vec(value3(), 0..3), attrs()).prop_map(|(data, a)| {
+                    with_attrs(F3::Push { data, attributes: None }, a)
+                }),
+            ]
+        }
+
+        fn value3() -> impl Strategy<Value = F3> {
             let leaf = (scalar3(), attrs()).prop_map(|(f, a)| with_attrs(f, a));
             leaf.prop_recursive(3, 24, 4, |inner| {
                 let agg = prop_oneof![
                     prop::collection::vec(inner.clone(), 0..4).prop_map(|data| F3::Array {
-                        data,
-                        attributes: None
-                    }),
-                    prop::collection::vec(inner.clone(), 0..3).prop_map(|data| F3::Push {
                         data,
                         attributes: None
                     }),

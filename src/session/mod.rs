@@ -37,7 +37,7 @@ use crate::credentials::{Generation, Generations};
 use crate::metrics::{ClientErrorReason, Metrics, SessionTraffic};
 use crate::net::Stream;
 use crate::resp::command::{self, Head, Kind, Peek};
-use crate::resp::reply::{self, PushKind, SubClass, SubKind};
+use crate::resp::reply::{self, ExecOutcomes, PushKind, SubClass, SubKind};
 use crate::resp::scanner::{Direction, ScanLimits, Scanner};
 use crate::upstream::connector::UpstreamConn;
 use crate::upstream::pool::{Pool, PoolError};
@@ -208,7 +208,12 @@ pub struct Session {
     authenticated: bool,
     in_multi: bool,
     /// State changes of commands queued in the open MULTI, applied when EXEC succeeds.
-    multi_actions: Vec<Action>,
+    multi_actions: Vec<(usize, Action)>,
+    /// `replies.asked()` right after the open MULTI was sent: positions in the transaction
+    /// count from there.
+    multi_base: u64,
+    /// Follows the EXEC reply now passing, when its transaction changes session state.
+    exec_outcomes: Option<ExecOutcomes>,
     watch_armed: bool,
     /// The connection holding the WATCH was lost: the next EXEC must answer nil, as if a watched
     /// key had changed — never a silent success.
@@ -308,6 +313,8 @@ impl Session {
             authenticated,
             in_multi: false,
             multi_actions: Vec::new(),
+            multi_base: 0,
+            exec_outcomes: None,
             watch_armed: false,
             watch_lost: false,
             multi_lost: false,
@@ -877,11 +884,15 @@ impl Session {
             Kind::Multi => {
                 // A RESP2 connection with subscriptions refuses MULTI: what follows runs at once.
                 let refused = self.state.resp2_subscribe_context();
-                if !self.in_multi && !refused {
+                let opens = !self.in_multi && !refused;
+                if opens {
                     self.in_multi = true;
                     self.multi_actions.clear();
                 }
-                self.forward(frame, relay_one).await
+                self.forward(frame, relay_one).await;
+                if opens {
+                    self.multi_base = self.replies.asked();
+                }
             }
             Kind::Exec => self.handle_exec(frame).await,
             Kind::Discard => {
@@ -947,7 +958,7 @@ impl Session {
                 let set = self.state.set_of(class);
                 let remaining = if args.len() > 1 {
                     for channel in &args[1..] {
-                        set.remove(*channel);
+                        set.shift_remove(*channel);
                     }
                     args.len() as u64 - 1
                 } else {
@@ -977,7 +988,8 @@ impl Session {
     /// change waits for EXEC.
     fn tracked(&mut self, action: Action) -> Expect {
         if self.in_multi && action != Action::None {
-            self.multi_actions.push(action);
+            let position = (self.replies.asked() - self.multi_base) as usize;
+            self.multi_actions.push((position, action));
             return Expect::Relay(1);
         }
         Expect::Tracked {
@@ -1187,7 +1199,7 @@ impl Session {
         let subscribes = self.state.protocol == 2
             && actions
                 .iter()
-                .any(|a| matches!(a, Action::Subscribe(..) | Action::Unsubscribe(..)));
+                .any(|(_, a)| matches!(a, Action::Subscribe(..) | Action::Unsubscribe(..)));
         self.forward(
             frame,
             Expect::Tracked {
@@ -1280,6 +1292,7 @@ impl Session {
         debug_assert!(self.upstream.is_none() && self.relay_len == 0 && self.forward_len == 0);
         self.reply_scanner = new_reply_scanner();
         self.reply_frame = None;
+        self.exec_outcomes = None;
         self.relay_len = 0;
         self.held_reply_len = 0;
         let mut up = Upstream {
@@ -1359,6 +1372,7 @@ impl Session {
         }
         self.reply_scanner = new_reply_scanner();
         self.reply_frame = None;
+        self.exec_outcomes = None;
         self.relay_len = 0;
         self.held_reply_len = 0;
         for expect in self.replies.take_all() {
@@ -1457,6 +1471,9 @@ impl Session {
                     // Swallowed and held frames start at the front of the input.
                     self.flush_relay();
                 }
+                if frame.counts && self.replies.head_is_exec_with_actions() {
+                    self.exec_outcomes = Some(ExecOutcomes::default());
+                }
                 self.reply_frame = Some(frame);
             }
             let frame = self.reply_frame.expect("set above");
@@ -1466,6 +1483,9 @@ impl Session {
                 .reply_scanner
                 .scan(&up.input[pos..])
                 .map_err(|e| format!("malformed reply from upstream: {e}"))?;
+            if let Some(exec) = &mut self.exec_outcomes {
+                exec.feed(&up.input[pos..pos + progress.consumed]);
+            }
             if frame.confirmation.is_some() {
                 self.held_reply_len += progress.consumed;
             } else if frame.relay {
@@ -1538,7 +1558,18 @@ impl Session {
             ..plain
         };
         if self.replies.head_is_exec_tail() {
-            // Inside an EXEC reply: no message or monitor line can come between its frames.
+            // The rest of an EXEC reply: every frame counts, but for a message that a PUBLISH
+            // in the transaction sent to this RESP3 connection itself.
+            if first == b'>' {
+                let kind = match reply::peek_first_element(buf) {
+                    Peek::Incomplete => return None,
+                    Peek::Ready(Some(range)) => reply::push_kind(&buf[range]),
+                    Peek::Ready(None) | Peek::Malformed => PushKind::Other,
+                };
+                if matches!(kind, PushKind::Message | PushKind::Invalidate) {
+                    return Some(not_a_reply(!self.reply_off));
+                }
+            }
             return Some(plain);
         }
         let head_confirms = self.replies.head_is_confirmations();
@@ -1604,7 +1635,7 @@ impl Session {
             self.on_blocking_answered(!frame.relay);
         }
         for (class, channel) in matched.revert {
-            self.state.set_of(class).remove(&channel);
+            self.state.set_of(class).shift_remove(&channel);
         }
         if let Action::Exec(actions) = matched.action {
             if std::mem::take(&mut self.barrier) {
@@ -1612,8 +1643,9 @@ impl Session {
                 self.resume_input = true;
             }
             // An array (not a null: an aborted transaction) means EXEC ran the commands.
+            let failed = self.exec_outcomes.take().and_then(ExecOutcomes::failed);
             if frame.first == b'*' && !frame.null_array {
-                let tail = self.state.apply_exec(actions);
+                let tail = self.state.apply_exec(actions, failed.as_deref());
                 self.sync_redirect(None);
                 if tail > 0 {
                     self.replies.push_next(Expect::ExecTail {

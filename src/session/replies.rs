@@ -69,6 +69,9 @@ pub struct ReplyQueue {
     /// Entries other than `Local` (replies the upstream still owes).
     upstream_owed: usize,
     blocking: usize,
+    /// Replies asked of the upstream so far, in all: a command's position in a transaction is
+    /// the difference from the count when MULTI was sent.
+    asked: u64,
 }
 
 impl ReplyQueue {
@@ -160,6 +163,20 @@ impl ReplyQueue {
     /// Expects `n` ordinary replies.
     pub fn relay(&mut self, n: u64) {
         self.trailing_relays += n;
+        self.asked += n;
+    }
+
+    /// Replies asked of the upstream so far (see `asked`).
+    pub fn asked(&self) -> u64 {
+        self.asked
+    }
+
+    /// Whether the head entry is an EXEC whose transaction changes session state.
+    pub fn head_is_exec_with_actions(&self) -> bool {
+        matches!(
+            self.entries.front(),
+            Some(Expect::Tracked { action: Action::Exec(actions), .. }) if !actions.is_empty()
+        )
     }
 
     /// Moves the trailing run into `entries`, before something else is queued behind it.
@@ -178,6 +195,7 @@ impl ReplyQueue {
         self.settle_trailing_relays();
         if !matches!(expect, Expect::Local(_)) {
             self.upstream_owed += 1;
+            self.asked += 1;
         }
         if let Expect::Tracked { blocking: true, .. } = expect {
             self.blocking += 1;

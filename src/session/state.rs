@@ -7,9 +7,8 @@
 //! `UNSUBSCRIBE` without arguments answers once per current channel, so the proxy must know the
 //! set when the request passes, not when the answers come.
 
-use std::collections::BTreeSet;
-
 use bytes::Bytes;
+use indexmap::IndexSet;
 
 use crate::resp::command;
 use crate::resp::reply::SubClass;
@@ -44,8 +43,9 @@ pub enum Action {
     Monitor,
     /// The client's own RESET: the upstream connection falls back to the default user.
     Reset,
-    /// Actions queued inside MULTI, applied when EXEC answers with an array.
-    Exec(Vec<Action>),
+    /// Actions queued inside MULTI, each with the position of its command in the transaction,
+    /// applied when EXEC answers with an array (each only if its element is not an error).
+    Exec(Vec<(usize, Action)>),
     /// `(P|S)SUBSCRIBE` inside MULTI: the channels join the set when EXEC runs it.
     Subscribe(SubClass, Vec<Bytes>),
     /// `(P|S)UNSUBSCRIBE` inside MULTI: the channels (all of them when empty) leave the set.
@@ -55,6 +55,12 @@ pub enum Action {
     /// The AUTH that moves the connection to a new generation in place.
     Reauth,
 }
+
+/// The channels (or patterns) of one kind of subscription, in the order the client subscribed.
+/// The replay subscribes in that order so the new connection lists them as the old one did:
+/// an argument-less `(P|S)UNSUBSCRIBE` answers in the server's order (for patterns on Redis
+/// 7.0, the order of subscription), and a client may compare those answers with what it sent.
+pub type Subscriptions = IndexSet<Bytes>;
 
 /// Connection state as the server sees it.
 #[derive(Debug, Clone, Default)]
@@ -70,9 +76,9 @@ pub struct ConnState {
     pub readonly: bool,
     pub tracking: Option<Vec<Bytes>>,
     pub monitor: bool,
-    pub channels: BTreeSet<Bytes>,
-    pub patterns: BTreeSet<Bytes>,
-    pub shard_channels: BTreeSet<Bytes>,
+    pub channels: Subscriptions,
+    pub patterns: Subscriptions,
+    pub shard_channels: Subscriptions,
     /// Channel + pattern subscriptions as last counted by the server.
     pub server_subscriptions: i64,
     /// Shard channel subscriptions as last counted by the server.
@@ -134,7 +140,7 @@ impl ConnState {
         self.has_subscriptions() || self.monitor || self.tracking.is_some()
     }
 
-    pub fn set_of(&mut self, class: SubClass) -> &mut BTreeSet<Bytes> {
+    pub fn set_of(&mut self, class: SubClass) -> &mut Subscriptions {
         match class {
             SubClass::Channel => &mut self.channels,
             SubClass::Pattern => &mut self.patterns,
@@ -176,7 +182,7 @@ impl ConnState {
             Action::Monitor => self.monitor = true,
             Action::Reset => *self = ConnState::new(),
             Action::Exec(actions) => {
-                self.apply_exec(actions);
+                self.apply_exec(actions, None);
             }
             Action::Subscribe(class, channels) => {
                 self.set_of(class).extend(channels);
@@ -188,7 +194,7 @@ impl ConnState {
                     set.clear();
                 } else {
                     for channel in &channels {
-                        set.remove(channel);
+                        set.shift_remove(channel);
                     }
                 }
                 self.count_subscriptions_as_the_server_does();
@@ -200,9 +206,14 @@ impl ConnState {
     /// reply carries beyond the array's own count. Redis counts a (un)subscribe command once in
     /// the EXEC array's length but writes one confirmation per channel (per subscription for an
     /// UNSUBSCRIBE without arguments, at least one), so those frames follow the array.
-    pub fn apply_exec(&mut self, actions: Vec<Action>) -> u64 {
+    /// `failed` tells, per element of EXEC's array, whether that command failed (None: unknown,
+    /// taken as success); a failed command changes nothing and answers with its error alone.
+    pub fn apply_exec(&mut self, actions: Vec<(usize, Action)>, failed: Option<&[bool]>) -> u64 {
         let mut extra = 0;
-        for action in actions {
+        for (position, action) in actions {
+            if failed.and_then(|f| f.get(position)).copied() == Some(true) {
+                continue;
+            }
             let confirmations = match &action {
                 Action::Subscribe(_, channels) => channels.len() as u64,
                 Action::Unsubscribe(class, channels) if channels.is_empty() => {
@@ -341,11 +352,17 @@ mod tests {
     fn exec_counts_one_frame_per_confirmation_beyond_the_array() {
         let mut s = ConnState::new();
         // SUBSCRIBE a b a: three confirmations (one per argument), two channels.
-        let extra = s.apply_exec(vec![
-            Action::Subscribe(SubClass::Channel, channels(&["a", "b", "a"])),
-            Action::SelectDb(1),
-            Action::Subscribe(SubClass::Pattern, channels(&["p*"])),
-        ]);
+        let extra = s.apply_exec(
+            vec![
+                (
+                    0,
+                    Action::Subscribe(SubClass::Channel, channels(&["a", "b", "a"])),
+                ),
+                (1, Action::SelectDb(1)),
+                (3, Action::Subscribe(SubClass::Pattern, channels(&["p*"]))),
+            ],
+            None,
+        );
         assert_eq!(extra, 2);
         assert_eq!(s.channels.len(), 2);
         assert_eq!(s.db, 1);
@@ -353,19 +370,48 @@ mod tests {
         assert!(s.resp2_subscribed());
         // UNSUBSCRIBE without arguments: one confirmation per channel it leaves.
         assert_eq!(
-            s.apply_exec(vec![Action::Unsubscribe(SubClass::Channel, Vec::new())]),
+            s.apply_exec(
+                vec![(0, Action::Unsubscribe(SubClass::Channel, Vec::new()))],
+                None
+            ),
             1
         );
         assert!(s.channels.is_empty());
         assert_eq!(s.server_subscriptions, 1);
         // ... and still one when there is none to leave.
         assert_eq!(
-            s.apply_exec(vec![
-                Action::Unsubscribe(SubClass::Channel, Vec::new()),
-                Action::Unsubscribe(SubClass::Pattern, channels(&["p*", "q*"])),
-            ]),
+            s.apply_exec(
+                vec![
+                    (0, Action::Unsubscribe(SubClass::Channel, Vec::new())),
+                    (
+                        1,
+                        Action::Unsubscribe(SubClass::Pattern, channels(&["p*", "q*"]))
+                    ),
+                ],
+                None
+            ),
             1
         );
+        assert!(!s.has_subscriptions());
+    }
+
+    #[test]
+    fn exec_applies_nothing_of_a_command_that_failed() {
+        let mut s = ConnState::new();
+        s.apply(Action::SelectDb(2), true);
+        // MULTI, SELECT 99, GET k, CLIENT SETNAME x, SSUBSCRIBE a b, EXEC: the SELECT and the
+        // SSUBSCRIBE answer with errors (and the SSUBSCRIBE with nothing after the array).
+        let extra = s.apply_exec(
+            vec![
+                (0, Action::SelectDb(99)),
+                (2, Action::SetName(Some(Bytes::from_static(b"x")))),
+                (3, Action::Subscribe(SubClass::Shard, channels(&["a", "b"]))),
+            ],
+            Some(&[true, false, false, true]),
+        );
+        assert_eq!(extra, 0);
+        assert_eq!(s.db, 2);
+        assert_eq!(s.name.as_deref(), Some(&b"x"[..]));
         assert!(!s.has_subscriptions());
     }
 }
