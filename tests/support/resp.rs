@@ -518,12 +518,18 @@ impl RespConn {
     /// Reads one reply. EOF is `ErrorKind::UnexpectedEof`; a timeout is `WouldBlock` or
     /// `TimedOut`; a protocol error is `InvalidData`.
     pub fn try_read_reply(&mut self) -> io::Result<Frame> {
+        self.try_read_reply_raw().map(|(frame, _)| frame)
+    }
+
+    /// [`RespConn::try_read_reply`], also returning the reply's bytes exactly as they came
+    /// (attributes included).
+    pub fn try_read_reply_raw(&mut self) -> io::Result<(Frame, Vec<u8>)> {
         loop {
             match decode_frame(&self.buf) {
                 Ok(Some((frame, n, attrs))) => {
-                    self.buf.drain(..n);
+                    let raw = self.buf.drain(..n).collect();
                     self.last_attributes = attrs;
-                    return Ok(frame);
+                    return Ok((frame, raw));
                 }
                 Ok(None) => {}
                 Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e)),

@@ -1,0 +1,949 @@
+//! Differential transparency: random client sessions run twice, once straight against a Redis
+//! and once through rotaproxy against an identical twin, and the client must read the same
+//! bytes on both. The sessions mix pipelines split at random points, inline commands,
+//! transactions, WATCH, SELECT, HELLO 2/3, RESET, CLIENT SETNAME, pub/sub in every flavour
+//! (messages to itself and from outside), blocking pops and commands Redis refuses, while the
+//! proxy's upstream connections are killed between batches or its credential rotates.
+//!
+//! A failure prints the seed; `ROTAPROXY_DIFF_SEED=<seed>` replays it,
+//! `ROTAPROXY_DIFF_SCRIPTS=<n>` runs more sessions per test (a longer search), and
+//! `ROTAPROXY_DIFF_LOG=debug` sets the TLS test's proxy log level.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use support::rotation::*;
+use support::*;
+
+/// SplitMix64: small, seedable, and the same on every machine.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    /// True with probability `percent`/100.
+    fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
+
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+}
+
+/// One command as the client writes it.
+struct Cmd {
+    args: Vec<Vec<u8>>,
+    /// Sent as an inline command (`SET k v\r\n`) instead of a multibulk.
+    inline: bool,
+}
+
+impl Cmd {
+    fn new(args: &[&[u8]]) -> Cmd {
+        Cmd {
+            args: args.iter().map(|a| a.to_vec()).collect(),
+            inline: false,
+        }
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        if !self.inline {
+            return encode_cmd(&self.args);
+        }
+        let mut out = Vec::new();
+        for (i, arg) in self.args.iter().enumerate() {
+            if i > 0 {
+                out.push(b' ');
+            }
+            if arg.contains(&b' ') || arg.is_empty() {
+                out.push(b'"');
+                out.extend_from_slice(arg);
+                out.push(b'"');
+            } else {
+                out.extend_from_slice(arg);
+            }
+        }
+        out.extend_from_slice(b"\r\n");
+        out
+    }
+
+    /// Inline commands cannot carry CR, LF, quotes or backslashes as plain bytes, and Redis
+    /// takes at most 64 KiB on one line.
+    fn can_be_inline(&self) -> bool {
+        self.args.iter().map(Vec::len).sum::<usize>() < 16 * 1024
+            && self.args.iter().all(|a| {
+                !a.iter()
+                    .any(|b| matches!(b, b'\r' | b'\n' | b'"' | b'\'' | b'\\'))
+            })
+    }
+}
+
+/// What the generator believes about the connection. It only steers the choice of commands and
+/// decides when killing the upstream connection is fair; the comparison never relies on it.
+#[derive(Default)]
+struct Guess {
+    resp3: bool,
+    subscriptions: BTreeSet<Vec<u8>>,
+    /// A WATCH may be armed: a lost connection would make the next EXEC fail (by design), so
+    /// no kill until a RESET.
+    watch_maybe: bool,
+}
+
+impl Guess {
+    fn resp2_subscribed(&self) -> bool {
+        !self.resp3 && !self.subscriptions.is_empty()
+    }
+
+    fn follow(&mut self, cmd: &Cmd) {
+        let name = cmd.args[0].to_ascii_uppercase();
+        let rest = &cmd.args[1..];
+        match name.as_slice() {
+            b"RESET" => *self = Guess::default(),
+            b"HELLO" if rest.first().map(Vec::as_slice) == Some(b"3") => self.resp3 = true,
+            b"HELLO" if rest.first().map(Vec::as_slice) == Some(b"2") => self.resp3 = false,
+            b"WATCH" => self.watch_maybe = true,
+            b"SUBSCRIBE" | b"PSUBSCRIBE" | b"SSUBSCRIBE" | b"UNSUBSCRIBE" | b"PUNSUBSCRIBE"
+            | b"SUNSUBSCRIBE" => {
+                let class = match name.as_slice() {
+                    b"PSUBSCRIBE" | b"PUNSUBSCRIBE" => b'p',
+                    b"SSUBSCRIBE" | b"SUNSUBSCRIBE" => b's',
+                    _ => b'c',
+                };
+                let entry = |c: &Vec<u8>| [&[class][..], c.as_slice()].concat();
+                if !name.ends_with(b"UNSUBSCRIBE") {
+                    self.subscriptions.extend(rest.iter().map(entry));
+                } else if rest.is_empty() {
+                    self.subscriptions.retain(|s| s[0] != class);
+                } else {
+                    for c in rest {
+                        self.subscriptions.remove(&entry(c));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Names and values of one session, under its own prefix so sessions never share keys or
+/// channels.
+struct Names {
+    prefix: String,
+}
+
+impl Names {
+    fn key(&self, rng: &mut Rng) -> Vec<u8> {
+        format!("{}:k{}", self.prefix, rng.below(4)).into_bytes()
+    }
+    fn list(&self, rng: &mut Rng) -> Vec<u8> {
+        format!("{}:l{}", self.prefix, rng.below(2)).into_bytes()
+    }
+    fn hash(&self) -> Vec<u8> {
+        format!("{}:h", self.prefix).into_bytes()
+    }
+    fn zset(&self) -> Vec<u8> {
+        format!("{}:z", self.prefix).into_bytes()
+    }
+    fn set(&self) -> Vec<u8> {
+        format!("{}:s", self.prefix).into_bytes()
+    }
+    fn channel(&self, rng: &mut Rng) -> Vec<u8> {
+        format!("{}:ch{}", self.prefix, rng.below(3)).into_bytes()
+    }
+    fn pattern(&self, rng: &mut Rng) -> Vec<u8> {
+        match rng.below(2) {
+            0 => format!("{}:ch*", self.prefix),
+            _ => format!("{}:c?1", self.prefix),
+        }
+        .into_bytes()
+    }
+    fn shard_channel(&self, rng: &mut Rng) -> Vec<u8> {
+        format!("{}:sh{}", self.prefix, rng.below(2)).into_bytes()
+    }
+
+    fn value(&self, rng: &mut Rng) -> Vec<u8> {
+        match rng.below(10) {
+            0 => Vec::new(),
+            1 => b"with space".to_vec(),
+            // Bytes a line-based parser would trip over.
+            2 => b"a\r\nb\r\n*1\r\n$4\r\nPING\r\n\x00\xff".to_vec(),
+            3 => {
+                let len = 1 + rng.below(40_000);
+                (0..len).map(|i| b'a' + (i % 26) as u8).collect()
+            }
+            4 => b"-ERR not an error".to_vec(),
+            _ => format!("v{}", rng.below(1000)).into_bytes(),
+        }
+    }
+}
+
+fn cmd(parts: Vec<Vec<u8>>) -> Cmd {
+    Cmd {
+        args: parts,
+        inline: false,
+    }
+}
+
+fn b(s: &str) -> Vec<u8> {
+    s.as_bytes().to_vec()
+}
+
+/// A command on data: allowed anywhere outside a RESP2 subscription, queued inside MULTI.
+fn data_command(rng: &mut Rng, n: &Names, in_multi: bool) -> Cmd {
+    let k = n.key(rng);
+    let l = n.list(rng);
+    match rng.below(24) {
+        0 => cmd(vec![b("SET"), k, n.value(rng)]),
+        1 => cmd(vec![b("GET"), k]),
+        2 => cmd(vec![b("INCR"), format!("{}:n", n.prefix).into_bytes()]),
+        3 => cmd(vec![b("APPEND"), k, n.value(rng)]),
+        4 => cmd(vec![b("DEL"), k, n.key(rng)]),
+        5 => cmd(vec![b("MGET"), k, n.key(rng), n.key(rng)]),
+        6 => cmd(vec![b("MSET"), k, n.value(rng), n.key(rng), n.value(rng)]),
+        7 => cmd(vec![b("GETRANGE"), k, b("0"), b("5")]),
+        8 => cmd(vec![b("LPUSH"), l, n.value(rng), n.value(rng)]),
+        9 => cmd(vec![b("RPOP"), l]),
+        10 => cmd(vec![b("LRANGE"), l, b("0"), b("-1")]),
+        // Outside MULTI this blocks for 20 ms when the list is empty; inside, it is an RPOP.
+        11 if !in_multi || rng.chance(50) => cmd(vec![b("BLPOP"), l, b("0.02")]),
+        11 => cmd(vec![b("LLEN"), l]),
+        // Small values only: a hash holding a big one is a hash table, whose order is the
+        // server's random seed's (as SMEMBERS's would be).
+        12 => cmd(vec![
+            b("HSET"),
+            n.hash(),
+            b("f"),
+            format!("v{}", rng.below(1000)).into_bytes(),
+            b("g"),
+            b("1"),
+        ]),
+        // A map under RESP3, a flat array under RESP2: shows which protocol the server speaks.
+        13 => cmd(vec![b("HGETALL"), n.hash()]),
+        14 => cmd(vec![b("HINCRBYFLOAT"), n.hash(), b("g"), b("0.5")]),
+        15 => cmd(vec![
+            b("ZADD"),
+            n.zset(),
+            b("1.5"),
+            b("m1"),
+            b("2.25"),
+            b("m2"),
+        ]),
+        // Doubles under RESP3.
+        16 => cmd(vec![
+            b("ZRANGE"),
+            n.zset(),
+            b("0"),
+            b("-1"),
+            b("WITHSCORES"),
+        ]),
+        17 => cmd(vec![b("ZSCORE"), n.zset(), b("m1")]),
+        18 => cmd(vec![b("SADD"), n.set(), b("a"), b("b")]),
+        19 => cmd(vec![b("SMISMEMBER"), n.set(), b("a"), b("z")]),
+        20 => cmd(vec![b("DBSIZE")]),
+        21 => cmd(vec![b("ECHO"), n.value(rng)]),
+        // WRONGTYPE at run time (inside MULTI: EXEC's array carries the error).
+        22 => cmd(vec![b("GET"), l]),
+        _ => cmd(vec![b("TYPE"), k]),
+    }
+}
+
+/// A command Redis refuses before running it (inside MULTI: the transaction aborts at EXEC).
+fn refused_command(rng: &mut Rng, n: &Names) -> Cmd {
+    match rng.below(4) {
+        0 => cmd(vec![b("NOSUCHCOMMAND"), n.key(rng)]),
+        1 => cmd(vec![b("GET")]),
+        2 => cmd(vec![b("SET"), n.key(rng)]),
+        _ => cmd(vec![b("CLIENT"), b("NOSUCHSUBCOMMAND")]),
+    }
+}
+
+/// `in_multi`: unsubscribes name what they leave. An argument-less one answers in the order of
+/// the server's hash table (see `Seen::Unordered`), and inside EXEC's array that order cannot
+/// be compared.
+fn pubsub_command(rng: &mut Rng, n: &Names, in_multi: bool) -> Cmd {
+    let all = !in_multi;
+    match rng.below(9) {
+        0 | 1 => {
+            let mut args = vec![b("SUBSCRIBE"), n.channel(rng)];
+            if rng.chance(40) {
+                args.push(n.channel(rng));
+            }
+            cmd(args)
+        }
+        2 => {
+            let mut args = vec![b("UNSUBSCRIBE")];
+            if !all || rng.chance(60) {
+                args.push(n.channel(rng));
+            }
+            cmd(args)
+        }
+        3 => cmd(vec![b("PSUBSCRIBE"), n.pattern(rng)]),
+        4 => {
+            let mut args = vec![b("PUNSUBSCRIBE")];
+            if !all || rng.chance(50) {
+                args.push(n.pattern(rng));
+            }
+            cmd(args)
+        }
+        5 => cmd(vec![b("SSUBSCRIBE"), n.shard_channel(rng)]),
+        6 => {
+            let mut args = vec![b("SUNSUBSCRIBE")];
+            if !all || rng.chance(50) {
+                args.push(n.shard_channel(rng));
+            }
+            cmd(args)
+        }
+        7 => cmd(vec![b("PING")]),
+        _ => cmd(vec![b("PING"), n.value(rng)]),
+    }
+}
+
+/// A command about the connection itself.
+fn connection_command(rng: &mut Rng, n: &Names) -> Cmd {
+    match rng.below(14) {
+        0 | 1 => cmd(vec![b("SELECT"), rng.below(4).to_string().into_bytes()]),
+        2 => cmd(vec![b("SELECT"), b("99")]),
+        3 => cmd(vec![
+            b("CLIENT"),
+            b("SETNAME"),
+            format!("n{}", rng.below(5)).into_bytes(),
+        ]),
+        4 => cmd(vec![b("CLIENT"), b("SETNAME"), b("has space")]),
+        5 => cmd(vec![b("CLIENT"), b("GETNAME")]),
+        6 => cmd(vec![b("HELLO"), b("3")]),
+        7 => cmd(vec![b("HELLO"), b("2")]),
+        8 => cmd(vec![b("HELLO")]),
+        9 => cmd(vec![b("HELLO"), b("4")]),
+        10 => cmd(vec![
+            b("HELLO"),
+            rng.pick(&["2", "3"]).as_bytes().to_vec(),
+            b("SETNAME"),
+            format!("h{}", rng.below(5)).into_bytes(),
+        ]),
+        11 => cmd(vec![b("RESET")]),
+        12 => cmd(vec![b("WATCH"), n.key(rng)]),
+        _ => cmd(vec![b("UNWATCH")]),
+    }
+}
+
+/// PUBLISH / SPUBLISH to the session's own channels (allowed outside a RESP2 subscription).
+fn publish_command(rng: &mut Rng, n: &Names) -> Cmd {
+    if rng.chance(70) {
+        cmd(vec![b("PUBLISH"), n.channel(rng), n.value(rng)])
+    } else {
+        cmd(vec![b("SPUBLISH"), n.shard_channel(rng), n.value(rng)])
+    }
+}
+
+/// One batch of commands, written in one go (in random pieces). Every MULTI opened in a batch
+/// is closed in it, so the batch's last reply is always the sentinel PING's.
+fn batch(rng: &mut Rng, n: &Names, guess: &mut Guess) -> Vec<Cmd> {
+    let mut cmds = Vec::new();
+    if !guess.resp2_subscribed() && rng.chance(25) {
+        // A transaction, sometimes guarded by WATCH. WATCH..EXEC leaves nothing armed.
+        if rng.chance(40) {
+            let k = n.key(rng);
+            cmds.push(cmd(vec![b("WATCH"), k.clone()]));
+            cmds.push(cmd(vec![b("GET"), k]));
+        }
+        cmds.push(Cmd::new(&[b"MULTI"]));
+        // Subscribing and publishing in one transaction is left out: under RESP2 a message to
+        // the connection itself then follows EXEC's array looking like any array reply, and
+        // where it ends no parser can tell (the scripted RESP3 test covers it).
+        let pubsub = rng.chance(50);
+        for _ in 0..rng.below(5) {
+            cmds.push(match rng.below(12) {
+                0 => refused_command(rng, n),
+                1 => cmd(vec![b("SELECT"), rng.below(4).to_string().into_bytes()]),
+                2 | 3 if pubsub => pubsub_command(rng, n, true),
+                2 | 3 => publish_command(rng, n),
+                _ => data_command(rng, n, true),
+            });
+        }
+        cmds.push(if rng.chance(80) {
+            Cmd::new(&[b"EXEC"])
+        } else {
+            Cmd::new(&[b"DISCARD"])
+        });
+    } else {
+        for _ in 0..1 + rng.below(6) {
+            let c = if guess.resp2_subscribed() && rng.chance(80) {
+                pubsub_command(rng, n, false)
+            } else {
+                match rng.below(20) {
+                    0..=7 => data_command(rng, n, false),
+                    8..=10 => pubsub_command(rng, n, false),
+                    11 | 12 => publish_command(rng, n),
+                    13 => refused_command(rng, n),
+                    _ => connection_command(rng, n),
+                }
+            };
+            // The one WATCH that can stay armed after a batch.
+            guess.follow(&c);
+            cmds.push(c);
+        }
+    }
+    for c in &mut cmds {
+        c.inline = c.can_be_inline() && rng.chance(15);
+    }
+    cmds
+}
+
+/// The HELLO reply carries the connection's id, which differs between any two connections:
+/// its digits become `0`.
+fn mask_connection_id(frame: &Frame, raw: &mut Vec<u8>) {
+    let is_hello = frame.map_get("server").is_some() && frame.map_get("proto").is_some();
+    let field = b"$2\r\nid\r\n:";
+    let Some(at) = raw.windows(field.len()).position(|w| w == field) else {
+        return;
+    };
+    if is_hello {
+        let digits = at + field.len();
+        let end = digits
+            + raw[digits..]
+                .iter()
+                .take_while(|b| b.is_ascii_digit())
+                .count();
+        raw.splice(digits..end, *b"0");
+    }
+}
+
+/// What a reply is compared as: its bytes, or its place in a run of replies whose order
+/// Redis does not define.
+#[derive(PartialEq)]
+enum Seen {
+    Bytes(Vec<u8>),
+    /// Consecutive frames that differ only in one member, whose order comes from a hash table
+    /// that every redis-server process seeds at random, so it differs between any two servers
+    /// (and, after a move, between two connections to one):
+    /// - the confirmations of an argument-less `(P|S)UNSUBSCRIBE` (member: the channel; the
+    ///   counts stay in order);
+    /// - the `pmessage`s of one message matching several patterns (member: the pattern).
+    Unordered {
+        /// What the frames share: their kind, RESP2 or RESP3, and for `pmessage` the
+        /// channel and the message.
+        shared: Vec<Vec<u8>>,
+        members: Vec<Option<Vec<u8>>>,
+        counts: Vec<i64>,
+    },
+}
+
+/// What a frame of an unordered run shares with the others, its member, and its count.
+type RunMember = (Vec<Vec<u8>>, Option<Vec<u8>>, Option<i64>);
+
+/// The [`RunMember`] of a frame that may belong to an unordered run.
+fn unordered_member(frame: &Frame) -> Option<RunMember> {
+    let (items, push) = match frame {
+        Frame::Push(items) => (items, "push"),
+        Frame::Array(items) => (items, "array"),
+        _ => return None,
+    };
+    let bytes = |f: &Frame| match f {
+        Frame::Null => Some(None),
+        other => other.as_bytes().map(|b| Some(b.to_vec())),
+    };
+    match items.as_slice() {
+        [kind, channel, count]
+            if matches!(
+                kind.as_bytes(),
+                Some(b"unsubscribe" | b"punsubscribe" | b"sunsubscribe")
+            ) =>
+        {
+            let shared = vec![kind.as_bytes()?.to_vec(), push.into()];
+            Some((shared, bytes(channel)?, Some(count.as_int()?)))
+        }
+        [kind, pattern, channel, message] if kind.as_bytes() == Some(b"pmessage") => {
+            let shared = vec![
+                b"pmessage".to_vec(),
+                push.into(),
+                channel.as_bytes()?.to_vec(),
+                message.as_bytes()?.to_vec(),
+            ];
+            Some((shared, bytes(pattern)?, None))
+        }
+        _ => None,
+    }
+}
+
+/// Adds one reply to what was seen, folding frames of unordered runs together.
+fn note_reply(seen: &mut Vec<Seen>, frame: &Frame, mut raw: Vec<u8>) {
+    let Some((shared, member, count)) = unordered_member(frame) else {
+        mask_connection_id(frame, &mut raw);
+        seen.push(Seen::Bytes(raw));
+        return;
+    };
+    match seen.last_mut() {
+        Some(Seen::Unordered {
+            shared: s,
+            members,
+            counts,
+        }) if *s == shared => {
+            let at = members.partition_point(|m| *m <= member);
+            members.insert(at, member);
+            counts.extend(count);
+        }
+        _ => seen.push(Seen::Unordered {
+            shared,
+            members: vec![member],
+            counts: count.into_iter().collect(),
+        }),
+    }
+}
+
+impl std::fmt::Debug for Seen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let text = |b: &[u8]| support::resp::show(b, 160);
+        match self {
+            Seen::Bytes(b) => write!(f, "{}", text(b)),
+            Seen::Unordered {
+                shared,
+                members,
+                counts,
+            } => {
+                let shared: Vec<String> = shared.iter().map(|b| text(b)).collect();
+                let members: Vec<String> = members
+                    .iter()
+                    .map(|m| m.as_deref().map_or("nil".into(), text))
+                    .collect();
+                write!(f, "{shared:?} for each of {members:?} (counts {counts:?})")
+            }
+        }
+    }
+}
+
+/// Reads replies up to and including the sentinel's (`PING <tag>`: a bulk, or `pong` and the
+/// tag in a RESP2 subscription).
+fn read_through_sentinel(conn: &mut RespConn, tag: &[u8], side: &str) -> Result<Vec<Seen>, String> {
+    let mut seen = Vec::new();
+    loop {
+        let (frame, raw) = conn.try_read_reply_raw().map_err(|e| {
+            format!(
+                "{side}: reading failed after {} replies: {e}; read: {seen:#?}",
+                seen.len()
+            )
+        })?;
+        let sentinel = frame.as_bytes() == Some(tag)
+            || frame.as_array().is_some_and(|a| {
+                a.len() == 2 && a[0].as_bytes() == Some(b"pong") && a[1].as_bytes() == Some(tag)
+            });
+        note_reply(&mut seen, &frame, raw);
+        if sentinel {
+            return Ok(seen);
+        }
+        if seen.len() > 10_000 {
+            return Err(format!("{side}: no sentinel after 10000 replies"));
+        }
+    }
+}
+
+/// Writes `bytes` to both connections in the same random pieces.
+fn send_in_pieces(rng: &mut Rng, conns: [&mut RespConn; 2], bytes: &[u8]) {
+    let mut cuts: Vec<usize> = (0..rng.below(4)).map(|_| rng.below(bytes.len())).collect();
+    cuts.push(bytes.len());
+    cuts.sort_unstable();
+    for conn in conns {
+        let mut from = 0;
+        for &to in &cuts {
+            if to > from {
+                conn.send_raw(&bytes[from..to]);
+                from = to;
+            }
+        }
+    }
+}
+
+/// Sends `bytes` (ending with `PING <tag>`) to both sides and compares what comes back.
+fn exchange(
+    rng: &mut Rng,
+    [direct, proxied]: [&mut RespConn; 2],
+    bytes: &[u8],
+    tag: &[u8],
+) -> Result<(), String> {
+    send_in_pieces(rng, [&mut *direct, &mut *proxied], bytes);
+    let want = read_through_sentinel(direct, tag, "direct")?;
+    let got = read_through_sentinel(proxied, tag, "through rotaproxy")
+        .map_err(|e| format!("{e}\nRedis answered: {want:#?}"))?;
+    if got != want {
+        return Err(format!(
+            "replies differ\nRedis:     {want:#?}\nrotaproxy: {got:#?}"
+        ));
+    }
+    Ok(())
+}
+
+/// What happens around the sessions.
+#[derive(Clone, Copy)]
+struct Disruptions {
+    /// Kill the proxy's upstream connections (CLIENT KILL USER) between some batches.
+    kill_upstream_as: Option<&'static str>,
+    /// Publish from outside, to both servers, between some batches.
+    outside_publishers: bool,
+}
+
+struct Twin<'a> {
+    direct: &'a RedisServer,
+    behind_proxy: &'a RedisServer,
+    proxy: std::net::SocketAddr,
+}
+
+/// Runs one random session of `steps` batches on both sides; Err describes the first
+/// difference.
+fn run_session(twin: &Twin<'_>, seed: u64, steps: usize, d: Disruptions) -> Result<(), String> {
+    let mut rng = Rng(seed);
+    let names = Names {
+        prefix: format!("s{seed:x}"),
+    };
+    let mut direct = RespConn::connect(twin.direct.addr());
+    let mut proxied = RespConn::connect(twin.proxy);
+    let mut direct_admin = twin.direct.admin_conn();
+    let mut proxied_admin = twin.behind_proxy.admin_conn();
+    let mut guess = Guess::default();
+    let mut log: Vec<String> = Vec::new();
+    for step in 0..steps {
+        if let Some(user) = d.kill_upstream_as
+            && !guess.watch_maybe
+            && rng.chance(15)
+        {
+            let killed = kill_connections_of(twin.behind_proxy, user);
+            log.push(format!("[killed {killed} upstream connections]"));
+        }
+        let cmds = batch(&mut rng, &names, &mut guess);
+        let tag = format!("{}:t{step}", names.prefix).into_bytes();
+        let mut bytes: Vec<u8> = cmds.iter().flat_map(Cmd::bytes).collect();
+        if rng.chance(5) {
+            // An empty inline line: Redis skips it without a reply.
+            bytes.splice(0..0, b"\r\n".iter().copied());
+        }
+        bytes.extend(encode_cmd(&[b"PING".as_slice(), &tag]));
+        for c in &cmds {
+            log.push(format!(
+                "{}{}",
+                if c.inline { "(inline) " } else { "" },
+                support::resp::show(&c.bytes(), 100)
+            ));
+        }
+        let context = |log: &[String]| {
+            let from = log.len().saturating_sub(40);
+            format!(
+                "seed {seed} (ROTAPROXY_DIFF_SEED={seed}), step {step}; last commands:\n  {}",
+                log[from..].join("\n  ")
+            )
+        };
+        exchange(&mut rng, [&mut direct, &mut proxied], &bytes, &tag)
+            .map_err(|e| format!("{e}\n{}", context(&log)))?;
+        if d.outside_publishers && rng.chance(20) {
+            let args = [
+                b"PUBLISH".to_vec(),
+                names.channel(&mut rng),
+                names.value(&mut rng),
+            ];
+            let to_direct = direct_admin.cmd(&args);
+            let to_proxied = proxied_admin.cmd(&args);
+            log.push(format!(
+                "[outside: {}]",
+                support::resp::show(&encode_cmd(&args), 80)
+            ));
+            if to_direct != to_proxied {
+                return Err(format!(
+                    "an outside PUBLISH reached {to_direct:?} subscribers on Redis, {to_proxied:?} behind rotaproxy\n{}",
+                    context(&log)
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Kills every connection of `user` at once and waits until the server has closed them all.
+/// One `CLIENT KILL USER` closes them within one command; killed one by one, the session would
+/// move to a connection the next kill takes from under it (which the proxy rightly answers with
+/// errors). And Redis may free a killed client after answering, so the test waits for that.
+fn kill_connections_of(redis: &RedisServer, user: &str) -> usize {
+    let ids_of_user = || -> BTreeSet<String> {
+        redis
+            .client_list()
+            .into_iter()
+            .filter(|c| c.get("user").map(String::as_str) == Some(user))
+            .filter_map(|c| c.get("id").cloned())
+            .collect()
+    };
+    let before = ids_of_user();
+    redis.admin_cmd(&["CLIENT", "KILL", "USER", user]);
+    assert_eventually(Duration::from_secs(20), "killed connections closed", || {
+        ids_of_user().is_disjoint(&before)
+    });
+    before.len()
+}
+
+fn seeds(base: u64, default_count: usize) -> Vec<u64> {
+    let base = std::env::var("ROTAPROXY_DIFF_SEED")
+        .ok()
+        .map(|s| s.parse().expect("ROTAPROXY_DIFF_SEED is a u64"))
+        .unwrap_or(base);
+    let count = std::env::var("ROTAPROXY_DIFF_SCRIPTS")
+        .ok()
+        .map(|s| s.parse().expect("ROTAPROXY_DIFF_SCRIPTS is a count"))
+        .unwrap_or(default_count);
+    (0..count as u64).map(|i| base.wrapping_add(i)).collect()
+}
+
+const STEPS: usize = 80;
+
+fn run_sessions(twin: &Twin<'_>, base_seed: u64, sessions: usize, d: Disruptions) {
+    for seed in seeds(base_seed, sessions) {
+        if let Err(difference) = run_session(twin, seed, STEPS, d) {
+            panic!("{difference}");
+        }
+    }
+}
+
+#[test]
+fn random_sessions_read_the_same_replies_as_from_redis_itself() {
+    let direct = RedisServer::start(RedisOptions::new());
+    let behind = RedisServer::start(RedisOptions::new());
+    let proxy = Proxy::start(&ProxyConfig::plain(&behind).to_toml(), &[]);
+    let twin = Twin {
+        direct: &direct,
+        behind_proxy: &behind,
+        proxy: proxy.client_addr(),
+    };
+    run_sessions(
+        &twin,
+        1,
+        12,
+        Disruptions {
+            kill_upstream_as: None,
+            outside_publishers: true,
+        },
+    );
+}
+
+#[test]
+fn random_sessions_are_unchanged_when_upstream_connections_die_between_batches() {
+    let dir = temp_dir();
+    let certs = Certs::generate(dir.path());
+    let password = random_token(24);
+    let direct = RedisServer::start(RedisOptions::new());
+    let behind = RedisServer::start(
+        RedisOptions::new()
+            .tls(RedisTls::from_certs(&certs, false))
+            .user(&format!("app on >{password} ~* &* +@all")),
+    );
+    let mut config =
+        ProxyConfig::tls(&behind, &certs.ca).credentials(Some("app"), "env:TEST_UPSTREAM_PASSWORD");
+    config.log_level = std::env::var("ROTAPROXY_DIFF_LOG").unwrap_or("info".into());
+    let config = config.to_toml();
+    let proxy = Proxy::start(&config, &[("TEST_UPSTREAM_PASSWORD", &password)]);
+    let twin = Twin {
+        direct: &direct,
+        behind_proxy: &behind,
+        proxy: proxy.client_addr(),
+    };
+    run_sessions(
+        &twin,
+        1_000,
+        10,
+        Disruptions {
+            kill_upstream_as: Some("app"),
+            outside_publishers: true,
+        },
+    );
+    assert_no_secret_in_logs(&proxy, &[&password]);
+}
+
+#[test]
+fn random_sessions_are_unchanged_while_the_credential_rotates() {
+    let mut env = RotEnv::multi_password("");
+    let direct = RedisServer::start(RedisOptions::new());
+    let rotations_done = std::sync::atomic::AtomicUsize::new(0);
+    let sessions_done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let proxy = env.proxy();
+        s.spawn(|| {
+            // Rotations back to back while the sessions run (bounded by count and time).
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while !sessions_done.load(std::sync::atomic::Ordering::SeqCst)
+                && rotations_done.load(std::sync::atomic::Ordering::SeqCst) < 40
+                && Instant::now() < deadline
+            {
+                let (code, body) = proxy.http_post("/v1/rotate?wait=true", Some(TOKEN), "");
+                assert_eq!(code, 200, "{body}");
+                assert!(body.contains("\"success\""), "{body}");
+                rotations_done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+        let twin = Twin {
+            direct: &direct,
+            behind_proxy: &env.redis,
+            proxy: proxy.client_addr(),
+        };
+        // No outside publishers: a RESP2 subscriber moves by swapping connections, and a
+        // message published while both are subscribed may arrive twice (see README). No kills
+        // either: with both, some sessions still meet a dead connection under load (see the
+        // session-10 note); kills alone are the test above.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run_sessions(
+                &twin,
+                2_000,
+                8,
+                Disruptions {
+                    kill_upstream_as: None,
+                    outside_publishers: false,
+                },
+            )
+        }));
+        sessions_done.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Err(panic) = result {
+            std::panic::resume_unwind(panic);
+        }
+    });
+    let rotations = rotations_done.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        rotations >= 2,
+        "only {rotations} rotations ran during the sessions"
+    );
+    env.remember_current_password();
+    let secrets: Vec<&str> = env.secrets.iter().map(String::as_str).collect();
+    assert_no_secret_in_logs(env.proxy(), &secrets);
+}
+
+/// A scripted session: batches of commands, and kills of the proxy's upstream connections.
+enum Step {
+    Send(&'static [&'static [&'static str]]),
+    Kill,
+}
+
+/// Runs `steps` against both sides of a TLS twin whose proxy authenticates as `app`.
+fn scripted(steps: &[Step]) {
+    let dir = temp_dir();
+    let certs = Certs::generate(dir.path());
+    let password = random_token(24);
+    let direct = RedisServer::start(RedisOptions::new());
+    let behind = RedisServer::start(
+        RedisOptions::new()
+            .tls(RedisTls::from_certs(&certs, false))
+            .user(&format!("app on >{password} ~* &* +@all")),
+    );
+    let config = ProxyConfig::tls(&behind, &certs.ca)
+        .credentials(Some("app"), "env:TEST_UPSTREAM_PASSWORD")
+        .to_toml();
+    let proxy = Proxy::start(&config, &[("TEST_UPSTREAM_PASSWORD", &password)]);
+    let mut direct_conn = RespConn::connect(direct.addr());
+    let mut proxied = RespConn::connect(proxy.client_addr());
+    let mut rng = Rng(7);
+    for (i, step) in steps.iter().enumerate() {
+        match step {
+            Step::Kill => {
+                kill_connections_of(&behind, "app");
+            }
+            Step::Send(cmds) => {
+                let tag = format!("tag{i}");
+                let mut bytes: Vec<u8> = cmds.iter().flat_map(|c| encode_cmd(c)).collect();
+                bytes.extend(encode_cmd(&["PING", &tag]));
+                if let Err(e) = exchange(
+                    &mut rng,
+                    [&mut direct_conn, &mut proxied],
+                    &bytes,
+                    tag.as_bytes(),
+                ) {
+                    panic!("step {i} ({cmds:?}): {e}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_transaction_that_publishes_to_its_own_resp3_subscription_keeps_replies_in_step() {
+    // Redis 7.0 writes the message into the middle of EXEC's array.
+    scripted(&[
+        Step::Send(&[&["HELLO", "3"], &["SUBSCRIBE", "a"]]),
+        Step::Send(&[
+            &["MULTI"],
+            &["SET", "k", "v"],
+            &["PUBLISH", "a", "m"],
+            &["GET", "k"],
+            &["EXEC"],
+        ]),
+        // ... and after a SUBSCRIBE of the same transaction, after the array's elements.
+        Step::Send(&[
+            &["MULTI"],
+            &["SUBSCRIBE", "b", "c"],
+            &["PUBLISH", "b", "m"],
+            &["EXEC"],
+        ]),
+        Step::Send(&[&["PUBLISH", "c", "after"], &["GET", "k"]]),
+    ]);
+}
+
+#[test]
+fn a_command_that_failed_inside_a_transaction_is_not_replayed_after_a_move() {
+    scripted(&[
+        Step::Send(&[&["SELECT", "2"], &["SET", "k", "db2"]]),
+        // Refused when EXEC runs them: the db stays 2, the name unset, nothing subscribed.
+        Step::Send(&[
+            &["MULTI"],
+            &["SELECT", "99"],
+            &["CLIENT", "SETNAME", "has space"],
+            &["SSUBSCRIBE", "s"],
+            &["GET", "k"],
+            &["EXEC"],
+        ]),
+        Step::Kill,
+        Step::Send(&[&["GET", "k"], &["CLIENT", "GETNAME"], &["HELLO", "3"]]),
+        Step::Kill,
+        Step::Send(&[&["GET", "k"], &["DBSIZE"]]),
+    ]);
+}
+
+#[test]
+fn pattern_subscriptions_are_replayed_in_the_order_they_were_made() {
+    // Redis 7.0 keeps a connection's patterns in a list: PUNSUBSCRIBE answers in the order of
+    // subscription (the comparison of `scripted` ignores that order, so this test reads it).
+    let password = random_token(24);
+    let direct = RedisServer::start(RedisOptions::new());
+    let behind = RedisServer::start_with_user("app", &password);
+    let config = ProxyConfig::plain(&behind)
+        .credentials(Some("app"), "env:TEST_UPSTREAM_PASSWORD")
+        .to_toml();
+    let proxy = Proxy::start(&config, &[("TEST_UPSTREAM_PASSWORD", &password)]);
+    let mut unsubscribed = Vec::new();
+    for addr in [direct.addr(), proxy.client_addr()] {
+        let mut conn = RespConn::connect(addr);
+        conn.send_cmd(&["PSUBSCRIBE", "z*"]);
+        conn.send_cmd(&["PSUBSCRIBE", "a*", "m*"]);
+        conn.read_replies(3);
+        if addr == proxy.client_addr() {
+            kill_connections_of(&behind, "app");
+        }
+        conn.send_cmd(&["PUNSUBSCRIBE"]);
+        unsubscribed.push(conn.read_replies(3));
+    }
+    let patterns = |frames: &[Frame]| -> Vec<String> {
+        frames
+            .iter()
+            .map(|f| f.as_array().unwrap()[1].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(
+        patterns(&unsubscribed[0]),
+        ["z*", "a*", "m*"],
+        "Redis itself"
+    );
+    assert_eq!(
+        unsubscribed[1], unsubscribed[0],
+        "through rotaproxy, after a move"
+    );
+}
