@@ -5,10 +5,10 @@
 use std::ops::Range;
 
 use super::command::Peek;
-use super::scanner::{Direction, ScanLimits, Scanner, nested_push_is_message};
+use super::scanner::{Direction, ScanLimits, Scanner};
 
 /// Longest first element the proxy inspects; every kind it cares about is shorter.
-const MAX_KIND_LEN: usize = 32;
+pub(crate) const MAX_KIND_LEN: usize = 32;
 
 /// Whether a reply starting with this byte is an error (`-` simple error, `!` bulk error).
 pub fn is_error(first_byte: u8) -> bool {
@@ -68,6 +68,19 @@ pub fn push_kind(first: &[u8]) -> PushKind {
             PushKind::Maintenance
         }
         _ => PushKind::Other,
+    }
+}
+
+/// Whether the push starting `frame` (its `>n` header included) is a message or an
+/// invalidation, traffic rather than a reply; None while its first element is incomplete.
+pub fn push_is_message(frame: &[u8]) -> Option<bool> {
+    match peek_first_element(frame) {
+        Peek::Incomplete => None,
+        Peek::Ready(Some(kind)) => Some(matches!(
+            push_kind(&frame[kind]),
+            PushKind::Message | PushKind::Invalidate
+        )),
+        Peek::Ready(None) | Peek::Malformed => Some(false),
     }
 }
 
@@ -210,10 +223,7 @@ impl ExecOutcomes {
             if !self.started {
                 if rest[0] == b'>' {
                     // A message written into the middle of the array is not an element.
-                    let Some(nl) = memchr::memchr(b'\n', rest) else {
-                        break;
-                    };
-                    match nested_push_is_message(&rest[nl + 1..]).0 {
+                    match push_is_message(rest) {
                         None => break,
                         Some(true) => {}
                         Some(false) => self.failed.push(false),

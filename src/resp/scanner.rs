@@ -17,6 +17,8 @@
 
 use memchr::memchr;
 
+use super::reply;
+
 /// Which side of the proxy a scanner reads: what a client may send is narrower than what a server may answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
@@ -229,6 +231,10 @@ pub struct Scanner {
     /// so the fast lanes may take such headers without checking them against the limits.
     small_headers_fit: bool,
 }
+
+/// Bytes after a nested push's header read to learn its kind: a bulk header and the longest
+/// kind `reply::push_is_message` looks at.
+const LONGEST_KIND_LOOK: usize = 5 + reply::MAX_KIND_LEN + 2;
 
 /// Length of the longest header fast-path digit run: any 18-digit number fits an i64.
 const FAST_DIGITS: usize = 18;
@@ -890,9 +896,9 @@ impl Scanner {
                                 && self.depth > 0
                                 && matches!(h, Header::Len(n) if n > 0)
                             {
-                                let (kind, looked) = nested_push_is_message(&buf[pos..]);
-                                self.note_examined(looked);
-                                match kind {
+                                // The header and at most a short first element.
+                                self.note_examined((len - pos).min(LONGEST_KIND_LOOK));
+                                match reply::push_is_message(&buf[header_start..]) {
                                     Some(is_message) => is_message,
                                     None => {
                                         // Its kind has not arrived: look again with more bytes
@@ -1138,44 +1144,6 @@ impl Scanner {
             });
         }
     }
-}
-
-/// Whether a push nested in a reply, whose elements start `rest`, is a message (see
-/// `Kind::OutOfBand`), and how many bytes that took to see; None while its first element, the
-/// kind, is still incomplete. Every message kind is a bulk of at most 10 bytes.
-pub(crate) fn nested_push_is_message(rest: &[u8]) -> (Option<bool>, usize) {
-    const LONGEST_KIND: usize = b"invalidate".len();
-    // `$<1-2 digits>\r\n`
-    let Some(&first) = rest.first() else {
-        return (None, 0);
-    };
-    if first != b'$' {
-        return (Some(false), 1);
-    }
-    let header = &rest[..rest.len().min(5)];
-    let Some(nl) = memchr(b'\n', header) else {
-        return if rest.len() < 5 {
-            (None, rest.len())
-        } else {
-            (Some(false), 5)
-        };
-    };
-    let digits = &header[1..nl.max(2) - 1];
-    let len = match digits {
-        [d] if d.is_ascii_digit() => (d - b'0') as usize,
-        [d1, d0] if d1.is_ascii_digit() && d0.is_ascii_digit() => {
-            ((d1 - b'0') * 10 + (d0 - b'0')) as usize
-        }
-        _ => return (Some(false), nl + 1),
-    };
-    if len > LONGEST_KIND {
-        return (Some(false), nl + 1);
-    }
-    let Some(kind) = rest.get(nl + 1..nl + 1 + len) else {
-        return (None, rest.len());
-    };
-    let is_message = matches!(kind, b"message" | b"pmessage" | b"smessage" | b"invalidate");
-    (Some(is_message), nl + 1 + len)
 }
 
 #[inline(always)]
@@ -1483,11 +1451,12 @@ mod tests {
         if clean {
             assert_eq!(sc.bytes_scanned(), input.len() as u64);
             // Byte by byte, only a header's type byte and digits are looked at again: bounded per
-            // line. A push inside a reply is looked at again, header and kind (at most 5 + 10
-            // bytes), until its kind is whole: bounded per push.
+            // line. A push inside a reply is looked at again, header and kind, until its kind
+            // is whole: bounded per push.
             let pushes = input.windows(2).filter(|w| w == b"\n>").count() as u64;
+            let per_push = (LONGEST_KIND_LOOK * LONGEST_KIND_LOOK) as u64;
             assert!(
-                sc.examined <= 4 * input.len() as u64 + 15 * 20 * pushes,
+                sc.examined <= 4 * input.len() as u64 + per_push * pushes,
                 "examined {} for {} bytes",
                 sc.examined,
                 input.len()

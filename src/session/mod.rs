@@ -1560,15 +1560,8 @@ impl Session {
         if self.replies.head_is_exec_tail() {
             // The rest of an EXEC reply: every frame counts, but for a message that a PUBLISH
             // in the transaction sent to this RESP3 connection itself.
-            if first == b'>' {
-                let kind = match reply::peek_first_element(buf) {
-                    Peek::Incomplete => return None,
-                    Peek::Ready(Some(range)) => reply::push_kind(&buf[range]),
-                    Peek::Ready(None) | Peek::Malformed => PushKind::Other,
-                };
-                if matches!(kind, PushKind::Message | PushKind::Invalidate) {
-                    return Some(not_a_reply(!self.reply_off));
-                }
+            if first == b'>' && reply::push_is_message(buf)? {
+                return Some(not_a_reply(!self.reply_off));
             }
             return Some(plain);
         }
