@@ -128,11 +128,7 @@ impl CertEnv {
 
     /// Closes every connection the proxy holds to Redis, so the next commands need new ones.
     fn kill_upstream_connections(&self) {
-        let killed = self
-            .redis
-            .admin_cmd(&["CLIENT", "KILL", "USER", "default"])
-            .as_int()
-            .expect("a count");
+        let killed = self.redis.kill_connections_of("default");
         assert!(killed > 0, "the proxy had connections");
     }
 

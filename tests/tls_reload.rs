@@ -115,11 +115,7 @@ impl MtlsEnv {
 
     /// Closes every connection the proxy holds to Redis, so the next commands need new ones.
     fn kill_upstream_connections(&self) {
-        let killed = self
-            .redis
-            .admin_cmd(&["CLIENT", "KILL", "USER", APP_USER])
-            .as_int()
-            .expect("CLIENT KILL answers a count");
+        let killed = self.redis.kill_connections_of(APP_USER);
         assert!(killed > 0, "the proxy had connections to kill");
     }
 

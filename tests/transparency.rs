@@ -51,13 +51,6 @@ struct Cmd {
 }
 
 impl Cmd {
-    fn new(args: &[&[u8]]) -> Cmd {
-        Cmd {
-            args: args.iter().map(|a| a.to_vec()).collect(),
-            inline: false,
-        }
-    }
-
     fn bytes(&self) -> Vec<u8> {
         if !self.inline {
             return encode_cmd(&self.args);
@@ -273,7 +266,6 @@ fn refused_command(rng: &mut Rng, n: &Names) -> Cmd {
 /// the server's hash table (see `Seen::Unordered`), and inside EXEC's array that order cannot
 /// be compared.
 fn pubsub_command(rng: &mut Rng, n: &Names, in_multi: bool) -> Cmd {
-    let all = !in_multi;
     match rng.below(9) {
         0 | 1 => {
             let mut args = vec![b("SUBSCRIBE"), n.channel(rng)];
@@ -282,31 +274,22 @@ fn pubsub_command(rng: &mut Rng, n: &Names, in_multi: bool) -> Cmd {
             }
             cmd(args)
         }
-        2 => {
-            let mut args = vec![b("UNSUBSCRIBE")];
-            if !all || rng.chance(60) {
-                args.push(n.channel(rng));
-            }
-            cmd(args)
-        }
+        2 => unsubscribe("UNSUBSCRIBE", n.channel(rng), rng, in_multi),
         3 => cmd(vec![b("PSUBSCRIBE"), n.pattern(rng)]),
-        4 => {
-            let mut args = vec![b("PUNSUBSCRIBE")];
-            if !all || rng.chance(50) {
-                args.push(n.pattern(rng));
-            }
-            cmd(args)
-        }
+        4 => unsubscribe("PUNSUBSCRIBE", n.pattern(rng), rng, in_multi),
         5 => cmd(vec![b("SSUBSCRIBE"), n.shard_channel(rng)]),
-        6 => {
-            let mut args = vec![b("SUNSUBSCRIBE")];
-            if !all || rng.chance(50) {
-                args.push(n.shard_channel(rng));
-            }
-            cmd(args)
-        }
+        6 => unsubscribe("SUNSUBSCRIBE", n.shard_channel(rng), rng, in_multi),
         7 => cmd(vec![b("PING")]),
         _ => cmd(vec![b("PING"), n.value(rng)]),
+    }
+}
+
+/// `name` with `one` as its argument, or (outside MULTI, half the time) none: leave them all.
+fn unsubscribe(name: &str, one: Vec<u8>, rng: &mut Rng, in_multi: bool) -> Cmd {
+    if in_multi || rng.chance(50) {
+        cmd(vec![b(name), one])
+    } else {
+        cmd(vec![b(name)])
     }
 }
 
@@ -358,7 +341,7 @@ fn batch(rng: &mut Rng, n: &Names, guess: &mut Guess) -> Vec<Cmd> {
             cmds.push(cmd(vec![b("WATCH"), k.clone()]));
             cmds.push(cmd(vec![b("GET"), k]));
         }
-        cmds.push(Cmd::new(&[b"MULTI"]));
+        cmds.push(cmd(vec![b("MULTI")]));
         // Subscribing and publishing in one transaction is left out: under RESP2 a message to
         // the connection itself then follows EXEC's array looking like any array reply, and
         // where it ends no parser can tell (the scripted RESP3 test covers it).
@@ -373,9 +356,9 @@ fn batch(rng: &mut Rng, n: &Names, guess: &mut Guess) -> Vec<Cmd> {
             });
         }
         cmds.push(if rng.chance(80) {
-            Cmd::new(&[b"EXEC"])
+            cmd(vec![b("EXEC")])
         } else {
-            Cmd::new(&[b"DISCARD"])
+            cmd(vec![b("DISCARD")])
         });
     } else {
         for _ in 0..1 + rng.below(6) {
@@ -616,7 +599,9 @@ fn run_session(twin: &Twin<'_>, seed: u64, steps: usize, d: Disruptions) -> Resu
             && !guess.watch_maybe
             && rng.chance(15)
         {
-            let killed = kill_connections_of(twin.behind_proxy, user);
+            // All at once: killed one by one, the session would move to a connection the
+            // next kill takes from under it (which the proxy rightly answers with errors).
+            let killed = twin.behind_proxy.kill_connections_of(user);
             log.push(format!("[killed {killed} upstream connections]"));
         }
         let cmds = batch(&mut rng, &names, &mut guess);
@@ -666,27 +651,6 @@ fn run_session(twin: &Twin<'_>, seed: u64, steps: usize, d: Disruptions) -> Resu
     Ok(())
 }
 
-/// Kills every connection of `user` at once and waits until the server has closed them all.
-/// One `CLIENT KILL USER` closes them within one command; killed one by one, the session would
-/// move to a connection the next kill takes from under it (which the proxy rightly answers with
-/// errors). And Redis may free a killed client after answering, so the test waits for that.
-fn kill_connections_of(redis: &RedisServer, user: &str) -> usize {
-    let ids_of_user = || -> BTreeSet<String> {
-        redis
-            .client_list()
-            .into_iter()
-            .filter(|c| c.get("user").map(String::as_str) == Some(user))
-            .filter_map(|c| c.get("id").cloned())
-            .collect()
-    };
-    let before = ids_of_user();
-    redis.admin_cmd(&["CLIENT", "KILL", "USER", user]);
-    assert_eventually(Duration::from_secs(20), "killed connections closed", || {
-        ids_of_user().is_disjoint(&before)
-    });
-    before.len()
-}
-
 fn seeds(base: u64, default_count: usize) -> Vec<u64> {
     let base = std::env::var("ROTAPROXY_DIFF_SEED")
         .ok()
@@ -730,29 +694,57 @@ fn random_sessions_read_the_same_replies_as_from_redis_itself() {
     );
 }
 
+/// A Redis, and its TLS twin behind a proxy that authenticates as `app`.
+struct TlsTwin {
+    _pki: tempfile::TempDir,
+    password: String,
+    direct: RedisServer,
+    behind: RedisServer,
+    proxy: Proxy,
+}
+
+impl TlsTwin {
+    fn start() -> TlsTwin {
+        let pki = temp_dir();
+        let certs = Certs::generate(pki.path());
+        let password = random_token(24);
+        let direct = RedisServer::start(RedisOptions::new());
+        let behind = RedisServer::start(
+            RedisOptions::new()
+                .tls(RedisTls::from_certs(&certs, false))
+                .user(&format!("app on >{password} ~* &* +@all")),
+        );
+        let mut config = ProxyConfig::tls(&behind, &certs.ca)
+            .credentials(Some("app"), "env:TEST_UPSTREAM_PASSWORD");
+        config.log_level = std::env::var("ROTAPROXY_DIFF_LOG").unwrap_or("info".into());
+        let proxy = Proxy::start(&config.to_toml(), &[("TEST_UPSTREAM_PASSWORD", &password)]);
+        TlsTwin {
+            _pki: pki,
+            password,
+            direct,
+            behind,
+            proxy,
+        }
+    }
+
+    fn twin(&self) -> Twin<'_> {
+        Twin {
+            direct: &self.direct,
+            behind_proxy: &self.behind,
+            proxy: self.proxy.client_addr(),
+        }
+    }
+
+    fn assert_no_secret_in_logs(&self) {
+        assert_no_secret_in_logs(&self.proxy, &[&self.password]);
+    }
+}
+
 #[test]
 fn random_sessions_are_unchanged_when_upstream_connections_die_between_batches() {
-    let dir = temp_dir();
-    let certs = Certs::generate(dir.path());
-    let password = random_token(24);
-    let direct = RedisServer::start(RedisOptions::new());
-    let behind = RedisServer::start(
-        RedisOptions::new()
-            .tls(RedisTls::from_certs(&certs, false))
-            .user(&format!("app on >{password} ~* &* +@all")),
-    );
-    let mut config =
-        ProxyConfig::tls(&behind, &certs.ca).credentials(Some("app"), "env:TEST_UPSTREAM_PASSWORD");
-    config.log_level = std::env::var("ROTAPROXY_DIFF_LOG").unwrap_or("info".into());
-    let config = config.to_toml();
-    let proxy = Proxy::start(&config, &[("TEST_UPSTREAM_PASSWORD", &password)]);
-    let twin = Twin {
-        direct: &direct,
-        behind_proxy: &behind,
-        proxy: proxy.client_addr(),
-    };
+    let env = TlsTwin::start();
     run_sessions(
-        &twin,
+        &env.twin(),
         1_000,
         10,
         Disruptions {
@@ -760,7 +752,7 @@ fn random_sessions_are_unchanged_when_upstream_connections_die_between_batches()
             outside_publishers: true,
         },
     );
-    assert_no_secret_in_logs(&proxy, &[&password]);
+    env.assert_no_secret_in_logs();
 }
 
 #[test]
@@ -825,28 +817,16 @@ enum Step {
     Kill,
 }
 
-/// Runs `steps` against both sides of a TLS twin whose proxy authenticates as `app`.
+/// Runs `steps` against both sides of a [`TlsTwin`].
 fn scripted(steps: &[Step]) {
-    let dir = temp_dir();
-    let certs = Certs::generate(dir.path());
-    let password = random_token(24);
-    let direct = RedisServer::start(RedisOptions::new());
-    let behind = RedisServer::start(
-        RedisOptions::new()
-            .tls(RedisTls::from_certs(&certs, false))
-            .user(&format!("app on >{password} ~* &* +@all")),
-    );
-    let config = ProxyConfig::tls(&behind, &certs.ca)
-        .credentials(Some("app"), "env:TEST_UPSTREAM_PASSWORD")
-        .to_toml();
-    let proxy = Proxy::start(&config, &[("TEST_UPSTREAM_PASSWORD", &password)]);
-    let mut direct_conn = RespConn::connect(direct.addr());
-    let mut proxied = RespConn::connect(proxy.client_addr());
+    let twin = TlsTwin::start();
+    let mut direct_conn = RespConn::connect(twin.direct.addr());
+    let mut proxied = RespConn::connect(twin.proxy.client_addr());
     let mut rng = Rng(7);
     for (i, step) in steps.iter().enumerate() {
         match step {
             Step::Kill => {
-                kill_connections_of(&behind, "app");
+                twin.behind.kill_connections_of("app");
             }
             Step::Send(cmds) => {
                 let tag = format!("tag{i}");
@@ -863,6 +843,7 @@ fn scripted(steps: &[Step]) {
             }
         }
     }
+    twin.assert_no_secret_in_logs();
 }
 
 #[test]
@@ -926,7 +907,7 @@ fn pattern_subscriptions_are_replayed_in_the_order_they_were_made() {
         conn.send_cmd(&["PSUBSCRIBE", "a*", "m*"]);
         conn.read_replies(3);
         if addr == proxy.client_addr() {
-            kill_connections_of(&behind, "app");
+            behind.kill_connections_of("app");
         }
         conn.send_cmd(&["PUNSUBSCRIBE"]);
         unsubscribed.push(conn.read_replies(3));

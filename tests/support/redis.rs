@@ -237,6 +237,28 @@ impl RedisServer {
             .collect()
     }
 
+    /// `CLIENT KILL USER <user>`: closes every connection of `user` in one command, then waits
+    /// until the server lists none of them (Redis may free a killed client after answering).
+    /// Returns how many were killed.
+    pub fn kill_connections_of(&self, user: &str) -> i64 {
+        let ids_of_user = || -> std::collections::BTreeSet<String> {
+            self.client_list()
+                .into_iter()
+                .filter(|c| c.get("user").map(String::as_str) == Some(user))
+                .filter_map(|c| c.get("id").cloned())
+                .collect()
+        };
+        let before = ids_of_user();
+        let killed = self.admin_cmd(&["CLIENT", "KILL", "USER", user]);
+        let killed = killed
+            .as_int()
+            .unwrap_or_else(|| panic!("CLIENT KILL answered {killed:?}"));
+        super::assert_eventually(Duration::from_secs(20), "killed connections closed", || {
+            ids_of_user().is_disjoint(&before)
+        });
+        killed
+    }
+
     /// The id of a connection whose last command was `cmd` (lower case, as `CLIENT LIST` shows).
     pub fn client_running(&self, cmd: &str) -> Option<String> {
         self.client_list()
