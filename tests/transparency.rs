@@ -815,6 +815,8 @@ fn random_sessions_are_unchanged_while_the_credential_rotates() {
 enum Step {
     Send(&'static [&'static [&'static str]]),
     Kill,
+    /// A command another client sends to both servers.
+    Outside(&'static [&'static str]),
 }
 
 /// Runs `steps` against both sides of a [`TlsTwin`].
@@ -827,6 +829,10 @@ fn scripted(steps: &[Step]) {
         match step {
             Step::Kill => {
                 twin.behind.kill_connections_of("app");
+            }
+            Step::Outside(args) => {
+                let direct = twin.direct.admin_cmd(args);
+                assert_eq!(twin.behind.admin_cmd(args), direct, "step {i} ({args:?})");
             }
             Step::Send(cmds) => {
                 let tag = format!("tag{i}");
@@ -927,4 +933,21 @@ fn pattern_subscriptions_are_replayed_in_the_order_they_were_made() {
         unsubscribed[1], unsubscribed[0],
         "through rotaproxy, after a move"
     );
+}
+
+#[test]
+fn a_watch_redis_refused_is_not_lost_and_one_it_kept_is() {
+    scripted(&[
+        // On a RESP2 subscribed connection Redis refuses WATCH (and MULTI, EXEC): nothing is
+        // armed, so after a lost connection the next transaction runs.
+        Step::Send(&[&["SUBSCRIBE", "c"], &["WATCH", "k"], &["UNSUBSCRIBE"]]),
+        Step::Kill,
+        Step::Send(&[&["MULTI"], &["SET", "k", "1"], &["EXEC"]]),
+        // ... and refuses UNWATCH: the WATCH stays armed, and when its connection is lost the
+        // next EXEC fails as if the key had changed, which it did.
+        Step::Send(&[&["WATCH", "k"], &["SUBSCRIBE", "c"], &["UNWATCH"], &["UNSUBSCRIBE"]]),
+        Step::Outside(&["SET", "k", "2"]),
+        Step::Kill,
+        Step::Send(&[&["MULTI"], &["SET", "k", "3"], &["EXEC"], &["GET", "k"]]),
+    ]);
 }

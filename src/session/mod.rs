@@ -907,17 +907,21 @@ impl Session {
                     self.forward(frame, relay_one).await
                 }
             }
+            // A RESP2 connection with subscriptions refuses both, as it refuses MULTI: nothing
+            // changes. (Judged when the request passes, like MULTI, so that an EXEC or DISCARD
+            // pipelined behind keeps its order with them.)
+            Kind::Watch | Kind::Unwatch
+                if self.in_multi || self.state.resp2_subscribe_context() =>
+            {
+                self.forward(frame, relay_one).await
+            }
             Kind::Watch => {
-                if !self.in_multi {
-                    self.watch_armed = true;
-                }
+                self.watch_armed = true;
                 self.forward(frame, relay_one).await
             }
             Kind::Unwatch => {
-                if !self.in_multi {
-                    self.watch_armed = false;
-                    self.watch_lost = false;
-                }
+                self.watch_armed = false;
+                self.watch_lost = false;
                 self.forward(frame, relay_one).await
             }
             Kind::Subscribe | Kind::Psubscribe | Kind::Ssubscribe => {
