@@ -945,7 +945,12 @@ fn a_watch_redis_refused_is_not_lost_and_one_it_kept_is() {
         Step::Send(&[&["MULTI"], &["SET", "k", "1"], &["EXEC"]]),
         // ... and refuses UNWATCH: the WATCH stays armed, and when its connection is lost the
         // next EXEC fails as if the key had changed, which it did.
-        Step::Send(&[&["WATCH", "k"], &["SUBSCRIBE", "c"], &["UNWATCH"], &["UNSUBSCRIBE"]]),
+        Step::Send(&[
+            &["WATCH", "k"],
+            &["SUBSCRIBE", "c"],
+            &["UNWATCH"],
+            &["UNSUBSCRIBE"],
+        ]),
         Step::Outside(&["SET", "k", "2"]),
         Step::Kill,
         Step::Send(&[&["MULTI"], &["SET", "k", "3"], &["EXEC"], &["GET", "k"]]),

@@ -45,7 +45,10 @@ pub(super) struct OldUpstream {
     /// A PING was sent once the new connection held every subscription: its answer comes after
     /// every message the server sent this connection before, so none is left unread.
     ping_sent: bool,
-    ponged: bool,
+    /// Everything it had to deliver has been read: its PING was answered (what comes after
+    /// is on the new connection too), or the client left channels (what comes after may be
+    /// of those). Later messages are not relayed.
+    finished: bool,
     since: Instant,
 }
 
@@ -272,7 +275,7 @@ impl Session {
                 pending: BytesMut::new(),
                 scanned: 0,
                 ping_sent: false,
-                ponged: false,
+                finished: false,
                 since: Instant::now(),
             });
         }
@@ -324,11 +327,13 @@ impl Session {
                     if matches!(reply::push_kind(&frame[r.clone()]), PushKind::Message | PushKind::Invalidate)
             );
             if is_message {
-                old.pending.extend_from_slice(&frame);
+                if !old.finished {
+                    old.pending.extend_from_slice(&frame);
+                }
             } else if old.ping_sent {
                 // Nothing is owed on this connection but the PING: everything before its
                 // answer has been read.
-                old.ponged = true;
+                old.finished = true;
             }
         }
         self.flush_old_upstream_pushes();
@@ -356,6 +361,17 @@ impl Session {
         old.pending.clear();
     }
 
+    /// The client leaves channels while the connection it moved from still delivers: that one
+    /// would go on delivering messages of channels the client has left (and count in PUBLISH's
+    /// answer), so it goes once what it already delivered has been relayed.
+    pub(super) fn finish_old_upstream(&mut self) {
+        if let Some(old) = &mut self.old_upstream {
+            old.finished = true;
+            self.flush_old_upstream_pushes();
+            self.drop_old_upstream_when_replaced();
+        }
+    }
+
     /// Closes the old connection once the new one holds every subscription and every message
     /// the old one was sent before that has been relayed (or after a grace period).
     pub(super) fn drop_old_upstream_when_replaced(&mut self) {
@@ -371,7 +387,7 @@ impl Session {
             old.up.out.extend_from_slice(b"*1\r\n$4\r\nPING\r\n");
             old.ping_sent = true;
         }
-        if (old.ponged && old.pending.is_empty()) || old.since.elapsed() > OLD_UPSTREAM_GRACE {
+        if (old.finished && old.pending.is_empty()) || old.since.elapsed() > OLD_UPSTREAM_GRACE {
             self.old_upstream = None;
         }
     }

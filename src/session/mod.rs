@@ -485,12 +485,15 @@ impl Session {
         if let Poll::Ready(n) = self.poll_read_old_upstream(cx) {
             return Poll::Ready(Event::OldUpstreamRead(n));
         }
-        // Alternate for fairness while replies flow. With none owed, anything the upstream
-        // sent is a push or the end of the connection: looking there first lets an idle
-        // session notice a connection the server closed (a kill, a restart) before it forwards
-        // the client's next command into it, so that command goes to a new connection instead
-        // of failing as "lost before the reply".
-        let event = if self.upstream_first || self.replies.is_empty() {
+        // Alternate for fairness while replies flow. With none owed to the client, anything
+        // the upstream sent is a push, an answer to the proxy's own commands, or the end of
+        // the connection: looking there first lets a session notice a connection the server
+        // closed (a kill, a restart) before it forwards the client's next command into it, so
+        // that command goes to a new connection instead of failing as "lost before the reply".
+        // That holds for a connection just taken over too, while its replay is answered: a
+        // kill of many connections closes them one by one, and the session may have moved to
+        // one the same kill was about to close.
+        let event = if self.upstream_first || self.replies.owes_the_client_nothing() {
             match self.poll_read_upstream(cx) {
                 Poll::Pending => self.poll_read_client(cx),
                 ready => ready,
@@ -959,6 +962,7 @@ impl Session {
                 if let Err(reply) = self.upstream_for_command().await {
                     return self.reply_local(reply);
                 }
+                self.finish_old_upstream();
                 let set = self.state.set_of(class);
                 let remaining = if args.len() > 1 {
                     for channel in &args[1..] {

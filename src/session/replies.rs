@@ -84,6 +84,19 @@ impl ReplyQueue {
         self.upstream_owed == 0 && self.trailing_relays == 0
     }
 
+    /// True when no reply the upstream still owes is for the client: at most replies to the
+    /// proxy's own commands (a replay after a move, a re-AUTH).
+    pub fn owes_the_client_nothing(&self) -> bool {
+        self.trailing_relays == 0
+            && self.entries.iter().all(|e| match e {
+                Expect::Relay(_) => false,
+                Expect::Tracked { relay, .. }
+                | Expect::Confirmations { relay, .. }
+                | Expect::ExecTail { relay, .. } => !relay,
+                Expect::Local(_) => true,
+            })
+    }
+
     /// Whether a blocking command (BLPOP, WAIT, XREAD BLOCK ...) is in flight.
     pub fn blocking_in_flight(&self) -> bool {
         self.blocking > 0
