@@ -55,6 +55,17 @@ impl Stream {
         }
     }
 
+    /// True when the kernel already knows the peer closed the connection (end of stream, or a
+    /// reset), whatever tokio's readiness says. Unlike `looks_closed`, bytes waiting to be
+    /// read say nothing: they may be the answers the caller expects.
+    pub fn peer_has_closed(&self) -> bool {
+        let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        match socket2::SockRef::from(self.tcp()).peek(&mut probe) {
+            Ok(n) => n == 0,
+            Err(e) => e.kind() != io::ErrorKind::WouldBlock,
+        }
+    }
+
     /// Reads what has arrived into the spare capacity of `buf` (the caller makes room), as
     /// `tokio_util::io::poll_read_buf` would, and returns how many bytes came (0: end of stream).
     ///

@@ -166,6 +166,10 @@ enum Event {
     OldUpstreamRead(usize),
     /// Bytes read from the client; 0 means it closed.
     ClientRead(usize),
+    /// Bytes came from the client while the connection the session just moved to, with only
+    /// its replay answered so far, has already been closed by the server (see
+    /// `moved_onto_a_closed_connection`). The bytes wait in the input.
+    ClientReadAfterUpstreamClosed,
     ClientFailed(io::Error),
     /// Bytes read from the upstream; 0 means it closed. `poll_io` takes the bytes itself (see
     /// `InputHandled`): only 0 reaches `run`.
@@ -374,6 +378,11 @@ impl Session {
                     self.on_upstream_lost("the server closed the connection")
                         .await
                 }
+                Event::ClientReadAfterUpstreamClosed => {
+                    self.on_upstream_lost("the server closed the connection")
+                        .await;
+                    self.resume_input = true;
+                }
                 Event::UpstreamFailed(err) => self.on_upstream_lost(&err.to_string()).await,
                 Event::UpstreamInvalid(fault) => self.on_upstream_lost(&fault).await,
                 Event::UpstreamRead(_) | Event::InputHandled => {}
@@ -421,6 +430,9 @@ impl Session {
             self.events_this_turn += 1;
             match event {
                 Event::ClientRead(n) if n > 0 => {
+                    if self.moved_onto_a_closed_connection() {
+                        return Poll::Ready(Event::ClientReadAfterUpstreamClosed);
+                    }
                     if !self.take_ordinary_requests() {
                         // Something else is in there: `on_client_input` goes on from here.
                         return Poll::Ready(event);
@@ -510,6 +522,21 @@ impl Session {
             _ => {}
         }
         event
+    }
+
+    /// Whether the session's connection, taken over a moment ago (nothing owed yet but the
+    /// answers to its replay), is one the server has closed since. A kill of many connections
+    /// closes them one by one: the session that lost its own may have moved to one the same
+    /// kill closes a moment later, and tokio may report the client's next command before that
+    /// close. Asked only in that state (never while the client is owed replies or the queue
+    /// is empty), so the hot path makes no extra system call.
+    fn moved_onto_a_closed_connection(&self) -> bool {
+        !self.replies.is_empty()
+            && self.replies.owes_the_client_nothing()
+            && self
+                .upstream
+                .as_ref()
+                .is_some_and(|u| u.conn.stream.peer_has_closed())
     }
 
     /// Shutdown and generation changes. See `signals_polled`.
