@@ -354,10 +354,8 @@ impl Session {
         // After the complete replies already relayed from the new connection.
         self.flush_relay();
         let old = self.old_upstream.as_mut().expect("checked above");
-        // Under CLIENT REPLY OFF the client gets no messages either.
-        if !self.reply_off {
-            self.client_out.extend_from_slice(&old.pending);
-        }
+        // Messages, whatever the client's CLIENT REPLY mode (as from Redis).
+        self.client_out.extend_from_slice(&old.pending);
         old.pending.clear();
     }
 

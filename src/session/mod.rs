@@ -78,6 +78,8 @@ const MONITOR_PREFIX: usize = 40;
 const NOAUTH: &[u8] = b"-NOAUTH Authentication required.\r\n";
 const NOAUTH_HELLO: &[u8] = b"-NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time\r\n";
 const WRONGPASS: &[u8] = b"-WRONGPASS invalid username-password pair or user is disabled.\r\n";
+/// Redis's own refusal (7.0 and later), word for word.
+const CLIENT_REPLY_IN_SUBSCRIBE_CONTEXT: &[u8] = b"-ERR Can't execute 'client|reply': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context\r\n";
 const UPSTREAM_LOST: &[u8] = b"-ERR rotaproxy: upstream connection lost before the reply; the command may or may not have run\r\n";
 /// A RESP3 push telling a client-side cache to drop everything (null = all keys).
 const INVALIDATE_ALL: &[u8] = b">2\r\n$10\r\ninvalidate\r\n_\r\n";
@@ -815,9 +817,8 @@ impl Session {
                     blocking: false,
                 };
             }
-            Expect::Tracked { relay, .. }
-            | Expect::Confirmations { relay, .. }
-            | Expect::ExecTail { relay, .. } => *relay = false,
+            Expect::Tracked { relay, .. } | Expect::ExecTail { relay, .. } => *relay = false,
+            Expect::Confirmations { muted, .. } => *muted = true,
             Expect::Local(_) => {}
         }
         expect
@@ -894,6 +895,9 @@ impl Session {
                 self.watch_armed = false;
                 self.watch_lost = false;
                 self.multi_lost = false;
+                // RESET turns CLIENT REPLY OFF off before it answers (a SKIP before it still
+                // silences its answer, as on Redis).
+                self.reply_off = false;
                 // Nothing more goes upstream until the proxy has re-authenticated after RESET.
                 self.barrier = true;
                 let expect = self.tracked(Action::Reset);
@@ -975,6 +979,7 @@ impl Session {
                 let expect = Expect::Confirmations {
                     remaining: (args.len() as u64 - 1).max(1),
                     relay: true,
+                    muted: false,
                     added,
                 };
                 self.forward(frame, expect).await
@@ -1004,6 +1009,7 @@ impl Session {
                 let expect = Expect::Confirmations {
                     remaining,
                     relay: true,
+                    muted: false,
                     added: Vec::new(),
                 };
                 self.forward(frame, expect).await
@@ -1169,7 +1175,17 @@ impl Session {
             return self.reply_local(reply);
         } else if let Some(translated) = self.translate_client_ids(args) {
             return self.forward(&translated, Expect::Relay(1)).await;
-        } else if command::is(sub, "REPLY") && args.len() == 3 && !self.state.resp2_subscribed() {
+        } else if command::is(sub, "REPLY") && args.len() == 3 {
+            if self.state.resp2_subscribe_context() {
+                // Redis refuses it there. It may see it only when nothing in flight could
+                // change that (a subscribe still unanswered may yet fail, and a CLIENT REPLY
+                // OFF Redis took would silence the connection the proxy counts replies on);
+                // then its refusal comes in order with the messages it sent before.
+                if self.replies.is_empty() && self.state.resp2_subscribed() {
+                    return self.forward(frame, Expect::Relay(1)).await;
+                }
+                return self.reply_local(Bytes::from_static(CLIENT_REPLY_IN_SUBSCRIBE_CONTEXT));
+            }
             return self.handle_client_reply(args[2], frame).await;
         } else if command::is(sub, "MAINT_NOTIFICATIONS") {
             // Maintenance notifications would send clients straight to the upstream endpoint,
@@ -1354,6 +1370,7 @@ impl Session {
                 self.replies.push(Expect::Confirmations {
                     remaining: replies,
                     relay: false,
+                    muted: false,
                     added: Vec::new(),
                 });
             } else {
@@ -1413,9 +1430,8 @@ impl Session {
         for expect in self.replies.take_all() {
             let errors = match expect {
                 Expect::Relay(n) => n,
-                Expect::Tracked { relay, .. } | Expect::Confirmations { relay, .. } => {
-                    u64::from(relay)
-                }
+                Expect::Tracked { relay, .. } => u64::from(relay),
+                Expect::Confirmations { relay, muted, .. } => u64::from(relay && !muted),
                 // The client counts these frames as replies of their own (as it would from
                 // Redis): one error stands in for each.
                 Expect::ExecTail { remaining, relay } => remaining * u64::from(relay),
@@ -1596,7 +1612,7 @@ impl Session {
             // The rest of an EXEC reply: every frame counts, but for a message that a PUBLISH
             // in the transaction sent to this RESP3 connection itself.
             if first == b'>' && reply::push_is_message(buf)? {
-                return Some(not_a_reply(!self.reply_off));
+                return Some(not_a_reply(true));
             }
             return Some(plain);
         }
@@ -1608,14 +1624,17 @@ impl Session {
                 Peek::Ready(None) | Peek::Malformed => PushKind::Other,
             };
             return Some(match kind {
+                // Redis sends confirmations, messages and invalidations whatever the client's
+                // `CLIENT REPLY` mode (7.0.15 here, and later versions).
                 PushKind::Confirmation(k) => ReplyFrame {
+                    relay: !head_confirms || self.replies.head_confirmations_reach_the_client(),
                     counts: head_confirms,
                     confirmation: Some(k),
                     ..plain
                 },
-                PushKind::Message | PushKind::Invalidate => not_a_reply(!self.reply_off),
+                PushKind::Message | PushKind::Invalidate => not_a_reply(true),
                 PushKind::Maintenance => not_a_reply(false),
-                PushKind::Other if first == b'>' => not_a_reply(!self.reply_off),
+                PushKind::Other if first == b'>' => not_a_reply(true),
                 PushKind::Other => plain,
             });
         }
@@ -1638,12 +1657,7 @@ impl Session {
                 self.state.server_subscriptions = count;
             }
         }
-        let relay = if frame.counts {
-            self.replies.head_relays()
-        } else {
-            true
-        };
-        if relay {
+        if frame.relay {
             self.client_out.extend_from_slice(bytes);
         }
         if frame.counts {

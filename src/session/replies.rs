@@ -26,10 +26,13 @@ pub enum Expect {
     },
     /// (Un)subscribe confirmations, one per channel. An error reply ends the entry at once (the
     /// command failed as a whole); `added` lists what the request added to the session's sets so
-    /// the failure can undo it.
+    /// the failure can undo it. `muted`: the client asked for no reply (`CLIENT REPLY OFF|SKIP`),
+    /// which silences an error but, as on Redis, not the confirmations: Redis sends those
+    /// (like messages) whatever the reply mode.
     Confirmations {
         remaining: u64,
         relay: bool,
+        muted: bool,
         added: Vec<(SubClass, Bytes)>,
     },
     /// A reply the proxy makes itself, delivered when every reply before it has been.
@@ -117,14 +120,20 @@ impl ReplyQueue {
     pub fn head_relays(&self) -> bool {
         match self.entries.front() {
             Some(Expect::Relay(_)) => true,
-            Some(
-                Expect::Tracked { relay, .. }
-                | Expect::Confirmations { relay, .. }
-                | Expect::ExecTail { relay, .. },
-            ) => *relay,
+            Some(Expect::Tracked { relay, .. } | Expect::ExecTail { relay, .. }) => *relay,
+            Some(Expect::Confirmations { relay, muted, .. }) => *relay && !muted,
             Some(Expect::Local(_)) => false,
             None => self.trailing_relays > 0,
         }
+    }
+
+    /// Whether the confirmations the head entry expects go to the client: those of its own
+    /// (un)subscribe, muted or not; not those of the proxy's replay.
+    pub fn head_confirmations_reach_the_client(&self) -> bool {
+        matches!(
+            self.entries.front(),
+            Some(Expect::Confirmations { relay: true, .. })
+        )
     }
 
     /// How many ordinary replies the head entry still expects (None: the head is not a run of
@@ -419,6 +428,7 @@ mod tests {
         q.push(Expect::Confirmations {
             remaining: 2,
             relay: true,
+            muted: false,
             added: vec![(SubClass::Channel, Bytes::from_static(b"a"))],
         });
         let m = q.match_reply(true).unwrap();
