@@ -227,9 +227,10 @@ pub struct Session {
     /// The connection holding the open MULTI was lost: queued commands are acknowledged and the
     /// EXEC answers nil.
     multi_lost: bool,
-    /// Requests wait until a reply arrives: after RESET (the proxy re-authenticates first), and
-    /// after a RESP2 EXEC that (un)subscribes (its reply tells whether the connection is
-    /// subscribed, which changes how Redis takes what follows).
+    /// Requests wait until a reply arrives: after RESET (the proxy re-authenticates first), after
+    /// a HELLO that names a protocol, and after a RESP2 EXEC that (un)subscribes or runs a HELLO
+    /// (the reply tells which protocol is in force and whether the connection is subscribed,
+    /// which changes how Redis takes what follows).
     barrier: bool,
     /// Input waited at a barrier and may be processed now.
     resume_input: bool,
@@ -1107,6 +1108,11 @@ impl Session {
         } else {
             self.forward(frame, expect).await
         }
+        // What Redis accepts next depends on the protocol (a subscribed RESP2 connection takes
+        // only pub/sub commands), which only the reply settles: requests wait for it.
+        if protocol.is_some() && !self.in_multi && self.upstream.is_some() {
+            self.barrier = true;
+        }
     }
 
     async fn handle_client(&mut self, args: &[&[u8]], frame: &[u8]) {
@@ -1244,13 +1250,14 @@ impl Session {
             self.forward(&discard, injected("DISCARD")).await;
             return self.reply_local(self.null_reply());
         }
-        // Under RESP2, whether the connection is subscribed after this EXEC decides how Redis
-        // takes the next commands (a MULTI is refused, a SUBSCRIBE runs at once), and only the
-        // reply tells: the next requests wait for it.
-        let subscribes = self.state.protocol == 2
-            && actions
-                .iter()
-                .any(|(_, a)| matches!(a, Action::Subscribe(..) | Action::Unsubscribe(..)));
+        // Whether the connection is subscribed under RESP2 after this EXEC, and which protocol
+        // it speaks, decide how Redis takes the next commands (a MULTI is refused, a SUBSCRIBE
+        // runs at once), and only the reply tells: the next requests wait for it.
+        let settles_what_follows = actions.iter().any(|(_, a)| match a {
+            Action::Subscribe(..) | Action::Unsubscribe(..) => self.state.protocol == 2,
+            Action::Hello { protocol, .. } => protocol.is_some(),
+            _ => false,
+        });
         self.forward(
             frame,
             Expect::Tracked {
@@ -1260,7 +1267,7 @@ impl Session {
             },
         )
         .await;
-        if subscribes && self.upstream.is_some() {
+        if settles_what_follows && self.upstream.is_some() {
             self.barrier = true;
         }
     }
@@ -1740,6 +1747,12 @@ impl Session {
                     // RESET logged the upstream connection out to the default user.
                     self.authenticated = !self.ctx.client_auth.required();
                     self.reauthenticate();
+                }
+            }
+            Action::Hello { protocol, name } => {
+                self.state.apply(Action::Hello { protocol, name }, ok);
+                if std::mem::take(&mut self.barrier) {
+                    self.resume_input = true;
                 }
             }
             other => self.state.apply(other, ok),
