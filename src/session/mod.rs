@@ -924,9 +924,14 @@ impl Session {
                     self.in_multi = true;
                     self.multi_actions.clear();
                 }
-                self.forward(frame, relay_one).await;
                 if opens {
+                    self.forward(frame, relay_one).await;
                     self.multi_base = self.replies.asked();
+                } else if self.in_multi {
+                    // Refused at once ("can not be nested").
+                    self.forward_answered_at_once(frame).await;
+                } else {
+                    self.forward(frame, relay_one).await;
                 }
             }
             Kind::Exec => self.handle_exec(frame).await,
@@ -948,7 +953,12 @@ impl Session {
             Kind::Watch | Kind::Unwatch
                 if self.in_multi || self.state.resp2_subscribe_context() =>
             {
-                self.forward(frame, relay_one).await
+                if self.in_multi && kind == Kind::Watch {
+                    // Refused at once ("inside MULTI is not allowed"); UNWATCH is queued.
+                    self.forward_answered_at_once(frame).await;
+                } else {
+                    self.forward(frame, relay_one).await;
+                }
             }
             Kind::Watch => {
                 self.watch_armed = true;
@@ -1024,6 +1034,15 @@ impl Session {
                 self.forward(frame, expect).await
             }
         }
+    }
+
+    /// Forwards a command that Redis answers at once inside MULTI instead of queueing it: it
+    /// takes no place in EXEC's array, so the positions of the commands after it count from
+    /// one later.
+    async fn forward_answered_at_once(&mut self, frame: &[u8]) {
+        let asked = self.replies.asked();
+        self.forward(frame, Expect::Relay(1)).await;
+        self.multi_base += self.replies.asked() - asked;
     }
 
     /// An expectation for a command whose success changes the session state. Inside MULTI the
