@@ -1,9 +1,11 @@
 //! Differential transparency: random client sessions run twice, once straight against a Redis
 //! and once through rotaproxy against an identical twin, and the client must read the same
 //! bytes on both. The sessions mix pipelines split at random points, inline commands,
-//! transactions, WATCH, SELECT, HELLO 2/3, RESET, CLIENT SETNAME, pub/sub in every flavour
-//! (messages to itself and from outside), blocking pops and commands Redis refuses, while the
-//! proxy's upstream connections are killed between batches or its credential rotates.
+//! transactions (with WATCH, HELLO, RESET, a nested MULTI and refused commands inside),
+//! SELECT, HELLO 2/3, RESET, CLIENT SETNAME, CLIENT REPLY OFF/SKIP/ON, pub/sub in every
+//! flavour (messages to itself and from outside), blocking pops and commands Redis refuses,
+//! while the proxy's upstream connections are killed between batches or its credential
+//! rotates.
 //!
 //! A failure prints the seed; `ROTAPROXY_DIFF_SEED=<seed>` replays it,
 //! `ROTAPROXY_DIFF_SCRIPTS=<n>` runs more sessions per test (a longer search), and
@@ -83,11 +85,19 @@ impl Cmd {
     }
 }
 
-/// What the generator believes about the connection. It only steers the choice of commands and
-/// decides when killing the upstream connection is fair; the comparison never relies on it.
-#[derive(Default)]
+/// What the generator believes about the connection. It steers the choice of commands, decides
+/// when killing the upstream connection is fair, and keeps `CLIENT REPLY OFF` from silencing
+/// the sentinel; the comparison never relies on it.
+///
+/// Where it cannot know, it leans towards a RESP2 subscription: `resp3` is true only when
+/// RESP3 is surely in force, and `subscriptions` may hold some that a transaction queued but
+/// never ran.
+#[derive(Default, Clone)]
 struct Guess {
     resp3: bool,
+    /// `CLIENT REPLY OFF` is in force: the batch must end with `CLIENT REPLY ON`, and nothing
+    /// before it may leave a RESP2 subscription (which would refuse the ON).
+    reply_off: bool,
     subscriptions: BTreeSet<Vec<u8>>,
     /// A WATCH may be armed: a lost connection would make the next EXEC fail (by design), so
     /// no kill until a RESET.
@@ -103,6 +113,20 @@ impl Guess {
         !self.resp3 && !self.subscriptions.is_empty()
     }
 
+    /// Follows a command queued inside MULTI, which EXEC may or may not run: only what makes
+    /// a RESP2 subscription more likely is taken (so `reply_off` never ends in one).
+    fn follow_queued(&mut self, cmd: &Cmd) {
+        let name = cmd.args[0].to_ascii_uppercase();
+        let taken = match name.as_slice() {
+            b"SUBSCRIBE" | b"PSUBSCRIBE" | b"SSUBSCRIBE" => true,
+            b"HELLO" => cmd.args.get(1).map(Vec::as_slice) == Some(b"2"),
+            _ => false,
+        };
+        if taken {
+            self.follow(cmd);
+        }
+    }
+
     fn follow(&mut self, cmd: &Cmd) {
         let name = cmd.args[0].to_ascii_uppercase();
         let rest = &cmd.args[1..];
@@ -113,7 +137,22 @@ impl Guess {
         }
         match name.as_slice() {
             b"RESET" => *self = Guess::default(),
-            b"HELLO" if rest.first().map(Vec::as_slice) == Some(b"3") => self.resp3 = true,
+            // Refused in a RESP2 subscription; a SKIP leaves OFF in force.
+            b"CLIENT"
+                if rest.len() == 2
+                    && rest[0].eq_ignore_ascii_case(b"REPLY")
+                    && !self.resp2_subscribed() =>
+            {
+                if rest[1].eq_ignore_ascii_case(b"OFF") {
+                    self.reply_off = true;
+                } else if rest[1].eq_ignore_ascii_case(b"ON") {
+                    self.reply_off = false;
+                }
+            }
+            // A RESP2 subscription refuses HELLO: `resp3` is set only when surely in force.
+            b"HELLO" if rest.first().map(Vec::as_slice) == Some(b"3") => {
+                self.resp3 |= !self.resp2_subscribed()
+            }
             b"HELLO" if rest.first().map(Vec::as_slice) == Some(b"2") => self.resp3 = false,
             b"WATCH" => self.watch_maybe = true,
             b"SUBSCRIBE" | b"PSUBSCRIBE" | b"SSUBSCRIBE" | b"UNSUBSCRIBE" | b"PUNSUBSCRIBE"
@@ -355,20 +394,35 @@ fn batch(rng: &mut Rng, n: &Names, guess: &mut Guess) -> Vec<Cmd> {
         // the connection itself then follows EXEC's array looking like any array reply, and
         // where it ends no parser can tell (the scripted RESP3 test covers it).
         let pubsub = rng.chance(50);
+        // After a RESET (which Redis runs at once, inside MULTI too) the rest runs outside any
+        // transaction, and the guess must follow it.
+        let mut reset = false;
         for _ in 0..rng.below(5) {
-            cmds.push(match rng.below(12) {
+            let c = match rng.below(16) {
                 0 => refused_command(rng, n),
                 1 => cmd(vec![b("SELECT"), rng.below(4).to_string().into_bytes()]),
-                2 | 3 if pubsub => {
-                    let c = pubsub_command(rng, n, true);
-                    if c.args[0] == b"PSUBSCRIBE" {
-                        guess.patterns_maybe = true;
-                    }
-                    c
-                }
+                2 | 3 if pubsub => pubsub_command(rng, n, true),
                 2 | 3 if !guess.patterns_maybe => publish_command(rng, n),
+                // Refused at once without aborting the transaction.
+                12 => cmd(vec![b("MULTI")]),
+                13 => cmd(vec![b("WATCH"), n.key(rng)]),
+                // Queued, and run by EXEC: the protocol changes in the middle of EXEC's reply.
+                14 => cmd(vec![b("HELLO"), rng.pick(&["2", "3"]).as_bytes().to_vec()]),
+                15 if rng.chance(30) => cmd(vec![b("RESET")]),
+                15 => cmd(vec![
+                    b("CLIENT"),
+                    b("SETNAME"),
+                    format!("m{}", rng.below(3)).into_bytes(),
+                ]),
                 _ => data_command(rng, n, true),
-            });
+            };
+            reset |= c.args[0] == b"RESET";
+            if reset {
+                guess.follow(&c);
+            } else {
+                guess.follow_queued(&c);
+            }
+            cmds.push(c);
         }
         cmds.push(if rng.chance(80) {
             cmd(vec![b("EXEC")])
@@ -376,6 +430,11 @@ fn batch(rng: &mut Rng, n: &Names, guess: &mut Guess) -> Vec<Cmd> {
             cmd(vec![b("DISCARD")])
         });
     } else {
+        if !guess.resp2_subscribed() && rng.chance(8) {
+            let off = cmd(vec![b("CLIENT"), b("REPLY"), b("OFF")]);
+            guess.follow(&off);
+            cmds.push(off);
+        }
         for _ in 0..1 + rng.below(6) {
             let c = if guess.resp2_subscribed() && rng.chance(80) {
                 pubsub_command(rng, n, false)
@@ -388,9 +447,33 @@ fn batch(rng: &mut Rng, n: &Names, guess: &mut Guess) -> Vec<Cmd> {
                     _ => connection_command(rng, n),
                 }
             };
+            if guess.reply_off {
+                let mut after = guess.clone();
+                after.follow(&c);
+                if after.resp2_subscribed() {
+                    continue;
+                }
+            }
+            if rng.chance(6) {
+                // The reply to `c` is skipped (pub/sub confirmations and messages still come).
+                cmds.push(cmd(vec![b("CLIENT"), b("REPLY"), b("SKIP")]));
+            }
             // The one WATCH that can stay armed after a batch.
             guess.follow(&c);
             cmds.push(c);
+        }
+        if guess.reply_off {
+            if cmds
+                .last()
+                .is_some_and(|c| c.args[1..] == [b("REPLY"), b("OFF")])
+            {
+                // Something for Redis between OFF and ON: the proxy answers ON itself, and
+                // with nothing owed its +OK could pass a message Redis sent before.
+                cmds.push(cmd(vec![b("DBSIZE")]));
+            }
+            let on = cmd(vec![b("CLIENT"), b("REPLY"), b("ON")]);
+            guess.follow(&on);
+            cmds.push(on);
         }
     }
     for c in &mut cmds {
@@ -400,21 +483,23 @@ fn batch(rng: &mut Rng, n: &Names, guess: &mut Guess) -> Vec<Cmd> {
 }
 
 /// The HELLO reply carries the connection's id, which differs between any two connections:
-/// its digits become `0`.
-fn mask_connection_id(frame: &Frame, raw: &mut Vec<u8>) {
-    let is_hello = frame.map_get("server").is_some() && frame.map_get("proto").is_some();
+/// its digits become `0`, also in a HELLO reply inside EXEC's array.
+fn mask_connection_id(raw: &mut Vec<u8>) {
+    let hello = b"$6\r\nserver\r\n$5\r\nredis\r\n";
     let field = b"$2\r\nid\r\n:";
-    let Some(at) = raw.windows(field.len()).position(|w| w == field) else {
+    if !raw.windows(hello.len()).any(|w| w == hello) {
         return;
-    };
-    if is_hello {
-        let digits = at + field.len();
+    }
+    let mut from = 0;
+    while let Some(at) = raw[from..].windows(field.len()).position(|w| w == field) {
+        let digits = from + at + field.len();
         let end = digits
             + raw[digits..]
                 .iter()
                 .take_while(|b| b.is_ascii_digit())
                 .count();
         raw.splice(digits..end, *b"0");
+        from = digits;
     }
 }
 
@@ -478,7 +563,7 @@ fn unordered_member(frame: &Frame) -> Option<RunMember> {
 /// Adds one reply to what was seen, folding frames of unordered runs together.
 fn note_reply(seen: &mut Vec<Seen>, frame: &Frame, mut raw: Vec<u8>) {
     let Some((shared, member, count)) = unordered_member(frame) else {
-        mask_connection_id(frame, &mut raw);
+        mask_connection_id(&mut raw);
         seen.push(Seen::Bytes(raw));
         return;
     };
@@ -827,6 +912,9 @@ fn random_sessions_are_unchanged_while_the_credential_rotates() {
 /// A scripted session: batches of commands, and kills of the proxy's upstream connections.
 enum Step {
     Send(&'static [&'static [&'static str]]),
+    /// Commands sent without a sentinel (under `CLIENT REPLY OFF`), and how many frames they
+    /// bring (messages).
+    SendQuietly(&'static [&'static [&'static str]], usize),
     Kill,
     /// A command another client sends to both servers.
     Outside(&'static [&'static str]),
@@ -842,6 +930,13 @@ fn scripted(steps: &[Step]) {
         match step {
             Step::Kill => {
                 twin.behind.kill_connections_of("app");
+            }
+            Step::SendQuietly(cmds, frames) => {
+                let bytes: Vec<u8> = cmds.iter().flat_map(|c| encode_cmd(c)).collect();
+                send_in_pieces(&mut rng, [&mut direct_conn, &mut proxied], &bytes);
+                let want = direct_conn.read_replies(*frames);
+                let got = proxied.read_replies(*frames);
+                assert_eq!(got, want, "step {i} ({cmds:?})");
             }
             Step::Outside(args) => {
                 let direct = twin.direct.admin_cmd(args);
@@ -967,5 +1062,116 @@ fn a_watch_redis_refused_is_not_lost_and_one_it_kept_is() {
         Step::Outside(&["SET", "k", "2"]),
         Step::Kill,
         Step::Send(&[&["MULTI"], &["SET", "k", "3"], &["EXEC"], &["GET", "k"]]),
+    ]);
+}
+
+#[test]
+fn client_reply_off_and_skip_silence_replies_but_not_pub_sub_as_on_redis() {
+    scripted(&[
+        // Confirmations and messages come whatever the reply mode (Redis 7.0.15 and later).
+        Step::Send(&[
+            &["HELLO", "3"],
+            &["CLIENT", "REPLY", "OFF"],
+            &["SUBSCRIBE", "a", "b"],
+            &["GET", "k"],
+            &["UNSUBSCRIBE", "b"],
+            &["PUBLISH", "a", "to itself"],
+            &["CLIENT", "REPLY", "ON"],
+        ]),
+        Step::Outside(&["PUBLISH", "a", "m"]),
+        // A message that comes while OFF is in force.
+        Step::SendQuietly(
+            &[&["CLIENT", "REPLY", "OFF"], &["PUBLISH", "a", "while off"]],
+            1,
+        ),
+        Step::Send(&[&["CLIENT", "REPLY", "ON"]]),
+        Step::Send(&[
+            &["CLIENT", "REPLY", "SKIP"],
+            &["SSUBSCRIBE", "s"],
+            &["CLIENT", "REPLY", "SKIP"],
+            &["PING"],
+            &["GET", "k"],
+        ]),
+        Step::Kill,
+        // (The reply shows the subscriptions replayed: the message cannot come before them.)
+        Step::Send(&[&["GET", "k"]]),
+        Step::Outside(&["SPUBLISH", "s", "after the move"]),
+        // RESET turns OFF off, and answers; a SKIP before it silences that answer.
+        Step::Send(&[&["CLIENT", "REPLY", "OFF"], &["RESET"], &["GET", "k"]]),
+        Step::Send(&[&["CLIENT", "REPLY", "SKIP"], &["RESET"], &["GET", "k"]]),
+    ]);
+}
+
+#[test]
+fn client_reply_is_refused_in_a_resp2_subscription_as_on_redis() {
+    scripted(&[
+        // Pipelined behind the SUBSCRIBE: refused, so the PING is answered.
+        Step::Send(&[&["SUBSCRIBE", "c"], &["CLIENT", "REPLY", "OFF"], &["PING"]]),
+        Step::Outside(&["PUBLISH", "c", "m"]),
+        // With the subscription confirmed: refused too, after the message sent before it.
+        Step::Send(&[&["CLIENT", "REPLY", "SKIP"], &["PING", "x"]]),
+        Step::Send(&[
+            &["UNSUBSCRIBE"],
+            &["CLIENT", "REPLY", "SKIP"],
+            &["PING", "y"],
+        ]),
+    ]);
+}
+
+#[test]
+fn commands_after_a_hello_are_taken_under_the_protocol_it_set() {
+    scripted(&[
+        Step::Send(&[
+            &["SELECT", "2"],
+            &["SET", "k", "db2"],
+            &["SELECT", "0"],
+            &["SET", "k", "db0"],
+        ]),
+        // Under RESP3 a subscribed connection takes MULTI: the SELECT is only queued, and
+        // discarded.
+        Step::Send(&[
+            &["HELLO", "3"],
+            &["SUBSCRIBE", "a"],
+            &["MULTI"],
+            &["SELECT", "2"],
+            &["DISCARD"],
+        ]),
+        Step::Kill,
+        Step::Send(&[&["GET", "k"], &["RESET"]]),
+        // The same with the HELLO run by EXEC (its reply mixes RESP2 and RESP3).
+        Step::Send(&[
+            &["MULTI"],
+            &["GET", "nothing"],
+            &["HELLO", "3"],
+            &["EXEC"],
+            &["SUBSCRIBE", "a"],
+            &["MULTI"],
+            &["SELECT", "2"],
+            &["DISCARD"],
+        ]),
+        Step::Kill,
+        Step::Send(&[&["GET", "k"]]),
+    ]);
+}
+
+#[test]
+fn commands_redis_refuses_at_once_inside_multi_take_no_place_in_exec() {
+    // A nested MULTI and a WATCH inside MULTI are answered at once and not queued: what the
+    // transaction did is read from EXEC's array without them.
+    scripted(&[
+        Step::Send(&[&["SELECT", "2"], &["SET", "k", "db2"], &["SELECT", "0"]]),
+        Step::Send(&[
+            &["MULTI"],
+            &["MULTI"],
+            &["WATCH", "k"],
+            &["SSUBSCRIBE", "s"],
+            &["SELECT", "99"],
+            &["SELECT", "2"],
+            &["EXEC"],
+        ]),
+        Step::Kill,
+        Step::Send(&[&["GET", "k"]]),
+        Step::Outside(&["SPUBLISH", "s", "m"]),
+        Step::Send(&[&["SUNSUBSCRIBE"], &["GET", "k"]]),
     ]);
 }

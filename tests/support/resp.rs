@@ -302,12 +302,107 @@ pub fn decode_frame(buf: &[u8]) -> Result<Option<(Frame, usize, Attributes)>, St
         Err(e3) => match redis_protocol::resp2::decode::decode(buf) {
             Ok(Some((frame, n))) => Ok(Some((Frame::from_resp2(frame), n, Vec::new()))),
             Ok(None) => Ok(None),
-            Err(e2) => Err(format!(
-                "undecodable reply (resp3: {e3:?}; resp2: {e2:?}): \"{}\"",
-                show(buf, 300)
-            )),
+            Err(e2) => match decode_mixed(buf, 0) {
+                Ok(Some((frame, n))) => Ok(Some((frame, n, Vec::new()))),
+                Ok(None) => Ok(None),
+                Err(e) => Err(format!(
+                    "undecodable reply (resp3: {e3:?}; resp2: {e2:?}; mixed: {e}): \"{}\"",
+                    show(buf, 300)
+                )),
+            },
         },
     }
+}
+
+/// Decodes the union of RESP2 and RESP3 (no attributes) from `buf[at..]`, returning the frame
+/// and where it ends. For the one reply that mixes them, which neither decoder above takes: an
+/// EXEC whose transaction ran HELLO, so that its array starts in one protocol and goes on in
+/// the other (`*2\r\n$-1\r\n%7\r\n...`).
+fn decode_mixed(buf: &[u8], at: usize) -> Result<Option<(Frame, usize)>, String> {
+    let Some(len) = buf[at..].windows(2).position(|w| w == b"\r\n") else {
+        return Ok(None);
+    };
+    let Some((&kind, line)) = buf[at..at + len].split_first() else {
+        return Err(format!("empty line at {at}"));
+    };
+    let text = || String::from_utf8_lossy(line).into_owned();
+    let number = || -> Result<i64, String> {
+        text()
+            .parse()
+            .map_err(|_| format!("bad length or integer {:?}", text()))
+    };
+    let next = at + len + 2;
+    let aggregate = |count: i64, per_item: usize| -> Result<Option<(Vec<Frame>, usize)>, String> {
+        let mut items = Vec::new();
+        let mut end = next;
+        for _ in 0..count.max(0) as usize * per_item {
+            match decode_mixed(buf, end)? {
+                Some((item, after)) => {
+                    items.push(item);
+                    end = after;
+                }
+                None => return Ok(None),
+            }
+        }
+        Ok(Some((items, end)))
+    };
+    let blob = |n: i64| -> Option<(Vec<u8>, usize)> {
+        let end = next + n as usize;
+        (buf.len() >= end + 2).then(|| (buf[next..end].to_vec(), end + 2))
+    };
+    Ok(Some(match kind {
+        b'+' => (Frame::Simple(text()), next),
+        b'-' => (Frame::Error(text()), next),
+        b':' => (Frame::Integer(number()?), next),
+        b'_' => (Frame::Null, next),
+        b'#' => (Frame::Boolean(line == b"t"), next),
+        b',' => (
+            Frame::Double(
+                text()
+                    .parse()
+                    .map_err(|_| format!("bad double {:?}", text()))?,
+            ),
+            next,
+        ),
+        b'(' => (Frame::BigNumber(text()), next),
+        b'$' | b'*' if number()? < 0 => (Frame::Null, next),
+        b'$' | b'!' | b'=' => {
+            let Some((bytes, end)) = blob(number()?) else {
+                return Ok(None);
+            };
+            let frame = match kind {
+                b'$' => Frame::Bulk(bytes),
+                b'!' => Frame::Error(String::from_utf8_lossy(&bytes).into_owned()),
+                _ => {
+                    let (format, body) = bytes.split_at(bytes.len().min(4));
+                    let format = String::from_utf8_lossy(&format[..format.len().min(3)]);
+                    Frame::Verbatim(format.into_owned(), body.to_vec())
+                }
+            };
+            (frame, end)
+        }
+        b'*' | b'~' | b'>' | b'%' => {
+            let per_item = if kind == b'%' { 2 } else { 1 };
+            let Some((items, end)) = aggregate(number()?, per_item)? else {
+                return Ok(None);
+            };
+            let frame = match kind {
+                b'*' => Frame::Array(items),
+                b'~' => Frame::Set(items),
+                b'>' => Frame::Push(items),
+                _ => {
+                    let mut pairs = Vec::new();
+                    let mut items = items.into_iter();
+                    while let (Some(k), Some(v)) = (items.next(), items.next()) {
+                        pairs.push((k, v));
+                    }
+                    Frame::Map(pairs)
+                }
+            };
+            (frame, end)
+        }
+        other => return Err(format!("unknown type byte {:?} at {at}", other as char)),
+    }))
 }
 
 enum Stream {
