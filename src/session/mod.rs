@@ -1239,7 +1239,10 @@ impl Session {
         if command::is(mode, "ON") {
             self.reply_off = false;
             self.skip_next_reply = false;
-            self.reply_local(Bytes::from_static(b"+OK\r\n"));
+            // Sent on (the server's mode is always ON, so nothing changes there): its +OK then
+            // comes after whatever Redis wrote after the reply before it, as an invalidation a
+            // muted write caused, which a +OK of the proxy's own would overtake.
+            self.forward(frame, Expect::Relay(1)).await;
         } else if command::is(mode, "OFF") {
             self.reply_off = true;
         } else if command::is(mode, "SKIP") {
