@@ -3,8 +3,9 @@
 //! bytes on both. The sessions mix pipelines split at random points, inline commands,
 //! transactions (with WATCH, HELLO, RESET, a nested MULTI and refused commands inside),
 //! SELECT, HELLO 2/3, RESET, CLIENT SETNAME, CLIENT REPLY OFF/SKIP/ON, pub/sub in every
-//! flavour (messages to itself and from outside), blocking pops and commands Redis refuses,
-//! while the proxy's upstream connections are killed between batches or its credential
+//! flavour (messages to itself and from outside), blocking pops, commands Redis refuses and
+//! (where the proxy never moves the session) client-side caching, while the proxy's upstream
+//! connections are killed between batches (TLS on both sides of the proxy) or its credential
 //! rotates.
 //!
 //! A failure prints the seed; `ROTAPROXY_DIFF_SEED=<seed>` replays it,
@@ -708,6 +709,17 @@ struct Twin<'a> {
     direct: &'a RedisServer,
     behind_proxy: &'a RedisServer,
     proxy: std::net::SocketAddr,
+    /// The proxy's listener speaks TLS, with a certificate signed by this CA.
+    proxy_ca: Option<&'a std::path::Path>,
+}
+
+impl Twin<'_> {
+    fn connect_to_proxy(&self) -> RespConn {
+        match self.proxy_ca {
+            Some(ca) => RespConn::connect_tls(self.proxy, ca),
+            None => RespConn::connect(self.proxy),
+        }
+    }
 }
 
 /// Runs one random session of `steps` batches on both sides; Err describes the first
@@ -719,7 +731,7 @@ fn run_session(twin: &Twin<'_>, seed: u64, steps: usize, d: Disruptions) -> Resu
         track: d.kill_upstream_as.is_none(),
     };
     let mut direct = RespConn::connect(twin.direct.addr());
-    let mut proxied = RespConn::connect(twin.proxy);
+    let mut proxied = twin.connect_to_proxy();
     let mut direct_admin = twin.direct.admin_conn();
     let mut proxied_admin = twin.behind_proxy.admin_conn();
     let mut guess = Guess::default();
@@ -812,6 +824,7 @@ fn random_sessions_read_the_same_replies_as_from_redis_itself() {
         direct: &direct,
         behind_proxy: &behind,
         proxy: proxy.client_addr(),
+        proxy_ca: None,
     };
     run_sessions(
         &twin,
@@ -824,9 +837,11 @@ fn random_sessions_read_the_same_replies_as_from_redis_itself() {
     );
 }
 
-/// A Redis, and its TLS twin behind a proxy that authenticates as `app`.
+/// A Redis, and its TLS twin behind a proxy that authenticates as `app` and serves its
+/// clients over TLS too.
 struct TlsTwin {
     _pki: tempfile::TempDir,
+    ca: std::path::PathBuf,
     password: String,
     direct: RedisServer,
     behind: RedisServer,
@@ -847,9 +862,15 @@ impl TlsTwin {
         let mut config = ProxyConfig::tls(&behind, &certs.ca)
             .credentials(Some("app"), "env:TEST_UPSTREAM_PASSWORD");
         config.log_level = std::env::var("ROTAPROXY_DIFF_LOG").unwrap_or("info".into());
+        config.listener_extra = format!(
+            "tls = {{ cert = {}, key = {} }}",
+            toml_path(&certs.server.cert),
+            toml_path(&certs.server.key)
+        );
         let proxy = Proxy::start(&config.to_toml(), &[("TEST_UPSTREAM_PASSWORD", &password)]);
         TlsTwin {
             _pki: pki,
+            ca: certs.ca.clone(),
             password,
             direct,
             behind,
@@ -862,6 +883,7 @@ impl TlsTwin {
             direct: &self.direct,
             behind_proxy: &self.behind,
             proxy: self.proxy.client_addr(),
+            proxy_ca: Some(&self.ca),
         }
     }
 
@@ -910,6 +932,7 @@ fn random_sessions_are_unchanged_while_the_credential_rotates() {
             direct: &direct,
             behind_proxy: &env.redis,
             proxy: proxy.client_addr(),
+            proxy_ca: None,
         };
         // No outside publishers: a RESP2 subscriber moves by swapping connections, and a
         // message published while both are subscribed may arrive twice (see README).
@@ -954,7 +977,7 @@ enum Step {
 fn scripted(steps: &[Step]) {
     let twin = TlsTwin::start();
     let mut direct_conn = RespConn::connect(twin.direct.addr());
-    let mut proxied = RespConn::connect(twin.proxy.client_addr());
+    let mut proxied = twin.twin().connect_to_proxy();
     let mut rng = Rng(7);
     for (i, step) in steps.iter().enumerate() {
         match step {
