@@ -203,6 +203,9 @@ impl Names {
     fn zset(&self) -> Vec<u8> {
         format!("{}:z", self.prefix).into_bytes()
     }
+    fn stream(&self) -> Vec<u8> {
+        format!("{}:x", self.prefix).into_bytes()
+    }
     fn set(&self) -> Vec<u8> {
         format!("{}:s", self.prefix).into_bytes()
     }
@@ -251,7 +254,7 @@ fn b(s: &str) -> Vec<u8> {
 fn data_command(rng: &mut Rng, n: &Names, in_multi: bool) -> Cmd {
     let k = n.key(rng);
     let l = n.list(rng);
-    match rng.below(24) {
+    match rng.below(29) {
         0 => cmd(vec![b("SET"), k, n.value(rng)]),
         1 => cmd(vec![b("GET"), k]),
         2 => cmd(vec![b("INCR"), format!("{}:n", n.prefix).into_bytes()]),
@@ -302,6 +305,47 @@ fn data_command(rng: &mut Rng, n: &Names, in_multi: bool) -> Cmd {
         21 => cmd(vec![b("ECHO"), n.value(rng)]),
         // WRONGTYPE at run time (inside MULTI: EXEC's array carries the error).
         22 => cmd(vec![b("GET"), l]),
+        // Streams, with ids of the session's own (`*` would take the server's clock). An id
+        // not above the last one is refused alike on both sides.
+        24 => cmd(vec![
+            b("XADD"),
+            n.stream(),
+            format!("1-{}", rng.below(400)).into_bytes(),
+            b("f"),
+            n.value(rng),
+        ]),
+        // A map under RESP3.
+        25 => cmd(vec![
+            b("XREAD"),
+            b("COUNT"),
+            b("2"),
+            b("STREAMS"),
+            n.stream(),
+            b("0"),
+        ]),
+        // Waits 20 ms for an entry nobody adds (inside MULTI it does not wait).
+        26 => cmd(vec![
+            b("XREAD"),
+            b("BLOCK"),
+            b("20"),
+            b("STREAMS"),
+            n.stream(),
+            b("$"),
+        ]),
+        27 => cmd(vec![
+            b("XRANGE"),
+            n.stream(),
+            b("-"),
+            b("+"),
+            b("COUNT"),
+            b("3"),
+        ]),
+        // No replica: at once, or after 20 ms.
+        28 => cmd(vec![
+            b("WAIT"),
+            rng.pick(&["0", "1"]).as_bytes().to_vec(),
+            b("20"),
+        ]),
         _ => cmd(vec![b("TYPE"), k]),
     }
 }
