@@ -208,10 +208,13 @@ impl ConnState {
     /// UNSUBSCRIBE without arguments, at least one), so those frames follow the array.
     /// `failed` tells, per element of EXEC's array, whether that command failed (None: unknown,
     /// taken as success); a failed command changes nothing and answers with its error alone.
+    /// The confirmations beyond the first of an earlier (un)subscribe push a command's reply
+    /// that many elements later (past the array's end, it is not known, taken as success).
     pub fn apply_exec(&mut self, actions: Vec<(usize, Action)>, failed: Option<&[bool]>) -> u64 {
         let mut extra = 0;
         for (position, action) in actions {
-            if failed.and_then(|f| f.get(position)).copied() == Some(true) {
+            let element = position + extra as usize;
+            if failed.and_then(|f| f.get(element)).copied() == Some(true) {
                 continue;
             }
             let confirmations = match &action {
@@ -413,5 +416,27 @@ mod tests {
         assert_eq!(s.db, 2);
         assert_eq!(s.name.as_deref(), Some(&b"x"[..]));
         assert!(!s.has_subscriptions());
+    }
+
+    #[test]
+    fn exec_reads_a_failure_after_a_subscribe_one_element_later_per_extra_confirmation() {
+        let mut s = ConnState::new();
+        // MULTI, SUBSCRIBE a b, SSUBSCRIBE s, SELECT 1, EXEC. Redis writes `*3`, the two
+        // confirmations, the SSUBSCRIBE's error, then (after the array) SELECT's +OK.
+        let extra = s.apply_exec(
+            vec![
+                (
+                    0,
+                    Action::Subscribe(SubClass::Channel, channels(&["a", "b"])),
+                ),
+                (1, Action::Subscribe(SubClass::Shard, channels(&["s"]))),
+                (2, Action::SelectDb(1)),
+            ],
+            Some(&[false, false, true]),
+        );
+        assert_eq!(extra, 1);
+        assert_eq!(s.channels.len(), 2);
+        assert!(s.shard_channels.is_empty(), "the SSUBSCRIBE failed");
+        assert_eq!(s.db, 1, "past the array: taken as done");
     }
 }
