@@ -43,7 +43,7 @@ use crate::upstream::connector::UpstreamConn;
 use crate::upstream::pool::{Pool, PoolError};
 use client_auth::ClientAuth;
 use replies::{Expect, ReplyQueue};
-use state::{Action, ConnState};
+use state::{Action, ConnState, ExecFollower};
 
 /// Output waiting for a slow peer beyond which the session stops reading from the other side.
 const HIGH_WATER: usize = 256 * 1024;
@@ -220,6 +220,8 @@ pub struct Session {
     multi_base: u64,
     /// Follows the EXEC reply now passing, when its transaction changes session state.
     exec_outcomes: Option<ExecOutcomes>,
+    /// What the frames after EXEC's array tell about the commands whose replies landed there.
+    exec_follower: Option<ExecFollower>,
     watch_armed: bool,
     /// The connection holding the WATCH was lost: the next EXEC must answer nil, as if a watched
     /// key had changed — never a silent success.
@@ -322,6 +324,7 @@ impl Session {
             multi_actions: Vec::new(),
             multi_base: 0,
             exec_outcomes: None,
+            exec_follower: None,
             watch_armed: false,
             watch_lost: false,
             multi_lost: false,
@@ -1373,6 +1376,7 @@ impl Session {
         self.reply_scanner = new_reply_scanner();
         self.reply_frame = None;
         self.exec_outcomes = None;
+        self.exec_follower = None;
         self.relay_len = 0;
         self.held_reply_len = 0;
         let mut up = Upstream {
@@ -1454,6 +1458,7 @@ impl Session {
         self.reply_scanner = new_reply_scanner();
         self.reply_frame = None;
         self.exec_outcomes = None;
+        self.exec_follower = None;
         self.relay_len = 0;
         self.held_reply_len = 0;
         for expect in self.replies.take_all() {
@@ -1698,6 +1703,9 @@ impl Session {
     /// proxy-made replies that were waiting behind it.
     fn on_reply_matched(&mut self, frame: ReplyFrame) {
         let was_blocking = self.replies.blocking_in_flight();
+        if self.replies.head_is_exec_tail() {
+            self.follow_exec_tail(reply::is_error(frame.first));
+        }
         let Some(matched) = self.replies.match_reply(reply::is_error(frame.first)) else {
             tracing::warn!(peer = %self.peer, "upstream sent a reply nobody asked for; dropped");
             return;
@@ -1709,14 +1717,23 @@ impl Session {
             self.state.set_of(class).shift_remove(&channel);
         }
         if let Action::Exec(actions) = matched.action {
-            if std::mem::take(&mut self.barrier) {
-                // Requests held back behind an EXEC that may have (un)subscribed.
-                self.resume_input = true;
-            }
-            // An array (not a null: an aborted transaction) means EXEC ran the commands.
             let failed = self.exec_outcomes.take().and_then(ExecOutcomes::failed);
+            // An array (not a null: an aborted transaction) means EXEC ran the commands.
             if frame.first == b'*' && !frame.null_array {
-                let tail = self.state.apply_exec(actions, failed.as_deref());
+                let tail = match failed {
+                    Some(failed) => {
+                        let mut follower = ExecFollower::new(actions, failed.len());
+                        for is_error in failed {
+                            follower.frame(&mut self.state, is_error);
+                        }
+                        let due = follower.frames_due();
+                        if due > 0 {
+                            self.exec_follower = Some(follower);
+                        }
+                        due
+                    }
+                    None => self.state.apply_exec(actions),
+                };
                 self.sync_redirect(None);
                 if tail > 0 {
                     self.replies.push_next(Expect::ExecTail {
@@ -1724,6 +1741,11 @@ impl Session {
                         relay: frame.relay,
                     });
                 }
+            }
+            // Requests held back behind an EXEC that may have (un)subscribed or changed the
+            // protocol go on once what it did is known.
+            if self.exec_follower.is_none() && std::mem::take(&mut self.barrier) {
+                self.resume_input = true;
             }
         } else if matched.action != Action::None {
             let ok = match &matched.action {
@@ -1734,6 +1756,27 @@ impl Session {
             self.apply(matched.action, ok);
         }
         self.deliver_ready_locals();
+    }
+
+    /// One frame after EXEC's array: the command it belongs to may now be known to have run
+    /// (and a (un)subscribe that ran makes more frames due).
+    fn follow_exec_tail(&mut self, is_error: bool) {
+        let Some(follower) = &mut self.exec_follower else {
+            return;
+        };
+        let due = follower.frames_due();
+        follower.frame(&mut self.state, is_error);
+        let now_due = follower.frames_due();
+        // This frame is one of those due; the rest, and any new confirmations, follow it.
+        self.replies
+            .add_to_exec_tail((now_due + 1).saturating_sub(due));
+        if now_due == 0 {
+            self.exec_follower = None;
+            self.sync_redirect(None);
+            if std::mem::take(&mut self.barrier) {
+                self.resume_input = true;
+            }
+        }
     }
 
     fn apply(&mut self, action: Action, ok: bool) {

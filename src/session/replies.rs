@@ -38,7 +38,7 @@ pub enum Expect {
     /// A reply the proxy makes itself, delivered when every reply before it has been.
     Local(Bytes),
     /// The frames an EXEC reply carries after its array when the transaction (un)subscribed
-    /// (see `ConnState::apply_exec`): counted whatever they look like, confirmations included.
+    /// (see `state::ExecFollower`): counted whatever they look like, confirmations included.
     ExecTail { remaining: u64, relay: bool },
 }
 
@@ -172,6 +172,13 @@ impl ReplyQueue {
     /// Whether the next frames are the rest of an EXEC reply (see [`Expect::ExecTail`]).
     pub fn head_is_exec_tail(&self) -> bool {
         matches!(self.entries.front(), Some(Expect::ExecTail { .. }))
+    }
+
+    /// More frames of the EXEC reply at the head are due (see [`Expect::ExecTail`]).
+    pub fn add_to_exec_tail(&mut self, n: u64) {
+        if let Some(Expect::ExecTail { remaining, .. }) = self.entries.front_mut() {
+            *remaining += n;
+        }
     }
 
     /// Expects `expect` before anything already queued: what the reply being matched turned

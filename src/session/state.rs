@@ -182,7 +182,7 @@ impl ConnState {
             Action::Monitor => self.monitor = true,
             Action::Reset => *self = ConnState::new(),
             Action::Exec(actions) => {
-                self.apply_exec(actions, None);
+                self.apply_exec(actions);
             }
             Action::Subscribe(class, channels) => {
                 self.set_of(class).extend(channels);
@@ -202,33 +202,31 @@ impl ConnState {
         }
     }
 
-    /// Applies the actions of a transaction EXEC ran, in order, and returns how many frames its
-    /// reply carries beyond the array's own count. Redis counts a (un)subscribe command once in
-    /// the EXEC array's length but writes one confirmation per channel (per subscription for an
-    /// UNSUBSCRIBE without arguments, at least one), so those frames follow the array.
-    /// `failed` tells, per element of EXEC's array, whether that command failed (None: unknown,
-    /// taken as success); a failed command changes nothing and answers with its error alone.
-    /// The confirmations beyond the first of an earlier (un)subscribe push a command's reply
-    /// that many elements later (past the array's end, it is not known, taken as success).
-    pub fn apply_exec(&mut self, actions: Vec<(usize, Action)>, failed: Option<&[bool]>) -> u64 {
-        let mut extra = 0;
-        for (position, action) in actions {
-            let element = position + extra as usize;
-            if failed.and_then(|f| f.get(element)).copied() == Some(true) {
-                continue;
-            }
-            let confirmations = match &action {
-                Action::Subscribe(_, channels) => channels.len() as u64,
-                Action::Unsubscribe(class, channels) if channels.is_empty() => {
-                    self.set_of(*class).len() as u64
-                }
-                Action::Unsubscribe(_, channels) => channels.len() as u64,
-                _ => 1,
-            };
-            extra += confirmations.max(1) - 1;
-            self.apply(action, true);
+    /// Applies the actions of a transaction EXEC ran, all taken as done (what each command did
+    /// is not known), and returns how many frames its reply carries beyond the array's own
+    /// count (see [`ExecFollower`]).
+    pub fn apply_exec(&mut self, actions: Vec<(usize, Action)>) -> u64 {
+        let mut follower = ExecFollower::new(actions, usize::MAX);
+        while !follower.actions.is_empty() {
+            follower.frame(self, false);
         }
-        extra
+        follower.extra_so_far
+    }
+
+    /// How many frames a (un)subscribe run now writes: one per channel it names, or per
+    /// subscription it leaves when it names none (at least one).
+    fn confirmations_of(&self, action: &Action) -> u64 {
+        let n = match action {
+            Action::Subscribe(_, channels) => channels.len(),
+            Action::Unsubscribe(class, channels) if channels.is_empty() => match class {
+                SubClass::Channel => self.channels.len(),
+                SubClass::Pattern => self.patterns.len(),
+                SubClass::Shard => self.shard_channels.len(),
+            },
+            Action::Unsubscribe(_, channels) => channels.len(),
+            _ => 1,
+        };
+        n.max(1) as u64
     }
 
     /// After (un)subscribe commands whose confirmations the proxy did not read one by one (they
@@ -304,6 +302,68 @@ impl ConnState {
     }
 }
 
+/// Follows the frames of an EXEC reply, the array's elements and then the frames after it,
+/// and applies each queued command's action once its first frame shows whether it ran (an
+/// error: it changed nothing).
+///
+/// Redis counts a (un)subscribe once in the array's length but writes one confirmation per
+/// channel (per subscription it leaves when it names none), so the frames of every command
+/// after it come that many places later, and the last ones after the array. Which frame
+/// belongs to which command is known only frame by frame: a (un)subscribe that fails writes
+/// its error alone.
+#[derive(Debug)]
+pub struct ExecFollower {
+    actions: std::collections::VecDeque<(usize, Action)>,
+    /// Commands in the transaction: the array's length.
+    commands: usize,
+    /// The command the next frame starts.
+    position: usize,
+    /// Confirmations still to come of the (un)subscribe that ran last.
+    confirmations_left: u64,
+    /// Confirmations beyond the first, of every (un)subscribe so far.
+    extra_so_far: u64,
+}
+
+impl ExecFollower {
+    /// `actions`: the transaction's actions with their positions, in order.
+    pub fn new(actions: Vec<(usize, Action)>, commands: usize) -> Self {
+        ExecFollower {
+            actions: actions.into(),
+            commands,
+            position: 0,
+            confirmations_left: 0,
+            extra_so_far: 0,
+        }
+    }
+
+    /// Takes the next frame of the reply: `is_error` tells whether it is an error.
+    pub fn frame(&mut self, state: &mut ConnState, is_error: bool) {
+        if self.confirmations_left > 0 {
+            self.confirmations_left -= 1;
+            return;
+        }
+        let position = self.position;
+        self.position += 1;
+        if self.actions.front().is_none_or(|(p, _)| *p != position) {
+            return;
+        }
+        let (_, action) = self.actions.pop_front().expect("checked above");
+        if is_error {
+            return;
+        }
+        let extra = state.confirmations_of(&action) - 1;
+        self.confirmations_left = extra;
+        self.extra_so_far += extra;
+        state.apply(action, true);
+    }
+
+    /// Frames still due as far as is known now: one per command not yet started, and the
+    /// confirmations still to come. A (un)subscribe not yet started may add some.
+    pub fn frames_due(&self) -> u64 {
+        self.commands.saturating_sub(self.position) as u64 + self.confirmations_left
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -355,17 +415,14 @@ mod tests {
     fn exec_counts_one_frame_per_confirmation_beyond_the_array() {
         let mut s = ConnState::new();
         // SUBSCRIBE a b a: three confirmations (one per argument), two channels.
-        let extra = s.apply_exec(
-            vec![
-                (
-                    0,
-                    Action::Subscribe(SubClass::Channel, channels(&["a", "b", "a"])),
-                ),
-                (1, Action::SelectDb(1)),
-                (3, Action::Subscribe(SubClass::Pattern, channels(&["p*"]))),
-            ],
-            None,
-        );
+        let extra = s.apply_exec(vec![
+            (
+                0,
+                Action::Subscribe(SubClass::Channel, channels(&["a", "b", "a"])),
+            ),
+            (1, Action::SelectDb(1)),
+            (3, Action::Subscribe(SubClass::Pattern, channels(&["p*"]))),
+        ]);
         assert_eq!(extra, 2);
         assert_eq!(s.channels.len(), 2);
         assert_eq!(s.db, 1);
@@ -373,29 +430,41 @@ mod tests {
         assert!(s.resp2_subscribed());
         // UNSUBSCRIBE without arguments: one confirmation per channel it leaves.
         assert_eq!(
-            s.apply_exec(
-                vec![(0, Action::Unsubscribe(SubClass::Channel, Vec::new()))],
-                None
-            ),
+            s.apply_exec(vec![(
+                0,
+                Action::Unsubscribe(SubClass::Channel, Vec::new())
+            )]),
             1
         );
         assert!(s.channels.is_empty());
         assert_eq!(s.server_subscriptions, 1);
         // ... and still one when there is none to leave.
         assert_eq!(
-            s.apply_exec(
-                vec![
-                    (0, Action::Unsubscribe(SubClass::Channel, Vec::new())),
-                    (
-                        1,
-                        Action::Unsubscribe(SubClass::Pattern, channels(&["p*", "q*"]))
-                    ),
-                ],
-                None
-            ),
+            s.apply_exec(vec![
+                (0, Action::Unsubscribe(SubClass::Channel, Vec::new())),
+                (
+                    1,
+                    Action::Unsubscribe(SubClass::Pattern, channels(&["p*", "q*"]))
+                ),
+            ]),
             1
         );
         assert!(!s.has_subscriptions());
+    }
+
+    /// Feeds a follower of `commands` commands the frames of EXEC's reply (whether each is an
+    /// error), as the session does; returns the frames it still expects.
+    fn follow_exec(
+        s: &mut ConnState,
+        actions: Vec<(usize, Action)>,
+        commands: usize,
+        frames: &[bool],
+    ) -> u64 {
+        let mut follower = ExecFollower::new(actions, commands);
+        for &is_error in frames {
+            follower.frame(s, is_error);
+        }
+        follower.frames_due()
     }
 
     #[test]
@@ -404,39 +473,78 @@ mod tests {
         s.apply(Action::SelectDb(2), true);
         // MULTI, SELECT 99, GET k, CLIENT SETNAME x, SSUBSCRIBE a b, EXEC: the SELECT and the
         // SSUBSCRIBE answer with errors (and the SSUBSCRIBE with nothing after the array).
-        let extra = s.apply_exec(
+        let due = follow_exec(
+            &mut s,
             vec![
                 (0, Action::SelectDb(99)),
                 (2, Action::SetName(Some(Bytes::from_static(b"x")))),
                 (3, Action::Subscribe(SubClass::Shard, channels(&["a", "b"]))),
             ],
-            Some(&[true, false, false, true]),
+            4,
+            &[true, false, false, true],
         );
-        assert_eq!(extra, 0);
+        assert_eq!(due, 0);
         assert_eq!(s.db, 2);
         assert_eq!(s.name.as_deref(), Some(&b"x"[..]));
         assert!(!s.has_subscriptions());
     }
 
     #[test]
-    fn exec_reads_a_failure_after_a_subscribe_one_element_later_per_extra_confirmation() {
+    fn exec_frames_after_a_subscribe_belong_to_the_commands_after_it() {
         let mut s = ConnState::new();
-        // MULTI, SUBSCRIBE a b, SSUBSCRIBE s, SELECT 1, EXEC. Redis writes `*3`, the two
-        // confirmations, the SSUBSCRIBE's error, then (after the array) SELECT's +OK.
-        let extra = s.apply_exec(
+        s.apply(Action::SelectDb(2), true);
+        let actions = || {
             vec![
                 (
                     0,
                     Action::Subscribe(SubClass::Channel, channels(&["a", "b"])),
                 ),
                 (1, Action::Subscribe(SubClass::Shard, channels(&["s"]))),
-                (2, Action::SelectDb(1)),
-            ],
-            Some(&[false, false, true]),
-        );
-        assert_eq!(extra, 1);
+                (2, Action::SelectDb(99)),
+            ]
+        };
+        // MULTI, SUBSCRIBE a b, SSUBSCRIBE s, SELECT 99, EXEC. Redis writes `*3`, the two
+        // confirmations, the SSUBSCRIBE's error (inside a transaction), then after the array
+        // the SELECT's error.
+        assert_eq!(follow_exec(&mut s, actions(), 3, &[false, false, true]), 1);
         assert_eq!(s.channels.len(), 2);
         assert!(s.shard_channels.is_empty(), "the SSUBSCRIBE failed");
-        assert_eq!(s.db, 1, "past the array: taken as done");
+        assert_eq!(
+            follow_exec(
+                &mut ConnState::new(),
+                actions(),
+                3,
+                &[false, false, true, true]
+            ),
+            0
+        );
+        let mut s = ConnState::new();
+        s.apply(Action::SelectDb(2), true);
+        follow_exec(&mut s, actions(), 3, &[false, false, true, true]);
+        assert_eq!(s.db, 2, "the SELECT after the array failed");
+        // A subscribe that starts after the array announces its own confirmations: MULTI,
+        // SUBSCRIBE a b, SUBSCRIBE c d, EXEC is `*2`, two confirmations, then two more.
+        let mut s = ConnState::new();
+        let mut follower = ExecFollower::new(
+            vec![
+                (
+                    0,
+                    Action::Subscribe(SubClass::Channel, channels(&["a", "b"])),
+                ),
+                (
+                    1,
+                    Action::Subscribe(SubClass::Channel, channels(&["c", "d"])),
+                ),
+            ],
+            2,
+        );
+        follower.frame(&mut s, false);
+        follower.frame(&mut s, false);
+        assert_eq!(follower.frames_due(), 1, "after the array");
+        follower.frame(&mut s, false);
+        assert_eq!(follower.frames_due(), 1, "c's confirmation announced d's");
+        follower.frame(&mut s, false);
+        assert_eq!(follower.frames_due(), 0);
+        assert_eq!(s.channels.len(), 4);
     }
 }
