@@ -478,7 +478,11 @@ fn batch(rng: &mut Rng, n: &Names, guess: &mut Guess) -> Vec<Cmd> {
         for _ in 0..rng.below(5) {
             let c = match rng.below(16) {
                 0 => refused_command(rng, n),
-                1 => cmd(vec![b("SELECT"), rng.below(4).to_string().into_bytes()]),
+                // Sometimes one that fails when EXEC runs it.
+                1 => cmd(vec![
+                    b("SELECT"),
+                    rng.pick(&["0", "1", "2", "3", "99"]).as_bytes().to_vec(),
+                ]),
                 2 | 3 if pubsub => pubsub_command(rng, n, true),
                 2 | 3 if !guess.patterns_maybe => publish_command(rng, n),
                 // Refused at once without aborting the transaction.
@@ -1342,5 +1346,28 @@ fn a_failure_after_a_subscribe_in_a_transaction_is_read_where_redis_writes_it() 
         Step::Send(&[&["PING"]]),
         Step::Outside(&["SPUBLISH", "s", "m"]),
         Step::Send(&[&["SUNSUBSCRIBE"], &["UNSUBSCRIBE"]]),
+        // Past the array's end: the SELECT's error comes after the second confirmation.
+        Step::Send(&[&["SELECT", "2"], &["SET", "k", "db2"]]),
+        Step::Send(&[
+            &["MULTI"],
+            &["SUBSCRIBE", "a", "b"],
+            &["SUBSCRIBE", "c", "d"],
+            &["SELECT", "99"],
+            &["EXEC"],
+        ]),
+        Step::Kill,
+        Step::Send(&[&["PING"]]),
+        Step::Outside(&["PUBLISH", "d", "m"]),
+        Step::Send(&[&["UNSUBSCRIBE"], &["GET", "k"]]),
+        // A subscribe that fails past the array writes one frame, not one per channel.
+        Step::Send(&[
+            &["MULTI"],
+            &["SUBSCRIBE", "a", "b"],
+            &["SUBSCRIBE", "c", "d"],
+            &["SSUBSCRIBE", "x", "y"],
+            &["GET", "k"],
+            &["EXEC"],
+        ]),
+        Step::Send(&[&["UNSUBSCRIBE"]]),
     ]);
 }
