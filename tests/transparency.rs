@@ -1371,3 +1371,27 @@ fn a_failure_after_a_subscribe_in_a_transaction_is_read_where_redis_writes_it() 
         Step::Send(&[&["UNSUBSCRIBE"]]),
     ]);
 }
+
+#[test]
+fn commands_pipelined_after_quit_are_not_run() {
+    let twin = TlsTwin::start();
+    let mut direct = RespConn::connect(twin.direct.addr());
+    let mut proxied = twin.twin().connect_to_proxy();
+    let pipeline: Vec<u8> = [
+        &["SET", "k", "before"][..],
+        &["QUIT"],
+        &["SET", "k", "after"],
+    ]
+    .iter()
+    .flat_map(|c| encode_cmd(c))
+    .collect();
+    direct.send_raw(&pipeline);
+    proxied.send_raw(&pipeline);
+    let want = direct.expect_closed(Duration::from_secs(10));
+    let got = proxied.expect_closed(Duration::from_secs(10));
+    assert_eq!(got, want);
+    assert_eq!(
+        twin.behind.admin_cmd(&["GET", "k"]),
+        twin.direct.admin_cmd(&["GET", "k"])
+    );
+}
