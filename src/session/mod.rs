@@ -1498,10 +1498,7 @@ impl Session {
             self.watch_armed = false;
             self.watch_lost = true;
         }
-        if self.barrier {
-            self.barrier = false;
-            self.resume_input = true;
-        }
+        self.lift_barrier();
         self.state.server_subscriptions = 0;
         self.state.server_shard_subscriptions = 0;
         self.ctx.metrics.upstream_reconnects.increment(1);
@@ -1744,8 +1741,8 @@ impl Session {
             }
             // Requests held back behind an EXEC that may have (un)subscribed or changed the
             // protocol go on once what it did is known.
-            if self.exec_follower.is_none() && std::mem::take(&mut self.barrier) {
-                self.resume_input = true;
+            if self.exec_follower.is_none() {
+                self.lift_barrier();
             }
         } else if matched.action != Action::None {
             let ok = match &matched.action {
@@ -1773,9 +1770,14 @@ impl Session {
         if now_due == 0 {
             self.exec_follower = None;
             self.sync_redirect(None);
-            if std::mem::take(&mut self.barrier) {
-                self.resume_input = true;
-            }
+            self.lift_barrier();
+        }
+    }
+
+    /// Requests held back at a barrier go on (see `barrier`).
+    fn lift_barrier(&mut self) {
+        if std::mem::take(&mut self.barrier) {
+            self.resume_input = true;
         }
     }
 
@@ -1816,9 +1818,7 @@ impl Session {
             }
             Action::Hello { protocol, name } => {
                 self.state.apply(Action::Hello { protocol, name }, ok);
-                if std::mem::take(&mut self.barrier) {
-                    self.resume_input = true;
-                }
+                self.lift_barrier();
             }
             other => self.state.apply(other, ok),
         }

@@ -140,6 +140,14 @@ impl ConnState {
         self.has_subscriptions() || self.monitor || self.tracking.is_some()
     }
 
+    pub fn set(&self, class: SubClass) -> &Subscriptions {
+        match class {
+            SubClass::Channel => &self.channels,
+            SubClass::Pattern => &self.patterns,
+            SubClass::Shard => &self.shard_channels,
+        }
+    }
+
     pub fn set_of(&mut self, class: SubClass) -> &mut Subscriptions {
         match class {
             SubClass::Channel => &mut self.channels,
@@ -218,11 +226,7 @@ impl ConnState {
     fn confirmations_of(&self, action: &Action) -> u64 {
         let n = match action {
             Action::Subscribe(_, channels) => channels.len(),
-            Action::Unsubscribe(class, channels) if channels.is_empty() => match class {
-                SubClass::Channel => self.channels.len(),
-                SubClass::Pattern => self.patterns.len(),
-                SubClass::Shard => self.shard_channels.len(),
-            },
+            Action::Unsubscribe(class, channels) if channels.is_empty() => self.set(*class).len(),
             Action::Unsubscribe(_, channels) => channels.len(),
             _ => 1,
         };
