@@ -5,7 +5,7 @@ mod support;
 
 use std::io::Write;
 use std::net::TcpStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use support::*;
 
@@ -501,6 +501,109 @@ fn client_passwords_with_overlap() {
     );
 }
 
+#[test]
+fn hello_and_auth_are_judged_in_redis_order_and_client_passwords_stay_in_the_proxy() {
+    let password = random_token(32);
+    let redis = RedisServer::start_with_user(APP_USER, &password);
+    let config = ProxyConfig::plain(&redis)
+        .credentials(Some(APP_USER), "env:TEST_UPSTREAM_PASSWORD")
+        .extra(
+            "[listener.auth]\nmode = \"password\"\n\
+             [[listener.auth.users]]\nusername = \"default\"\npassword = \"env:CLIENT_PW\"\n",
+        );
+    let client_pw = "client-pw-5e2b";
+    let wrong_pw = "wrong-pw-91c7";
+    let proxy = Proxy::start(
+        &config.to_toml(),
+        &[
+            ("TEST_UPSTREAM_PASSWORD", password.as_str()),
+            ("CLIENT_PW", client_pw),
+        ],
+    );
+    // Everything the upstream is sent, from here on.
+    let mut monitor = redis.admin_conn();
+    monitor.cmd(&["MONITOR"]).assert_ok();
+
+    let mut c = proxy.conn();
+    // Redis 7.0 reads the version first, then each option in order, trying an AUTH when it
+    // gets to it, and says NOAUTH only after all that.
+    c.cmd(&["HELLO", "03", "AUTH", "default", client_pw])
+        .assert_error("ERR Protocol version is not an integer");
+    c.cmd(&["HELLO", "4", "AUTH", "default", wrong_pw])
+        .assert_error("NOPROTO");
+    c.cmd(&["HELLO", "3", "BAD", "AUTH", "default", client_pw])
+        .assert_error("ERR Syntax error in HELLO option 'BAD'");
+    c.cmd(&["GET", "k"]).assert_error("NOAUTH");
+    // A password where the user name goes.
+    c.cmd(&["HELLO", "3", "AUTH", client_pw])
+        .assert_error("ERR Syntax error in HELLO option 'AUTH'");
+    c.cmd(&["HELLO", "3", "AUTH", "default", wrong_pw, "BAD"])
+        .assert_error("WRONGPASS");
+    c.cmd(&["AUTH", "a", "b", "c"])
+        .assert_error("ERR syntax error");
+    c.cmd(&["AUTH"])
+        .assert_error("ERR wrong number of arguments");
+    c.cmd(&["GET", "k"]).assert_error("NOAUTH");
+    // The AUTH before the bad option counts.
+    c.cmd(&["HELLO", "3", "AUTH", "default", client_pw, "BAD"])
+        .assert_error("ERR Syntax error in HELLO option 'BAD'");
+    c.cmd(&["GET", "k"]).assert_null();
+    // Now Redis words the refusals (they go upstream without the AUTH's arguments).
+    c.cmd(&["HELLO", "3", "AUTH", client_pw])
+        .assert_error("ERR Syntax error in HELLO option 'AUTH'");
+
+    // Inside MULTI a right AUTH is queued and answers +OK in EXEC, as on Redis...
+    c.cmd(&["MULTI"]).assert_ok();
+    c.cmd(&["AUTH", "default", client_pw])
+        .assert_simple("QUEUED");
+    c.cmd(&["HELLO", "2", "AUTH", "default", client_pw])
+        .assert_simple("QUEUED");
+    c.cmd(&["SET", "k", "1"]).assert_simple("QUEUED");
+    let exec = c.cmd(&["EXEC"]);
+    let elements = exec.as_array().unwrap_or_else(|| panic!("{exec:?}"));
+    assert_eq!(elements.len(), 3, "{exec:?}");
+    elements[0].assert_ok();
+    assert_eq!(
+        elements[1].map_get("proto"),
+        Some(&Frame::Integer(2)),
+        "{exec:?}"
+    );
+    elements[2].assert_ok();
+    // ... and a wrong one is refused at once and aborts the transaction (Redis would report it
+    // in EXEC's array: the proxy cannot queue the password).
+    c.cmd(&["MULTI"]).assert_ok();
+    c.cmd(&["AUTH", wrong_pw]).assert_error("WRONGPASS");
+    c.cmd(&["SET", "k", "2"]).assert_simple("QUEUED");
+    c.cmd(&["EXEC"]).assert_error("EXECABORT");
+    c.cmd(&["GET", "k"]).assert_bulk("1");
+    c.cmd(&["SET", "done", "1"]).assert_ok();
+
+    // The upstream never saw a client password, right or wrong, in any form.
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !seen.iter().any(|l: &String| l.contains("\"done\"")) {
+        assert!(Instant::now() < deadline, "MONITOR showed: {seen:#?}");
+        seen.push(
+            monitor
+                .read_reply()
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        );
+    }
+    assert!(
+        seen.iter().any(|l| l.contains("\"HELLO\" \"3\" \"AUTH\"")),
+        "the incomplete HELLO went upstream without its arguments: {seen:#?}"
+    );
+    for line in &seen {
+        assert!(
+            !line.contains(client_pw) && !line.contains(wrong_pw),
+            "{line}"
+        );
+    }
+    assert_no_secret_in_logs(&proxy, &[&password, client_pw]);
+}
+
 /// A Redis serving TLS (requiring client certificates when `mtls`) with the ACL user `app`.
 fn tls_redis(mtls: bool) -> (tempfile::TempDir, Certs, String, RedisServer) {
     let dir = temp_dir();
@@ -835,8 +938,9 @@ fn random_transactions_that_subscribe_read_as_from_redis() {
         for (i, (p, d)) in proxied.iter().zip(&direct).enumerate() {
             assert_eq!(p, d, "RESP{protocol}, frame {i}");
         }
-        // The proxy still knows which replies are owed: one it makes itself comes next.
-        conn.cmd(&["AUTH", "any-password"]).assert_ok();
+        // The proxy still knows which replies are owed: one it makes itself comes next (QUIT:
+        // a subscribed RESP2 connection would refuse AUTH).
+        conn.cmd(&["QUIT"]).assert_ok();
     }
     assert!(
         !env.proxy.log_contains("nobody asked for"),
@@ -1404,11 +1508,30 @@ fn an_open_multi_on_a_lost_connection_never_half_runs() {
     // While a transaction is open, CLIENT LIST shows the last queued command.
     kill_upstream_connection_of(&env, "set");
     c.cmd(&["SET", "m2", "2"]).assert_simple("QUEUED");
+    // Nothing of what follows may run on the new connection, where no MULTI is open.
+    c.cmd(&["SELECT", "5"]).assert_simple("QUEUED");
+    c.cmd(&["CLIENT", "SETNAME", "lost"])
+        .assert_simple("QUEUED");
+    c.cmd(&["HELLO", "3"]).assert_simple("QUEUED");
+    c.cmd(&["SUBSCRIBE", "c"]).assert_simple("QUEUED");
+    c.cmd(&["MULTI"])
+        .assert_error("ERR MULTI calls can not be nested");
+    c.cmd(&["WATCH", "m1"])
+        .assert_error("ERR WATCH inside MULTI is not allowed");
     c.cmd(&["EXEC"]).assert_null();
     assert_eq!(
         c.cmd(&["MGET", "m1", "m2"]),
         Frame::Array(vec![Frame::Null, Frame::Null])
     );
+    // Still db 0, RESP2, unnamed, unsubscribed and outside any transaction.
+    c.cmd(&["SET", "m3", "3"]).assert_ok();
+    env.redis.admin_conn().cmd(&["GET", "m3"]).assert_bulk("3");
+    c.cmd(&["CLIENT", "GETNAME"]).assert_null();
+    assert_eq!(c.cmd(&["HELLO"]).map_get("proto"), Some(&Frame::Integer(2)));
+    c.cmd(&["WATCH", "m1"]).assert_ok();
+    c.cmd(&["MULTI"]).assert_ok();
+    c.cmd(&["SET", "m1", "1"]).assert_simple("QUEUED");
+    assert_eq!(c.cmd(&["EXEC"]), Frame::Array(vec![Frame::simple("OK")]));
     env.assert_no_secret_leaked();
 }
 

@@ -51,6 +51,9 @@ struct Cmd {
     args: Vec<Vec<u8>>,
     /// Sent as an inline command (`SET k v\r\n`) instead of a multibulk.
     inline: bool,
+    /// Redis refuses it or it changes nothing about the connection (see `odd_command`): the
+    /// guess does not follow it.
+    changes_nothing: bool,
 }
 
 impl Cmd {
@@ -117,6 +120,9 @@ impl Guess {
     /// Follows a command queued inside MULTI, which EXEC may or may not run: only what makes
     /// a RESP2 subscription more likely is taken (so `reply_off` never ends in one).
     fn follow_queued(&mut self, cmd: &Cmd) {
+        if cmd.changes_nothing {
+            return;
+        }
         let name = cmd.args[0].to_ascii_uppercase();
         let taken = match name.as_slice() {
             b"SUBSCRIBE" | b"PSUBSCRIBE" | b"SSUBSCRIBE" => true,
@@ -129,6 +135,9 @@ impl Guess {
     }
 
     fn follow(&mut self, cmd: &Cmd) {
+        if cmd.changes_nothing {
+            return;
+        }
         let name = cmd.args[0].to_ascii_uppercase();
         let rest = &cmd.args[1..];
         match (name.as_slice(), rest.is_empty()) {
@@ -245,6 +254,7 @@ fn cmd(parts: Vec<Vec<u8>>) -> Cmd {
     Cmd {
         args: parts,
         inline: false,
+        changes_nothing: false,
     }
 }
 
@@ -359,6 +369,115 @@ fn refused_command(rng: &mut Rng, n: &Names) -> Cmd {
         1 => cmd(vec![b("GET")]),
         2 => cmd(vec![b("SET"), n.key(rng)]),
         _ => cmd(vec![b("CLIENT"), b("NOSUCHSUBCOMMAND")]),
+    }
+}
+
+/// A command the proxy reads (rather than only forwards) in a form Redis refuses or that
+/// changes nothing: a wrong number of arguments, a value out of range, an option that does not
+/// exist, an id no client has; and AUTH as the `default` user, which needs no password on these
+/// servers and which the proxy answers itself. Inside MULTI a wrong argument count makes
+/// Redis refuse the command at once and abort the transaction at EXEC, while a bad value fails
+/// only when EXEC runs it. None changes the connection, so the guess does not follow them.
+fn odd_command(rng: &mut Rng, in_multi: bool) -> Cmd {
+    const OUTSIDE_MULTI: &[&[&str]] = &[
+        &["WATCH"],
+        &["CLIENT", "REPLY"],
+        &["CLIENT", "REPLY", "MAYBE"],
+        &["CLIENT", "REPLY", "ON", "OFF"],
+        // Inside MULTI Redis would answer it in EXEC's array; the proxy refuses it when queued
+        // (see README, "Known limits").
+        &["AUTH", "a", "b", "c"],
+    ];
+    const ANYWHERE: &[&[&str]] = &[
+        &["SELECT"],
+        &["SELECT", "abc"],
+        &["SELECT", "-1"],
+        &["SELECT", "1", "2"],
+        &["SELECT", "01"],
+        &["SELECT", "+1"],
+        &["HELLO", "abc"],
+        &["HELLO", "03"],
+        &["HELLO", "+3"],
+        &["HELLO", "3", "AUTH", "default"],
+        &["HELLO", "3", "AUTH", "default", "x", "extra"],
+        &["HELLO", "2", "SETNAME"],
+        &["HELLO", "3", "NOSUCHOPTION"],
+        &["HELLO", "3", "SETNAME", "has space"],
+        &["AUTH"],
+        &["AUTH", "default", "anything"],
+        &["HELLO", "2", "AUTH", "default", "anything"],
+        &["CLIENT"],
+        &["CLIENT", "SETNAME"],
+        &["CLIENT", "SETNAME", "a", "b"],
+        &["CLIENT", "GETNAME", "x"],
+        &["CLIENT", "ID", "x"],
+        &["CLIENT", "GETREDIR", "x"],
+        &["CLIENT", "TRACKINGINFO", "x"],
+        &["CLIENT", "TRACKING"],
+        &["CLIENT", "TRACKING", "MAYBE"],
+        &["CLIENT", "TRACKING", "ON", "NOSUCHOPTION"],
+        &["CLIENT", "TRACKING", "ON", "REDIRECT"],
+        &["CLIENT", "TRACKING", "ON", "REDIRECT", "abc"],
+        &["CLIENT", "TRACKING", "ON", "REDIRECT", "987654321"],
+        &["CLIENT", "TRACKING", "ON", "OPTIN", "OPTOUT"],
+        &["CLIENT", "TRACKING", "OFF", "PREFIX", "a"],
+        &["CLIENT", "CACHING"],
+        &["CLIENT", "CACHING", "MAYBE"],
+        &["CLIENT", "KILL"],
+        &["CLIENT", "KILL", "ID", "abc"],
+        &["CLIENT", "KILL", "ID", "987654321"],
+        &["CLIENT", "KILL", "ID"],
+        &["CLIENT", "KILL", "127.0.0.1:1"],
+        &["CLIENT", "UNBLOCK"],
+        &["CLIENT", "UNBLOCK", "abc"],
+        &["CLIENT", "UNBLOCK", "987654321"],
+        &["CLIENT", "UNBLOCK", "987654321", "MAYBE"],
+        &["SUBSCRIBE"],
+        &["PSUBSCRIBE"],
+        &["SSUBSCRIBE"],
+        &["MULTI", "x"],
+        &["EXEC", "x"],
+        &["DISCARD", "x"],
+        &["UNWATCH", "x"],
+        &["RESET", "x"],
+        &["PING", "a", "b"],
+        &["ECHO"],
+        &["BLPOP"],
+        &["BLPOP", "k"],
+        &["BLPOP", "k", "abc"],
+        &["BLPOP", "k", "-1"],
+        &["XREAD", "BLOCK", "abc", "STREAMS", "x", "0"],
+        &["XREAD", "BLOCK"],
+        &["WAIT"],
+        &["WAIT", "0", "abc"],
+    ];
+    let forms = if in_multi || rng.chance(70) {
+        ANYWHERE
+    } else {
+        OUTSIDE_MULTI
+    };
+    let form = rng.pick(forms);
+    Cmd {
+        args: form.iter().map(|a| b(a)).collect(),
+        inline: false,
+        // The one form here that changes the connection: it sets RESP2.
+        changes_nothing: form[0] != "HELLO" || form.get(2) != Some(&"AUTH") || form.len() != 5,
+    }
+}
+
+/// The same command as a client may spell it: a name in lower or mixed case.
+fn respell(rng: &mut Rng, c: &mut Cmd) {
+    let name = &mut c.args[0];
+    match rng.below(20) {
+        0 | 1 => name.make_ascii_lowercase(),
+        2 => {
+            for (i, byte) in name.iter_mut().enumerate() {
+                if i % 2 == 1 {
+                    byte.make_ascii_lowercase();
+                }
+            }
+        }
+        _ => {}
     }
 }
 
@@ -484,6 +603,7 @@ fn batch(rng: &mut Rng, n: &Names, guess: &mut Guess) -> Vec<Cmd> {
         for _ in 0..rng.below(5) {
             let c = match rng.below(16) {
                 0 => refused_command(rng, n),
+                11 if rng.chance(40) => odd_command(rng, true),
                 // Sometimes one that fails when EXEC runs it.
                 1 => cmd(vec![
                     b("SELECT"),
@@ -506,7 +626,7 @@ fn batch(rng: &mut Rng, n: &Names, guess: &mut Guess) -> Vec<Cmd> {
                 ]),
                 _ => data_command(rng, n, true),
             };
-            reset |= c.args[0] == b"RESET";
+            reset |= c.args[0] == b"RESET" && !c.changes_nothing;
             if reset {
                 guess.follow(&c);
             } else {
@@ -529,11 +649,12 @@ fn batch(rng: &mut Rng, n: &Names, guess: &mut Guess) -> Vec<Cmd> {
             let c = if guess.resp2_subscribed() && rng.chance(80) {
                 pubsub_command(rng, n, false)
             } else {
-                match rng.below(20) {
+                match rng.below(22) {
                     0..=7 => data_command(rng, n, false),
                     8..=10 => pubsub_command(rng, n, false),
                     11 | 12 => publish_command(rng, n),
                     13 => refused_command(rng, n),
+                    20 | 21 => odd_command(rng, false),
                     _ => connection_command(rng, n),
                 }
             };
@@ -560,6 +681,7 @@ fn batch(rng: &mut Rng, n: &Names, guess: &mut Guess) -> Vec<Cmd> {
     }
     for c in &mut cmds {
         c.inline = c.can_be_inline() && rng.chance(15);
+        respell(rng, c);
     }
     cmds
 }
@@ -1416,4 +1538,93 @@ fn commands_pipelined_after_quit_are_not_run() {
         twin.behind.admin_cmd(&["GET", "k"]),
         twin.direct.admin_cmd(&["GET", "k"])
     );
+}
+
+#[test]
+fn commands_redis_refuses_for_their_argument_count_change_nothing() {
+    scripted(&[
+        // Neither arms a WATCH nor leaves one: after a lost connection the first transaction
+        // runs (an armed WATCH would make the proxy answer nil), the second does not (the key
+        // changed, and on the lost connection the proxy cannot know otherwise).
+        Step::Send(&[&["WATCH"]]),
+        Step::Kill,
+        Step::Send(&[&["MULTI"], &["SET", "k", "1"], &["EXEC"]]),
+        Step::Send(&[&["WATCH", "k"], &["UNWATCH", "x"]]),
+        Step::Outside(&["SET", "k", "changed"]),
+        Step::Kill,
+        Step::Send(&[&["MULTI"], &["SET", "k", "2"], &["EXEC"]]),
+        // Neither opens nor ends a transaction, and inside one both abort it.
+        Step::Send(&[&["MULTI", "x"], &["SET", "k", "3"], &["EXEC"]]),
+        Step::Send(&[&["MULTI"], &["EXEC", "x"], &["SET", "k", "4"], &["EXEC"]]),
+        Step::Send(&[&["MULTI"], &["DISCARD", "x"], &["GET", "k"], &["DISCARD"]]),
+        // Resets nothing: the db and the name stay, also after a move.
+        Step::Send(&[
+            &["SELECT", "2"],
+            &["CLIENT", "SETNAME", "kept"],
+            &["RESET", "x"],
+        ]),
+        Step::Kill,
+        Step::Send(&[
+            &["CLIENT", "GETNAME"],
+            &["SET", "db2", "x"],
+            &["GET", "db2"],
+        ]),
+        Step::Send(&[&["SELECT", "0"], &["GET", "db2"]]),
+    ]);
+}
+
+#[test]
+fn auth_and_hello_are_refused_or_queued_as_on_redis() {
+    scripted(&[
+        Step::Send(&[
+            &["AUTH"],
+            &["AUTH", "a", "b", "c"],
+            &["AUTH", "default", "anything"],
+            &["HELLO", "03"],
+            &["HELLO", "3", "AUTH", "default"],
+            &["HELLO", "3", "AUTH", "default", "x", "BAD"],
+            &["HELLO", "2", "SETNAME"],
+        ]),
+        // Inside MULTI Redis queues AUTH and HELLO and runs them in EXEC.
+        Step::Send(&[
+            &["MULTI"],
+            &["AUTH", "default", "anything"],
+            &["HELLO", "2", "AUTH", "default", "x"],
+            &["HELLO", "4"],
+            &["EXEC"],
+        ]),
+        // ... but refuses an AUTH without arguments at once, and aborts the transaction.
+        Step::Send(&[&["MULTI"], &["AUTH"], &["SET", "k", "1"], &["EXEC"]]),
+        Step::Send(&[&["GET", "k"]]),
+        // A subscribed RESP2 connection refuses both, whatever their arguments.
+        Step::Send(&[
+            &["SUBSCRIBE", "c"],
+            &["AUTH", "default", "anything"],
+            &["AUTH", "a", "b", "c"],
+            &["AUTH"],
+            &["HELLO", "3", "AUTH", "default", "x"],
+            &["UNSUBSCRIBE"],
+        ]),
+    ]);
+}
+
+#[test]
+fn answers_the_proxy_makes_come_after_the_invalidations_redis_writes_before_them() {
+    // Redis writes the invalidation of a key the connection tracks right after the reply of
+    // the write that changed it; the proxy's own answer to what follows must not overtake it.
+    scripted(&[
+        Step::Send(&[&["HELLO", "3"], &["CLIENT", "TRACKING", "ON"]]),
+        Step::Send(&[&["GET", "k"]]),
+        Step::Send(&[&["SET", "k", "1"], &["AUTH", "default", "anything"]]),
+        Step::Send(&[&["GET", "k"]]),
+        Step::Send(&[
+            &["SET", "k", "2"],
+            &["HELLO", "3", "AUTH", "default", "x", "BAD"],
+        ]),
+        Step::Send(&[&["GET", "k"]]),
+        Step::Send(&[&["SET", "k", "3"], &["AUTH", "a", "b", "c"]]),
+        // A message the connection published to itself, likewise.
+        Step::Send(&[&["SUBSCRIBE", "c"]]),
+        Step::Send(&[&["PUBLISH", "c", "m"], &["AUTH", "default", "anything"]]),
+    ]);
 }

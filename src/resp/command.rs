@@ -110,6 +110,28 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// Whether Redis takes a request of this kind with `argc` arguments (its name included).
+    /// Judged for the kinds whose effect on the connection the proxy follows as it forwards
+    /// them (opening a transaction, arming a WATCH, resetting): Redis refuses a wrong count
+    /// before anything else, so such a request changes nothing. AUTH, HELLO and CLIENT are
+    /// judged where they are handled; the rest Redis judges alone. (Each count is checked
+    /// against the server's `COMMAND INFO` in tests/proxy_core.rs.)
+    pub fn argument_count_fits(self, argc: usize) -> bool {
+        match self {
+            Kind::Multi
+            | Kind::Exec
+            | Kind::Discard
+            | Kind::Unwatch
+            | Kind::Reset
+            | Kind::Monitor
+            | Kind::Readonly
+            | Kind::Readwrite => argc == 1,
+            Kind::Select => argc == 2,
+            Kind::Watch | Kind::Subscribe | Kind::Psubscribe | Kind::Ssubscribe => argc >= 2,
+            _ => true,
+        }
+    }
+
     /// Whether the proxy needs the whole request in memory (to read arguments or answer it) before
     /// deciding what to send upstream. False for commands it only counts.
     pub fn needs_arguments(self) -> bool {
@@ -329,9 +351,42 @@ pub fn parse_i64(arg: &[u8]) -> Option<i64> {
     std::str::from_utf8(arg).ok()?.parse().ok()
 }
 
+/// An integer argument as Redis reads one (its `string2ll`): an optional `-`, then digits with
+/// no leading zero; no `+`, no spaces, and `0` alone (`-0` and `007` are not integers).
+pub fn parse_redis_int(arg: &[u8]) -> Option<i64> {
+    let digits = arg.strip_prefix(b"-").unwrap_or(arg);
+    let canonical = match digits {
+        [b'0'] => arg.len() == 1,
+        [b'1'..=b'9', rest @ ..] => rest.iter().all(u8::is_ascii_digit),
+        _ => false,
+    };
+    if canonical { parse_i64(arg) } else { None }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn integers_as_redis_reads_them() {
+        assert_eq!(parse_redis_int(b"0"), Some(0));
+        assert_eq!(parse_redis_int(b"3"), Some(3));
+        assert_eq!(parse_redis_int(b"-12"), Some(-12));
+        assert_eq!(parse_redis_int(b"-9223372036854775808"), Some(i64::MIN));
+        for bad in [
+            &b""[..],
+            b"-",
+            b"-0",
+            b"03",
+            b"+3",
+            b" 3",
+            b"3 ",
+            b"3x",
+            b"9223372036854775808",
+        ] {
+            assert_eq!(parse_redis_int(bad), None, "{bad:?}");
+        }
+    }
 
     #[test]
     fn head_of_a_command() {

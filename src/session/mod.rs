@@ -19,6 +19,7 @@
 
 pub mod client_auth;
 mod drain;
+mod hello;
 pub mod links;
 pub mod replies;
 pub mod state;
@@ -42,6 +43,7 @@ use crate::resp::scanner::{Direction, ScanLimits, Scanner};
 use crate::upstream::connector::UpstreamConn;
 use crate::upstream::pool::{Pool, PoolError};
 use client_auth::ClientAuth;
+use hello::{Hello, HelloOption};
 use replies::{Expect, ReplyQueue};
 use state::{Action, ConnState, ExecFollower};
 
@@ -78,9 +80,24 @@ const MONITOR_PREFIX: usize = 40;
 const NOAUTH: &[u8] = b"-NOAUTH Authentication required.\r\n";
 const NOAUTH_HELLO: &[u8] = b"-NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time\r\n";
 const WRONGPASS: &[u8] = b"-WRONGPASS invalid username-password pair or user is disabled.\r\n";
-/// Redis's own refusal (7.0 and later), word for word.
-const CLIENT_REPLY_IN_SUBSCRIBE_CONTEXT: &[u8] = b"-ERR Can't execute 'client|reply': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context\r\n";
+const AUTH_ARITY: &[u8] = b"-ERR wrong number of arguments for 'auth' command\r\n";
+const SYNTAX_ERROR: &[u8] = b"-ERR syntax error\r\n";
+/// An argument-less AUTH: Redis refuses it for its argument count before anything else, and
+/// inside MULTI that refusal aborts the transaction (see `refuse_in_multi`).
+const AUTH_WITHOUT_ARGUMENTS: &[u8] = b"*1\r\n$4\r\nAUTH\r\n";
+/// Queued in the place of an AUTH inside MULTI: it answers +OK in EXEC and changes nothing
+/// there (EXEC has checked the watched keys before it runs the commands).
+const UNWATCH: &[u8] = b"*1\r\n$7\r\nUNWATCH\r\n";
 const UPSTREAM_LOST: &[u8] = b"-ERR rotaproxy: upstream connection lost before the reply; the command may or may not have run\r\n";
+/// Redis's refusal (7.0 and later, word for word) of `command` (its lower-case full name) on a
+/// subscribed RESP2 connection.
+fn refused_while_subscribed(command: &str) -> Bytes {
+    format!(
+        "-ERR Can't execute '{command}': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context\r\n"
+    )
+    .into()
+}
+
 /// A RESP3 push telling a client-side cache to drop everything (null = all keys).
 const INVALIDATE_ALL: &[u8] = b">2\r\n$10\r\ninvalidate\r\n_\r\n";
 
@@ -810,7 +827,14 @@ impl Session {
     /// The expectation for a client command's reply, muted if the client asked for no reply: the
     /// reply is still counted, and dropped.
     fn as_client_asked(&mut self, mut expect: Expect) -> Expect {
-        if !self.reply_muted() {
+        // The proxy's own commands have no reply for the client: a SKIP is not theirs to use.
+        let relayed = match &expect {
+            Expect::Relay(_) | Expect::Local(_) => true,
+            Expect::Tracked { relay, .. }
+            | Expect::Confirmations { relay, .. }
+            | Expect::ExecTail { relay, .. } => *relay,
+        };
+        if !relayed || !self.reply_muted() {
             return expect;
         }
         match &mut expect {
@@ -867,6 +891,33 @@ impl Session {
     /// Handles a command the proxy must understand. `frame` is the request as the client sent it.
     async fn handle_command(&mut self, kind: Kind, args: &[&[u8]], frame: &[u8]) {
         let relay_one = Expect::Relay(1);
+        if !kind.argument_count_fits(args.len()) {
+            // Redis refuses it before anything else, and nothing changes (inside MULTI it is
+            // answered at once, and EXEC will abort the transaction).
+            return if self.in_multi && !self.multi_lost {
+                self.forward_answered_at_once(frame).await
+            } else {
+                self.forward(frame, relay_one).await
+            };
+        }
+        if self.multi_lost {
+            // The transaction went with its connection (EXEC will answer nil): nothing of it
+            // may run on the next one, where no MULTI is open.
+            match kind {
+                Kind::Exec | Kind::Discard | Kind::Quit | Kind::Reset => {}
+                Kind::Multi => {
+                    return self.reply_local(Bytes::from_static(
+                        b"-ERR MULTI calls can not be nested\r\n",
+                    ));
+                }
+                Kind::Watch => {
+                    return self.reply_local(Bytes::from_static(
+                        b"-ERR WATCH inside MULTI is not allowed\r\n",
+                    ));
+                }
+                _ => return self.reply_local(Bytes::from_static(b"+QUEUED\r\n")),
+            }
+        }
         match kind {
             Kind::Other => self.forward(frame, relay_one).await,
             Kind::Blocking | Kind::MaybeBlocking => {
@@ -887,10 +938,11 @@ impl Session {
                     self.forward(frame, relay_one).await
                 }
             }
-            Kind::Auth => self.handle_auth(args),
+            Kind::Auth => self.handle_auth(args, frame).await,
             Kind::Hello => self.handle_hello(args, frame).await,
             Kind::Quit => {
-                self.reply_local(Bytes::from_static(b"+OK\r\n"));
+                self.reply_after_pushes(Bytes::from_static(b"+OK\r\n"))
+                    .await;
                 self.closing = true;
             }
             Kind::Reset => {
@@ -1063,78 +1115,161 @@ impl Session {
         }
     }
 
-    fn handle_auth(&mut self, args: &[&[u8]]) {
-        let (user, pass): (&[u8], &[u8]) = match args {
-            [_, pass] => (b"default", pass),
-            [_, user, pass] => (user, pass),
-            _ => {
-                return self.reply_local(Bytes::from_static(
-                    b"-ERR wrong number of arguments for 'auth' command\r\n",
-                ));
+    /// `AUTH [user] password`, answered by the proxy against its own client auth; the client's
+    /// password never goes upstream. What Redis would say first (a wrong argument count; a
+    /// subscribed RESP2 connection's refusal) comes first here too.
+    async fn handle_auth(&mut self, args: &[&[u8]], frame: &[u8]) {
+        if args.len() < 2 {
+            if self.in_multi && !self.multi_lost {
+                // Redis refuses it at once and aborts the transaction: let it (no secret in it).
+                return self.forward_answered_at_once(frame).await;
             }
+            return self
+                .reply_after_pushes(Bytes::from_static(AUTH_ARITY))
+                .await;
+        }
+        if !self.in_multi && self.state.resp2_subscribe_context() {
+            return self
+                .reply_after_pushes(refused_while_subscribed("auth"))
+                .await;
+        }
+        let outcome = match args {
+            [_, pass] => self.check_client_auth(b"default", pass),
+            [_, user, pass] => self.check_client_auth(user, pass),
+            _ => Err(SYNTAX_ERROR),
         };
-        if self.ctx.client_auth.check(user, pass) {
-            self.authenticated = true;
-            self.reply_local(Bytes::from_static(b"+OK\r\n"));
-        } else {
-            self.ctx.metrics.client_error(ClientErrorReason::Auth);
-            self.reply_local(Bytes::from_static(WRONGPASS));
+        if self.multi_lost {
+            // The transaction is lost already (its EXEC answers nil): queue it, as on Redis.
+            return self.reply_local(Bytes::from_static(b"+QUEUED\r\n"));
+        }
+        match (self.in_multi, outcome) {
+            (false, Ok(())) => {
+                self.authenticated = true;
+                self.reply_after_pushes(Bytes::from_static(b"+OK\r\n"))
+                    .await;
+            }
+            (false, Err(error)) => self.reply_after_pushes(Bytes::from_static(error)).await,
+            // Redis would queue the AUTH and answer +OK for it in EXEC.
+            (true, Ok(())) => self.forward(UNWATCH, Expect::Relay(1)).await,
+            (true, Err(error)) => self.refuse_in_multi(Bytes::from_static(error)).await,
         }
     }
 
-    /// `HELLO [protover [AUTH user pass] [SETNAME name]]`: the AUTH part is the proxy's to check;
-    /// the rest goes upstream so the client sees the real server's HELLO reply.
+    /// Checks a user/password pair against the proxy's client auth; Err is the reply.
+    fn check_client_auth(&mut self, user: &[u8], pass: &[u8]) -> Result<(), &'static [u8]> {
+        if self.ctx.client_auth.check(user, pass) {
+            Ok(())
+        } else {
+            self.ctx.metrics.client_error(ClientErrorReason::Auth);
+            Err(WRONGPASS)
+        }
+    }
+
+    /// Refuses, inside MULTI, a command that Redis would queue but the proxy will not send (an
+    /// AUTH whose check failed: Redis would report that in EXEC's array). The client gets the
+    /// error now, and the transaction is aborted on the server, as after any command refused
+    /// while queueing: an argument-less AUTH goes in its place, which Redis refuses for its
+    /// argument count (its reply is swallowed), so EXEC answers EXECABORT.
+    async fn refuse_in_multi(&mut self, error: Bytes) {
+        if self.multi_lost {
+            // Lost with its connection: EXEC answers nil whatever comes.
+            return self.reply_local(error);
+        }
+        if let Err(reply) = self.upstream_for_command().await {
+            return self.reply_local(reply);
+        }
+        let asked = self.replies.asked();
+        let swallowed = Expect::Tracked {
+            action: Action::None,
+            relay: false,
+            blocking: false,
+        };
+        self.forward(AUTH_WITHOUT_ARGUMENTS, swallowed).await;
+        self.multi_base += self.replies.asked() - asked;
+        self.reply_local(error);
+    }
+
+    /// `HELLO [protover [AUTH user pass] [SETNAME name]]` (see `hello.rs`): the AUTH part is
+    /// the proxy's to check; the rest goes upstream so the client sees the real server's reply,
+    /// refusals included (they then come after anything Redis wrote before them).
     async fn handle_hello(&mut self, args: &[&[u8]], frame: &[u8]) {
-        let mut rest: Vec<&[u8]> = Vec::with_capacity(args.len());
-        rest.push(args[0]);
-        let mut auth = None;
-        let mut name = None;
-        let mut i = 1;
-        if let Some(version) = args.get(1) {
-            rest.push(version);
-            i = 2;
-        }
-        while i < args.len() {
-            if command::is(args[i], "AUTH") && i + 2 < args.len() {
-                auth = Some((args[i + 1], args[i + 2]));
-                i += 3;
-            } else if command::is(args[i], "SETNAME") && i + 1 < args.len() {
-                name = Some(Bytes::copy_from_slice(args[i + 1]));
-                rest.extend_from_slice(&args[i..i + 2]);
-                i += 2;
-            } else {
-                // Let the server word the syntax error.
-                rest.push(args[i]);
-                i += 1;
+        let hello = Hello::parse(args);
+        // Sent as the client wrote it unless something had to be cut out (an AUTH, or what
+        // follows a bad option, which may be a password).
+        let upstream_args = hello.without_auth(args);
+        let upstream_request =
+            (upstream_args.len() != args.len()).then(|| command::encode(&upstream_args));
+        let request = upstream_request.as_deref().unwrap_or(frame);
+        let protocol = hello.protocol.ok().flatten();
+        let action = Action::Hello {
+            protocol,
+            name: hello.name(),
+        };
+        if self.in_multi {
+            // Queued, and run by EXEC, whose array holds whatever Redis makes of it. Only the
+            // AUTH is judged now: the proxy cannot queue the client's password.
+            for option in &hello.options {
+                if let HelloOption::Auth { user, password } = option
+                    && let Err(error) = self.check_client_auth(user, password)
+                {
+                    return self.refuse_in_multi(Bytes::from_static(error)).await;
+                }
             }
+            let expect = self.tracked(action);
+            return self.forward(request, expect).await;
         }
-        if let Some((user, pass)) = auth {
-            if !self.ctx.client_auth.check(user, pass) {
-                self.ctx.metrics.client_error(ClientErrorReason::Auth);
-                return self.reply_local(Bytes::from_static(WRONGPASS));
+        // A subscribed RESP2 connection refuses it unread; otherwise Redis 7.0 reads it in
+        // order: the version, then each option, trying an AUTH when it gets to it.
+        let mut refusal = None;
+        if !self.state.resp2_subscribe_context() {
+            refusal = hello.protocol.err().map(Bytes::from_static);
+            for option in &hello.options {
+                if refusal.is_some() {
+                    break;
+                }
+                match option {
+                    HelloOption::Auth { user, password } => {
+                        match self.check_client_auth(user, password) {
+                            Ok(()) => self.authenticated = true,
+                            Err(error) => {
+                                return self.reply_after_pushes(Bytes::from_static(error)).await;
+                            }
+                        }
+                    }
+                    HelloOption::SetName(_) => {}
+                    HelloOption::Bad(option) => refusal = Some(hello::syntax_error(option)),
+                }
             }
-            self.authenticated = true;
         }
         if !self.authenticated {
-            self.ctx.metrics.client_error(ClientErrorReason::Auth);
-            return self.reply_local(Bytes::from_static(NOAUTH_HELLO));
+            // Nothing of an unauthenticated client goes upstream.
+            if refusal.is_none() {
+                self.ctx.metrics.client_error(ClientErrorReason::Auth);
+            }
+            return self.reply_local(refusal.unwrap_or(Bytes::from_static(NOAUTH_HELLO)));
         }
-        let protocol = args
-            .get(1)
-            .and_then(|v| command::parse_i64(v))
-            .and_then(|v| u8::try_from(v).ok())
-            .filter(|v| *v == 2 || *v == 3);
-        let expect = self.tracked(Action::Hello { protocol, name });
-        if auth.is_some() {
-            self.forward(&command::encode(&rest), expect).await
-        } else {
-            self.forward(frame, expect).await
-        }
+        let expect = self.tracked(action);
+        self.forward(request, expect).await;
         // What Redis accepts next depends on the protocol (a subscribed RESP2 connection takes
         // only pub/sub commands), which only the reply settles: requests wait for it.
-        if protocol.is_some() && !self.in_multi && self.upstream.is_some() {
+        if protocol.is_some() && self.upstream.is_some() {
             self.barrier = true;
         }
+    }
+
+    /// Answers from the proxy, but when Redis may write pushes to this connection (it has
+    /// subscriptions, or tracks keys) only after a PING has come back from the upstream: a push
+    /// Redis wrote right after the reply before (an invalidation the client's own write caused,
+    /// a message it published to itself) then reaches the client first, as it would from
+    /// Redis. A round trip, on commands clients send rarely (AUTH, CLIENT ID, QUIT).
+    async fn reply_after_pushes(&mut self, reply: Bytes) {
+        let may_push = !self.state.monitor
+            && (self.state.has_subscriptions() || self.state.tracking.is_some());
+        if may_push && !self.in_multi && self.upstream.is_some() {
+            self.forward(b"*1\r\n$4\r\nPING\r\n", injected("PING"))
+                .await;
+        }
+        self.reply_local(reply);
     }
 
     async fn handle_client(&mut self, args: &[&[u8]], frame: &[u8]) {
@@ -1189,14 +1324,16 @@ impl Session {
             }
             if let Some(link) = &self.own_link {
                 let id = Bytes::from(format!(":{}\r\n", link.public_id()));
-                return self.reply_local(id);
+                return self.reply_after_pushes(id).await;
             }
             Action::None
         } else if command::is(sub, "GETREDIR")
             && args.len() == 2
             && let Some(id) = self.redirect_as_the_client_gave_it()
         {
-            return self.reply_local(Bytes::from(format!(":{id}\r\n")));
+            return self
+                .reply_after_pushes(Bytes::from(format!(":{id}\r\n")))
+                .await;
         } else if !self.in_multi
             && let Some(reply) = self.kill_client_of_this_proxy(args)
         {
@@ -1212,7 +1349,7 @@ impl Session {
                 if self.replies.is_empty() && self.state.resp2_subscribed() {
                     return self.forward(frame, Expect::Relay(1)).await;
                 }
-                return self.reply_local(Bytes::from_static(CLIENT_REPLY_IN_SUBSCRIBE_CONTEXT));
+                return self.reply_local(refused_while_subscribed("client|reply"));
             }
             return self.handle_client_reply(args[2], frame).await;
         } else if command::is(sub, "MAINT_NOTIFICATIONS") {
@@ -1235,9 +1372,13 @@ impl Session {
             self.ctx
                 .metrics
                 .client_error(ClientErrorReason::Unsupported);
-            return self.reply_local(Bytes::from_static(
-                b"-ERR rotaproxy does not support CLIENT REPLY inside MULTI\r\n",
-            ));
+            // Refused when queued, so the transaction is aborted: run without it, the commands
+            // after it would answer where the client expects silence.
+            return self
+                .refuse_in_multi(Bytes::from_static(
+                    b"-ERR rotaproxy does not support CLIENT REPLY inside MULTI\r\n",
+                ))
+                .await;
         }
         if command::is(mode, "ON") {
             self.reply_off = false;
