@@ -15,6 +15,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use support::rotation::RotEnv;
 use support::*;
 
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -146,6 +147,116 @@ fn run_library(runtime: Runtime, script: &str, protocol: u8) {
     assert_no_secret_in_logs(&proxy, &secrets);
 }
 
+/// Rotations while a `*_rotation` script runs (each waits for the traffic to flow again).
+const ROTATIONS: usize = 10;
+
+/// Runs a `*_rotation` script from tests/clients/ (kv, pipeline, WATCH/MULTI, pub/sub and BLPOP
+/// workers, each checking every reply, retries and reconnects off) while the proxy rotates its
+/// credential `ROTATIONS` times, and requires that the library saw no error, no disconnect and
+/// no lost or reordered message or job.
+fn run_library_under_rotation(runtime: Runtime, script: &str, protocol: u8) {
+    let mut cmd = command_for(runtime, script);
+    let client_pw = format!("cl-{}", random_token(20));
+    let mut env = RotEnv::multi_password("drain_deadline = \"2s\"\n");
+    let control = temp_dir();
+    cmd.arg(env.proxy().client_addr().to_string())
+        .arg(protocol.to_string())
+        .arg(control.path())
+        .env("CLIENT_PASSWORD", &client_pw);
+    let progress = || -> u64 {
+        std::fs::read_to_string(control.path().join("progress"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let script_ended = std::sync::atomic::AtomicBool::new(false);
+    // Waits until the script has verified `more` operations beyond `from`; false if it ended
+    // (its verdict says why) or stalled.
+    let flowing = |from: u64, more: u64| -> bool {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if script_ended.load(std::sync::atomic::Ordering::SeqCst) {
+                return false;
+            }
+            if progress() >= from + more {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    };
+    let (verdict, rotations) = std::thread::scope(|scope| {
+        let env = &mut env;
+        let rotator = scope.spawn(|| {
+            // The stop file is written however this ends, so the script never waits for it.
+            struct StopOnDrop<'a>(&'a Path);
+            impl Drop for StopOnDrop<'_> {
+                fn drop(&mut self) {
+                    let _ = std::fs::write(self.0.join("stop"), b"");
+                }
+            }
+            let _stop = StopOnDrop(control.path());
+            let mut rotations = 0;
+            if flowing(0, 300) {
+                while rotations < ROTATIONS {
+                    env.rotate(false);
+                    rotations += 1;
+                    if !flowing(progress(), 300) {
+                        break;
+                    }
+                }
+            }
+            rotations
+        });
+        let verdict = run_script(cmd);
+        script_ended.store(true, std::sync::atomic::Ordering::SeqCst);
+        (verdict, rotator.join())
+    });
+    let (ok, stdout, stderr) = verdict;
+    let secrets: Vec<&str> = env
+        .secrets
+        .iter()
+        .map(String::as_str)
+        .chain([client_pw.as_str()])
+        .collect();
+    let shown = |s: &str| mask_secrets(s, &secrets);
+    assert!(
+        ok && stdout.lines().any(|l| l.starts_with("PASS ")),
+        "{script} (RESP{protocol}) failed under rotation.\n--- stdout ---\n{}\n--- stderr ---\n{}\n--- proxy log ---\n{}",
+        shown(&stdout),
+        shown(&stderr),
+        shown(&env.proxy().logs().join("\n")),
+    );
+    eprintln!("{}", stdout.trim());
+    let rotations = rotations.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+    assert_eq!(rotations, ROTATIONS, "the script stopped making progress");
+    let status = env.status();
+    assert_eq!(status["generation"], ROTATIONS as u64 + 1, "{status}");
+    assert_eq!(
+        env.proxy()
+            .metric("rotaproxy_drain_deadline_connections_total")
+            .unwrap_or(0.0),
+        0.0,
+        "a drain ran into its deadline"
+    );
+    // Every connection the library opened was moved at every rotation.
+    let connections: f64 = stdout
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("connections="))
+        .and_then(|n| n.parse().ok())
+        .expect("the PASS line counts the connections");
+    let moved = env
+        .proxy()
+        .metric("rotaproxy_sessions_moved_total")
+        .unwrap_or(0.0);
+    assert!(
+        moved >= connections * ROTATIONS as f64,
+        "{moved} session moves for {connections} connections and {ROTATIONS} rotations"
+    );
+    env.assert_nothing_leaked();
+    assert_no_secret_in_logs(env.proxy(), &[client_pw.as_str()]);
+}
+
 #[test]
 fn redis_py_resp2() {
     run_library(Runtime::Python, "redis_py_client.py", 2);
@@ -174,4 +285,14 @@ fn node_redis_resp2() {
 #[test]
 fn node_redis_resp3() {
     run_library(Runtime::Node, "node_redis_client.js", 3);
+}
+
+#[test]
+fn redis_py_resp2_under_rotation() {
+    run_library_under_rotation(Runtime::Python, "redis_py_rotation.py", 2);
+}
+
+#[test]
+fn redis_py_resp3_under_rotation() {
+    run_library_under_rotation(Runtime::Python, "redis_py_rotation.py", 3);
 }
