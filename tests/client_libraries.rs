@@ -153,11 +153,10 @@ const ROTATIONS: usize = 10;
 /// Runs a `*_rotation` script from tests/clients/ (kv, pipeline, WATCH/MULTI, pub/sub and BLPOP
 /// workers, each checking every reply, retries and reconnects off) while the proxy rotates its
 /// credential `ROTATIONS` times, and requires that the library saw no error, no disconnect and
-/// no lost or reordered message or job.
-fn run_library_under_rotation(runtime: Runtime, script: &str, protocol: u8) {
+/// no lost or reordered message or job. `env`: the proxy and the strategy it rotates with.
+fn run_library_under_rotation(runtime: Runtime, script: &str, protocol: u8, mut env: RotEnv) {
     let mut cmd = command_for(runtime, script);
     let client_pw = format!("cl-{}", random_token(20));
-    let mut env = RotEnv::multi_password("drain_deadline = \"2s\"\n");
     let control = temp_dir();
     cmd.arg(env.proxy().client_addr().to_string())
         .arg(protocol.to_string())
@@ -287,12 +286,32 @@ fn node_redis_resp3() {
     run_library(Runtime::Node, "node_redis_client.js", 3);
 }
 
+/// `acl-multi-password`: sessions move by re-AUTH in place where Redis allows it.
+fn multi_password() -> RotEnv {
+    RotEnv::multi_password("drain_deadline = \"2s\"\n")
+}
+
+/// `alternating-users`: every rotation moves every session to the other user.
+fn alternating() -> RotEnv {
+    RotEnv::alternating("drain_deadline = \"2s\"\n")
+}
+
 #[test]
 fn redis_py_resp2_under_rotation() {
-    run_library_under_rotation(Runtime::Python, "redis_py_rotation.py", 2);
+    run_library_under_rotation(Runtime::Python, "redis_py_rotation.py", 2, multi_password());
 }
 
 #[test]
 fn redis_py_resp3_under_rotation() {
-    run_library_under_rotation(Runtime::Python, "redis_py_rotation.py", 3);
+    run_library_under_rotation(Runtime::Python, "redis_py_rotation.py", 3, multi_password());
+}
+
+#[test]
+fn redis_py_resp2_under_alternating_user_rotation() {
+    run_library_under_rotation(Runtime::Python, "redis_py_rotation.py", 2, alternating());
+}
+
+#[test]
+fn redis_py_resp3_under_alternating_user_rotation() {
+    run_library_under_rotation(Runtime::Python, "redis_py_rotation.py", 3, alternating());
 }
