@@ -4,7 +4,8 @@
 //! `none`), then runs a script from tests/clients/ that connects the way applications do
 //! (HELLO/AUTH with a client-side password, CLIENT SETINFO, INFO), and exercises SET/GET, a
 //! pipeline of 1000, MULTI/EXEC, pub/sub, BLPOP released from another connection and SELECT 2,
-//! with retries and reconnects disabled. The libraries are pinned and installed by scripts/test
+//! with retries and reconnects disabled; and again, with `*_rotation` scripts, while the proxy
+//! rotates its credential (see `run_library_under_rotation`). The libraries are pinned and installed by scripts/test
 //! into .deps/ (python: tests/clients/python/requirements.txt; node:
 //! tests/clients/node/package-lock.json).
 
@@ -314,4 +315,24 @@ fn redis_py_resp2_under_alternating_user_rotation() {
 #[test]
 fn redis_py_resp3_under_alternating_user_rotation() {
     run_library_under_rotation(Runtime::Python, "redis_py_rotation.py", 3, alternating());
+}
+
+#[test]
+fn ioredis_resp2_under_rotation() {
+    run_library_under_rotation(Runtime::Node, "ioredis_rotation.js", 2, multi_password());
+}
+
+#[test]
+fn ioredis_resp3_under_alternating_user_rotation() {
+    run_library_under_rotation(Runtime::Node, "ioredis_rotation.js", 3, alternating());
+}
+
+#[test]
+fn node_redis_resp2_under_alternating_user_rotation() {
+    run_library_under_rotation(Runtime::Node, "node_redis_rotation.js", 2, alternating());
+}
+
+#[test]
+fn node_redis_resp3_under_rotation() {
+    run_library_under_rotation(Runtime::Node, "node_redis_rotation.js", 3, multi_password());
 }

@@ -1,0 +1,356 @@
+'use strict';
+// ioredis under credential rotation: a concurrent workload (kv, pipeline, WATCH/MULTI/EXEC,
+// pub/sub, BLPOP) runs while the proxy rotates its upstream credential and moves sessions to new
+// upstream connections. Any error, disconnect, reconnect, lost, repeated or reordered data fails.
+// Retries, reconnects, resends and the offline queue are all off, so nothing can be hidden.
+//
+// Usage: node ioredis_rotation.js HOST:PORT PROTOCOL(2|3) CONTROL_DIR   (env CLIENT_PASSWORD)
+// Runs until CONTROL_DIR/stop exists; writes the number of verified operations to
+// CONTROL_DIR/progress about every 200 ms (via progress.tmp + rename).
+// Prints "PASS ioredis ... rotation: stats" and exits 0, or "FAIL ioredis ...: reason" and exits 1.
+
+const fs = require('fs');
+const path = require('path');
+const crypto = require('crypto');
+const Redis = require('ioredis');
+const { version } = require('ioredis/package.json');
+
+const DEADLINE_MS = 240_000;
+const DRAIN_MS = 10_000;
+
+// ---------------------------------------------------------------------------------------------
+// Arguments, verdict, control directory.
+
+const [addr, protocolArg, controlDir] = process.argv.slice(2);
+if (!addr || !protocolArg || !controlDir) {
+  console.error(`usage: node ${process.argv[1]} HOST:PORT PROTOCOL(2|3) CONTROL_DIR`);
+  process.exit(2);
+}
+const colon = addr.lastIndexOf(':');
+const host = addr.slice(0, colon).replace(/^\[|\]$/g, '');
+const port = Number(addr.slice(colon + 1));
+const protocol = Number(protocolArg);
+const password = process.env.CLIENT_PASSWORD || 'client-side-password';
+const label = `ioredis ${version} resp${protocol}`;
+const prefix = `rot:${crypto.randomBytes(6).toString('hex')}`;
+
+const stats = { ops: 0, kv: 0, pipeline: 0, tx: 0, messages: 0, duplicates: 0, jobs: 0, connections: 0 };
+let stopping = false; // the stop file was seen: workers finish their round and return
+let finished = false; // a verdict was printed
+
+function fail(reason, err) {
+  if (finished) return;
+  finished = true;
+  if (err && err.stack) console.error(err.stack);
+  else console.error(`failure: ${reason}`);
+  try {
+    writeProgress();
+  } catch (_) {
+    // best effort
+  }
+  console.log(`FAIL ${label}: ${reason}`);
+  process.exit(1);
+}
+
+function check(cond, what) {
+  if (!cond) throw new Error(`check failed: ${what}`);
+}
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const show = (v) => JSON.stringify(v);
+// ioredis answers a pipeline or an EXEC with [error, value] pairs.
+const showPairs = (pairs) => show(pairs && pairs.map(([e, v]) => (e ? `error ${e.message}` : v)));
+
+function writeProgress() {
+  const tmp = path.join(controlDir, 'progress.tmp');
+  fs.writeFileSync(tmp, String(stats.ops));
+  fs.renameSync(tmp, path.join(controlDir, 'progress'));
+}
+
+process.on('unhandledRejection', (e) => fail(`unhandled rejection: ${e && e.message ? e.message : e}`, e));
+process.on('uncaughtException', (e) => fail(`uncaught exception: ${e && e.message ? e.message : e}`, e));
+setTimeout(() => fail(`overall deadline of ${DEADLINE_MS / 1000}s passed`), DEADLINE_MS).unref();
+
+// ---------------------------------------------------------------------------------------------
+// Clients: one connection each, never reconnecting, never queueing while offline.
+
+const clients = [];
+
+async function client(name) {
+  const c = new Redis({
+    host,
+    port,
+    password,
+    protocol,
+    lazyConnect: true,
+    connectTimeout: 10_000,
+    commandTimeout: 30_000,
+    maxRetriesPerRequest: 0,
+    retryStrategy: () => null,
+    reconnectOnError: () => false,
+    autoResendUnfulfilledCommands: false,
+    autoResubscribe: false,
+    enableOfflineQueue: false,
+  });
+  c.connects = 0;
+  c.on('connect', () => {
+    stats.connections += 1;
+    c.connects += 1;
+    if (c.connects > 1) fail(`${name}: connected ${c.connects} times (a reconnect)`);
+  });
+  c.on('error', (e) => fail(`${name}: error event: ${e && e.message ? e.message : e}`, e));
+  c.on('reconnecting', () => fail(`${name}: reconnecting event`));
+  for (const ev of ['close', 'end']) {
+    c.on(ev, () => {
+      if (!c.closingOnPurpose) fail(`${name}: '${ev}' event (connection lost)`);
+    });
+  }
+  clients.push(c);
+  await c.connect();
+  check(c.status === 'ready', `${name}: status after connect is ${c.status}`);
+  return c;
+}
+
+function op(worker, n = 1) {
+  stats.ops += n;
+  if (worker) stats[worker] += n;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Workers.
+
+async function kvWorker() {
+  const c = await client('kv');
+  const counter = `${prefix}:counter`;
+  let expected = 0;
+  return async () => {
+    for (let i = 0; !stopping; i++) {
+      const key = `${prefix}:kv:${i % 100}`;
+      const set = await c.set(key, String(i));
+      check(set === 'OK', `kv: SET ${key} answered ${show(set)}`);
+      const got = await c.get(key);
+      check(got === String(i), `kv: GET ${key} answered ${show(got)}, expected ${show(String(i))}`);
+      const n = await c.incr(counter);
+      check(n === expected + 1, `kv: INCR ${counter} answered ${show(n)}, expected ${expected + 1}`);
+      expected = n;
+      op('kv');
+      await sleep(1);
+    }
+  };
+}
+
+async function pipelineWorker() {
+  const c = await client('pipeline');
+  const keys = Array.from({ length: 20 }, (_, j) => `${prefix}:pl:${j}`);
+  return async () => {
+    for (let round = 1; !stopping; round++) {
+      const value = String(round);
+      const pipe = c.pipeline();
+      for (const k of keys) pipe.set(k, value);
+      const replies = await pipe.exec();
+      check(
+        Array.isArray(replies) && replies.length === 20 && replies.every(([e, v]) => e === null && v === 'OK'),
+        `pipeline: round ${round}: 20 SETs answered ${showPairs(replies)}`,
+      );
+      const values = await c.mget(keys);
+      check(
+        Array.isArray(values) && values.length === 20 && values.every((v) => v === value),
+        `pipeline: round ${round}: MGET answered ${show(values)}, expected 20 x ${show(value)}`,
+      );
+      op('pipeline');
+      await sleep(1);
+    }
+  };
+}
+
+async function txWorker() {
+  const c = await client('tx');
+  const key = `${prefix}:tx`;
+  let previous = 0;
+  return async () => {
+    while (!stopping) {
+      const watched = await c.watch(key);
+      check(watched === 'OK', `tx: WATCH answered ${show(watched)}`);
+      const reply = await c.multi().incr(key).get(key).exec();
+      check(reply !== null, `tx: EXEC aborted (watched key ${key} changed?) after n=${previous}`);
+      const n = previous + 1;
+      check(
+        show(reply) === show([[null, n], [null, String(n)]]),
+        `tx: EXEC answered ${showPairs(reply)}, expected [${n}, "${n}"]`,
+      );
+      previous = n;
+      op('tx');
+      await sleep(1);
+    }
+  };
+}
+
+// Pub/sub: per-channel sequence numbers 1, 2, 3, ...; the publisher alternates between a plain
+// channel (received as 'message') and a channel matched by a pattern (received as 'pmessage').
+async function pubsubWorker() {
+  const channel = `${prefix}:ch`;
+  const pattern = `${prefix}:pat:*`;
+  const patChannel = `${prefix}:pat:x`;
+  const received = { [channel]: 0, [patChannel]: 0 };
+  const published = { [channel]: 0, [patChannel]: 0 };
+
+  const sub = await client('subscriber');
+  const pub = await client('publisher');
+
+  function onMessage(kind, ch, message) {
+    if (finished) return;
+    if (!(ch in received)) return fail(`pubsub: ${kind} on unexpected channel ${show(ch)}: ${show(message)}`);
+    const n = Number(message);
+    const last = received[ch];
+    if (!Number.isInteger(n) || String(n) !== message) {
+      return fail(`pubsub: ${kind} on ${ch}: not a sequence number: ${show(message)}`);
+    }
+    if (n === last + 1) {
+      received[ch] = n;
+      stats.messages += 1;
+      op(null);
+    } else if (n === last) {
+      stats.duplicates += 1;
+    } else {
+      fail(`pubsub: ${kind} on ${ch}: got ${n} after ${last} (${n > last ? 'gap' : 'out of order'})`);
+    }
+  }
+  sub.on('message', (ch, message) => onMessage('message', ch, message));
+  sub.on('pmessage', (pat, ch, message) => {
+    if (pat !== pattern) return fail(`pubsub: pmessage for unexpected pattern ${show(pat)} (channel ${ch})`);
+    onMessage('pmessage', ch, message);
+  });
+  const subscribed = await sub.subscribe(channel);
+  check(subscribed === 1, `pubsub: SUBSCRIBE answered ${show(subscribed)}`);
+  const psubscribed = await sub.psubscribe(pattern);
+  check(psubscribed === 2, `pubsub: PSUBSCRIBE answered ${show(psubscribed)}`);
+
+  return async () => {
+    for (let i = 0; !stopping; i++) {
+      const ch = i % 2 === 0 ? channel : patChannel;
+      const n = published[ch] + 1;
+      const receivers = await pub.publish(ch, String(n));
+      check(
+        receivers === 1 || receivers === 2,
+        `pubsub: PUBLISH ${ch} ${n} reached ${show(receivers)} subscribers`,
+      );
+      published[ch] = n;
+      await sleep(5);
+    }
+    // Stopped: everything published must arrive.
+    const deadline = Date.now() + DRAIN_MS;
+    while (received[channel] !== published[channel] || received[patChannel] !== published[patChannel]) {
+      check(
+        Date.now() < deadline,
+        `pubsub: ${DRAIN_MS / 1000}s after stop, received ${show(received)} of published ${show(published)}`,
+      );
+      await sleep(10);
+    }
+  };
+}
+
+// Jobs: a producer pushes 1, 2, 3, ...; a consumer pops them with BLPOP (2 s timeout).
+async function blockingWorker() {
+  const key = `${prefix}:jobs`;
+  const consumer = await client('consumer');
+  const producer = await client('producer');
+  let pushed = 0;
+  let producing = true;
+  let received = 0;
+
+  async function consume() {
+    while (producing || received !== pushed) {
+      const reply = await consumer.blpop(key, 2);
+      if (reply === null) continue; // timed out, nothing to pop
+      check(
+        Array.isArray(reply) && reply.length === 2 && reply[0] === key,
+        `blocking: BLPOP answered ${show(reply)}`,
+      );
+      const job = reply[1];
+      const n = Number(job);
+      check(
+        n === received + 1,
+        `blocking: got job ${show(job)} after job ${received} (${n <= received ? 'duplicate or out of order' : 'gap'})`,
+      );
+      received = n;
+      stats.jobs += 1;
+      op(null);
+    }
+  }
+
+  return async () => {
+    const consuming = consume();
+    consuming.catch((e) => fail(e && e.message ? e.message : String(e), e)); // fail at once
+    try {
+      while (!stopping) {
+        const n = pushed + 1;
+        const len = await producer.rpush(key, String(n));
+        check(Number.isInteger(len) && len >= 1, `blocking: RPUSH ${n} answered ${show(len)}`);
+        pushed = n;
+        await sleep(10);
+      }
+    } finally {
+      producing = false;
+    }
+    let timer;
+    const timeout = new Promise((_, reject) => {
+      timer = setTimeout(
+        () => reject(new Error(`blocking: ${DRAIN_MS / 1000}s after stop, consumer had job ${received} of ${pushed}`)),
+        // The consumer may sit in one more BLPOP (2 s) after its last job.
+        DRAIN_MS + 2_500,
+      );
+    });
+    try {
+      await Promise.race([consuming, timeout]);
+    } finally {
+      clearTimeout(timer);
+    }
+    check(received === pushed, `blocking: consumer stopped at job ${received} of ${pushed}`);
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Main.
+
+async function main() {
+  fs.mkdirSync(controlDir, { recursive: true });
+  const stopFile = path.join(controlDir, 'stop');
+  writeProgress();
+  const progressTimer = setInterval(writeProgress, 200);
+  const stopTimer = setInterval(() => {
+    if (!stopping && fs.existsSync(stopFile)) stopping = true;
+  }, 50);
+
+  // Connect every client and set up subscriptions before any worker runs.
+  const workers = await Promise.all([
+    kvWorker(),
+    pipelineWorker(),
+    txWorker(),
+    pubsubWorker(),
+    blockingWorker(),
+  ]);
+  const created = clients.length;
+  await Promise.all(workers.map((w) => w()));
+  clearInterval(stopTimer);
+  clearInterval(progressTimer);
+  writeProgress();
+  check(stats.connections === created, `${stats.connections} connections opened for ${created} clients`);
+
+  // Tidy up this run's keys, then close every connection on purpose.
+  const tidy = clients[0];
+  const keys = [`${prefix}:counter`, `${prefix}:tx`, `${prefix}:jobs`];
+  for (let i = 0; i < 100; i++) keys.push(`${prefix}:kv:${i}`);
+  for (let j = 0; j < 20; j++) keys.push(`${prefix}:pl:${j}`);
+  await tidy.del(keys);
+  for (const c of clients) c.closingOnPurpose = true;
+  await Promise.all(clients.map((c) => c.quit()));
+
+  finished = true;
+  const line = Object.entries(stats)
+    .map(([k, v]) => `${k}=${v}`)
+    .join(' ');
+  console.log(`PASS ${label} rotation: ${line}`);
+  process.exit(0);
+}
+
+main().catch((e) => fail(e && e.message ? e.message : String(e), e));
