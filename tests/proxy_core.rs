@@ -1738,3 +1738,111 @@ fn a_multi_thread_runtime_serves_many_clients_without_a_stall() {
     }
     env.assert_no_secret_leaked();
 }
+
+/// Command streams with bytes changed, inserted, dropped or cut off, sent in random pieces:
+/// whatever the proxy makes of one, its client reads only whole RESP frames (replies, or a
+/// protocol error before the proxy closes the connection), the proxy does not panic, and a
+/// client beside them is served throughout.
+#[test]
+fn mangled_command_streams_get_whole_replies_and_hurt_no_one_else() {
+    const STREAMS: usize = 300;
+    let env = Env::start();
+    let mut bystander = env.conn();
+    bystander.cmd(&["SET", "bystander", "1"]).assert_ok();
+    let templates: [&[&str]; 12] = [
+        &["SET", "k", "v"],
+        &["GET", "k"],
+        &["MULTI"],
+        &["EXEC"],
+        &["HELLO", "3", "AUTH", "default", "pw", "SETNAME", "n"],
+        &["HELLO", "2"],
+        &["AUTH", "pw"],
+        &["SUBSCRIBE", "c1", "c2"],
+        &["UNSUBSCRIBE"],
+        &["CLIENT", "TRACKING", "ON", "REDIRECT", "1"],
+        &["CLIENT", "REPLY", "SKIP"],
+        &["SELECT", "1"],
+    ];
+    let mut rng = XorShift(0x2545_f491_4f6c_dd1d);
+    let started = Instant::now();
+    let (mut replies, mut protocol_errors) = (0, 0);
+    for stream in 0..STREAMS {
+        // Bounded by time too, on a slow machine.
+        if started.elapsed() > Duration::from_secs(60) {
+            break;
+        }
+        let mut bytes = Vec::new();
+        for _ in 0..1 + rng.below(6) {
+            let cmd = templates[rng.below(templates.len() as u64) as usize];
+            if rng.below(4) == 0 {
+                bytes.extend(cmd.join(" ").bytes());
+                bytes.extend(b"\r\n");
+            } else {
+                bytes.extend(encode_cmd(cmd));
+            }
+        }
+        for _ in 0..1 + rng.below(3) {
+            let at = rng.below(bytes.len() as u64) as usize;
+            match rng.below(4) {
+                0 => bytes[at] = rng.below(256) as u8,
+                1 => bytes.insert(at, b"*$:\r\n-0123456789"[rng.below(16) as usize]),
+                2 => {
+                    bytes.remove(at);
+                }
+                _ => bytes.truncate(at.max(1)),
+            }
+        }
+        let mut conn = TcpStream::connect(env.proxy.client_addr()).unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut rest = &bytes[..];
+        while !rest.is_empty() {
+            let n = (1 + rng.below(rest.len() as u64)) as usize;
+            if conn.write_all(&rest[..n]).is_err() {
+                // The proxy closed the connection already (a protocol error).
+                break;
+            }
+            rest = &rest[n..];
+        }
+        // Nothing more comes: the proxy answers what it has and closes.
+        let _ = conn.shutdown(std::net::Shutdown::Write);
+        let mut received = Vec::new();
+        // It ends: closed, or reset when the proxy closed with input still unread.
+        let read = std::io::Read::read_to_end(&mut conn, &mut received);
+        assert!(
+            read.is_ok()
+                || matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "stream {stream}: {read:?} after sending {}",
+            support::resp::show(&bytes, 200)
+        );
+        let mut at = 0;
+        while at < received.len() {
+            match support::resp::decode_frame(&received[at..]) {
+                Ok(Some((frame, n, _))) => {
+                    at += n;
+                    replies += 1;
+                    if matches!(&frame, Frame::Error(e) if e.starts_with("ERR Protocol error")) {
+                        protocol_errors += 1;
+                    }
+                }
+                other => panic!(
+                    "stream {stream}: not a whole reply at byte {at} ({other:?}) of {}\nsent {}",
+                    support::resp::show(&received, 400),
+                    support::resp::show(&bytes, 200)
+                ),
+            }
+        }
+        if stream % 50 == 0 {
+            bystander.cmd(&["GET", "bystander"]).assert_bulk("1");
+        }
+    }
+    bystander.cmd(&["GET", "bystander"]).assert_bulk("1");
+    // The mangling made both: streams the proxy refused and replies to what it could read.
+    eprintln!("{replies} replies, {protocol_errors} protocol errors");
+    assert!(
+        protocol_errors >= 20 && replies >= 200,
+        "{replies} replies, {protocol_errors} protocol errors"
+    );
+    assert!(!env.proxy.log_contains("panicked"));
+    env.assert_no_secret_leaked();
+}
