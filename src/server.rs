@@ -13,7 +13,7 @@ use crate::admin::{self, AdminState};
 use crate::config::{ClientAuthMode, Config};
 use crate::credentials::{Credential, Generation, Generations};
 use crate::metrics::Metrics;
-use crate::net::Stream;
+use crate::net::{RawTcp, Stream};
 use crate::resp::scanner::ScanLimits;
 use crate::rotation::client_cert::{ClientCertParts, ClientCertRotation};
 use crate::rotation::{RotationHandle, RotationParts};
@@ -232,7 +232,7 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
                     Some(acceptor) => {
                         match tokio::time::timeout(
                             CLIENT_TLS_HANDSHAKE_TIMEOUT,
-                            acceptor.accept(socket),
+                            acceptor.accept(RawTcp::new(socket)),
                         )
                         .await
                         {

@@ -18,7 +18,7 @@ use tokio::time::timeout;
 use crate::config::TimeoutsConfig;
 use crate::credentials::Generation;
 use crate::metrics::{ConnectStage, Metrics};
-use crate::net::Stream;
+use crate::net::{RawTcp, Stream};
 use crate::resp::command;
 
 /// Why an upstream connection could not be opened.
@@ -165,16 +165,19 @@ async fn connect_inner(
         None => Stream::plain(tcp),
         Some((config, name)) => {
             let connector = tokio_rustls::TlsConnector::from(config.clone());
-            let tls = timeout(timeouts.tls_handshake, connector.connect(name.clone(), tcp))
-                .await
-                .map_err(|_| ConnectError::TlsTimeout {
-                    addr: addr.clone(),
-                    after: timeouts.tls_handshake,
-                })?
-                .map_err(|e| ConnectError::Tls {
-                    addr: addr.clone(),
-                    reason: crate::tls::explain_handshake_error(&e),
-                })?;
+            let tls = timeout(
+                timeouts.tls_handshake,
+                connector.connect(name.clone(), RawTcp::new(tcp)),
+            )
+            .await
+            .map_err(|_| ConnectError::TlsTimeout {
+                addr: addr.clone(),
+                after: timeouts.tls_handshake,
+            })?
+            .map_err(|e| ConnectError::Tls {
+                addr: addr.clone(),
+                reason: crate::tls::explain_handshake_error(&e),
+            })?;
             if let Some(server_cert) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()) {
                 crate::tls_reload::note_upstream_server_certificate(server_cert);
             }
