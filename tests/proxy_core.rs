@@ -1846,3 +1846,49 @@ fn mangled_command_streams_get_whole_replies_and_hurt_no_one_else() {
     assert!(!env.proxy.log_contains("panicked"));
     env.assert_no_secret_leaked();
 }
+
+/// The argument counts the proxy judges itself (`Kind::argument_count_fits`) are the server's:
+/// each command's arity from `COMMAND INFO` (n: exactly n arguments, name included; -n: at
+/// least n).
+#[test]
+fn argument_counts_the_proxy_judges_are_the_servers() {
+    use rotaproxy::resp::command::{Kind, classify};
+    let redis = RedisServer::start(RedisOptions::new());
+    let mut conn = redis.admin_conn();
+    let names = [
+        "MULTI",
+        "EXEC",
+        "DISCARD",
+        "WATCH",
+        "UNWATCH",
+        "RESET",
+        "MONITOR",
+        "READONLY",
+        "READWRITE",
+        "SELECT",
+        "SUBSCRIBE",
+        "PSUBSCRIBE",
+        "SSUBSCRIBE",
+    ];
+    for name in names {
+        let kind = classify(name.as_bytes());
+        assert_ne!(kind, Kind::Other, "{name}");
+        let info = conn.cmd(&["COMMAND", "INFO", name]);
+        let arity = info.as_array().and_then(|a| a[0].as_array()).map(|i| &i[1]);
+        let Some(Frame::Integer(arity)) = arity else {
+            panic!("COMMAND INFO {name}: {info:?}");
+        };
+        for argc in 1..=4 {
+            let server_takes = if *arity >= 0 {
+                argc == *arity as usize
+            } else {
+                argc >= arity.unsigned_abs() as usize
+            };
+            assert_eq!(
+                kind.argument_count_fits(argc),
+                server_takes,
+                "{name} with {argc} arguments (arity {arity})"
+            );
+        }
+    }
+}
