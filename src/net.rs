@@ -65,10 +65,9 @@ impl Stream {
     /// `CLIENT KILL USER` that took the session's connection and the idle ones together) still
     /// looked alive, and the session that had just lost its own connection was handed a dead one.
     pub fn looks_closed(&self) -> bool {
-        let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
         // Anything but "nothing to read" means EOF, an error, or bytes nobody asked for (a TLS
-        // alert, a shutdown notice). The socket is non-blocking, as tokio keeps it.
-        match socket2::SockRef::from(self.tcp()).peek(&mut probe) {
+        // alert, a shutdown notice).
+        match self.peek_one() {
             Err(e) => e.kind() != io::ErrorKind::WouldBlock,
             Ok(_) => true,
         }
@@ -78,11 +77,16 @@ impl Stream {
     /// reset), whatever tokio's readiness says. Unlike `looks_closed`, bytes waiting to be
     /// read say nothing: they may be the answers the caller expects.
     pub fn peer_has_closed(&self) -> bool {
-        let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
-        match socket2::SockRef::from(self.tcp()).peek(&mut probe) {
+        match self.peek_one() {
             Ok(n) => n == 0,
             Err(e) => e.kind() != io::ErrorKind::WouldBlock,
         }
+    }
+
+    /// A non-blocking `MSG_PEEK` of one byte (tokio keeps the socket non-blocking).
+    fn peek_one(&self) -> io::Result<usize> {
+        let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+        socket2::SockRef::from(self.tcp()).peek(&mut probe)
     }
 
     /// Reads what has arrived into the spare capacity of `buf` (the caller makes room), as
@@ -113,16 +117,25 @@ fn poll_read_plain(
     cx: &mut Context<'_>,
     buf: &mut BytesMut,
 ) -> Poll<io::Result<usize>> {
+    let room = buf.capacity() - buf.len();
+    poll_recv(tcp, cx, room, || recv_into(tcp, buf))
+}
+
+/// Runs `recv` (a direct system call reading up to `room` bytes) when tokio has seen the
+/// socket readable, and waits for readability when there is nothing to read.
+fn poll_recv(
+    tcp: &TcpStream,
+    cx: &mut Context<'_>,
+    room: usize,
+    mut recv: impl FnMut() -> io::Result<usize>,
+) -> Poll<io::Result<usize>> {
     loop {
-        let spare = buf.capacity() - buf.len();
-        let mut attempted = false;
         let mut drained = 0;
         // `try_io` runs the read only when tokio has seen the socket readable, and clears that
         // readiness when the read reports `WouldBlock`.
         let result = tcp.try_io(Interest::READABLE, || {
-            attempted = true;
-            let n = recv_into(tcp, buf)?;
-            if 0 < n && n < spare {
+            let n = recv()?;
+            if 0 < n && n < room {
                 // A read that did not fill the buffer emptied the socket (epoll is
                 // edge-triggered): clear the readiness, as tokio's own `poll_read` does, so
                 // the next read waits for an event instead of making a system call in vain.
@@ -134,17 +147,9 @@ fn poll_read_plain(
         match result {
             Ok(n) => return Poll::Ready(Ok(n)),
             Err(_) if drained > 0 => return Poll::Ready(Ok(drained)),
-            // Without an attempt the error can only be tokio's "not readable".
-            Err(e) if attempted && e.kind() != io::ErrorKind::WouldBlock => {
-                return Poll::Ready(Err(e));
-            }
-            Err(_) => {}
-        }
-        match tcp.poll_read_ready(cx) {
-            // An event came in between the two looks.
-            Poll::Ready(Ok(())) => continue,
-            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-            Poll::Pending => return Poll::Pending,
+            Err(e) if e.kind() != io::ErrorKind::WouldBlock => return Poll::Ready(Err(e)),
+            // Not readable, or nothing left: wait (an event may have come in between).
+            Err(_) => ready!(tcp.poll_read_ready(cx))?,
         }
     }
 }
@@ -204,32 +209,14 @@ impl AsyncRead for RawTcp {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let tcp = &self.0;
-        loop {
-            // Free when the caller reads into initialized memory, as the TLS layer does.
-            let dst = buf.initialize_unfilled();
-            let room = dst.len();
-            let mut drained = 0;
-            let result = tcp.try_io(Interest::READABLE, || {
-                let (n, _) = rustix::net::recv(tcp, &mut *dst, RecvFlags::empty())?;
-                if 0 < n && n < room {
-                    // The socket is empty now (see `poll_read_plain`).
-                    drained = n;
-                    return Err(io::ErrorKind::WouldBlock.into());
-                }
-                Ok(n)
-            });
-            let n = match result {
-                Ok(n) => n,
-                Err(_) if drained > 0 => drained,
-                Err(e) if e.kind() != io::ErrorKind::WouldBlock => return Poll::Ready(Err(e)),
-                Err(_) => {
-                    ready!(tcp.poll_read_ready(cx))?;
-                    continue;
-                }
-            };
-            buf.advance(n);
-            return Poll::Ready(Ok(()));
-        }
+        // Free when the caller reads into initialized memory, as the TLS layer does.
+        let dst = buf.initialize_unfilled();
+        let room = dst.len();
+        let n = ready!(poll_recv(tcp, cx, room, || {
+            Ok(rustix::net::recv(tcp, &mut *dst, RecvFlags::empty())?.0)
+        }))?;
+        buf.advance(n);
+        Poll::Ready(Ok(()))
     }
 }
 
