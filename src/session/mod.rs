@@ -878,9 +878,6 @@ impl Session {
                 self.ctx.metrics.client_error(ClientErrorReason::Auth);
                 return self.reply_local(Bytes::from_static(NOAUTH));
             }
-            if self.multi_lost && matches!(kind, Kind::Other | Kind::Blocking) {
-                return self.reply_local(Bytes::from_static(b"+QUEUED\r\n"));
-            }
             kind
         } else {
             kind
@@ -895,7 +892,7 @@ impl Session {
             // Redis refuses it before anything else, and nothing changes (inside MULTI it is
             // answered at once, and EXEC will abort the transaction).
             return if self.in_multi && !self.multi_lost {
-                self.forward_answered_at_once(frame).await
+                self.forward_answered_at_once(frame, relay_one).await
             } else {
                 self.forward(frame, relay_one).await
             };
@@ -984,7 +981,7 @@ impl Session {
                     self.multi_base = self.replies.asked();
                 } else if self.in_multi {
                     // Refused at once ("can not be nested").
-                    self.forward_answered_at_once(frame).await;
+                    self.forward_answered_at_once(frame, relay_one).await;
                 } else {
                     self.forward(frame, relay_one).await;
                 }
@@ -1010,7 +1007,7 @@ impl Session {
             {
                 if self.in_multi && kind == Kind::Watch {
                     // Refused at once ("inside MULTI is not allowed"); UNWATCH is queued.
-                    self.forward_answered_at_once(frame).await;
+                    self.forward_answered_at_once(frame, relay_one).await;
                 } else {
                     self.forward(frame, relay_one).await;
                 }
@@ -1094,9 +1091,9 @@ impl Session {
     /// Forwards a command that Redis answers at once inside MULTI instead of queueing it: it
     /// takes no place in EXEC's array, so the positions of the commands after it count from
     /// one later.
-    async fn forward_answered_at_once(&mut self, frame: &[u8]) {
+    async fn forward_answered_at_once(&mut self, frame: &[u8], expect: Expect) {
         let asked = self.replies.asked();
-        self.forward(frame, Expect::Relay(1)).await;
+        self.forward(frame, expect).await;
         self.multi_base += self.replies.asked() - asked;
     }
 
@@ -1120,9 +1117,9 @@ impl Session {
     /// subscribed RESP2 connection's refusal) comes first here too.
     async fn handle_auth(&mut self, args: &[&[u8]], frame: &[u8]) {
         if args.len() < 2 {
-            if self.in_multi && !self.multi_lost {
+            if self.in_multi {
                 // Redis refuses it at once and aborts the transaction: let it (no secret in it).
-                return self.forward_answered_at_once(frame).await;
+                return self.forward_answered_at_once(frame, Expect::Relay(1)).await;
             }
             return self
                 .reply_after_pushes(Bytes::from_static(AUTH_ARITY))
@@ -1138,10 +1135,6 @@ impl Session {
             [_, user, pass] => self.check_client_auth(user, pass),
             _ => Err(SYNTAX_ERROR),
         };
-        if self.multi_lost {
-            // The transaction is lost already (its EXEC answers nil): queue it, as on Redis.
-            return self.reply_local(Bytes::from_static(b"+QUEUED\r\n"));
-        }
         match (self.in_multi, outcome) {
             (false, Ok(())) => {
                 self.authenticated = true;
@@ -1171,21 +1164,17 @@ impl Session {
     /// while queueing: an argument-less AUTH goes in its place, which Redis refuses for its
     /// argument count (its reply is swallowed), so EXEC answers EXECABORT.
     async fn refuse_in_multi(&mut self, error: Bytes) {
-        if self.multi_lost {
-            // Lost with its connection: EXEC answers nil whatever comes.
-            return self.reply_local(error);
-        }
+        // Connected first: a failure to connect answers the client itself.
         if let Err(reply) = self.upstream_for_command().await {
             return self.reply_local(reply);
         }
-        let asked = self.replies.asked();
         let swallowed = Expect::Tracked {
             action: Action::None,
             relay: false,
             blocking: false,
         };
-        self.forward(AUTH_WITHOUT_ARGUMENTS, swallowed).await;
-        self.multi_base += self.replies.asked() - asked;
+        self.forward_answered_at_once(AUTH_WITHOUT_ARGUMENTS, swallowed)
+            .await;
         self.reply_local(error);
     }
 
