@@ -10,70 +10,15 @@
 // CONTROL_DIR/progress about every 200 ms (via progress.tmp + rename).
 // Prints "PASS node-redis ... rotation: stats" and exits 0, or "FAIL node-redis ...: reason" and exits 1.
 
-const fs = require('fs');
-const path = require('path');
-const crypto = require('crypto');
 const { createClient } = require('redis');
 const { version } = require('redis/package.json');
+const common = require('./rotation_common');
 
-const DEADLINE_MS = 240_000;
-const DRAIN_MS = 10_000;
-
-// ---------------------------------------------------------------------------------------------
-// Arguments, verdict, control directory.
-
-const [addr, protocolArg, controlDir] = process.argv.slice(2);
-if (!addr || !protocolArg || !controlDir) {
-  console.error(`usage: node ${process.argv[1]} HOST:PORT PROTOCOL(2|3) CONTROL_DIR`);
-  process.exit(2);
-}
-const colon = addr.lastIndexOf(':');
-const host = addr.slice(0, colon).replace(/^\[|\]$/g, '');
-const port = Number(addr.slice(colon + 1));
-const protocol = Number(protocolArg);
-const password = process.env.CLIENT_PASSWORD || 'client-side-password';
-const label = `node-redis ${version} resp${protocol}`;
-const prefix = `rot:${crypto.randomBytes(6).toString('hex')}`;
-
-const stats = { ops: 0, kv: 0, pipeline: 0, tx: 0, messages: 0, duplicates: 0, jobs: 0, connections: 0 };
-let stopping = false; // the stop file was seen: workers finish their round and return
-let finished = false; // a verdict was printed
-
-function fail(reason, err) {
-  if (finished) return;
-  finished = true;
-  if (err && err.stack) console.error(err.stack);
-  else console.error(`failure: ${reason}`);
-  try {
-    writeProgress();
-  } catch (_) {
-    // best effort
-  }
-  console.log(`FAIL ${label}: ${reason}`);
-  process.exit(1);
-}
-
-function check(cond, what) {
-  if (!cond) throw new Error(`check failed: ${what}`);
-}
-
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-const show = (v) => JSON.stringify(v);
-
-function writeProgress() {
-  const tmp = path.join(controlDir, 'progress.tmp');
-  fs.writeFileSync(tmp, String(stats.ops));
-  fs.renameSync(tmp, path.join(controlDir, 'progress'));
-}
-
-process.on('unhandledRejection', (e) => fail(`unhandled rejection: ${e && e.message ? e.message : e}`, e));
-process.on('uncaughtException', (e) => fail(`uncaught exception: ${e && e.message ? e.message : e}`, e));
-setTimeout(() => fail(`overall deadline of ${DEADLINE_MS / 1000}s passed`), DEADLINE_MS).unref();
+const run = common.start('node-redis', version);
+const { host, port, protocol, password, prefix, stats, clients, fail, check, sleep, show, DRAIN_MS } = run;
 
 // ---------------------------------------------------------------------------------------------
 // Clients: one connection each, never reconnecting, never queueing while offline.
-
-const clients = [];
 
 async function client(name) {
   const c = createClient({
@@ -112,7 +57,7 @@ async function kvWorker() {
   const counter = `${prefix}:counter`;
   let expected = 0;
   return async () => {
-    for (let i = 0; !stopping; i++) {
+    for (let i = 0; !run.stopping; i++) {
       const key = `${prefix}:kv:${i % 100}`;
       const set = await c.set(key, String(i));
       check(set === 'OK', `kv: SET ${key} answered ${show(set)}`);
@@ -131,7 +76,7 @@ async function pipelineWorker() {
   const c = await client('pipeline');
   const keys = Array.from({ length: 20 }, (_, j) => `${prefix}:pl:${j}`);
   return async () => {
-    for (let round = 1; !stopping; round++) {
+    for (let round = 1; !run.stopping; round++) {
       const value = String(round);
       const pipe = c.multi(); // executed as a plain pipeline, no MULTI/EXEC
       for (const k of keys) pipe.set(k, value);
@@ -156,7 +101,7 @@ async function txWorker() {
   const key = `${prefix}:tx`;
   let previous = 0;
   return async () => {
-    while (!stopping) {
+    while (!run.stopping) {
       const watched = await c.watch(key);
       check(watched === 'OK', `tx: WATCH answered ${show(watched)}`);
       // An aborted EXEC (nil reply) rejects with a WatchError.
@@ -183,7 +128,7 @@ async function pubsubWorker() {
   const pub = await client('publisher');
 
   function onMessage(kind, ch, message) {
-    if (finished) return;
+    if (run.finished) return;
     if (!(ch in received)) return fail(`pubsub: ${kind} on unexpected channel ${show(ch)}: ${show(message)}`);
     const n = Number(message);
     const last = received[ch];
@@ -206,7 +151,7 @@ async function pubsubWorker() {
   check(sub.isPubSubActive, 'pubsub: subscriber not in pub/sub mode after SUBSCRIBE/PSUBSCRIBE');
 
   return async () => {
-    for (let i = 0; !stopping; i++) {
+    for (let i = 0; !run.stopping; i++) {
       const ch = i % 2 === 0 ? channel : patChannel;
       const n = published[ch] + 1;
       const receivers = await pub.publish(ch, String(n));
@@ -262,7 +207,7 @@ async function blockingWorker() {
     const consuming = consume();
     consuming.catch((e) => fail(e && e.message ? e.message : String(e), e)); // fail at once
     try {
-      while (!stopping) {
+      while (!run.stopping) {
         const n = pushed + 1;
         const len = await producer.rPush(key, String(n));
         check(Number.isInteger(len) && len >= 1, `blocking: RPUSH ${n} answered ${show(len)}`);
@@ -292,45 +237,9 @@ async function blockingWorker() {
 // ---------------------------------------------------------------------------------------------
 // Main.
 
-async function main() {
-  fs.mkdirSync(controlDir, { recursive: true });
-  const stopFile = path.join(controlDir, 'stop');
-  writeProgress();
-  const progressTimer = setInterval(writeProgress, 200);
-  const stopTimer = setInterval(() => {
-    if (!stopping && fs.existsSync(stopFile)) stopping = true;
-  }, 50);
-
-  // Connect every client and set up subscriptions before any worker runs.
-  const workers = await Promise.all([
-    kvWorker(),
-    pipelineWorker(),
-    txWorker(),
-    pubsubWorker(),
-    blockingWorker(),
-  ]);
-  const created = clients.length;
-  await Promise.all(workers.map((w) => w()));
-  clearInterval(stopTimer);
-  clearInterval(progressTimer);
-  writeProgress();
-  check(stats.connections === created, `${stats.connections} connections opened for ${created} clients`);
-
-  // Tidy up this run's keys, then close every connection on purpose.
-  const tidy = clients[0];
-  const keys = [`${prefix}:counter`, `${prefix}:tx`, `${prefix}:jobs`];
-  for (let i = 0; i < 100; i++) keys.push(`${prefix}:kv:${i}`);
-  for (let j = 0; j < 20; j++) keys.push(`${prefix}:pl:${j}`);
-  await tidy.del(keys);
-  for (const c of clients) c.closingOnPurpose = true;
-  await Promise.all(clients.map((c) => c.close()));
-
-  finished = true;
-  const line = Object.entries(stats)
-    .map(([k, v]) => `${k}=${v}`)
-    .join(' ');
-  console.log(`PASS ${label} rotation: ${line}`);
-  process.exit(0);
-}
-
-main().catch((e) => fail(e && e.message ? e.message : String(e), e));
+run
+  .main([kvWorker, pipelineWorker, txWorker, pubsubWorker, blockingWorker], {
+    tidy: (c, keys) => c.del(keys),
+    close: (c) => c.close(),
+  })
+  .catch((e) => fail(e && e.message ? e.message : String(e), e));
