@@ -88,6 +88,8 @@ pub enum ClientErrorReason {
     UpstreamUnavailable,
     UpstreamLost,
     Limit,
+    /// An HTTP request (`POST`, `Host:`) where commands were expected: the client was closed.
+    HttpRequest,
 }
 
 impl ClientErrorReason {
@@ -99,6 +101,7 @@ impl ClientErrorReason {
             ClientErrorReason::UpstreamUnavailable => "upstream_unavailable",
             ClientErrorReason::UpstreamLost => "upstream_lost",
             ClientErrorReason::Limit => "limit",
+            ClientErrorReason::HttpRequest => "http_request",
         }
     }
 }

@@ -359,6 +359,96 @@ fn malformed_input_closes_only_that_client() {
     env.assert_no_secret_leaked();
 }
 
+/// A web page can make a browser send an HTTP request to the proxy's port (client auth `none`
+/// on loopback is the sidecar default) with Redis commands in its body. Redis closes a
+/// connection at its `POST` or `Host:` line; the proxy must too, before forwarding anything
+/// of it. (It used to forward them: Redis closed that upstream connection, the session moved
+/// to a fresh one, and the commands of a body that came in a later packet ran there.)
+#[test]
+fn http_requests_are_cut_off_before_any_of_them_reaches_redis() {
+    let env = Env::start();
+    let mut monitor = env.redis.admin_conn();
+    monitor.cmd(&["MONITOR"]).assert_ok();
+    let mut bystander = env.conn();
+    bystander.cmd(&["SET", "b", "1"]).assert_ok();
+
+    // The headers first, the body later: what a browser's POST may look like on the wire.
+    let mut browser = env.conn();
+    browser.send_raw(
+        b"POST / HTTP/1.1\r\nHost: 127.0.0.1:6380\r\nContent-Type: text/plain\r\n\
+          Content-Length: 26\r\n\r\n",
+    );
+    let replies = browser.expect_closed(Duration::from_secs(10));
+    assert!(replies.is_empty(), "Redis answers nothing: {replies:?}");
+    // Whether or not the write still gets through, nothing of it may run.
+    let _ = browser.try_send_raw(b"SET pwned 1\r\nSET pwned2 1\r\n");
+
+    // `Host:` in any case and as a multibulk command, and a `GET / HTTP/1.1` line before it
+    // (a browser's GET: an ordinary command to Redis, which refuses it for its arguments).
+    // What was asked before the request is answered, then the connection closes.
+    let cases: [&[u8]; 3] = [
+        b"PING\r\nGET / HTTP/1.1\r\nhOsT: 127.0.0.1\r\n\r\nSET pwned 1\r\n",
+        b"*1\r\n$4\r\nPING\r\n*2\r\n$5\r\nHOST:\r\n$1\r\nx\r\n*3\r\n$3\r\nSET\r\n$5\r\npwned\r\n$1\r\n1\r\n",
+        b"PING\r\n*1\r\n$4\r\npost\r\nSET pwned 1\r\n",
+    ];
+    for (i, request) in cases.iter().enumerate() {
+        let mut c = env.conn();
+        c.send_raw(request);
+        let replies = c.expect_closed(Duration::from_secs(10));
+        assert_eq!(
+            replies.first(),
+            Some(&Frame::Simple("PONG".into())),
+            "case {i}: {replies:?}"
+        );
+        if i == 0 {
+            assert!(
+                matches!(&replies[1..], [Frame::Error(e)] if e.contains("wrong number of arguments")),
+                "case {i}: {replies:?}"
+            );
+        } else {
+            assert_eq!(replies.len(), 1, "case {i}: {replies:?}");
+        }
+    }
+
+    bystander.cmd(&["SET", "done", "1"]).assert_ok();
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !seen.iter().any(|l: &String| l.contains("\"done\"")) {
+        assert!(Instant::now() < deadline, "MONITOR showed: {seen:#?}");
+        seen.push(
+            monitor
+                .read_reply()
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        );
+    }
+    for line in &seen {
+        let lower = line.to_ascii_lowercase();
+        assert!(
+            !lower.contains("\"post\"") && !lower.contains("\"host:\"") && !lower.contains("pwned"),
+            "reached Redis: {line}"
+        );
+    }
+    let mut admin = env.redis.admin_conn();
+    admin.cmd(&["EXISTS", "pwned", "pwned2"]).assert_int(0);
+    // Redis did not see an attack on its own connections: none of them was closed for it.
+    assert!(
+        !env.redis.log().contains("SECURITY ATTACK"),
+        "{}",
+        env.redis.log()
+    );
+    assert_eq!(
+        env.proxy
+            .metric("rotaproxy_client_errors_total{reason=\"http_request\"}"),
+        Some(4.0)
+    );
+    env.proxy
+        .wait_for_log("possible cross-protocol attack", Duration::from_secs(10));
+    bystander.cmd(&["GET", "b"]).assert_bulk("1");
+    env.assert_no_secret_leaked();
+}
+
 #[test]
 fn client_reply_off_and_skip_drop_exactly_the_replies_asked_for() {
     let env = Env::start();
@@ -492,9 +582,36 @@ fn client_passwords_with_overlap() {
     c4.send_cmd(&args);
     let replies = c4.expect_closed(Duration::from_secs(10));
     assert!(
-        matches!(&replies[..], [Frame::Error(e)] if e.contains("unauthenticated")),
+        matches!(&replies[..], [Frame::Error(e)] if e.contains("unauthenticated multibulk length")),
         "{replies:?}"
     );
+    // Nor long arguments (over 16 KiB), nor an AUTH of either kind: Redis refuses them as it
+    // reads their headers, before it buffers them.
+    let long = "x".repeat(16 * 1024 + 1);
+    let auth_of_eleven: Vec<&str> = std::iter::once("AUTH")
+        .chain(std::iter::repeat_n("x", 10))
+        .collect();
+    let refused: [(&[&str], &str); 3] = [
+        (&auth_of_eleven, "unauthenticated multibulk length"),
+        (&["GET", &long], "unauthenticated bulk length"),
+        (&["AUTH", "default", &long], "unauthenticated bulk length"),
+    ];
+    for (args, error) in refused {
+        let mut c = proxy.conn();
+        c.send_cmd(args);
+        let replies = c.expect_closed(Duration::from_secs(10));
+        assert!(
+            matches!(&replies[..], [Frame::Error(e)] if *e == format!("ERR Protocol error: {error}")),
+            "{} args: {replies:?}",
+            args.len()
+        );
+    }
+    // Up to the limit it is only NOAUTH, and once authenticated the limit is gone.
+    let mut c5 = proxy.conn();
+    c5.cmd(&["GET", &long[1..]]).assert_error("NOAUTH");
+    c5.cmd(&["AUTH", "old-client-pw"]).assert_ok();
+    c5.cmd(&["SET", "long", &long]).assert_ok();
+    c5.cmd(&["STRLEN", "long"]).assert_int(long.len() as i64);
     assert_no_secret_in_logs(
         &proxy,
         &[&password, "old-client-pw", "new-client-pw", "svc-client-pw"],

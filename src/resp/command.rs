@@ -107,6 +107,9 @@ pub enum Kind {
     Blocking,
     /// Blocks only with a BLOCK option (XREAD, XREADGROUP): needs its arguments.
     MaybeBlocking,
+    /// `POST` or `Host:`: a line of an HTTP request, not a command. Redis closes a connection
+    /// that sends one (its defence against cross-protocol scripting), and so does the proxy.
+    HttpRequest,
 }
 
 impl Kind {
@@ -147,6 +150,7 @@ impl Kind {
                 | Kind::Monitor
                 | Kind::Readonly
                 | Kind::Readwrite
+                | Kind::HttpRequest
         )
     }
 }
@@ -161,6 +165,7 @@ pub fn classify(name: &[u8]) -> Kind {
             (b"QUIT", Quit),
             (b"EXEC", Exec),
             (b"WAIT", Blocking),
+            (b"POST", HttpRequest),
         ],
         5 => &[
             (b"HELLO", Hello),
@@ -170,6 +175,7 @@ pub fn classify(name: &[u8]) -> Kind {
             (b"BLPOP", Blocking),
             (b"BRPOP", Blocking),
             (b"XREAD", MaybeBlocking),
+            (b"HOST:", HttpRequest),
         ],
         6 => &[
             (b"SELECT", Select),

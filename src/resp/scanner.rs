@@ -86,6 +86,9 @@ pub enum ScanError {
     /// A `$`/`!`/`=`/`;` length that does not parse, is negative (other than a null), or exceeds `max_bulk_len`.
     #[error("invalid bulk length")]
     InvalidBulkLength,
+    /// A request argument longer than Redis takes from a client that has not authenticated.
+    #[error("unauthenticated bulk length")]
+    UnauthenticatedBulkLength,
     /// A request argument that does not start with `$`.
     #[error("expected '$', got '{}'", ShownByte(*.0))]
     ExpectedBulk(u8),
@@ -230,11 +233,17 @@ pub struct Scanner {
     /// Every header of one or two digits is within the limits (true for any sensible limits),
     /// so the fast lanes may take such headers without checking them against the limits.
     small_headers_fit: bool,
+    /// Requests come from a client that has not authenticated (see `set_unauthenticated`).
+    unauthenticated: bool,
 }
 
 /// Bytes after a nested push's header read to learn its kind: a bulk header and the longest
 /// kind `reply::push_is_message` looks at.
 const LONGEST_KIND_LOOK: usize = 5 + reply::MAX_KIND_LEN + 2;
+
+/// The longest request argument Redis reads from a client that has not authenticated (a
+/// guard against unauthenticated clients making it buffer much).
+const UNAUTHENTICATED_MAX_BULK: i64 = 16 * 1024;
 
 /// Length of the longest header fast-path digit run: any 18-digit number fits an i64.
 const FAST_DIGITS: usize = 18;
@@ -257,7 +266,14 @@ impl Scanner {
             #[cfg(test)]
             examined: 0,
             error: None,
+            unauthenticated: false,
         }
+    }
+
+    /// Holds requests to Redis's limit for clients that have not authenticated: an argument
+    /// over 16 KiB is a protocol error (`unauthenticated bulk length`).
+    pub fn set_unauthenticated(&mut self, unauthenticated: bool) {
+        self.unauthenticated = unauthenticated;
     }
 
     /// Scans `buf`, which starts at the first byte not yet consumed. Stops right after a top-level frame
@@ -551,10 +567,11 @@ impl Scanner {
         self.note_examined(n);
     }
 
-    /// Fast lanes start only between frames, with no partial line remembered.
+    /// Fast lanes start only between frames, with no partial line remembered, and not for an
+    /// unauthenticated client (they do not apply its tighter limit).
     #[inline(always)]
     fn fast_lane_open(&self) -> bool {
-        self.carry == 0 && self.error.is_none() && self.at_frame_start()
+        self.carry == 0 && self.error.is_none() && self.at_frame_start() && !self.unauthenticated
     }
 
     #[inline(always)]
@@ -713,6 +730,9 @@ impl Scanner {
                 carry = 0;
                 if n < 0 || n as u64 > max_bulk {
                     return Err(ScanError::InvalidBulkLength);
+                }
+                if self.unauthenticated && n > UNAUTHENTICATED_MAX_BULK {
+                    return Err(ScanError::UnauthenticatedBulkLength);
                 }
                 pos = next;
                 let rem = n as u64 + 2;
@@ -1610,6 +1630,37 @@ mod tests {
         let mut bulk = b"*1\r\n$".to_vec();
         bulk.extend(std::iter::repeat_n(b'1', 64 * 1024));
         assert_eq!(error(r, &bulk), TooBigBulkCount);
+    }
+
+    #[test]
+    fn unauthenticated_clients_get_redis_limit_on_arguments() {
+        let r = Direction::Request;
+        let request = |len: usize| {
+            let mut bytes = format!("*2\r\n$3\r\nGET\r\n${len}\r\n").into_bytes();
+            bytes.extend(std::iter::repeat_n(b'k', len));
+            bytes.extend_from_slice(b"\r\n");
+            bytes
+        };
+        let mut sc = Scanner::new(r, limits(r));
+        sc.set_unauthenticated(true);
+        let at_limit = request(16 * 1024);
+        assert_eq!(sc.scan(&at_limit), Ok(complete(at_limit.len())));
+        // The fast lane does not apply the limit, so it is closed to such a client.
+        assert_eq!(sc.peek_request_run(&at_limit, |_| true), (0, 0));
+        assert_eq!(
+            sc.scan(&request(16 * 1024 + 1)),
+            Err(ScanError::UnauthenticatedBulkLength)
+        );
+        // Once the client has authenticated, only the configured limit holds.
+        let mut sc = Scanner::new(r, limits(r));
+        sc.set_unauthenticated(true);
+        sc.set_unauthenticated(false);
+        let over = request(16 * 1024 + 1);
+        assert_eq!(sc.scan(&over), Ok(complete(over.len())));
+        assert_eq!(
+            ScanError::UnauthenticatedBulkLength.to_string(),
+            "unauthenticated bulk length"
+        );
     }
 
     #[test]

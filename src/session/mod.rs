@@ -312,7 +312,8 @@ pub struct Session {
 impl Session {
     pub fn new(ctx: Arc<SessionContext>, client: Stream, peer: SocketAddr) -> Self {
         let authenticated = !ctx.client_auth.required();
-        let request_scanner = Scanner::new(Direction::Request, ctx.request_limits);
+        let mut request_scanner = Scanner::new(Direction::Request, ctx.request_limits);
+        request_scanner.set_unauthenticated(!authenticated);
         let generation_changed = Box::pin(ctx.generations.changed());
         let shutdown = Box::pin(ctx.shutdown.clone().notified_owned());
         // A session accepted just as shutdown began finishes at once.
@@ -760,12 +761,17 @@ impl Session {
             });
             return true;
         };
+        // Redis refuses long commands from unauthenticated clients outright, AUTH among them,
+        // as it reads the count (the scanner refuses long arguments the same way).
+        if !self.authenticated && argc > 10 {
+            self.protocol_error("unauthenticated multibulk length");
+            return false;
+        }
+        if kind == Kind::HttpRequest {
+            self.close_on_http_request();
+            return false;
+        }
         if !self.authenticated && !matches!(kind, Kind::Auth | Kind::Hello | Kind::Quit) {
-            // Redis refuses long commands from unauthenticated clients outright.
-            if argc > 10 {
-                self.protocol_error("unauthenticated multibulk length");
-                return false;
-            }
             self.ctx.metrics.client_error(ClientErrorReason::Auth);
             self.set_mode_held_or_discarded(RequestMode::Discard(Some(Bytes::from_static(NOAUTH))));
             return true;
@@ -874,6 +880,9 @@ impl Session {
         };
         let kind = if inline {
             let kind = command::classify(name);
+            if kind == Kind::HttpRequest {
+                return self.close_on_http_request();
+            }
             if !self.authenticated && !matches!(kind, Kind::Auth | Kind::Hello | Kind::Quit) {
                 self.ctx.metrics.client_error(ClientErrorReason::Auth);
                 return self.reply_local(Bytes::from_static(NOAUTH));
@@ -1085,6 +1094,8 @@ impl Session {
                 let expect = self.tracked(Action::Readonly(kind == Kind::Readonly));
                 self.forward(frame, expect).await
             }
+            // Caught as its head is read; never forwarded.
+            Kind::HttpRequest => self.close_on_http_request(),
         }
     }
 
@@ -1137,7 +1148,7 @@ impl Session {
         };
         match (self.in_multi, outcome) {
             (false, Ok(())) => {
-                self.authenticated = true;
+                self.set_authenticated(true);
                 self.reply_after_pushes(Bytes::from_static(b"+OK\r\n"))
                     .await;
             }
@@ -1219,7 +1230,7 @@ impl Session {
                 match option {
                     HelloOption::Auth { user, password } => {
                         match self.check_client_auth(user, password) {
-                            Ok(()) => self.authenticated = true,
+                            Ok(()) => self.set_authenticated(true),
                             Err(error) => {
                                 return self.reply_after_pushes(Bytes::from_static(error)).await;
                             }
@@ -1475,6 +1486,32 @@ impl Session {
         } else {
             self.replies.push(Expect::Local(reply));
         }
+    }
+
+    /// Records whether the client has authenticated. Until it has, the request scanner holds it
+    /// to Redis's limits for unauthenticated clients (no argument over 16 KiB).
+    fn set_authenticated(&mut self, authenticated: bool) {
+        self.authenticated = authenticated;
+        self.request_scanner.set_unauthenticated(!authenticated);
+    }
+
+    /// A request named `POST` or `Host:` is a line of an HTTP request: a web page may have made
+    /// a browser send one to the proxy's port, with Redis commands in its body. Redis closes
+    /// such a connection without an answer, logging a possible attack; so does the proxy, before
+    /// anything of the request goes upstream. (Forwarded, it would make Redis close the upstream
+    /// connection, the session would replace that as it replaces any lost connection, and the
+    /// commands in the body would run on the new one.) What was asked before it is answered.
+    fn close_on_http_request(&mut self) {
+        tracing::warn!(
+            peer = %self.peer,
+            "possible cross-protocol attack: the client sent an HTTP request (POST or Host:) \
+             instead of commands; connection closed"
+        );
+        self.ctx
+            .metrics
+            .client_error(ClientErrorReason::HttpRequest);
+        self.flush_forward();
+        self.closing = true;
     }
 
     /// Malformed input: a protocol error to this client, then the connection closes.
@@ -1942,7 +1979,7 @@ impl Session {
                 self.resume_input = true;
                 if ok {
                     // RESET logged the upstream connection out to the default user.
-                    self.authenticated = !self.ctx.client_auth.required();
+                    self.set_authenticated(!self.ctx.client_auth.required());
                     self.reauthenticate();
                 }
             }
