@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use metrics_exporter_prometheus::PrometheusHandle;
+use redis_protocol::resp2::types::OwnedFrame;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
@@ -14,6 +15,7 @@ use crate::config::{ClientAuthMode, Config};
 use crate::credentials::{Credential, Generation, Generations};
 use crate::metrics::Metrics;
 use crate::net::{RawTcp, Stream};
+use crate::resp::command_table::CommandTable;
 use crate::resp::scanner::ScanLimits;
 use crate::rotation::client_cert::{ClientCertParts, ClientCertRotation};
 use crate::rotation::{RotationHandle, RotationParts};
@@ -24,6 +26,7 @@ use crate::tls::UpstreamTls;
 use crate::tls_reload::{
     Publisher, Side, TlsStatus, UpstreamFilesParts, UpstreamTlsFiles, follow_listener,
 };
+use crate::upstream::connector;
 use crate::upstream::pool::Pool;
 use crate::watch::contents_digest;
 
@@ -181,7 +184,11 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
         },
         max_buffered: usize::try_from(limits.max_buffered_bytes.0).unwrap_or(usize::MAX),
         metrics: metrics.clone(),
+        command_table: std::sync::OnceLock::new(),
     });
+    if ctx.client_auth.required() {
+        tokio::spawn(load_command_table(ctx.clone()));
+    }
 
     let listener = TcpListener::bind(config.listener.bind)
         .await
@@ -303,6 +310,57 @@ fn follow_upstream_tls(
     })
     .context("cannot start client certificate rotation")?;
     Ok(Some(started))
+}
+
+/// Reads the server's command table once an upstream connection can be had, so unauthenticated
+/// clients hear of an unknown command or a wrong argument count before NOAUTH, as from Redis
+/// (see `resp::command_table`). Until then, and for good if the proxy's user may not run
+/// `COMMAND`, they get NOAUTH for every command.
+async fn load_command_table(ctx: Arc<SessionContext>) {
+    let mut backoff = std::time::Duration::from_millis(100);
+    loop {
+        let reply = match ctx.pool.checkout().await {
+            Ok(mut conn) => {
+                let reply =
+                    connector::command_table(&mut conn, std::time::Duration::from_secs(10)).await;
+                if reply.is_ok() {
+                    ctx.pool.checkin(conn);
+                }
+                reply.map_err(|e| e.to_string())
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        match reply {
+            Ok(OwnedFrame::Error(error)) => {
+                let code = error.split_whitespace().next().unwrap_or("ERR");
+                tracing::warn!(
+                    code,
+                    "the server refused COMMAND: unauthenticated clients get NOAUTH for every command, \
+                     also where Redis would name an unknown command or a wrong argument count"
+                );
+                return;
+            }
+            Ok(reply) => {
+                match CommandTable::from_reply(&reply) {
+                    Ok(table) => {
+                        tracing::debug!(commands = table.len(), "read the server's command table");
+                        let _ = ctx.command_table.set(table);
+                    }
+                    Err(error) => tracing::warn!(
+                        error,
+                        "cannot read the server's command table: unauthenticated clients get \
+                         NOAUTH for every command"
+                    ),
+                }
+                return;
+            }
+            Err(error) => {
+                tracing::debug!(error, "command table not read yet; trying again");
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(std::time::Duration::from_secs(30));
+    }
 }
 
 /// Answers a client over the limit the way Redis does, then closes.

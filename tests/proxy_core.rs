@@ -618,6 +618,149 @@ fn client_passwords_with_overlap() {
     );
 }
 
+/// Everything a connection receives until the peer closes it.
+fn bytes_until_closed(conn: &mut RespConn) -> Vec<u8> {
+    let mut all = Vec::new();
+    loop {
+        match conn.read_raw() {
+            Ok(bytes) if bytes.is_empty() => return all,
+            Ok(bytes) => all.extend(bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return all,
+            Err(e) => panic!("read: {e}; so far {:?}", String::from_utf8_lossy(&all)),
+        }
+    }
+}
+
+/// Redis judges a command's name and argument count before it asks for authentication, and
+/// runs RESET for anyone. The proxy answers unauthenticated clients itself, from the server's
+/// command table: byte for byte what the same server tells its own unauthenticated clients.
+#[test]
+fn unauthenticated_clients_are_answered_as_by_redis() {
+    let password = random_token(32);
+    let redis = RedisServer::start_with_user(APP_USER, &password);
+    let config = ProxyConfig::plain(&redis)
+        .credentials(Some(APP_USER), "env:TEST_UPSTREAM_PASSWORD")
+        .extra(
+            "[listener.auth]\nmode = \"password\"\n\
+             [[listener.auth.users]]\nusername = \"default\"\npassword = \"env:CLIENT_PW\"\n",
+        );
+    let proxy = Proxy::start(
+        &config.to_toml(),
+        &[
+            ("TEST_UPSTREAM_PASSWORD", password.as_str()),
+            ("CLIENT_PW", "client-pw"),
+        ],
+    );
+    // The server's own unauthenticated clients: its default user needs a password now.
+    let mut admin = redis.admin_conn();
+    admin
+        .cmd(&["ACL", "SETUSER", "default", "on", "resetpass", ">direct-pw"])
+        .assert_ok();
+    // The proxy reads the table in the background once it can reach the server.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let reply = proxy.conn().cmd(&["GET"]);
+        if matches!(&reply, Frame::Error(e) if e.contains("wrong number of arguments")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no command table: {reply:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let many = "abcdefghijklmnopqrstuvwxyz0123456789";
+    let long = "x".repeat(200);
+    let requests: Vec<Vec<u8>> = vec![
+        b"GET\r\n".to_vec(),
+        encode_cmd(&["GET", "a", "b"]),
+        encode_cmd(&["GET", "k"]),
+        encode_cmd(&["PING"]),
+        encode_cmd(&["SET", "k", "v"]),
+        encode_cmd(&["nosuch", "a"]),
+        encode_cmd(&["nosuch"]),
+        encode_cmd(&["NoSuch", many, many, many, many, many]),
+        encode_cmd(&[&long, &long]),
+        b"*3\r\n$7\r\nFOO\0bar\r\n$3\r\na\0b\r\n$1\r\nc\r\n".to_vec(),
+        b"*2\r\n$5\r\nfo\r\no\r\n$3\r\na\nb\r\n".to_vec(),
+        b"nosuch a 'b c'\r\n".to_vec(),
+        encode_cmd(&["CLIENT"]),
+        encode_cmd(&["client", "KILL"]),
+        encode_cmd(&["client", "nosuch"]),
+        encode_cmd(&["CLIENT", "ID"]),
+        encode_cmd(&["CONFIG", "get"]),
+        encode_cmd(&["OBJECT", "freq"]),
+        encode_cmd(&["MODULE", "LIST"]),
+        encode_cmd(&["RESET"]),
+        encode_cmd(&["reset", "x"]),
+        encode_cmd(&["AUTH"]),
+        encode_cmd(&["AUTH", "default", "wrong"]),
+        encode_cmd(&["SUBSCRIBE"]),
+        encode_cmd(&["SUBSCRIBE", "c"]),
+        encode_cmd(&["MULTI"]),
+        encode_cmd(&["EXEC"]),
+    ];
+    let mut all = Vec::new();
+    for request in &requests {
+        all.extend_from_slice(request);
+    }
+    let mut cases: Vec<Vec<u8>> = requests;
+    // All of them pipelined on one connection, then one that Redis closes the connection for.
+    cases.push(all.clone());
+    all.extend(encode_cmd(&["GET", &"k".repeat(16 * 1024 + 1)]));
+    cases.push(all);
+    for (i, request) in cases.iter().enumerate() {
+        let mut sides = [RespConn::connect(redis.addr()), proxy.conn()];
+        let [direct, proxied] = sides.each_mut().map(|conn| {
+            // The server may have closed the connection already (a protocol error).
+            let _ = conn.try_send_raw(request);
+            let _ = conn.try_send_raw(b"QUIT\r\n");
+            bytes_until_closed(conn)
+        });
+        assert_eq!(
+            String::from_utf8_lossy(&proxied),
+            String::from_utf8_lossy(&direct),
+            "case {i}: {:?}",
+            String::from_utf8_lossy(&request[..request.len().min(80)])
+        );
+    }
+    assert_no_secret_in_logs(&proxy, &[&password, "client-pw"]);
+}
+
+/// A proxy whose user may not run COMMAND has no table to judge by: it says so once, and its
+/// unauthenticated clients get NOAUTH for every command (RESET aside), as before.
+#[test]
+fn without_the_command_table_unauthenticated_clients_get_noauth() {
+    let password = random_token(32);
+    let redis = RedisServer::start_with_user(APP_USER, &password);
+    redis
+        .admin_conn()
+        .cmd(&["ACL", "SETUSER", APP_USER, "-command"])
+        .assert_ok();
+    let config = ProxyConfig::plain(&redis)
+        .credentials(Some(APP_USER), "env:TEST_UPSTREAM_PASSWORD")
+        .extra(
+            "[listener.auth]\nmode = \"password\"\n\
+             [[listener.auth.users]]\nusername = \"default\"\npassword = \"env:CLIENT_PW\"\n",
+        );
+    let proxy = Proxy::start(
+        &config.to_toml(),
+        &[
+            ("TEST_UPSTREAM_PASSWORD", password.as_str()),
+            ("CLIENT_PW", "client-pw"),
+        ],
+    );
+    let line = proxy.wait_for_log("the server refused COMMAND", Duration::from_secs(30));
+    assert!(line.contains("NOPERM"), "{line}");
+    let mut c = proxy.conn();
+    c.cmd(&["GET"]).assert_error("NOAUTH");
+    c.cmd(&["NOSUCH", "a"]).assert_error("NOAUTH");
+    c.cmd(&["EXEC"])
+        .assert_error("EXECABORT Transaction discarded because of: NOAUTH");
+    c.cmd(&["RESET"]).assert_simple("RESET");
+    c.cmd(&["AUTH", "client-pw"]).assert_ok();
+    c.cmd(&["GET", "k"]).assert_null();
+    assert_no_secret_in_logs(&proxy, &[&password, "client-pw"]);
+}
+
 #[test]
 fn hello_and_auth_are_judged_in_redis_order_and_client_passwords_stay_in_the_proxy() {
     let password = random_token(32);

@@ -1,8 +1,10 @@
 //! RESP wire handling: finding frame boundaries without building values ([`scanner`]), reading
 //! the few command names and arguments the proxy must understand ([`command`]) and the little it
-//! reads inside replies ([`reply`]).
+//! reads inside replies ([`reply`]), and the server's command table ([`command_table`]), by
+//! which it answers unauthenticated clients as Redis would.
 
 pub mod command;
+pub mod command_table;
 pub mod reply;
 pub mod scanner;
 

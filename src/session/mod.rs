@@ -38,6 +38,7 @@ use crate::credentials::{Generation, Generations};
 use crate::metrics::{ClientErrorReason, Metrics, SessionTraffic};
 use crate::net::Stream;
 use crate::resp::command::{self, Head, Kind, Peek};
+use crate::resp::command_table::CommandTable;
 use crate::resp::reply::{self, ExecOutcomes, PushKind, SubClass, SubKind};
 use crate::resp::scanner::{Direction, ScanLimits, Scanner};
 use crate::upstream::connector::UpstreamConn;
@@ -118,6 +119,10 @@ pub struct SessionContext {
     /// Most bytes of one command the proxy holds while it must read the command whole.
     pub max_buffered: usize,
     pub metrics: Metrics,
+    /// The server's command table, once read (only when clients must authenticate): how the
+    /// proxy tells an unauthenticated client of an unknown command or a wrong argument count
+    /// before asking it to authenticate, as Redis does.
+    pub command_table: std::sync::OnceLock<CommandTable>,
 }
 
 impl SessionContext {
@@ -771,19 +776,16 @@ impl Session {
             self.close_on_http_request();
             return false;
         }
-        if !self.authenticated && !matches!(kind, Kind::Auth | Kind::Hello | Kind::Quit) {
-            self.ctx.metrics.client_error(ClientErrorReason::Auth);
-            self.set_mode_held_or_discarded(RequestMode::Discard(Some(Bytes::from_static(NOAUTH))));
-            return true;
-        }
-        if self.multi_lost && matches!(kind, Kind::Other | Kind::Blocking) {
+        if self.authenticated && self.multi_lost && matches!(kind, Kind::Other | Kind::Blocking) {
             self.set_mode_held_or_discarded(RequestMode::Discard(Some(Bytes::from_static(
                 b"+QUEUED\r\n",
             ))));
             return true;
         }
-        // Blocking commands are held too (they are short): a drain may need to send them again.
-        if kind != Kind::Other {
+        // Held whole: the commands the proxy reads, blocking ones (short; a drain may need to
+        // send them again), and every command of a client that has not authenticated (judged by
+        // `answer_unauthenticated`; at most 10 arguments of at most 16 KiB).
+        if !self.authenticated || kind != Kind::Other {
             self.set_mode_held_or_discarded(RequestMode::Buffer {
                 kind,
                 inline: false,
@@ -879,19 +881,49 @@ impl Session {
             return;
         };
         let kind = if inline {
-            let kind = command::classify(name);
-            if kind == Kind::HttpRequest {
-                return self.close_on_http_request();
-            }
-            if !self.authenticated && !matches!(kind, Kind::Auth | Kind::Hello | Kind::Quit) {
-                self.ctx.metrics.client_error(ClientErrorReason::Auth);
-                return self.reply_local(Bytes::from_static(NOAUTH));
-            }
-            kind
+            command::classify(name)
         } else {
             kind
         };
+        if kind == Kind::HttpRequest {
+            return self.close_on_http_request();
+        }
+        if !self.authenticated && !matches!(kind, Kind::Auth | Kind::Hello | Kind::Quit) {
+            return self.answer_unauthenticated(kind, &args);
+        }
         self.handle_command(kind, &args, &frame).await;
+    }
+
+    /// Answers a command (other than AUTH, HELLO and QUIT) from a client that has not
+    /// authenticated, in Redis's order: an unknown command or subcommand, or a wrong number
+    /// of arguments, as the server's command table has them (once read); then `RESET`, which
+    /// Redis runs for anyone (the client stays unauthenticated, and has no state to reset);
+    /// then `NOAUTH`. Nothing goes upstream.
+    ///
+    /// EXEC's refusals take Redis's `EXECABORT` form; `DISCARD` and the rest keep theirs.
+    fn answer_unauthenticated(&mut self, kind: Kind, args: &[&[u8]]) {
+        let refusal = self.ctx.command_table.get().and_then(|t| t.refusal(args));
+        let error = match refusal {
+            Some(error) => error,
+            None if kind == Kind::Reset && kind.argument_count_fits(args.len()) => {
+                return self.reply_local(Bytes::from_static(b"+RESET\r\n"));
+            }
+            None => NOAUTH[1..NOAUTH.len() - 2].to_vec(),
+        };
+        // Redis words any refusal of EXEC as the end of a transaction.
+        let line = if kind == Kind::Exec {
+            let reason = error.strip_prefix(b"ERR ").unwrap_or(&error);
+            [
+                &b"-EXECABORT Transaction discarded because of: "[..],
+                reason,
+                b"\r\n",
+            ]
+            .concat()
+        } else {
+            [&b"-"[..], &error, b"\r\n"].concat()
+        };
+        self.ctx.metrics.client_error(ClientErrorReason::Auth);
+        self.reply_local(line.into());
     }
 
     /// Handles a command the proxy must understand. `frame` is the request as the client sent it.

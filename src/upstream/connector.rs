@@ -263,6 +263,26 @@ pub async fn run_command(
         .map_err(|_| ConnectError::AuthTimeout { after: within })?
 }
 
+/// Reads the server's command table (`COMMAND`, about 90 KB on Redis 7.0) on a RESP2
+/// connection the proxy uses for itself.
+pub async fn command_table(
+    conn: &mut UpstreamConn,
+    within: Duration,
+) -> Result<OwnedFrame, ConnectError> {
+    let run = async {
+        conn.stream
+            .write_all(&command::encode(&[&b"COMMAND"[..]]))
+            .await
+            .map_err(ConnectError::Closed)?;
+        conn.stream.flush().await.map_err(ConnectError::Closed)?;
+        let mut buf = BytesMut::with_capacity(128 * 1024);
+        read_reply_up_to(&mut conn.stream, &mut buf, COMMAND_TABLE_MAX).await
+    };
+    timeout(within, run)
+        .await
+        .map_err(|_| ConnectError::AuthTimeout { after: within })?
+}
+
 /// Sends PING on an idle RESP2 connection and checks the answer.
 pub async fn ping(conn: &mut UpstreamConn, within: Duration) -> Result<(), ConnectError> {
     let check = async {
@@ -282,8 +302,22 @@ pub async fn ping(conn: &mut UpstreamConn, within: Duration) -> Result<(), Conne
         .map_err(|_| ConnectError::AuthTimeout { after: within })?
 }
 
+/// Largest handshake, health-check or control reply read.
+const SMALL_REPLY_MAX: usize = 64 * 1024;
+/// Largest command table read: room for many modules' commands.
+const COMMAND_TABLE_MAX: usize = 8 * 1024 * 1024;
+
 /// Reads exactly one RESP2 reply. Only used off the hot path (handshakes, health checks).
 async fn read_reply(stream: &mut Stream, buf: &mut BytesMut) -> Result<OwnedFrame, ConnectError> {
+    read_reply_up_to(stream, buf, SMALL_REPLY_MAX).await
+}
+
+/// Reads exactly one RESP2 reply of at most about `max` bytes.
+async fn read_reply_up_to(
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+    max: usize,
+) -> Result<OwnedFrame, ConnectError> {
     loop {
         match redis_protocol::resp2::decode::decode(buf) {
             Ok(Some((frame, used))) => {
@@ -293,8 +327,10 @@ async fn read_reply(stream: &mut Stream, buf: &mut BytesMut) -> Result<OwnedFram
             Ok(None) => {}
             Err(e) => return Err(ConnectError::Protocol(e.to_string())),
         }
-        if buf.len() > 64 * 1024 {
-            return Err(ConnectError::Protocol("handshake reply too large".into()));
+        if buf.len() > max {
+            return Err(ConnectError::Protocol(format!(
+                "reply larger than {max} bytes"
+            )));
         }
         let n = stream.read_buf(buf).await.map_err(ConnectError::Closed)?;
         if n == 0 {
