@@ -90,6 +90,9 @@ pub enum ClientErrorReason {
     Limit,
     /// An HTTP request (`POST`, `Host:`) where commands were expected: the client was closed.
     HttpRequest,
+    /// A subscriber whose upstream connection closed while it was not keeping up: the client
+    /// was closed, as Redis closes a subscriber past its output buffer limit.
+    SlowConsumer,
 }
 
 impl ClientErrorReason {
@@ -102,6 +105,7 @@ impl ClientErrorReason {
             ClientErrorReason::UpstreamLost => "upstream_lost",
             ClientErrorReason::Limit => "limit",
             ClientErrorReason::HttpRequest => "http_request",
+            ClientErrorReason::SlowConsumer => "slow_consumer",
         }
     }
 }

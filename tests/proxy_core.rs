@@ -210,6 +210,80 @@ fn pubsub_resp2_channels_patterns_and_shards() {
     env.assert_no_secret_leaked();
 }
 
+/// Redis closes a subscriber that cannot keep up once its output buffer passes
+/// `client-output-buffer-limit pubsub`, and the disconnect tells the client it lost messages.
+/// Through the proxy the connection Redis closes is the proxy's: subscribing again on a new one
+/// would hide the loss (it did: the client stayed connected, thousands of messages short). The
+/// client must see what it sees from Redis: messages in order, none missing between them, then
+/// the end of the connection.
+#[test]
+fn a_subscriber_too_slow_for_redis_is_closed_as_redis_closes_it() {
+    let env = Env::start();
+    let mut admin = env.redis.admin_conn();
+    admin
+        .cmd(&[
+            "CONFIG",
+            "SET",
+            "client-output-buffer-limit",
+            "pubsub 256kb 0 0",
+        ])
+        .assert_ok();
+    // The same subscriber straight on Redis (its default user needs no password here).
+    let mut subscribers = [RespConn::connect(env.redis.addr()), env.conn()];
+    for sub in &mut subscribers {
+        sub.cmd(&["SUBSCRIBE", "slow"]).assert_not_error();
+    }
+    // Neither reads while messages pile up. Publish until Redis has closed both connections
+    // it writes them to (PUBLISH counts the receivers): how much that takes depends on the
+    // socket buffers between Redis and each reader.
+    let payload = "p".repeat(1024);
+    let (mut sent, batch) = (0usize, 500);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        assert!(
+            sent < 400_000 && Instant::now() < deadline,
+            "Redis still delivers after {sent} messages"
+        );
+        for id in sent..sent + batch {
+            admin.send_cmd(&["PUBLISH", "slow", &format!("{id:08}{payload}")]);
+        }
+        let receivers = admin.read_replies(batch);
+        sent += batch;
+        if receivers.last() == Some(&Frame::Integer(0)) {
+            break;
+        }
+    }
+    for (side, sub) in ["direct", "proxied"].iter().zip(&mut subscribers) {
+        // Every message in order from the first, then the end of the connection.
+        sub.set_read_timeout(Some(Duration::from_secs(30)));
+        let mut expected = 0;
+        loop {
+            match sub.try_read_reply() {
+                Ok(frame) => {
+                    let id = frame
+                        .as_array()
+                        .and_then(|m| m.get(2))
+                        .and_then(Frame::as_bytes)
+                        .and_then(|p| std::str::from_utf8(p.get(..8)?).ok()?.parse().ok());
+                    assert_eq!(id, Some(expected), "{side}: message {expected}");
+                    expected += 1;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+                Err(e) => panic!("{side}: still open after {expected} messages of {sent}: {e}"),
+            }
+        }
+        assert!(expected > 0, "{side}: no message at all");
+    }
+    env.proxy
+        .wait_for_log("messages were lost", Duration::from_secs(10));
+    assert_eq!(
+        env.proxy
+            .metric("rotaproxy_client_errors_total{reason=\"slow_consumer\"}"),
+        Some(1.0)
+    );
+    env.assert_no_secret_leaked();
+}
+
 #[test]
 fn pubsub_resp3_with_hello_3() {
     let env = Env::start();

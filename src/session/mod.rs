@@ -50,6 +50,9 @@ use state::{Action, ConnState, ExecFollower};
 
 /// Output waiting for a slow peer beyond which the session stops reading from the other side.
 const HIGH_WATER: usize = 256 * 1024;
+/// How recently a subscriber's upstream reads must have been held back for the connection's
+/// loss to count as Redis closing a client that could not keep up (see `on_upstream_lost`).
+const SLOW_CONSUMER_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
 /// Size of a read buffer, and the free space made in it when it runs low.
 const READ_RESERVE: usize = 32 * 1024;
 /// Free space below which a read buffer holding bytes is compacted or grown before the next
@@ -265,6 +268,12 @@ pub struct Session {
     /// ready next (a batch of requests, then their replies), so one read attempt seldom goes
     /// to a side with nothing to give.
     upstream_first: bool,
+    /// When the session last stopped reading its upstream connection because the client was
+    /// behind (`HIGH_WATER`). Meanwhile Redis holds what it cannot send in the connection's
+    /// output buffer, and closes the connection when that passes its
+    /// `client-output-buffer-limit`; the session sees the close only once the client has
+    /// taken what was read before it, holding back again and again on the way.
+    upstream_held_back_at: Option<tokio::time::Instant>,
     /// Events handled since the session last waited or yielded (see `EVENTS_PER_TURN`).
     events_this_turn: u32,
     /// Commands forwarded since the metric was last updated.
@@ -355,6 +364,7 @@ impl Session {
             resume_input: false,
             closing,
             upstream_first: false,
+            upstream_held_back_at: None,
             events_this_turn: 0,
             commands_forwarded: 0,
             reply_off: false,
@@ -609,6 +619,7 @@ impl Session {
 
     fn poll_read_upstream(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
         if self.client_out.len() + self.relay_len >= HIGH_WATER {
+            self.upstream_held_back_at = Some(tokio::time::Instant::now());
             return Poll::Pending;
         }
         let Some(up) = &mut self.upstream else {
@@ -1578,6 +1589,7 @@ impl Session {
         self.exec_follower = None;
         self.relay_len = 0;
         self.held_reply_len = 0;
+        self.upstream_held_back_at = None;
         let mut up = Upstream {
             conn,
             out: BytesMut::new(),
@@ -1641,13 +1653,37 @@ impl Session {
             .reply_frame
             .is_some_and(|f| f.relay && f.confirmation.is_none())
             && !self.reply_scanner.at_frame_start();
+        // Redis closes a subscriber (or monitor) that cannot keep up once its output buffer
+        // passes the limit, and the client learns from the disconnect that messages were lost.
+        // Subscribing again on a new connection would hide that loss, and the slow client would
+        // lose the next batch the same way: it is closed, as Redis would close it. (A client
+        // that only tracks keys is told to flush its cache instead, as after any lost
+        // connection.)
+        let slow_consumer = self
+            .upstream_held_back_at
+            .is_some_and(|at| at.elapsed() < SLOW_CONSUMER_WINDOW)
+            && (self.state.has_subscriptions() || self.state.monitor)
+            && !self.closing;
+        if slow_consumer {
+            tracing::warn!(
+                peer = %self.peer,
+                "the upstream connection of a subscriber closed while its client was not \
+                 keeping up (Redis's client-output-buffer-limit closes such connections); \
+                 messages were lost, so the client is closed rather than subscribed again"
+            );
+            self.ctx
+                .metrics
+                .client_error(ClientErrorReason::SlowConsumer);
+        }
         self.flush_relay();
         self.upstream = None;
         if cut_mid_reply {
-            tracing::warn!(peer = %self.peer, "upstream lost in the middle of a reply; closing the client");
-            self.ctx
-                .metrics
-                .client_error(ClientErrorReason::UpstreamLost);
+            if !slow_consumer {
+                tracing::warn!(peer = %self.peer, "upstream lost in the middle of a reply; closing the client");
+                self.ctx
+                    .metrics
+                    .client_error(ClientErrorReason::UpstreamLost);
+            }
             self.replies.take_all();
             self.reply_frame = None;
             self.closing = true;
@@ -1701,6 +1737,10 @@ impl Session {
         self.state.server_subscriptions = 0;
         self.state.server_shard_subscriptions = 0;
         self.ctx.metrics.upstream_reconnects.increment(1);
+        if slow_consumer {
+            self.closing = true;
+            self.resume_input = false;
+        }
         if (self.state.needs_live_connection() || self.is_redirect_target()) && !self.closing {
             // A subscriber (or monitor, or tracking client, or a client others send their
             // invalidations to) is waiting for pushes, not sending commands: reconnect now
