@@ -185,6 +185,7 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
         max_buffered: usize::try_from(limits.max_buffered_bytes.0).unwrap_or(usize::MAX),
         metrics: metrics.clone(),
         command_table: std::sync::OnceLock::new(),
+        server_version: std::sync::OnceLock::new(),
     });
     if ctx.client_auth.required() {
         tokio::spawn(load_command_table(ctx.clone()));
@@ -321,9 +322,17 @@ async fn load_command_table(ctx: Arc<SessionContext>) {
     loop {
         let reply = match ctx.pool.checkout().await {
             Ok(mut conn) => {
-                let reply =
-                    connector::command_table(&mut conn, std::time::Duration::from_secs(10)).await;
-                if reply.is_ok() {
+                let within = std::time::Duration::from_secs(10);
+                let reply = connector::command_table(&mut conn, within).await;
+                // HELLO without arguments answers the server's facts and changes nothing.
+                let hello = match &reply {
+                    Ok(_) => connector::run_command(&mut conn, &[b"HELLO"], within).await,
+                    Err(_) => Ok(OwnedFrame::Null),
+                };
+                if let Some(version) = hello.as_ref().ok().and_then(server_version) {
+                    let _ = ctx.server_version.set(version);
+                }
+                if reply.is_ok() && hello.is_ok() {
                     ctx.pool.checkin(conn);
                 }
                 reply.map_err(|e| e.to_string())
@@ -361,6 +370,23 @@ async fn load_command_table(ctx: Arc<SessionContext>) {
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(std::time::Duration::from_secs(30));
     }
+}
+
+/// The `version` field of a HELLO reply (RESP2: a flat list of names and values), as
+/// (major, minor).
+fn server_version(hello: &OwnedFrame) -> Option<(u32, u32)> {
+    let OwnedFrame::Array(fields) = hello else {
+        return None;
+    };
+    let value = fields
+        .chunks(2)
+        .find(|pair| matches!(&pair[0], OwnedFrame::BulkString(name) if name == b"version"))?
+        .get(1)?;
+    let OwnedFrame::BulkString(version) = value else {
+        return None;
+    };
+    let mut parts = std::str::from_utf8(version).ok()?.split('.');
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
 /// Answers a client over the limit the way Redis does, then closes.

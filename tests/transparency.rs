@@ -54,6 +54,8 @@ struct Cmd {
     /// Redis refuses it or it changes nothing about the connection (see `odd_command`): the
     /// guess does not follow it.
     changes_nothing: bool,
+    /// An AUTH or HELLO ... AUTH with the right password (`Names::client_password`).
+    authenticates: bool,
 }
 
 impl Cmd {
@@ -110,6 +112,12 @@ struct Guess {
     /// EXEC's array, in the order of the server's hash table, which cannot be compared. Until
     /// a RESET or an argument-less PUNSUBSCRIBE outside MULTI, transactions do not publish.
     patterns_maybe: bool,
+    /// Clients must authenticate (`Names::client_password`): RESET logs the connection out.
+    client_auth: bool,
+    /// Not authenticated (yet, or again after a RESET): Redis runs nothing but AUTH, HELLO
+    /// with AUTH, RESET and QUIT, and refuses more than 10 arguments or one over 16 KiB by
+    /// closing the connection.
+    unauthenticated: bool,
 }
 
 impl Guess {
@@ -117,10 +125,32 @@ impl Guess {
         !self.resp3 && !self.subscriptions.is_empty()
     }
 
+    /// A connection that must authenticate, not authenticated yet.
+    fn logged_out(client_auth: bool) -> Guess {
+        Guess {
+            client_auth,
+            unauthenticated: client_auth,
+            ..Guess::default()
+        }
+    }
+
+    /// Whether `cmd` may be sent now. Redis closes an unauthenticated connection that sends
+    /// more than 10 arguments or one over 16 KiB. And Redis 7.0 (not 7.2) sets the name of an
+    /// unauthenticated `HELLO ... SETNAME` it refuses for want of authentication, which the
+    /// proxy does not copy (see README, "Known limits").
+    fn may_send(&self, cmd: &Cmd) -> bool {
+        if !self.unauthenticated {
+            return true;
+        }
+        let names_itself = cmd.args[0].eq_ignore_ascii_case(b"HELLO")
+            && cmd.args.iter().any(|a| a.eq_ignore_ascii_case(b"SETNAME"));
+        cmd.args.len() <= 10 && cmd.args.iter().all(|a| a.len() <= 16 * 1024) && !names_itself
+    }
+
     /// Follows a command queued inside MULTI, which EXEC may or may not run: only what makes
     /// a RESP2 subscription more likely is taken (so `reply_off` never ends in one).
     fn follow_queued(&mut self, cmd: &Cmd) {
-        if cmd.changes_nothing {
+        if cmd.changes_nothing || self.unauthenticated {
             return;
         }
         let name = cmd.args[0].to_ascii_uppercase();
@@ -139,6 +169,13 @@ impl Guess {
             return;
         }
         let name = cmd.args[0].to_ascii_uppercase();
+        if self.unauthenticated {
+            // Only a right password changes anything (and RESET, which changes nothing here).
+            if !cmd.authenticates {
+                return;
+            }
+            self.unauthenticated = false;
+        }
         let rest = &cmd.args[1..];
         match (name.as_slice(), rest.is_empty()) {
             (b"PSUBSCRIBE", _) => self.patterns_maybe = true,
@@ -146,7 +183,7 @@ impl Guess {
             _ => {}
         }
         match name.as_slice() {
-            b"RESET" => *self = Guess::default(),
+            b"RESET" => *self = Guess::logged_out(self.client_auth),
             // Refused in a RESP2 subscription; a SKIP leaves OFF in force.
             b"CLIENT"
                 if rest.len() == 2
@@ -199,6 +236,9 @@ struct Names {
     /// so there client-side caching always uses NOLOOP: no invalidation comes at all, and what
     /// is compared is that the tracking state survives the move.
     moves: bool,
+    /// Clients must authenticate, with this password for `default` (the proxy's client auth,
+    /// and the direct server's default user): sessions start logged out, and RESET logs out.
+    client_password: Option<&'static str>,
 }
 
 impl Names {
@@ -255,6 +295,7 @@ fn cmd(parts: Vec<Vec<u8>>) -> Cmd {
         args: parts,
         inline: false,
         changes_nothing: false,
+        authenticates: false,
     }
 }
 
@@ -378,7 +419,10 @@ fn refused_command(rng: &mut Rng, n: &Names) -> Cmd {
 /// servers and which the proxy answers itself. Inside MULTI a wrong argument count makes
 /// Redis refuse the command at once and abort the transaction at EXEC, while a bad value fails
 /// only when EXEC runs it. None changes the connection, so the guess does not follow them.
-fn odd_command(rng: &mut Rng, in_multi: bool) -> Cmd {
+/// `client_auth`: clients must authenticate, so the forms with a password have a wrong one
+/// and change nothing; inside MULTI they are left out (Redis would queue them and report the
+/// failure in EXEC's array, the proxy refuses them when queued: see README, "Known limits").
+fn odd_command(rng: &mut Rng, in_multi: bool, client_auth: bool) -> Cmd {
     const OUTSIDE_MULTI: &[&[&str]] = &[
         &["WATCH"],
         &["CLIENT", "REPLY"],
@@ -456,12 +500,52 @@ fn odd_command(rng: &mut Rng, in_multi: bool) -> Cmd {
     } else {
         OUTSIDE_MULTI
     };
-    let form = rng.pick(forms);
+    let has_password = |form: &[&str]| {
+        let auth_at = form.iter().position(|a| *a == "AUTH");
+        auth_at.is_some_and(|at| form.len() > at + 2)
+    };
+    let form = loop {
+        let form = rng.pick(forms);
+        if !(client_auth && in_multi && has_password(form)) {
+            break form;
+        }
+    };
     Cmd {
         args: form.iter().map(|a| b(a)).collect(),
         inline: false,
-        // The one form here that changes the connection: it sets RESP2.
-        changes_nothing: form[0] != "HELLO" || form.get(2) != Some(&"AUTH") || form.len() != 5,
+        // The one form here that changes the connection: it sets RESP2 (where any password
+        // is right).
+        changes_nothing: client_auth
+            || form[0] != "HELLO"
+            || form.get(2) != Some(&"AUTH")
+            || form.len() != 5,
+        authenticates: false,
+    }
+}
+
+/// Logging in, where clients must authenticate: AUTH or HELLO ... AUTH, with the right
+/// password (`password`) or, outside MULTI, a wrong one (see `odd_command` for why not inside).
+fn auth_command(rng: &mut Rng, password: &str, in_multi: bool) -> Cmd {
+    let right = in_multi || rng.chance(75);
+    let pw = if right { password } else { "wrong-password" };
+    // Inside MULTI only AUTH: a HELLO there changes the protocol in the middle of EXEC's
+    // reply, which `batch` allows only in transactions that do not publish.
+    let args = match rng.below(if in_multi { 2 } else { 4 }) {
+        0 => vec![b("AUTH"), b(pw)],
+        1 => vec![b("AUTH"), b("default"), b(pw)],
+        _ => vec![
+            b("HELLO"),
+            rng.pick(&["2", "3"]).as_bytes().to_vec(),
+            b("AUTH"),
+            b("default"),
+            b(pw),
+        ],
+    };
+    Cmd {
+        args,
+        inline: false,
+        changes_nothing: !right,
+        authenticates: right,
     }
 }
 
@@ -585,7 +669,16 @@ fn publish_command(rng: &mut Rng, n: &Names) -> Cmd {
 /// is closed in it, so the batch's last reply is always the sentinel PING's.
 fn batch(rng: &mut Rng, n: &Names, guess: &mut Guess) -> Vec<Cmd> {
     let mut cmds = Vec::new();
-    if !guess.resp2_subscribed() && rng.chance(25) {
+    if let Some(password) = n.client_password
+        && !guess.resp2_subscribed()
+        && rng.chance(if guess.unauthenticated { 30 } else { 4 })
+    {
+        let login = auth_command(rng, password, false);
+        guess.follow(&login);
+        cmds.push(login);
+    }
+    // No transaction while logged out: MULTI would be refused and its body run at once.
+    if !guess.resp2_subscribed() && !guess.unauthenticated && rng.chance(25) {
         // A transaction, sometimes guarded by WATCH. WATCH..EXEC leaves nothing armed.
         if rng.chance(40) {
             let k = n.key(rng);
@@ -603,7 +696,8 @@ fn batch(rng: &mut Rng, n: &Names, guess: &mut Guess) -> Vec<Cmd> {
         for _ in 0..rng.below(5) {
             let c = match rng.below(16) {
                 0 => refused_command(rng, n),
-                11 if rng.chance(40) => odd_command(rng, true),
+                11 if rng.chance(40) => odd_command(rng, true, n.client_password.is_some()),
+                10 if let Some(password) = n.client_password => auth_command(rng, password, true),
                 // Sometimes one that fails when EXEC runs it.
                 1 => cmd(vec![
                     b("SELECT"),
@@ -626,6 +720,9 @@ fn batch(rng: &mut Rng, n: &Names, guess: &mut Guess) -> Vec<Cmd> {
                 ]),
                 _ => data_command(rng, n, true),
             };
+            if !guess.may_send(&c) {
+                continue;
+            }
             reset |= c.args[0] == b"RESET" && !c.changes_nothing;
             if reset {
                 guess.follow(&c);
@@ -654,10 +751,13 @@ fn batch(rng: &mut Rng, n: &Names, guess: &mut Guess) -> Vec<Cmd> {
                     8..=10 => pubsub_command(rng, n, false),
                     11 | 12 => publish_command(rng, n),
                     13 => refused_command(rng, n),
-                    20 | 21 => odd_command(rng, false),
+                    20 | 21 => odd_command(rng, false, n.client_password.is_some()),
                     _ => connection_command(rng, n),
                 }
             };
+            if !guess.may_send(&c) {
+                continue;
+            }
             if guess.reply_off {
                 let mut after = guess.clone();
                 after.follow(&c);
@@ -826,7 +926,9 @@ fn read_through_sentinel(conn: &mut RespConn, tag: &[u8], side: &str) -> Result<
         let sentinel = frame.as_bytes() == Some(tag)
             || frame.as_array().is_some_and(|a| {
                 a.len() == 2 && a[0].as_bytes() == Some(b"pong") && a[1].as_bytes() == Some(tag)
-            });
+            })
+            || matches!(&frame, Frame::Error(e)
+                if e.starts_with("ERR unknown command") && e.contains(&*String::from_utf8_lossy(tag)));
         // The flush-everything invalidation a moved tracking client gets (Redis sends it only
         // after FLUSHALL / FLUSHDB, which the sessions never send).
         if raw != INVALIDATE_ALL {
@@ -892,6 +994,8 @@ struct Twin<'a> {
     proxy: std::net::SocketAddr,
     /// The proxy's listener speaks TLS, with a certificate signed by this CA.
     proxy_ca: Option<&'a std::path::Path>,
+    /// Clients must authenticate (see `Names::client_password`).
+    client_password: Option<&'static str>,
 }
 
 impl Twin<'_> {
@@ -910,12 +1014,13 @@ fn run_session(twin: &Twin<'_>, seed: u64, steps: usize, d: Disruptions) -> Resu
     let names = Names {
         prefix: format!("s{seed:x}"),
         moves: d.kill_upstream_as.is_some(),
+        client_password: twin.client_password,
     };
     let mut direct = RespConn::connect(twin.direct.addr());
     let mut proxied = twin.connect_to_proxy();
     let mut direct_admin = twin.direct.admin_conn();
     let mut proxied_admin = twin.behind_proxy.admin_conn();
-    let mut guess = Guess::default();
+    let mut guess = Guess::logged_out(twin.client_password.is_some());
     let mut log: Vec<String> = Vec::new();
     for step in 0..steps {
         if let Some(user) = d.kill_upstream_as
@@ -935,7 +1040,14 @@ fn run_session(twin: &Twin<'_>, seed: u64, steps: usize, d: Disruptions) -> Resu
             // An empty inline line: Redis skips it without a reply.
             bytes.splice(0..0, b"\r\n".iter().copied());
         }
-        bytes.extend(encode_cmd(&[b"PING".as_slice(), &tag]));
+        // The sentinel: a PING echoes the tag; a logged-out client's PING is refused, so
+        // there a command named after the tag, which Redis refuses quoting its name whether
+        // the client has logged in or not.
+        if names.client_password.is_some() {
+            bytes.extend(encode_cmd(&[&tag]));
+        } else {
+            bytes.extend(encode_cmd(&[b"PING".as_slice(), &tag]));
+        }
         for c in &cmds {
             log.push(format!(
                 "{}{}",
@@ -1044,6 +1156,7 @@ fn random_sessions_read_the_same_replies_as_from_redis_itself() {
         behind_proxy: &behind,
         proxy: proxy.client_addr(),
         proxy_ca: None,
+        client_password: None,
     };
     run_sessions(
         &twin,
@@ -1055,6 +1168,58 @@ fn random_sessions_read_the_same_replies_as_from_redis_itself() {
         },
     );
     assert_every_reply_was_expected(&proxy);
+}
+
+/// Clients that must authenticate, on Redis (its default user has a password) and on the proxy
+/// (client auth `password`): sessions start logged out and log in now and then, with the right
+/// password or a wrong one, by AUTH or HELLO, before or among other commands; RESET logs them
+/// out again. Until they log in, every command must be answered as Redis answers it.
+#[test]
+fn random_sessions_of_clients_that_must_authenticate_read_as_from_redis() {
+    const CLIENT_PASSWORD: &str = "client-pw-7f3a";
+    let direct = RedisServer::start(RedisOptions::new());
+    direct
+        .admin_conn()
+        .cmd(&[
+            "ACL",
+            "SETUSER",
+            "default",
+            "on",
+            "resetpass",
+            &format!(">{CLIENT_PASSWORD}"),
+        ])
+        .assert_ok();
+    let behind = RedisServer::start(RedisOptions::new());
+    let config = ProxyConfig::plain(&behind).extra(
+        "[listener.auth]\nmode = \"password\"\n\
+         [[listener.auth.users]]\nusername = \"default\"\npassword = \"env:CLIENT_PW\"\n",
+    );
+    let proxy = Proxy::start(&config.to_toml(), &[("CLIENT_PW", CLIENT_PASSWORD)]);
+    // Unauthenticated clients are judged by the server's command table, read in the
+    // background once the proxy reaches the server.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !matches!(proxy.conn().cmd(&["GET"]), Frame::Error(e) if e.contains("wrong number")) {
+        assert!(std::time::Instant::now() < deadline, "no command table");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let twin = Twin {
+        direct: &direct,
+        behind_proxy: &behind,
+        proxy: proxy.client_addr(),
+        proxy_ca: None,
+        client_password: Some(CLIENT_PASSWORD),
+    };
+    run_sessions(
+        &twin,
+        5_000,
+        10,
+        Disruptions {
+            kill_upstream_as: None,
+            outside_publishers: true,
+        },
+    );
+    assert_every_reply_was_expected(&proxy);
+    assert_no_secret_in_logs(&proxy, &[CLIENT_PASSWORD]);
 }
 
 /// A Redis, and its TLS twin behind a proxy that authenticates as `app` and serves its
@@ -1104,6 +1269,7 @@ impl TlsTwin {
             behind_proxy: &self.behind,
             proxy: self.proxy.client_addr(),
             proxy_ca: Some(&self.ca),
+            client_password: None,
         }
     }
 
@@ -1154,6 +1320,7 @@ fn random_sessions_are_unchanged_while_the_credential_rotates() {
             behind_proxy: &env.redis,
             proxy: proxy.client_addr(),
             proxy_ca: None,
+            client_password: None,
         };
         // No outside publishers: a RESP2 subscriber moves by swapping connections, and a
         // message published while both are subscribed may arrive twice (see README).

@@ -82,7 +82,10 @@ const RESTORE_WINDOW: std::time::Duration = std::time::Duration::from_secs(30);
 const MONITOR_PREFIX: usize = 40;
 
 const NOAUTH: &[u8] = b"-NOAUTH Authentication required.\r\n";
+/// Redis 7.2 and later's refusal of an unauthenticated HELLO without AUTH.
 const NOAUTH_HELLO: &[u8] = b"-NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time\r\n";
+/// The same refusal as Redis 7.0 and 7.1 word it.
+const NOAUTH_HELLO_7_0: &[u8] = b"-NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time\r\n";
 const WRONGPASS: &[u8] = b"-WRONGPASS invalid username-password pair or user is disabled.\r\n";
 const AUTH_ARITY: &[u8] = b"-ERR wrong number of arguments for 'auth' command\r\n";
 const SYNTAX_ERROR: &[u8] = b"-ERR syntax error\r\n";
@@ -126,6 +129,9 @@ pub struct SessionContext {
     /// proxy tells an unauthenticated client of an unknown command or a wrong argument count
     /// before asking it to authenticate, as Redis does.
     pub command_table: std::sync::OnceLock<CommandTable>,
+    /// The server's version (major, minor), read with the command table: a few of the errors
+    /// the proxy words itself changed between versions.
+    pub server_version: std::sync::OnceLock<(u32, u32)>,
 }
 
 impl SessionContext {
@@ -1289,7 +1295,11 @@ impl Session {
             if refusal.is_none() {
                 self.ctx.metrics.client_error(ClientErrorReason::Auth);
             }
-            return self.reply_local(refusal.unwrap_or(Bytes::from_static(NOAUTH_HELLO)));
+            let noauth = match self.ctx.server_version.get() {
+                Some(&version) if version < (7, 2) => NOAUTH_HELLO_7_0,
+                _ => NOAUTH_HELLO,
+            };
+            return self.reply_local(refusal.unwrap_or(Bytes::from_static(noauth)));
         }
         let expect = self.tracked(action);
         self.forward(request, expect).await;
