@@ -799,6 +799,89 @@ fn unauthenticated_clients_are_answered_as_by_redis() {
     assert_no_secret_in_logs(&proxy, &[&password, "client-pw"]);
 }
 
+/// A RESET holds back the commands behind it until its reply (the proxy logs the upstream
+/// connection back in, and the client out if clients must authenticate). The reply to an
+/// earlier HELLO that names no protocol, or to an EXEC whose transaction settles nothing, used
+/// to let them go early: they then ran on the upstream connection between the RESET and the
+/// proxy's AUTH (as the server's default user, or refused NOAUTH), and before the client was
+/// logged out. Found by the random sessions of clients that must authenticate (seed 51051).
+#[test]
+fn commands_behind_a_reset_wait_for_it_whatever_was_answered_before() {
+    let password = random_token(32);
+    let redis = RedisServer::start_with_user(APP_USER, &password);
+    // The server's default user needs a password: only the proxy's AUTH lets commands run.
+    redis
+        .admin_conn()
+        .cmd(&[
+            "ACL",
+            "SETUSER",
+            "default",
+            "on",
+            "resetpass",
+            ">default-pw",
+        ])
+        .assert_ok();
+    let start = |client_auth: &str, env: &[(&str, &str)]| {
+        let config = ProxyConfig::plain(&redis)
+            .credentials(Some(APP_USER), "env:TEST_UPSTREAM_PASSWORD")
+            .extra(client_auth);
+        let mut vars = vec![("TEST_UPSTREAM_PASSWORD", password.as_str())];
+        vars.extend_from_slice(env);
+        Proxy::start(&config.to_toml(), &vars)
+    };
+    let before_reset: [&[&str]; 2] = [&["HELLO", "4"], &["MULTI"]];
+    // Clients need not authenticate: the command after RESET runs as the proxy's user.
+    let open = start("", &[]);
+    let mut c = open.conn();
+    c.cmd(&["SET", "k", "v"]).assert_ok();
+    for first in before_reset {
+        let mut pipeline = encode_cmd(first);
+        if first[0] == "MULTI" {
+            pipeline.extend(encode_cmd(&["EXEC"]));
+        }
+        // Its reply comes well after the one before it.
+        pipeline.extend(encode_cmd(&["BLPOP", "no-such-list", "0.1"]));
+        pipeline.extend(encode_cmd(&["RESET"]));
+        pipeline.extend(encode_cmd(&["GET", "k"]));
+        c.send_raw(&pipeline);
+        let replies = c.read_replies(if first[0] == "MULTI" { 5 } else { 4 });
+        assert_eq!(
+            replies[replies.len() - 2],
+            Frame::Simple("RESET".into()),
+            "{replies:?}"
+        );
+        replies[replies.len() - 1].assert_bulk("v");
+    }
+    // Clients must authenticate: the command after RESET finds the client logged out.
+    let guarded = start(
+        "[listener.auth]\nmode = \"password\"\n\
+         [[listener.auth.users]]\nusername = \"default\"\npassword = \"env:CLIENT_PW\"\n",
+        &[("CLIENT_PW", "client-pw")],
+    );
+    let mut c = guarded.conn();
+    for first in before_reset {
+        c.cmd(&["AUTH", "client-pw"]).assert_ok();
+        let mut pipeline = encode_cmd(first);
+        if first[0] == "MULTI" {
+            pipeline.extend(encode_cmd(&["EXEC"]));
+        }
+        // Its reply comes well after the one before it.
+        pipeline.extend(encode_cmd(&["BLPOP", "no-such-list", "0.1"]));
+        pipeline.extend(encode_cmd(&["RESET"]));
+        pipeline.extend(encode_cmd(&["GET", "k"]));
+        c.send_raw(&pipeline);
+        let replies = c.read_replies(if first[0] == "MULTI" { 5 } else { 4 });
+        assert_eq!(
+            replies[replies.len() - 2],
+            Frame::Simple("RESET".into()),
+            "{replies:?}"
+        );
+        replies[replies.len() - 1].assert_error("NOAUTH");
+    }
+    assert_no_secret_in_logs(&open, &[&password]);
+    assert_no_secret_in_logs(&guarded, &[&password, "client-pw"]);
+}
+
 /// A proxy whose user may not run COMMAND has no table to judge by: it says so once, and its
 /// unauthenticated clients get NOAUTH for every command (RESET aside), as before.
 #[test]

@@ -1013,7 +1013,9 @@ impl Session {
                 self.barrier = true;
                 let expect = self.tracked(Action::Reset);
                 self.forward(frame, expect).await;
-                if self.upstream.is_none() {
+                if self.upstream.is_some() {
+                    self.raise_barrier();
+                } else {
                     self.barrier = false;
                 }
             }
@@ -1306,7 +1308,7 @@ impl Session {
         // What Redis accepts next depends on the protocol (a subscribed RESP2 connection takes
         // only pub/sub commands), which only the reply settles: requests wait for it.
         if protocol.is_some() && self.upstream.is_some() {
-            self.barrier = true;
+            self.raise_barrier();
         }
     }
 
@@ -1487,7 +1489,7 @@ impl Session {
         )
         .await;
         if settles_what_follows && self.upstream.is_some() {
-            self.barrier = true;
+            self.raise_barrier();
         }
     }
 
@@ -1991,7 +1993,7 @@ impl Session {
             // Requests held back behind an EXEC that may have (un)subscribed or changed the
             // protocol go on once what it did is known.
             if self.exec_follower.is_none() {
-                self.lift_barrier();
+                self.lift_barrier_if_its_reply();
             }
         } else if matched.action != Action::None {
             let ok = match &matched.action {
@@ -2019,14 +2021,31 @@ impl Session {
         if now_due == 0 {
             self.exec_follower = None;
             self.sync_redirect(None);
-            self.lift_barrier();
+            self.lift_barrier_if_its_reply();
         }
+    }
+
+    /// Holds the requests behind the one just forwarded until its reply (see `barrier`).
+    fn raise_barrier(&mut self) {
+        self.barrier = true;
+        self.replies.hold_barrier_at_last();
     }
 
     /// Requests held back at a barrier go on (see `barrier`).
     fn lift_barrier(&mut self) {
+        self.replies.release_barrier();
         if std::mem::take(&mut self.barrier) {
             self.resume_input = true;
+        }
+    }
+
+    /// Lifts the barrier if the reply just matched answered the request that raised it. A
+    /// reply to an earlier request must not: an invalid HELLO or an EXEC that settles nothing
+    /// raised none, and lifting a RESET's barrier for them let the next command run before
+    /// the RESET's reply had logged the client out.
+    fn lift_barrier_if_its_reply(&mut self) {
+        if self.replies.barrier_holder_answered() {
+            self.lift_barrier();
         }
     }
 
@@ -2057,7 +2076,8 @@ impl Session {
             Action::Reset => {
                 self.state.apply(Action::Reset, ok);
                 self.sync_redirect(None);
-                self.barrier = false;
+                // A RESET always holds the barrier while it is answered.
+                self.lift_barrier();
                 self.resume_input = true;
                 if ok {
                     // RESET logged the upstream connection out to the default user.
@@ -2067,7 +2087,7 @@ impl Session {
             }
             Action::Hello { protocol, name } => {
                 self.state.apply(Action::Hello { protocol, name }, ok);
-                self.lift_barrier();
+                self.lift_barrier_if_its_reply();
             }
             other => self.state.apply(other, ok),
         }

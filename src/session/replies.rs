@@ -75,6 +75,9 @@ pub struct ReplyQueue {
     /// Replies asked of the upstream so far, in all: a command's position in a transaction is
     /// the difference from the count when MULTI was sent.
     asked: u64,
+    /// While a request holds the session's barrier (see `Session::barrier`): how many entries
+    /// are still to be answered up to and including it. Some(0): it has just been answered.
+    barrier_countdown: Option<usize>,
 }
 
 impl ReplyQueue {
@@ -160,8 +163,16 @@ impl ReplyQueue {
         debug_assert!(n <= *left);
         *left -= n.min(*left);
         if *left == 0 {
-            self.entries.pop_front();
-            self.upstream_owed -= 1;
+            self.pop_upstream_entry();
+        }
+    }
+
+    /// Removes the head entry, answered by the upstream.
+    fn pop_upstream_entry(&mut self) {
+        self.entries.pop_front();
+        self.upstream_owed -= 1;
+        if let Some(n) = &mut self.barrier_countdown {
+            *n = n.saturating_sub(1);
         }
     }
 
@@ -187,6 +198,30 @@ impl ReplyQueue {
         debug_assert!(!matches!(expect, Expect::Relay(_) | Expect::Local(_)));
         self.upstream_owed += 1;
         self.entries.push_front(expect);
+        // Now one more entry comes before the barrier's holder, unless that was answered.
+        if let Some(n) = &mut self.barrier_countdown
+            && *n > 0
+        {
+            *n += 1;
+        }
+    }
+
+    /// The request just queued (the last entry) holds the session's barrier: requests behind it
+    /// wait for its reply, and only its reply may let them go (`barrier_holder_answered`).
+    pub fn hold_barrier_at_last(&mut self) {
+        debug_assert_eq!(self.trailing_relays, 0, "the holder is an entry of its own");
+        self.barrier_countdown = Some(self.upstream_owed);
+    }
+
+    /// Whether the reply just matched answered the request that holds the barrier (a reply
+    /// to an earlier request must not lift it: its own request set none).
+    pub fn barrier_holder_answered(&self) -> bool {
+        self.barrier_countdown == Some(0)
+    }
+
+    /// No request holds the barrier any more.
+    pub fn release_barrier(&mut self) {
+        self.barrier_countdown = None;
     }
 
     /// Expects `n` ordinary replies.
@@ -274,8 +309,7 @@ impl ReplyQueue {
         if let Some(Expect::Tracked { blocking: true, .. }) = self.entries.front() {
             self.blocking -= 1;
         }
-        self.entries.pop_front();
-        self.upstream_owed -= 1;
+        self.pop_upstream_entry();
         Some(done)
     }
 
@@ -298,6 +332,7 @@ impl ReplyQueue {
         self.settle_trailing_relays();
         self.upstream_owed = 0;
         self.blocking = 0;
+        self.barrier_countdown = None;
         self.entries.drain(..).collect()
     }
 }
@@ -305,6 +340,53 @@ impl ReplyQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn tracked(action: Action) -> Expect {
+        Expect::Tracked {
+            action,
+            relay: true,
+            blocking: false,
+        }
+    }
+
+    #[test]
+    fn only_the_reply_of_the_request_holding_the_barrier_releases_it() {
+        let mut q = ReplyQueue::default();
+        // An earlier HELLO (it holds nothing), a run of ordinary replies, then a RESET holding
+        // the barrier.
+        q.push(tracked(Action::Hello {
+            protocol: None,
+            name: None,
+        }));
+        q.relay(3);
+        q.push(tracked(Action::Reset));
+        q.hold_barrier_at_last();
+        assert!(!q.barrier_holder_answered());
+        assert!(q.match_reply(true).is_some());
+        assert!(!q.barrier_holder_answered(), "the HELLO's reply");
+        // The run is matched in two steps by the fast lane.
+        q.match_relayed(2);
+        q.match_relayed(1);
+        assert!(!q.barrier_holder_answered(), "the ordinary replies");
+        // A tail pushed before the holder is answered comes first and counts too.
+        q.push_next(Expect::ExecTail {
+            remaining: 1,
+            relay: true,
+        });
+        assert!(q.match_reply(false).is_some());
+        assert!(!q.barrier_holder_answered(), "the tail");
+        assert!(q.match_reply(false).is_some());
+        assert!(q.barrier_holder_answered(), "the RESET's reply");
+        // Frames that follow the holder's reply leave it answered until released.
+        q.push_next(Expect::ExecTail {
+            remaining: 1,
+            relay: true,
+        });
+        assert!(q.match_reply(false).is_some());
+        assert!(q.barrier_holder_answered());
+        q.release_barrier();
+        assert!(!q.barrier_holder_answered());
+    }
 
     #[test]
     fn an_exec_tail_comes_before_everything_queued_and_counts_as_owed() {
