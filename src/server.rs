@@ -26,7 +26,7 @@ use crate::tls::UpstreamTls;
 use crate::tls_reload::{
     Publisher, Side, TlsStatus, UpstreamFilesParts, UpstreamTlsFiles, follow_listener,
 };
-use crate::upstream::connector;
+use crate::upstream::connector::{self, UpstreamConn};
 use crate::upstream::pool::Pool;
 use crate::watch::contents_digest;
 
@@ -322,20 +322,16 @@ async fn load_command_table(ctx: Arc<SessionContext>) {
     loop {
         let reply = match ctx.pool.checkout().await {
             Ok(mut conn) => {
-                let within = std::time::Duration::from_secs(10);
-                let reply = connector::command_table(&mut conn, within).await;
-                // HELLO without arguments answers the server's facts and changes nothing.
-                let hello = match &reply {
-                    Ok(_) => connector::run_command(&mut conn, &[b"HELLO"], within).await,
-                    Err(_) => Ok(OwnedFrame::Null),
-                };
-                if let Some(version) = hello.as_ref().ok().and_then(server_version) {
-                    let _ = ctx.server_version.set(version);
-                }
-                if reply.is_ok() && hello.is_ok() {
+                let facts = read_server_facts(&mut conn).await;
+                if facts.is_ok() {
                     ctx.pool.checkin(conn);
                 }
-                reply.map_err(|e| e.to_string())
+                facts.map(|(table, version)| {
+                    if let Some(version) = version {
+                        let _ = ctx.server_version.set(version);
+                    }
+                    table
+                })
             }
             Err(e) => Err(e.to_string()),
         };
@@ -352,7 +348,7 @@ async fn load_command_table(ctx: Arc<SessionContext>) {
             Ok(reply) => {
                 match CommandTable::from_reply(&reply) {
                     Ok(table) => {
-                        tracing::debug!(commands = table.len(), "read the server's command table");
+                        tracing::info!(commands = table.len(), "read the server's command table");
                         let _ = ctx.command_table.set(table);
                     }
                     Err(error) => tracing::warn!(
@@ -370,6 +366,21 @@ async fn load_command_table(ctx: Arc<SessionContext>) {
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(std::time::Duration::from_secs(30));
     }
+}
+
+/// The server's `COMMAND` reply, and its version (from `HELLO` without arguments, which
+/// answers the server's facts and changes nothing).
+async fn read_server_facts(
+    conn: &mut UpstreamConn,
+) -> Result<(OwnedFrame, Option<(u32, u32)>), String> {
+    let within = std::time::Duration::from_secs(10);
+    let table = connector::command_table(conn, within)
+        .await
+        .map_err(|e| e.to_string())?;
+    let hello = connector::run_command(conn, &[b"HELLO"], within)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((table, server_version(&hello)))
 }
 
 /// The `version` field of a HELLO reply (RESP2: a flat list of names and values), as

@@ -714,10 +714,7 @@ fn unauthenticated_clients_are_answered_as_by_redis() {
     let redis = RedisServer::start_with_user(APP_USER, &password);
     let config = ProxyConfig::plain(&redis)
         .credentials(Some(APP_USER), "env:TEST_UPSTREAM_PASSWORD")
-        .extra(
-            "[listener.auth]\nmode = \"password\"\n\
-             [[listener.auth.users]]\nusername = \"default\"\npassword = \"env:CLIENT_PW\"\n",
-        );
+        .client_password("env:CLIENT_PW");
     let proxy = Proxy::start(
         &config.to_toml(),
         &[
@@ -730,16 +727,7 @@ fn unauthenticated_clients_are_answered_as_by_redis() {
     admin
         .cmd(&["ACL", "SETUSER", "default", "on", "resetpass", ">direct-pw"])
         .assert_ok();
-    // The proxy reads the table in the background once it can reach the server.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let reply = proxy.conn().cmd(&["GET"]);
-        if matches!(&reply, Frame::Error(e) if e.contains("wrong number of arguments")) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no command table: {reply:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    proxy.wait_for_command_table();
 
     let many = "abcdefghijklmnopqrstuvwxyz0123456789";
     let long = "x".repeat(200);
@@ -821,62 +809,46 @@ fn commands_behind_a_reset_wait_for_it_whatever_was_answered_before() {
             ">default-pw",
         ])
         .assert_ok();
-    let start = |client_auth: &str, env: &[(&str, &str)]| {
-        let config = ProxyConfig::plain(&redis)
-            .credentials(Some(APP_USER), "env:TEST_UPSTREAM_PASSWORD")
-            .extra(client_auth);
-        let mut vars = vec![("TEST_UPSTREAM_PASSWORD", password.as_str())];
-        vars.extend_from_slice(env);
-        Proxy::start(&config.to_toml(), &vars)
-    };
-    let before_reset: [&[&str]; 2] = [&["HELLO", "4"], &["MULTI"]];
-    // Clients need not authenticate: the command after RESET runs as the proxy's user.
-    let open = start("", &[]);
-    let mut c = open.conn();
-    c.cmd(&["SET", "k", "v"]).assert_ok();
-    for first in before_reset {
+    let config =
+        ProxyConfig::plain(&redis).credentials(Some(APP_USER), "env:TEST_UPSTREAM_PASSWORD");
+    let upstream_password = ("TEST_UPSTREAM_PASSWORD", password.as_str());
+    // Behind a HELLO naming no protocol, or a transaction that settles nothing, then a
+    // command whose reply comes well after theirs: the RESET, then GET. Returns GET's reply.
+    let get_after_reset = |c: &mut RespConn, first: &[&str]| {
         let mut pipeline = encode_cmd(first);
         if first[0] == "MULTI" {
             pipeline.extend(encode_cmd(&["EXEC"]));
         }
-        // Its reply comes well after the one before it.
         pipeline.extend(encode_cmd(&["BLPOP", "no-such-list", "0.1"]));
         pipeline.extend(encode_cmd(&["RESET"]));
         pipeline.extend(encode_cmd(&["GET", "k"]));
         c.send_raw(&pipeline);
-        let replies = c.read_replies(if first[0] == "MULTI" { 5 } else { 4 });
+        let mut replies = c.read_replies(if first[0] == "MULTI" { 5 } else { 4 });
+        let get = replies.pop().expect("GET's reply");
         assert_eq!(
-            replies[replies.len() - 2],
-            Frame::Simple("RESET".into()),
+            replies.last(),
+            Some(&Frame::Simple("RESET".into())),
             "{replies:?}"
         );
-        replies[replies.len() - 1].assert_bulk("v");
+        get
+    };
+    let before_reset: [&[&str]; 2] = [&["HELLO", "4"], &["MULTI"]];
+    // Clients need not authenticate: the command after RESET runs as the proxy's user.
+    let open = Proxy::start(&config.to_toml(), &[upstream_password]);
+    let mut c = open.conn();
+    c.cmd(&["SET", "k", "v"]).assert_ok();
+    for first in before_reset {
+        get_after_reset(&mut c, first).assert_bulk("v");
     }
     // Clients must authenticate: the command after RESET finds the client logged out.
-    let guarded = start(
-        "[listener.auth]\nmode = \"password\"\n\
-         [[listener.auth.users]]\nusername = \"default\"\npassword = \"env:CLIENT_PW\"\n",
-        &[("CLIENT_PW", "client-pw")],
+    let guarded = Proxy::start(
+        &config.client_password("env:CLIENT_PW").to_toml(),
+        &[upstream_password, ("CLIENT_PW", "client-pw")],
     );
     let mut c = guarded.conn();
     for first in before_reset {
         c.cmd(&["AUTH", "client-pw"]).assert_ok();
-        let mut pipeline = encode_cmd(first);
-        if first[0] == "MULTI" {
-            pipeline.extend(encode_cmd(&["EXEC"]));
-        }
-        // Its reply comes well after the one before it.
-        pipeline.extend(encode_cmd(&["BLPOP", "no-such-list", "0.1"]));
-        pipeline.extend(encode_cmd(&["RESET"]));
-        pipeline.extend(encode_cmd(&["GET", "k"]));
-        c.send_raw(&pipeline);
-        let replies = c.read_replies(if first[0] == "MULTI" { 5 } else { 4 });
-        assert_eq!(
-            replies[replies.len() - 2],
-            Frame::Simple("RESET".into()),
-            "{replies:?}"
-        );
-        replies[replies.len() - 1].assert_error("NOAUTH");
+        get_after_reset(&mut c, first).assert_error("NOAUTH");
     }
     assert_no_secret_in_logs(&open, &[&password]);
     assert_no_secret_in_logs(&guarded, &[&password, "client-pw"]);
@@ -894,10 +866,7 @@ fn without_the_command_table_unauthenticated_clients_get_noauth() {
         .assert_ok();
     let config = ProxyConfig::plain(&redis)
         .credentials(Some(APP_USER), "env:TEST_UPSTREAM_PASSWORD")
-        .extra(
-            "[listener.auth]\nmode = \"password\"\n\
-             [[listener.auth.users]]\nusername = \"default\"\npassword = \"env:CLIENT_PW\"\n",
-        );
+        .client_password("env:CLIENT_PW");
     let proxy = Proxy::start(
         &config.to_toml(),
         &[
@@ -924,10 +893,7 @@ fn hello_and_auth_are_judged_in_redis_order_and_client_passwords_stay_in_the_pro
     let redis = RedisServer::start_with_user(APP_USER, &password);
     let config = ProxyConfig::plain(&redis)
         .credentials(Some(APP_USER), "env:TEST_UPSTREAM_PASSWORD")
-        .extra(
-            "[listener.auth]\nmode = \"password\"\n\
-             [[listener.auth.users]]\nusername = \"default\"\npassword = \"env:CLIENT_PW\"\n",
-        );
+        .client_password("env:CLIENT_PW");
     let client_pw = "client-pw-5e2b";
     let wrong_pw = "wrong-pw-91c7";
     let proxy = Proxy::start(

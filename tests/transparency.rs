@@ -1190,18 +1190,11 @@ fn random_sessions_of_clients_that_must_authenticate_read_as_from_redis() {
         ])
         .assert_ok();
     let behind = RedisServer::start(RedisOptions::new());
-    let config = ProxyConfig::plain(&behind).extra(
-        "[listener.auth]\nmode = \"password\"\n\
-         [[listener.auth.users]]\nusername = \"default\"\npassword = \"env:CLIENT_PW\"\n",
-    );
+    let config = ProxyConfig::plain(&behind).client_password("env:CLIENT_PW");
     let proxy = Proxy::start(&config.to_toml(), &[("CLIENT_PW", CLIENT_PASSWORD)]);
     // Unauthenticated clients are judged by the server's command table, read in the
     // background once the proxy reaches the server.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !matches!(proxy.conn().cmd(&["GET"]), Frame::Error(e) if e.contains("wrong number")) {
-        assert!(std::time::Instant::now() < deadline, "no command table");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    proxy.wait_for_command_table();
     let twin = Twin {
         direct: &direct,
         behind_proxy: &behind,

@@ -249,18 +249,7 @@ pub async fn run_command(
     args: &[&[u8]],
     within: Duration,
 ) -> Result<OwnedFrame, ConnectError> {
-    let run = async {
-        conn.stream
-            .write_all(&command::encode(args))
-            .await
-            .map_err(ConnectError::Closed)?;
-        conn.stream.flush().await.map_err(ConnectError::Closed)?;
-        let mut buf = BytesMut::with_capacity(256);
-        read_reply(&mut conn.stream, &mut buf).await
-    };
-    timeout(within, run)
-        .await
-        .map_err(|_| ConnectError::AuthTimeout { after: within })?
+    run_command_up_to(conn, args, within, SMALL_REPLY_MAX).await
 }
 
 /// Reads the server's command table (`COMMAND`, about 90 KB on Redis 7.0) on a RESP2
@@ -269,14 +258,24 @@ pub async fn command_table(
     conn: &mut UpstreamConn,
     within: Duration,
 ) -> Result<OwnedFrame, ConnectError> {
+    run_command_up_to(conn, &[b"COMMAND"], within, COMMAND_TABLE_MAX).await
+}
+
+/// `run_command` for a reply of at most about `max_reply` bytes.
+async fn run_command_up_to(
+    conn: &mut UpstreamConn,
+    args: &[&[u8]],
+    within: Duration,
+    max_reply: usize,
+) -> Result<OwnedFrame, ConnectError> {
     let run = async {
         conn.stream
-            .write_all(&command::encode(&[&b"COMMAND"[..]]))
+            .write_all(&command::encode(args))
             .await
             .map_err(ConnectError::Closed)?;
         conn.stream.flush().await.map_err(ConnectError::Closed)?;
-        let mut buf = BytesMut::with_capacity(128 * 1024);
-        read_reply_up_to(&mut conn.stream, &mut buf, COMMAND_TABLE_MAX).await
+        let mut buf = BytesMut::with_capacity(256);
+        read_reply_up_to(&mut conn.stream, &mut buf, max_reply).await
     };
     timeout(within, run)
         .await

@@ -179,6 +179,14 @@ impl Proxy {
         self.logs.lock().unwrap().iter().any(|l| l.contains(needle))
     }
 
+    /// Waits until the proxy has read the server's command table, which it reads in the
+    /// background at start where clients must authenticate (it judges unauthenticated clients'
+    /// commands by it).
+    #[track_caller]
+    pub fn wait_for_command_table(&self) {
+        self.wait_for_log("read the server's command table", Duration::from_secs(30));
+    }
+
     /// Waits for a log line containing `needle` and returns it; panics with the log on timeout.
     #[track_caller]
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> String {
@@ -556,6 +564,15 @@ impl ProxyConfig {
     pub fn client_cert(mut self, files: &CertFiles) -> ProxyConfig {
         self.client_cert = Some(files.clone());
         self
+    }
+
+    /// Client auth `password`: clients log in as `default` with the password `password_ref`
+    /// (`env:NAME` or `file:/path`) names.
+    pub fn client_password(self, password_ref: &str) -> ProxyConfig {
+        self.extra(&format!(
+            "[listener.auth]\nmode = \"password\"\n\
+             [[listener.auth.users]]\nusername = \"default\"\npassword = \"{password_ref}\"\n"
+        ))
     }
 
     /// Appends whole sections.
