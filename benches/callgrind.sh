@@ -3,8 +3,9 @@
 # valgrind's callgrind: repeatable to a fraction of a percent whatever else the machine does,
 # unlike CPU time on a shared VM. See benches/README.md ("Counting instructions").
 #
-#   benches/callgrind.sh [set|get] [pipeline] [requests]     # default: set 16 1000000
+#   benches/callgrind.sh [--tls] [set|get] [pipeline] [requests]   # default: set 16 1000000
 #
+# With --tls both reach Redis over TLS (a CA and a server certificate made for the run).
 # Needs valgrind, redis-server, redis-benchmark, redis-cli and release builds of rotaproxy and
 # examples/floor_forwarder (cargo build --release --bin rotaproxy --example floor_forwarder).
 # ROTAPROXY_BIN=/path/to/rotaproxy counts another build of rotaproxy instead.
@@ -15,13 +16,18 @@
 # of a million requests. Output files stay in the printed work dir (callgrind_annotate them for detail).
 set -euo pipefail
 
+tls=false
+if [[ "${1:-}" == --tls ]]; then
+  tls=true
+  shift
+fi
 test_name="${1:-set}"
 pipeline="${2:-16}"
 requests="${3:-1000000}"
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 proxy_bin="${ROTAPROXY_BIN:-$root/target/release/rotaproxy}"  # another build, for an A/B
 floor_bin="$root/target/release/examples/floor_forwarder"
-for need in valgrind redis-server redis-cli redis-benchmark python3; do
+for need in valgrind openssl redis-server redis-cli redis-benchmark python3; do
   command -v "$need" >/dev/null || { echo "callgrind.sh: $need is required" >&2; exit 2; }
 done
 for bin in "$proxy_bin" "$floor_bin"; do
@@ -49,9 +55,33 @@ wait_ping() { # port [auth...]
   exit 1
 }
 
+# A CA and a certificate for localhost, for --tls.
+make_certs() {
+  local ossl=(openssl)
+  "${ossl[@]}" ecparam -name prime256v1 -genkey -noout -out "$work/ca.key" 2>/dev/null
+  "${ossl[@]}" req -x509 -new -key "$work/ca.key" -sha256 -days 2 -subj "/CN=callgrind CA" \
+    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign \
+    -out "$work/ca.pem" 2>/dev/null
+  "${ossl[@]}" ecparam -name prime256v1 -genkey -noout -out "$work/server.key" 2>/dev/null
+  "${ossl[@]}" req -new -key "$work/server.key" -subj /CN=localhost -out "$work/server.csr" 2>/dev/null
+  printf 'basicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost\n' \
+    >"$work/server.ext"
+  "${ossl[@]}" x509 -req -in "$work/server.csr" -CA "$work/ca.pem" -CAkey "$work/ca.key" \
+    -CAcreateserial -days 2 -sha256 -extfile "$work/server.ext" -out "$work/server.pem" 2>/dev/null
+  chmod 600 "$work/server.key"
+}
+
 redis_port="$(free_port)"
+redis_tls_args=()
+upstream_port="$redis_port"
+if $tls; then
+  make_certs
+  upstream_port="$(free_port)"
+  redis_tls_args=(--tls-port "$upstream_port" --tls-cert-file "$work/server.pem"
+    --tls-key-file "$work/server.key" --tls-ca-cert-file "$work/ca.pem" --tls-auth-clients no)
+fi
 redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no \
-  >"$work/redis.log" 2>&1 &
+  "${redis_tls_args[@]}" >"$work/redis.log" 2>&1 &
 pids+=($!)
 wait_ping "$redis_port"
 password="$(head -c 12 /dev/urandom | od -An -tx1 | tr -d ' \n')"
@@ -65,11 +95,17 @@ count() { # target requests
   out="$work/callgrind.$target.$n.out"
   local auth=()
   if [[ "$target" == rotaproxy ]]; then
+    local upstream_toml="url = \"redis://127.0.0.1:$redis_port\""
+    if $tls; then
+      upstream_toml="url = \"rediss://127.0.0.1:$upstream_port\"
+ca_file = \"$work/ca.pem\"
+server_name = \"localhost\""
+    fi
     cat >"$work/rotaproxy.toml" <<EOF
 [listener]
 bind = "127.0.0.1:$port"
 [upstream]
-url = "redis://127.0.0.1:$redis_port"
+$upstream_toml
 [credentials]
 username = "bench"
 password = "env:CALLGRIND_BENCH_PASSWORD"
@@ -86,8 +122,11 @@ EOF
       "$proxy_bin" run --config "$work/rotaproxy.toml" >"$work/$target.$n.log" 2>&1 &
   else
     auth=(--user bench --pass "$password")
+    local floor_tls=()
+    $tls && floor_tls=(--tls "$work/ca.pem" localhost)
     valgrind --tool=callgrind --callgrind-out-file="$out" \
-      "$floor_bin" "127.0.0.1:$port" "127.0.0.1:$redis_port" >"$work/$target.$n.log" 2>&1 &
+      "$floor_bin" "127.0.0.1:$port" "127.0.0.1:$upstream_port" "${floor_tls[@]}" \
+      >"$work/$target.$n.log" 2>&1 &
   fi
   pid=$!
   pids+=("$pid")
@@ -102,7 +141,7 @@ EOF
 }
 
 echo "work dir: $work"
-echo "$test_name -c 50 -P $pipeline, $requests requests (instructions per request, start-up removed)"
+echo "$test_name -c 50 -P $pipeline$($tls && echo ' TLS'), $requests requests (instructions per request, start-up removed)"
 for target in floor rotaproxy; do
   small=$((requests / 10))
   full_count="$(count "$target" "$requests")"

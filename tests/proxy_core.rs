@@ -1053,6 +1053,96 @@ fn upstream_mutual_tls() {
     assert_no_secret_in_logs(&without, &[&password]);
 }
 
+/// The proxy reads TLS itself (`net::poll_read_tls`), on both sides: everything the plain tests
+/// push through must come through TLS unchanged, whatever way records split across reads, and
+/// every way a TLS session ends must end the session as it should.
+#[test]
+fn tls_on_both_sides_carries_what_plain_tcp_does() {
+    let (_dir, certs, password, redis) = tls_redis(false);
+    let mut config = ProxyConfig::tls(&redis, &certs.ca)
+        .credentials(Some(APP_USER), "env:TEST_UPSTREAM_PASSWORD");
+    config.listener_extra = format!(
+        "tls = {{ cert = {}, key = {} }}",
+        toml_path(&certs.server.cert),
+        toml_path(&certs.server.key)
+    );
+    let proxy = Proxy::start(&config.to_toml(), &[("TEST_UPSTREAM_PASSWORD", &password)]);
+    let env = Env {
+        redis,
+        proxy,
+        password,
+    };
+    let conn = || RespConn::connect_tls(env.proxy.client_addr(), &certs.ca);
+    let mut c = conn();
+
+    // 16 MB each way: a thousand records, cut anywhere by the reads.
+    let value: Vec<u8> = (0..16 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+    c.cmd(&[&b"SET"[..], b"big", &value]).assert_ok();
+    assert!(
+        c.cmd(&["GET", "big"]) == Frame::Bulk(value),
+        "value differs"
+    );
+
+    // Ten thousand pipelined commands: many replies to a record, many records to a read.
+    let mut batch = Vec::new();
+    for i in 0..10_000 {
+        batch.extend(encode_cmd(&["ECHO", &format!("m{i}")]));
+    }
+    c.send_raw(&batch);
+    for i in 0..10_000 {
+        c.read_reply().assert_bulk(format!("m{i}"));
+    }
+
+    // Pushes of every size, in order. Five at a time: a subscriber further behind is held
+    // back, and losing its connection below would then close it, as Redis would.
+    let mut sub = conn();
+    sub.cmd(&["SUBSCRIBE", "events"]).assert_not_error();
+    let mut publisher = env.redis.admin_conn();
+    let message = |i: usize| "x".repeat(i * 97 % 40_000);
+    for group in (0..300).collect::<Vec<_>>().chunks(5) {
+        for &i in group {
+            publisher
+                .cmd(&["PUBLISH", "events", &message(i)])
+                .assert_int(1);
+        }
+        for &i in group {
+            assert_eq!(
+                sub.read_reply(),
+                Frame::Array(vec![
+                    Frame::bulk("message"),
+                    Frame::bulk("events"),
+                    Frame::bulk(message(i))
+                ]),
+                "message {i}"
+            );
+        }
+    }
+
+    // Redis ending the upstream TLS sessions: noticed, and replaced unseen.
+    c.cmd(&["SELECT", "2"]).assert_ok();
+    c.cmd(&["SET", "before", "1"]).assert_ok();
+    assert!(env.redis.kill_connections_of(APP_USER) >= 2);
+    c.cmd(&["GET", "before"]).assert_bulk("1");
+    assert_resubscribed(&env, &mut sub, "events");
+
+    // Clients ending their TLS sessions, cleanly (close_notify) or not (TCP alone): each is
+    // closed, and the proxy keeps serving the others.
+    let connections = || env.proxy.metric("rotaproxy_client_connections");
+    assert_eq!(connections(), Some(2.0));
+    let mut clean = conn();
+    clean.cmd(&["PING"]).assert_simple("PONG");
+    clean.send_close_notify();
+    let mut abrupt = conn();
+    abrupt.cmd(&["PING"]).assert_simple("PONG");
+    drop(abrupt);
+    assert_eventually(Duration::from_secs(10), "both sessions ended", || {
+        connections() == Some(2.0)
+    });
+    clean.expect_closed(Duration::from_secs(10));
+    c.cmd(&["GET", "before"]).assert_bulk("1");
+    env.assert_no_secret_leaked();
+}
+
 #[test]
 fn wrong_upstream_password_is_reported_without_the_password() {
     let password = random_token(32);

@@ -588,6 +588,17 @@ impl RespConn {
         self.stream.flush()
     }
 
+    /// Ends a TLS session the clean way, with a `close_notify` alert, leaving the TCP
+    /// connection open (panics on a plain connection).
+    #[track_caller]
+    pub fn send_close_notify(&mut self) {
+        let Stream::Tls(tls) = &mut self.stream else {
+            panic!("send_close_notify on a plain connection");
+        };
+        tls.conn.send_close_notify();
+        tls.flush().expect("close_notify sent");
+    }
+
     /// Sends one command without reading its reply (for pipelining).
     #[track_caller]
     pub fn send_cmd<A: AsRef<[u8]>>(&mut self, args: &[A]) {
