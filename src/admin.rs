@@ -30,6 +30,8 @@ pub struct AdminState {
     pub tls: Arc<crate::tls_reload::TlsStatus>,
     /// Proxy-owned client certificates (`[rotation.client_certificate]`).
     pub client_cert_rotation: Option<crate::rotation::client_cert::ClientCertRotation>,
+    /// How clients log in, and who is logged in with which entry.
+    pub client_auth: Arc<crate::session::client_auth::ClientAuth>,
 }
 
 pub fn router(state: Arc<AdminState>) -> Router {
@@ -99,6 +101,7 @@ async fn status(State(state): State<Arc<AdminState>>) -> Json<serde_json::Value>
     doc["upstream_ready"] = json!(state.pool.is_ready());
     doc["upstream_error"] = json!(state.pool.last_error());
     doc["tls"] = state.tls.to_json();
+    doc["client_auth"] = state.client_auth.status();
     if let Some(rotation) = &state.client_cert_rotation {
         doc["client_certificate_rotation"] = rotation.status();
     }

@@ -114,10 +114,20 @@ fn default_tls_poll_interval() -> Duration {
     Duration::from_secs(30)
 }
 
+impl Default for ClientAuthConfig {
+    fn default() -> Self {
+        ClientAuthConfig {
+            mode: ClientAuthMode::default(),
+            users: Vec::new(),
+            poll_interval: default_tls_poll_interval(),
+        }
+    }
+}
+
 /// Client authentication. `none` accepts any AUTH (applications migrating from a direct connection
 /// still send their old password); `password` accepts any of the listed users, so the client-side
 /// password can itself be rotated with an overlap.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientAuthConfig {
     #[serde(default)]
@@ -125,6 +135,10 @@ pub struct ClientAuthConfig {
     /// Accepted users (mode `password`). Several entries may share a username.
     #[serde(default)]
     pub users: Vec<ClientUser>,
+    /// How often passwords given as `file:` are re-read in case a change event was missed
+    /// (changes in their directory are followed at once).
+    #[serde(default = "default_tls_poll_interval", with = "humantime_serde")]
+    pub poll_interval: Duration,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -836,6 +850,12 @@ impl Config {
                 "must be more than 0s",
             ));
         }
+        if self.listener.auth.poll_interval.is_zero() {
+            return Err(invalid(
+                "listener.auth.poll_interval",
+                "must be more than 0s",
+            ));
+        }
         if self
             .listener
             .tls
@@ -1157,6 +1177,10 @@ mod tests {
                     "{MINIMAL}[rotation]\nstrategy = \"external\"\n[rotation.external]\npassword = \"file:/pw\"\npoll_interval = \"0s\"\n"
                 ),
                 "rotation.external.poll_interval",
+            ),
+            (
+                format!("{MINIMAL}[listener.auth]\npoll_interval = \"0s\"\n"),
+                "listener.auth.poll_interval",
             ),
         ];
         for (text, key) in cases {

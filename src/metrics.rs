@@ -17,6 +17,7 @@ pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
     describe();
     crate::cloud::describe_metrics();
     crate::tls_reload::describe_metrics();
+    crate::session::client_auth::describe_metrics();
     Ok(handle)
 }
 

@@ -145,7 +145,11 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
     };
 
     let client_auth =
-        ClientAuth::from_config(&config.listener.auth).context("listener.auth.users")?;
+        Arc::new(ClientAuth::from_config(&config.listener.auth).context("listener.auth.users")?);
+    tokio::spawn(crate::session::client_auth::follow_files(
+        client_auth.clone(),
+        config.listener.auth.poll_interval,
+    ));
     let tls_acceptor = match &config.listener.tls {
         Some(tls) => {
             let loaded = contents_digest(&[&tls.cert, &tls.key]);
@@ -174,7 +178,7 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
             .map_or(std::time::Duration::from_millis(250), |r| r.max_pause),
         shutdown: Arc::new(tokio::sync::Notify::new()),
         shutting_down: std::sync::atomic::AtomicBool::new(false),
-        client_auth,
+        client_auth: client_auth.clone(),
         links: ClientLinks::new(generations.clone()),
         request_limits: ScanLimits {
             max_depth: 1,
@@ -207,6 +211,7 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
         token: admin_token,
         tls: tls_status,
         client_cert_rotation,
+        client_auth,
     });
     tokio::spawn(admin::serve(admin_listener, admin_state));
     tracing::info!(%client_addr, %admin_addr, tls = tls_acceptor.is_some(), "listening");

@@ -692,6 +692,118 @@ fn client_passwords_with_overlap() {
     );
 }
 
+/// Rotating the application's password with an overlap, the way an operator does it with
+/// two password files: the proxy follows a file that changes (no restart, nobody dropped), and
+/// counts who is logged in with which entry, so the entry about to be retired can be seen to
+/// be unused.
+#[test]
+fn client_passwords_follow_their_files_and_each_entry_counts_its_clients() {
+    let password = random_token(32);
+    let redis = RedisServer::start_with_user(APP_USER, &password);
+    let dir = temp_dir();
+    let (slot_a, slot_b) = (dir.path().join("a"), dir.path().join("b"));
+    // A secrets agent's way: a new file renamed over the old one.
+    let write_slot = |slot: &std::path::Path, value: &str| {
+        let tmp = dir.path().join("incoming");
+        std::fs::write(&tmp, format!("{value}\n")).expect("write");
+        std::fs::rename(&tmp, slot).expect("rename");
+    };
+    write_slot(&slot_a, "alpha-pw");
+    write_slot(&slot_b, "bravo-pw");
+    let config = ProxyConfig::plain(&redis)
+        .credentials(Some(APP_USER), "env:TEST_UPSTREAM_PASSWORD")
+        .extra(&format!(
+            "[listener.auth]\nmode = \"password\"\npoll_interval = \"200ms\"\n\
+             [[listener.auth.users]]\nusername = \"app\"\npassword = \"file:{}\"\n\
+             [[listener.auth.users]]\nusername = \"app\"\npassword = \"file:{}\"\n",
+            slot_a.display(),
+            slot_b.display()
+        ));
+    let proxy = Proxy::start(
+        &config.to_toml(),
+        &[("TEST_UPSTREAM_PASSWORD", password.as_str())],
+    );
+    let status = || -> serde_json::Value {
+        let (code, body) = proxy.http_get("/v1/status");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).expect("status is JSON")
+    };
+    // Per entry, in the configured order: (clients logged in now, logins taken).
+    let counts = || -> Vec<(i64, i64)> {
+        let doc = status();
+        let entries = doc["client_auth"]["entries"].as_array().cloned();
+        entries
+            .unwrap_or_else(|| panic!("no client_auth entries: {doc}"))
+            .iter()
+            .map(|e| {
+                (
+                    e["connections"].as_i64().expect("connections"),
+                    e["logins"].as_i64().expect("logins"),
+                )
+            })
+            .collect()
+    };
+    // The same, as Prometheus has it: the gauge of the entry whose password is in `slot`.
+    let gauge = |slot: &std::path::Path| -> Option<f64> {
+        let (_, body) = proxy.http_get("/metrics");
+        let source = format!("source=\"file:{}\"", slot.display());
+        body.lines()
+            .find(|l| l.starts_with("rotaproxy_client_auth_connections{") && l.contains(&source))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    };
+    assert_eq!(counts(), vec![(0, 0), (0, 0)]);
+
+    let mut on_a = proxy.conn();
+    on_a.cmd(&["AUTH", "app", "alpha-pw"]).assert_ok();
+    let mut on_b = proxy.conn();
+    on_b.cmd(&["HELLO", "3", "AUTH", "app", "bravo-pw"])
+        .assert_not_error();
+    assert_eq!(counts(), vec![(1, 1), (1, 1)]);
+    assert_eq!((gauge(&slot_a), gauge(&slot_b)), (Some(1.0), Some(1.0)));
+
+    // A wrong password is refused, and the attempt is on record without it.
+    let mut newcomer = proxy.conn();
+    newcomer
+        .cmd(&["AUTH", "app", "charlie-pw"])
+        .assert_error("WRONGPASS");
+    proxy.wait_for_log("client.auth_failed", Duration::from_secs(10));
+
+    // Slot b gets the next password: new logins need it, clients logged in stay so.
+    write_slot(&slot_b, "charlie-pw");
+    proxy.wait_for_log("client_auth.reloaded", Duration::from_secs(10));
+    assert!(status()["client_auth"]["entries"][1]["password_changed_at"].is_string());
+    newcomer.cmd(&["AUTH", "app", "charlie-pw"]).assert_ok();
+    proxy
+        .conn()
+        .cmd(&["AUTH", "app", "bravo-pw"])
+        .assert_error("WRONGPASS");
+    on_b.cmd(&["PING"]).assert_simple("PONG");
+    assert_eq!(counts(), vec![(1, 1), (2, 2)]);
+
+    // The last client of slot a moves over (RESET logs it out first): slot a is unused.
+    on_a.cmd(&["RESET"]).assert_simple("RESET");
+    assert_eq!(counts(), vec![(0, 1), (2, 2)]);
+    on_a.cmd(&["AUTH", "app", "charlie-pw"]).assert_ok();
+    assert_eq!(counts(), vec![(0, 1), (3, 3)]);
+    drop(on_b);
+    assert_eventually(Duration::from_secs(10), "on_b's login ended", || {
+        counts() == vec![(0, 1), (2, 3)]
+    });
+    assert_eq!((gauge(&slot_a), gauge(&slot_b)), (Some(0.0), Some(2.0)));
+
+    // A slot whose file is gone (being replaced) keeps the password read before, said once.
+    std::fs::remove_file(&slot_a).expect("remove");
+    proxy.wait_for_log("cannot read a client password", Duration::from_secs(10));
+    proxy.conn().cmd(&["AUTH", "app", "alpha-pw"]).assert_ok();
+
+    let (_, metrics) = proxy.http_get("/metrics");
+    let shown = format!("{}\n{metrics}", status());
+    for secret in ["alpha-pw", "bravo-pw", "charlie-pw", password.as_str()] {
+        assert!(!shown.contains(secret), "a password in status or metrics");
+    }
+    assert_no_secret_in_logs(&proxy, &[&password, "alpha-pw", "bravo-pw", "charlie-pw"]);
+}
+
 /// Everything a connection receives until the peer closes it.
 fn bytes_until_closed(conn: &mut RespConn) -> Vec<u8> {
     let mut all = Vec::new();

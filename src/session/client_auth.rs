@@ -1,59 +1,296 @@
 //! How clients authenticate to the proxy. Their AUTH never reaches the upstream: the upstream
 //! credential is the proxy's own.
+//!
+//! Rotating the application-side password is the operators' own job, done with an overlap:
+//! two entries, the application moved from one to the other, the old one retired. Two things
+//! make that safe without a restart (which would drop every client):
+//! - a password given as `file:` is followed: when the file changes (a Kubernetes secret
+//!   volume, a secrets agent), new logins are checked against what it holds now. Clients
+//!   already logged in stay logged in, as Redis keeps a connection authenticated when its
+//!   user's password changes;
+//! - each entry counts the clients logged in with it now and the logins it has taken
+//!   (`rotaproxy_client_auth_connections` and `rotaproxy_client_auth_total`, and
+//!   `client_auth` in `/v1/status`), so an operator can see that nobody still uses the
+//!   password about to be retired.
 
+use std::path::Path;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
 use secrecy::{ExposeSecret, SecretString};
+use serde_json::json;
 
-use crate::config::{ClientAuthConfig, ClientAuthMode, SecretError};
+use crate::config::{ClientAuthConfig, ClientAuthMode, SecretError, SecretRef};
+use crate::watch::FileWatch;
 
 pub struct ClientAuth {
     /// None: any AUTH is accepted (applications migrating from a direct connection still send
-    /// their old password). Some: any of these user/password pairs is accepted.
-    users: Option<Vec<(String, SecretString)>>,
+    /// their old password). Some: any of these entries is accepted.
+    entries: Option<Vec<Arc<Entry>>>,
+    /// Refused logins are logged at most once a second (an application in a reconnect loop
+    /// with a retired password must not flood the log); the others are counted here and
+    /// reported with the next line.
+    refusals_logged_at: Mutex<Option<std::time::Instant>>,
+    refusals_unlogged: AtomicU64,
+}
+
+/// Least time between two log lines about refused logins.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
+
+/// One accepted username and password.
+struct Entry {
+    username: String,
+    /// Where the password comes from, as configured (`env:NAME`, `file:/path`): names the
+    /// entry in metrics, status and logs. Never the password.
+    source: SecretRef,
+    password: ArcSwap<SecretString>,
+    /// Clients logged in with this entry now.
+    connections: AtomicI64,
+    /// Logins accepted with this entry since start.
+    logins: AtomicU64,
+    /// When the file last brought a new password (None: the one read at start).
+    changed_at: Mutex<Option<SystemTime>>,
+    /// Whether the file's being unreadable was logged (once, until it is readable again).
+    unreadable_logged: Mutex<bool>,
 }
 
 impl std::fmt::Debug for ClientAuth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let users: Option<Vec<&str>> = self
-            .users
+            .entries
             .as_ref()
-            .map(|u| u.iter().map(|(name, _)| name.as_str()).collect());
+            .map(|e| e.iter().map(|entry| entry.username.as_str()).collect());
         f.debug_struct("ClientAuth").field("users", &users).finish()
+    }
+}
+
+/// A client's login: while it lives, the client counts as logged in with its entry. Dropped
+/// when the client logs out (`RESET`), logs in again, or leaves.
+pub struct Login {
+    entry: Option<Arc<Entry>>,
+}
+
+impl Login {
+    fn with(entry: &Arc<Entry>) -> Login {
+        entry.connections.fetch_add(1, Ordering::Relaxed);
+        entry.logins.fetch_add(1, Ordering::Relaxed);
+        entry.publish();
+        metrics::counter!(
+            "rotaproxy_client_auth_total",
+            "username" => entry.username.clone(),
+            "source" => entry.source.to_string(),
+        )
+        .increment(1);
+        Login {
+            entry: Some(entry.clone()),
+        }
+    }
+}
+
+impl Drop for Login {
+    fn drop(&mut self) {
+        if let Some(entry) = &self.entry {
+            entry.connections.fetch_sub(1, Ordering::Relaxed);
+            entry.publish();
+        }
+    }
+}
+
+impl Entry {
+    /// Sets the gauge of clients logged in with this entry.
+    fn publish(&self) {
+        metrics::gauge!(
+            "rotaproxy_client_auth_connections",
+            "username" => self.username.clone(),
+            "source" => self.source.to_string(),
+        )
+        .set(self.connections.load(Ordering::Relaxed) as f64);
+    }
+
+    /// Reads the file again; true when it brought a new password. An unreadable or empty file
+    /// keeps the password in use (a replacement may be under way), said once.
+    fn reload(&self) -> bool {
+        let fresh = match self.source.resolve() {
+            Ok(fresh) => fresh,
+            Err(err) => {
+                let mut logged = self.unreadable_logged.lock().expect("not poisoned");
+                if !*logged {
+                    *logged = true;
+                    tracing::warn!(
+                        username = %self.username,
+                        source = %self.source,
+                        error = %err,
+                        "cannot read a client password; clients keep logging in with the one \
+                         read before"
+                    );
+                }
+                return false;
+            }
+        };
+        *self.unreadable_logged.lock().expect("not poisoned") = false;
+        if fresh.expose_secret() == self.password.load().expose_secret() {
+            return false;
+        }
+        self.password.store(Arc::new(fresh));
+        *self.changed_at.lock().expect("not poisoned") = Some(SystemTime::now());
+        tracing::info!(
+            target: "rotaproxy::audit",
+            event = "client_auth.reloaded",
+            username = %self.username,
+            source = %self.source,
+            "a client password changed: new logins are checked against it; clients logged in \
+             stay logged in"
+        );
+        true
     }
 }
 
 impl ClientAuth {
     pub fn from_config(config: &ClientAuthConfig) -> Result<Self, SecretError> {
-        let users = match config.mode {
+        let entries = match config.mode {
             ClientAuthMode::None => None,
             ClientAuthMode::Password => Some(
                 config
                     .users
                     .iter()
-                    .map(|u| Ok((u.username.clone(), u.password.resolve()?)))
+                    .map(|u| {
+                        let entry = Entry {
+                            username: u.username.clone(),
+                            source: u.password.clone(),
+                            password: ArcSwap::from_pointee(u.password.resolve()?),
+                            connections: AtomicI64::new(0),
+                            logins: AtomicU64::new(0),
+                            changed_at: Mutex::new(None),
+                            unreadable_logged: Mutex::new(false),
+                        };
+                        entry.publish();
+                        Ok(Arc::new(entry))
+                    })
                     .collect::<Result<_, SecretError>>()?,
             ),
         };
-        Ok(Self { users })
+        Ok(Self::with_entries(entries))
+    }
+
+    fn with_entries(entries: Option<Vec<Arc<Entry>>>) -> Self {
+        Self {
+            entries,
+            refusals_logged_at: Mutex::new(None),
+            refusals_unlogged: AtomicU64::new(0),
+        }
+    }
+
+    /// Puts a refused login on record, as Redis's ACL LOG keeps it: an application still
+    /// sending a retired password shows here. The username is the client's (escaped); never
+    /// the password.
+    pub fn log_refusal(&self, peer: &std::net::SocketAddr, username: &[u8]) {
+        let now = std::time::Instant::now();
+        let mut last = self.refusals_logged_at.lock().expect("not poisoned");
+        if last.is_some_and(|at| now.duration_since(at) < REFUSAL_LOG_INTERVAL) {
+            self.refusals_unlogged.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        *last = Some(now);
+        // Taken outside the macro, whose fields are only evaluated when the line is enabled.
+        let not_logged_before = self.refusals_unlogged.swap(0, Ordering::Relaxed);
+        tracing::info!(
+            target: "rotaproxy::audit",
+            event = "client.auth_failed",
+            peer = %peer,
+            username = %String::from_utf8_lossy(username).escape_debug(),
+            not_logged_before,
+            "a client's AUTH was refused"
+        );
     }
 
     /// Whether clients must authenticate before running commands.
     pub fn required(&self) -> bool {
-        self.users.is_some()
+        self.entries.is_some()
     }
 
-    /// Checks a username/password pair. Every configured entry is compared in full, so timing
-    /// does not reveal which user matched or how much of a password was right.
-    pub fn check(&self, username: &[u8], password: &[u8]) -> bool {
-        let Some(users) = &self.users else {
-            return true;
+    /// Checks a username/password pair: the login when an entry accepts it. Every entry is
+    /// compared in full, so timing does not reveal which user matched or how much of a password
+    /// was right. With client auth `none` anything is accepted, and counted nowhere.
+    pub fn check(&self, username: &[u8], password: &[u8]) -> Option<Login> {
+        let Some(entries) = &self.entries else {
+            return Some(Login { entry: None });
         };
-        let mut ok = false;
-        for (user, secret) in users {
-            let user_ok = constant_time_eq(user.as_bytes(), username);
-            let pass_ok = constant_time_eq(secret.expose_secret().as_bytes(), password);
-            ok |= user_ok & pass_ok;
+        let mut matched = None;
+        for entry in entries {
+            let user_ok = constant_time_eq(entry.username.as_bytes(), username);
+            let pass_ok =
+                constant_time_eq(entry.password.load().expose_secret().as_bytes(), password);
+            if user_ok & pass_ok && matched.is_none() {
+                matched = Some(entry);
+            }
         }
-        ok
+        matched.map(Login::with)
+    }
+
+    /// The files client passwords are read from.
+    fn files(&self) -> Vec<&Path> {
+        self.entries
+            .iter()
+            .flatten()
+            .filter_map(|e| e.source.path())
+            .collect()
+    }
+
+    /// `client_auth` in `/v1/status`: each entry by username and source, with the clients
+    /// logged in with it now and the logins it took. Never a password.
+    pub fn status(&self) -> serde_json::Value {
+        let Some(entries) = &self.entries else {
+            return json!({ "mode": "none" });
+        };
+        let entries: Vec<_> = entries
+            .iter()
+            .map(|e| {
+                let changed_at = e
+                    .changed_at
+                    .lock()
+                    .expect("not poisoned")
+                    .map(|t| humantime::format_rfc3339_seconds(t).to_string());
+                json!({
+                    "username": e.username,
+                    "source": e.source.to_string(),
+                    "connections": e.connections.load(Ordering::Relaxed),
+                    "logins": e.logins.load(Ordering::Relaxed),
+                    "password_changed_at": changed_at,
+                })
+            })
+            .collect();
+        json!({ "mode": "password", "entries": entries })
+    }
+}
+
+pub fn describe_metrics() {
+    metrics::describe_gauge!(
+        "rotaproxy_client_auth_connections",
+        "Clients logged in now, by the client auth entry (username, and source: where its password is read from) they logged in with"
+    );
+    metrics::describe_counter!(
+        "rotaproxy_client_auth_total",
+        "Client logins accepted, by client auth entry (username, source)"
+    );
+}
+
+/// Follows the files client passwords are read from (see the module's note); returns at once
+/// when none is given as a file.
+pub async fn follow_files(auth: Arc<ClientAuth>, poll_interval: Duration) {
+    let files = auth.files();
+    if files.is_empty() {
+        return;
+    }
+    let mut watch = FileWatch::new(&files, poll_interval, "client password files");
+    loop {
+        watch.next().await;
+        for entry in auth.entries.iter().flatten() {
+            if entry.source.path().is_some() {
+                entry.reload();
+            }
+        }
     }
 }
 
@@ -71,33 +308,81 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::ClientUser;
 
     fn auth(pairs: &[(&str, &str)]) -> ClientAuth {
-        ClientAuth {
-            users: Some(
-                pairs
-                    .iter()
-                    .map(|(u, p)| (u.to_string(), SecretString::from(p.to_string())))
-                    .collect(),
-            ),
-        }
+        let users = pairs
+            .iter()
+            .enumerate()
+            .map(|(i, (user, pass))| {
+                let var = format!("ROTAPROXY_CLIENT_AUTH_UNIT_{}_{i}", std::process::id());
+                // SAFETY (test only): each test sets variables of its own names before reading.
+                unsafe { std::env::set_var(&var, pass) };
+                ClientUser {
+                    username: user.to_string(),
+                    password: SecretRef::Env(var),
+                }
+            })
+            .collect();
+        ClientAuth::from_config(&ClientAuthConfig {
+            mode: ClientAuthMode::Password,
+            users,
+            poll_interval: Duration::from_secs(30),
+        })
+        .expect("readable")
     }
 
     #[test]
-    fn any_listed_pair_is_accepted() {
+    fn any_listed_pair_is_accepted_and_counted_while_logged_in() {
         let a = auth(&[("default", "old"), ("default", "new"), ("app", "x")]);
-        assert!(a.check(b"default", b"old"));
-        assert!(a.check(b"default", b"new"));
-        assert!(a.check(b"app", b"x"));
-        assert!(!a.check(b"app", b"old"));
-        assert!(!a.check(b"default", b"ol"));
-        assert!(!format!("{a:?}").contains("old"));
+        let old = a.check(b"default", b"old").expect("old accepted");
+        let new = a.check(b"default", b"new").expect("new accepted");
+        assert!(a.check(b"app", b"x").is_some());
+        assert!(a.check(b"app", b"old").is_none());
+        assert!(a.check(b"default", b"ol").is_none());
+        let counts = |a: &ClientAuth| -> Vec<(i64, u64)> {
+            a.status()["entries"]
+                .as_array()
+                .expect("entries")
+                .iter()
+                .map(|e| {
+                    (
+                        e["connections"].as_i64().expect("n"),
+                        e["logins"].as_u64().expect("n"),
+                    )
+                })
+                .collect()
+        };
+        // The app login above was dropped at once.
+        assert_eq!(counts(&a), vec![(1, 1), (1, 1), (0, 1)]);
+        drop(old);
+        assert_eq!(counts(&a), vec![(0, 1), (1, 1), (0, 1)]);
+        drop(new);
+        assert_eq!(counts(&a), vec![(0, 1), (0, 1), (0, 1)]);
+        let shown = format!("{a:?} {}", a.status());
+        assert!(!shown.contains("old") && !shown.contains("new"), "{shown}");
+    }
+
+    #[test]
+    fn refusals_are_logged_at_most_once_a_second_and_the_rest_counted() {
+        let a = auth(&[("app", "pw")]);
+        let peer = "127.0.0.1:5000".parse().expect("address");
+        a.log_refusal(&peer, b"app");
+        a.log_refusal(&peer, b"app");
+        a.log_refusal(&peer, b"other");
+        assert_eq!(a.refusals_unlogged.load(Ordering::Relaxed), 2);
+        // A second later the next one is logged, with the count of those that were not.
+        *a.refusals_logged_at.lock().expect("not poisoned") =
+            Some(std::time::Instant::now() - REFUSAL_LOG_INTERVAL);
+        a.log_refusal(&peer, b"app");
+        assert_eq!(a.refusals_unlogged.load(Ordering::Relaxed), 0);
     }
 
     #[test]
     fn mode_none_accepts_anything() {
-        let a = ClientAuth { users: None };
+        let a = ClientAuth::with_entries(None);
         assert!(!a.required());
-        assert!(a.check(b"whoever", b"whatever"));
+        assert!(a.check(b"whoever", b"whatever").is_some());
+        assert_eq!(a.status(), json!({ "mode": "none" }));
     }
 }

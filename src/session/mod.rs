@@ -118,7 +118,7 @@ pub struct SessionContext {
     /// Set when the proxy is shutting down: sessions finish what they owe, then close.
     pub shutdown: Arc<tokio::sync::Notify>,
     pub shutting_down: std::sync::atomic::AtomicBool,
-    pub client_auth: ClientAuth,
+    pub client_auth: Arc<ClientAuth>,
     /// Sessions' public client ids, for tracking redirects and ids given as arguments.
     pub links: links::ClientLinks,
     pub request_limits: ScanLimits,
@@ -243,6 +243,8 @@ pub struct Session {
     replies: ReplyQueue,
     state: ConnState,
     authenticated: bool,
+    /// The client auth entry the client logged in with (counted there while this lives).
+    login: Option<client_auth::Login>,
     in_multi: bool,
     /// State changes of commands queued in the open MULTI, applied when EXEC succeeds.
     multi_actions: Vec<(usize, Action)>,
@@ -358,6 +360,7 @@ impl Session {
             replies: ReplyQueue::default(),
             state: ConnState::new(),
             authenticated,
+            login: None,
             in_multi: false,
             multi_actions: Vec::new(),
             multi_base: 0,
@@ -1198,26 +1201,30 @@ impl Session {
             _ => Err(SYNTAX_ERROR),
         };
         match (self.in_multi, outcome) {
-            (false, Ok(())) => {
-                self.set_authenticated(true);
+            (false, Ok(login)) => {
+                self.log_in(login);
                 self.reply_after_pushes(Bytes::from_static(b"+OK\r\n"))
                     .await;
             }
             (false, Err(error)) => self.reply_after_pushes(Bytes::from_static(error)).await,
             // Redis would queue the AUTH and answer +OK for it in EXEC.
-            (true, Ok(())) => self.forward(UNWATCH, Expect::Relay(1)).await,
+            (true, Ok(_)) => self.forward(UNWATCH, Expect::Relay(1)).await,
             (true, Err(error)) => self.refuse_in_multi(Bytes::from_static(error)).await,
         }
     }
 
     /// Checks a user/password pair against the proxy's client auth; Err is the reply.
-    fn check_client_auth(&mut self, user: &[u8], pass: &[u8]) -> Result<(), &'static [u8]> {
-        if self.ctx.client_auth.check(user, pass) {
-            Ok(())
-        } else {
-            self.ctx.metrics.client_error(ClientErrorReason::Auth);
-            Err(WRONGPASS)
+    fn check_client_auth(
+        &mut self,
+        user: &[u8],
+        pass: &[u8],
+    ) -> Result<client_auth::Login, &'static [u8]> {
+        if let Some(login) = self.ctx.client_auth.check(user, pass) {
+            return Ok(login);
         }
+        self.ctx.metrics.client_error(ClientErrorReason::Auth);
+        self.ctx.client_auth.log_refusal(&self.peer, user);
+        Err(WRONGPASS)
     }
 
     /// Refuses, inside MULTI, a command that Redis would queue but the proxy will not send (an
@@ -1281,7 +1288,7 @@ impl Session {
                 match option {
                     HelloOption::Auth { user, password } => {
                         match self.check_client_auth(user, password) {
-                            Ok(()) => self.set_authenticated(true),
+                            Ok(login) => self.log_in(login),
                             Err(error) => {
                                 return self.reply_after_pushes(Bytes::from_static(error)).await;
                             }
@@ -1545,6 +1552,17 @@ impl Session {
 
     /// Records whether the client has authenticated. Until it has, the request scanner holds it
     /// to Redis's limits for unauthenticated clients (no argument over 16 KiB).
+    fn log_in(&mut self, login: client_auth::Login) {
+        self.login = Some(login);
+        self.set_authenticated(true);
+    }
+
+    /// After `RESET`: a client that must authenticate must do so again.
+    fn log_out(&mut self) {
+        self.login = None;
+        self.set_authenticated(!self.ctx.client_auth.required());
+    }
+
     fn set_authenticated(&mut self, authenticated: bool) {
         self.authenticated = authenticated;
         self.request_scanner.set_unauthenticated(!authenticated);
@@ -2081,7 +2099,7 @@ impl Session {
                 self.resume_input = true;
                 if ok {
                     // RESET logged the upstream connection out to the default user.
-                    self.set_authenticated(!self.ctx.client_auth.required());
+                    self.log_out();
                     self.reauthenticate();
                 }
             }
