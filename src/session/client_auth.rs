@@ -22,7 +22,7 @@ use arc_swap::ArcSwap;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::json;
 
-use crate::config::{ClientAuthConfig, ClientAuthMode, SecretError, SecretRef};
+use crate::config::{ClientAuthConfig, ClientAuthMode, ClientUser, SecretError, SecretRef};
 use crate::watch::FileWatch;
 
 pub struct ClientAuth {
@@ -50,6 +50,9 @@ struct Entry {
     connections: AtomicI64,
     /// Logins accepted with this entry since start.
     logins: AtomicU64,
+    /// The two as metrics (`rotaproxy_client_auth_connections`, `rotaproxy_client_auth_total`).
+    connections_gauge: metrics::Gauge,
+    logins_counter: metrics::Counter,
     /// When the file last brought a new password (None: the one read at start).
     changed_at: Mutex<Option<SystemTime>>,
     /// Whether the file's being unreadable was logged (once, until it is readable again).
@@ -76,13 +79,8 @@ impl Login {
     fn with(entry: &Arc<Entry>) -> Login {
         entry.connections.fetch_add(1, Ordering::Relaxed);
         entry.logins.fetch_add(1, Ordering::Relaxed);
-        entry.publish();
-        metrics::counter!(
-            "rotaproxy_client_auth_total",
-            "username" => entry.username.clone(),
-            "source" => entry.source.to_string(),
-        )
-        .increment(1);
+        entry.connections_gauge.increment(1.0);
+        entry.logins_counter.increment(1);
         Login {
             entry: Some(entry.clone()),
         }
@@ -93,25 +91,36 @@ impl Drop for Login {
     fn drop(&mut self) {
         if let Some(entry) = &self.entry {
             entry.connections.fetch_sub(1, Ordering::Relaxed);
-            entry.publish();
+            entry.connections_gauge.decrement(1.0);
         }
     }
 }
 
 impl Entry {
-    /// Sets the gauge of clients logged in with this entry.
-    fn publish(&self) {
-        metrics::gauge!(
-            "rotaproxy_client_auth_connections",
-            "username" => self.username.clone(),
-            "source" => self.source.to_string(),
-        )
-        .set(self.connections.load(Ordering::Relaxed) as f64);
+    fn new(user: &ClientUser) -> Result<Entry, SecretError> {
+        let labels = [
+            ("username", user.username.clone()),
+            ("source", user.password.to_string()),
+        ];
+        let connections_gauge = metrics::gauge!("rotaproxy_client_auth_connections", &labels);
+        // Shown from the start, at 0, so that an entry nobody uses is there to be seen.
+        connections_gauge.set(0.0);
+        Ok(Entry {
+            username: user.username.clone(),
+            source: user.password.clone(),
+            password: ArcSwap::from_pointee(user.password.resolve()?),
+            connections: AtomicI64::new(0),
+            logins: AtomicU64::new(0),
+            connections_gauge,
+            logins_counter: metrics::counter!("rotaproxy_client_auth_total", &labels),
+            changed_at: Mutex::new(None),
+            unreadable_logged: Mutex::new(false),
+        })
     }
 
-    /// Reads the file again; true when it brought a new password. An unreadable or empty file
-    /// keeps the password in use (a replacement may be under way), said once.
-    fn reload(&self) -> bool {
+    /// Reads the file again and takes the password it holds. An unreadable or empty file keeps
+    /// the password in use (a replacement may be under way), said once.
+    fn reload(&self) {
         let fresh = match self.source.resolve() {
             Ok(fresh) => fresh,
             Err(err) => {
@@ -126,12 +135,12 @@ impl Entry {
                          read before"
                     );
                 }
-                return false;
+                return;
             }
         };
         *self.unreadable_logged.lock().expect("not poisoned") = false;
         if fresh.expose_secret() == self.password.load().expose_secret() {
-            return false;
+            return;
         }
         self.password.store(Arc::new(fresh));
         *self.changed_at.lock().expect("not poisoned") = Some(SystemTime::now());
@@ -143,7 +152,6 @@ impl Entry {
             "a client password changed: new logins are checked against it; clients logged in \
              stay logged in"
         );
-        true
     }
 }
 
@@ -155,19 +163,7 @@ impl ClientAuth {
                 config
                     .users
                     .iter()
-                    .map(|u| {
-                        let entry = Entry {
-                            username: u.username.clone(),
-                            source: u.password.clone(),
-                            password: ArcSwap::from_pointee(u.password.resolve()?),
-                            connections: AtomicI64::new(0),
-                            logins: AtomicU64::new(0),
-                            changed_at: Mutex::new(None),
-                            unreadable_logged: Mutex::new(false),
-                        };
-                        entry.publish();
-                        Ok(Arc::new(entry))
-                    })
+                    .map(|u| Entry::new(u).map(Arc::new))
                     .collect::<Result<_, SecretError>>()?,
             ),
         };
@@ -308,7 +304,6 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ClientUser;
 
     fn auth(pairs: &[(&str, &str)]) -> ClientAuth {
         let users = pairs

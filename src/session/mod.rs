@@ -1207,7 +1207,8 @@ impl Session {
                     .await;
             }
             (false, Err(error)) => self.reply_after_pushes(Bytes::from_static(error)).await,
-            // Redis would queue the AUTH and answer +OK for it in EXEC.
+            // Redis would queue the AUTH and answer +OK for it in EXEC. The client stays
+            // counted with the entry it logged in with before (it is already logged in).
             (true, Ok(_)) => self.forward(UNWATCH, Expect::Relay(1)).await,
             (true, Err(error)) => self.refuse_in_multi(Bytes::from_static(error)).await,
         }
@@ -1550,8 +1551,7 @@ impl Session {
         }
     }
 
-    /// Records whether the client has authenticated. Until it has, the request scanner holds it
-    /// to Redis's limits for unauthenticated clients (no argument over 16 KiB).
+    /// The client logged in with `login`'s entry (a new AUTH replaces the one before).
     fn log_in(&mut self, login: client_auth::Login) {
         self.login = Some(login);
         self.set_authenticated(true);
@@ -1563,6 +1563,8 @@ impl Session {
         self.set_authenticated(!self.ctx.client_auth.required());
     }
 
+    /// Records whether the client has authenticated. Until it has, the request scanner holds it
+    /// to Redis's limits for unauthenticated clients (no argument over 16 KiB).
     fn set_authenticated(&mut self, authenticated: bool) {
         self.authenticated = authenticated;
         self.request_scanner.set_unauthenticated(!authenticated);
