@@ -517,8 +517,13 @@ fn http_requests_are_cut_off_before_any_of_them_reaches_redis() {
             .metric("rotaproxy_client_errors_total{reason=\"http_request\"}"),
         Some(4.0)
     );
-    env.proxy
+    let line = env
+        .proxy
         .wait_for_log("possible cross-protocol attack", Duration::from_secs(10));
+    assert!(
+        line.contains("client.http_request"),
+        "an audit event: {line}"
+    );
     bystander.cmd(&["GET", "b"]).assert_bulk("1");
     env.assert_no_secret_leaked();
 }

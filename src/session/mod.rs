@@ -1578,6 +1578,8 @@ impl Session {
     /// commands in the body would run on the new one.) What was asked before it is answered.
     fn close_on_http_request(&mut self) {
         tracing::warn!(
+            target: "rotaproxy::audit",
+            event = "client.http_request",
             peer = %self.peer,
             "possible cross-protocol attack: the client sent an HTTP request (POST or Host:) \
              instead of commands; connection closed"
