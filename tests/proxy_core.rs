@@ -1256,6 +1256,28 @@ fn tls_on_both_sides_carries_what_plain_tcp_does() {
         connections() == Some(2.0)
     });
     clean.expect_closed(Duration::from_secs(10));
+
+    // A record that does not decrypt (forged, or cut by a middlebox): that client alone is
+    // closed (after rustls's alert), as after any other protocol fault.
+    let mut forger = conn();
+    forger.cmd(&["PING"]).assert_simple("PONG");
+    let mut record = vec![0x17, 0x03, 0x03, 0x00, 0x40];
+    record.extend((0..0x40u8).map(|i| i.wrapping_mul(37)));
+    let mut tcp = forger.tcp().try_clone().expect("clone");
+    tcp.write_all(&record).expect("write the forged record");
+    tcp.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut rest = Vec::new();
+    std::io::Read::read_to_end(&mut tcp, &mut rest).expect("the proxy closes the connection");
+    assert_eventually(
+        Duration::from_secs(10),
+        "the forger's session ended",
+        || connections() == Some(2.0),
+    );
+    let line = env
+        .proxy
+        .wait_for_log("closing client after a TLS error", Duration::from_secs(10));
+    assert!(line.contains("decrypt"), "the cause is named: {line}");
     c.cmd(&["GET", "before"]).assert_bulk("1");
     env.assert_no_secret_leaked();
 }

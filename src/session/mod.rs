@@ -417,6 +417,12 @@ impl Session {
             let event = poll_fn(|cx| self.poll_io(cx)).await;
             match event {
                 Event::ClientRead(0) | Event::Finished => break,
+                // A TLS record that does not decrypt, or a fatal alert, is the client's fault
+                // and worth a line; resets and broken pipes are clients going away.
+                Event::ClientFailed(err) if err.kind() == io::ErrorKind::InvalidData => {
+                    tracing::info!(peer = %self.peer, error = %err, "closing client after a TLS error");
+                    break;
+                }
                 Event::ClientFailed(err) => {
                     tracing::debug!(peer = %self.peer, error = %err, "client connection failed");
                     break;
