@@ -2111,6 +2111,43 @@ fn a_watch_on_a_lost_connection_makes_exec_answer_nil() {
     env.assert_no_secret_leaked();
 }
 
+/// Redis ends a transaction at an EXEC it refuses for its argument count (`-EXECABORT`), and
+/// drops the WATCHes with it, inside MULTI or not. Found by the random test (seed 81201): the
+/// proxy kept the MULTI open, took the HELLO 3 after it for a queued one, and after a move
+/// replayed the session in RESP2.
+#[test]
+fn an_exec_refused_for_its_arguments_ends_the_transaction_as_on_redis() {
+    let env = Env::start();
+    let mut c = env.conn();
+    c.cmd(&["MULTI"]).assert_ok();
+    c.cmd(&["SET", "k", "queued"]).assert_simple("QUEUED");
+    c.cmd(&["EXEC", "x"]).assert_error(
+        "EXECABORT Transaction discarded because of: wrong number of arguments for 'exec' command",
+    );
+    let hello = c.cmd(&["HELLO", "3"]);
+    assert_eq!(
+        hello.map_get("proto"),
+        Some(&Frame::Integer(3)),
+        "{hello:?}"
+    );
+    c.cmd(&["GET", "k"]).assert_null();
+    // The connection is replaced as it was: in RESP3.
+    env.redis.kill_connections_of(APP_USER);
+    let info = c.cmd(&["CLIENT", "TRACKINGINFO"]);
+    assert!(matches!(info, Frame::Map(_)), "{info:?}");
+
+    // Outside MULTI it still drops the WATCHes: a watched key that changes while the
+    // connection is replaced does not abort the next transaction.
+    c.cmd(&["WATCH", "k"]).assert_ok();
+    c.cmd(&["EXEC", "x"]).assert_error("EXECABORT");
+    env.redis.admin_cmd(&["SET", "k", "changed"]).assert_ok();
+    env.redis.kill_connections_of(APP_USER);
+    c.cmd(&["MULTI"]).assert_ok();
+    c.cmd(&["GET", "k"]).assert_simple("QUEUED");
+    assert_eq!(c.cmd(&["EXEC"]), Frame::Array(vec![Frame::bulk("changed")]));
+    env.assert_no_secret_leaked();
+}
+
 #[test]
 fn an_open_multi_on_a_lost_connection_never_half_runs() {
     let env = Env::start();

@@ -956,6 +956,17 @@ impl Session {
     async fn handle_command(&mut self, kind: Kind, args: &[&[u8]], frame: &[u8]) {
         let relay_one = Expect::Relay(1);
         if !kind.argument_count_fits(args.len()) {
+            if kind == Kind::Exec {
+                // Redis answers a refused EXEC by aborting the transaction, open or not
+                // (`-EXECABORT`): the MULTI ends there with what it queued, and the WATCHes
+                // go. What follows runs at once, a HELLO or a SUBSCRIBE included.
+                self.in_multi = false;
+                self.multi_lost = false;
+                self.watch_armed = false;
+                self.watch_lost = false;
+                self.multi_actions.clear();
+                return self.forward(frame, relay_one).await;
+            }
             // Redis refuses it before anything else, and nothing changes (inside MULTI it is
             // answered at once, and EXEC will abort the transaction).
             return if self.in_multi && !self.multi_lost {
