@@ -690,9 +690,10 @@ fn batch(rng: &mut Rng, n: &Names, guess: &mut Guess) -> Vec<Cmd> {
         // the connection itself then follows EXEC's array looking like any array reply, and
         // where it ends no parser can tell (the scripted RESP3 test covers it).
         let pubsub = rng.chance(50);
-        // After a RESET (which Redis runs at once, inside MULTI too) the rest runs outside any
-        // transaction, and the guess must follow it.
-        let mut reset = false;
+        // After a RESET (which Redis runs at once, inside MULTI too) or an EXEC refused for
+        // its arguments (which aborts the transaction) the rest runs outside any transaction,
+        // and the guess must follow it, until a MULTI opens one again.
+        let mut outside = false;
         for _ in 0..rng.below(5) {
             let c = match rng.below(16) {
                 0 => refused_command(rng, n),
@@ -723,8 +724,13 @@ fn batch(rng: &mut Rng, n: &Names, guess: &mut Guess) -> Vec<Cmd> {
             if !guess.may_send(&c) {
                 continue;
             }
-            reset |= c.args[0] == b"RESET" && !c.changes_nothing;
-            if reset {
+            let name = c.args[0].to_ascii_uppercase();
+            if (name == b"RESET" && !c.changes_nothing) || name == b"EXEC" {
+                outside = true;
+            } else if outside && name == b"MULTI" && c.args.len() == 1 {
+                outside = false;
+            }
+            if outside {
                 guess.follow(&c);
             } else {
                 guess.follow_queued(&c);
