@@ -141,10 +141,10 @@ impl Guess {
     /// Whether `cmd` may be sent after `before` commands of the same batch. Where clients must
     /// authenticate, a RESET comes first in its batch or not at all. Once (seed 101015, not on
     /// replay) the direct server closed a session's connection "for overcoming of output buffer
-    /// limits" right after a RESET had logged it out behind 49 KB of replies not yet sent; no
-    /// limit applies to normal clients here, so this looks like the limit on unauthenticated
-    /// clients' output (CVE-2025-21605) that Debian's 7.0.15 may carry. Replies before a
-    /// logging-out RESET are what such a limit counts.
+    /// limits" right after a RESET had logged it out behind 49 KB of replies not yet sent: the
+    /// limit on unauthenticated clients' output that Debian's 7.0.15 carries since deb12u4
+    /// (CVE-2025-21605; normal clients have no limit here). Replies before a logging-out RESET
+    /// are what it counts.
     fn may_send_at(&self, cmd: &Cmd, before: usize) -> bool {
         let logs_out =
             self.client_auth && cmd.args[0].eq_ignore_ascii_case(b"RESET") && !cmd.changes_nothing;
