@@ -71,8 +71,10 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Run { config } => {
-            let config = match Config::load(&config) {
+        Command::Run {
+            config: config_path,
+        } => {
+            let config = match Config::load(&config_path) {
                 Ok(c) => c,
                 Err(err) => {
                     eprintln!("error: {err}");
@@ -80,7 +82,7 @@ fn main() -> ExitCode {
                 }
             };
             init_logging(&config.log);
-            match run(config) {
+            match run(config, config_path) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
                     tracing::error!("{err:#}");
@@ -91,7 +93,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(config: Config) -> anyhow::Result<()> {
+fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Result<()> {
     let runtime = if config.runtime.worker_threads <= 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -104,7 +106,7 @@ fn run(config: Config) -> anyhow::Result<()> {
     };
     runtime.block_on(async {
         let prometheus = rotaproxy::metrics::install_recorder()?;
-        rotaproxy::server::run(config, prometheus).await
+        rotaproxy::server::run(config, prometheus, Some(config_path)).await
     })
 }
 

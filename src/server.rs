@@ -36,7 +36,12 @@ const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 const CLIENT_TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Runs the proxy until SIGINT/SIGTERM.
-pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result<()> {
+/// `config_path`, when given, is re-read on SIGHUP for the client auth entries.
+pub async fn run(
+    config: Config,
+    prometheus: PrometheusHandle,
+    config_path: Option<std::path::PathBuf>,
+) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     warn_about_risky_settings(&config);
 
@@ -150,6 +155,15 @@ pub async fn run(config: Config, prometheus: PrometheusHandle) -> anyhow::Result
         client_auth.clone(),
         config.listener.auth.poll_interval,
     ));
+    if let Some(path) = config_path {
+        let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("cannot handle SIGHUP")?;
+        tokio::spawn(reload_client_auth_on_hangup(
+            hangup,
+            path,
+            client_auth.clone(),
+        ));
+    }
     let tls_acceptor = match &config.listener.tls {
         Some(tls) => {
             let loaded = contents_digest(&[&tls.cert, &tls.key]);
@@ -428,6 +442,33 @@ fn warn_about_risky_settings(config: &Config) {
     }
     if !config.admin.bind.ip().is_loopback() {
         tracing::warn!(bind = %config.admin.bind, "the admin listener is not on loopback");
+    }
+}
+
+/// SIGHUP re-reads the configuration file for its client auth entries (`[listener.auth]`),
+/// so an application password can be added or retired without dropping a client. Nothing
+/// else is reloaded; a file that does not load changes nothing.
+async fn reload_client_auth_on_hangup(
+    mut hangup: tokio::signal::unix::Signal,
+    path: std::path::PathBuf,
+    client_auth: Arc<ClientAuth>,
+) {
+    while hangup.recv().await.is_some() {
+        let outcome = Config::load(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|config| client_auth.reload(&config.listener.auth));
+        match outcome {
+            Ok(()) => tracing::info!(
+                path = %path.display(),
+                "SIGHUP: client auth entries re-read (only [listener.auth] is reloaded; the \
+                 rest of the file needs a restart)"
+            ),
+            Err(error) => tracing::warn!(
+                path = %path.display(),
+                %error,
+                "SIGHUP: client auth entries not reloaded; nothing changed"
+            ),
+        }
     }
 }
 

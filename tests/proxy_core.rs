@@ -809,6 +809,130 @@ fn client_passwords_follow_their_files_and_each_entry_counts_its_clients() {
     assert_no_secret_in_logs(&proxy, &[&password, "alpha-pw", "bravo-pw", "charlie-pw"]);
 }
 
+/// Adding and retiring a client auth entry without a restart: SIGHUP re-reads the config file's
+/// `[listener.auth]`. A new entry is accepted at once; a removed one is refused for new logins,
+/// while its clients stay logged in and are shown as retired until they leave. A file that does
+/// not load, or a change of mode, changes nothing.
+#[test]
+fn sighup_adds_and_retires_client_auth_entries_without_dropping_anyone() {
+    let password = random_token(32);
+    let redis = RedisServer::start_with_user(APP_USER, &password);
+    let base = ProxyConfig::plain(&redis).credentials(Some(APP_USER), "env:TEST_UPSTREAM_PASSWORD");
+    let with_entries = |refs: &[&str]| {
+        let mut text = "[listener.auth]\nmode = \"password\"\n".to_string();
+        for r in refs {
+            text.push_str(&format!(
+                "[[listener.auth.users]]\nusername = \"app\"\npassword = \"{r}\"\n"
+            ));
+        }
+        base.clone().extra(&text).to_toml()
+    };
+    let proxy = Proxy::start(
+        &with_entries(&["env:PW_OLD"]),
+        &[
+            ("TEST_UPSTREAM_PASSWORD", password.as_str()),
+            ("PW_OLD", "old-pw-1"),
+            ("PW_NEW", "new-pw-2"),
+        ],
+    );
+    let status = || -> serde_json::Value {
+        let (code, body) = proxy.http_get("/v1/status");
+        assert_eq!(code, 200, "{body}");
+        let doc: serde_json::Value = serde_json::from_str(&body).expect("status is JSON");
+        doc["client_auth"].clone()
+    };
+    let sources = |list: &serde_json::Value| -> Vec<(String, i64)> {
+        list.as_array()
+            .expect("a list")
+            .iter()
+            .map(|e| {
+                (
+                    e["source"].as_str().expect("source").to_string(),
+                    e["connections"].as_i64().expect("connections"),
+                )
+            })
+            .collect()
+    };
+    let reload = |toml: &str, outcome: &str| {
+        let seen = proxy.logs().len();
+        std::fs::write(proxy.config_path(), toml).expect("rewrite the config");
+        proxy.hangup();
+        assert_eventually(Duration::from_secs(10), "the SIGHUP was handled", || {
+            proxy.logs()[seen..].iter().any(|l| l.contains(outcome))
+        });
+    };
+
+    let mut old_client = proxy.conn();
+    old_client.cmd(&["AUTH", "app", "old-pw-1"]).assert_ok();
+    proxy
+        .conn()
+        .cmd(&["AUTH", "app", "new-pw-2"])
+        .assert_error("WRONGPASS");
+
+    // Added: both are accepted.
+    reload(
+        &with_entries(&["env:PW_OLD", "env:PW_NEW"]),
+        "client auth entries re-read",
+    );
+    let mut new_client = proxy.conn();
+    new_client.cmd(&["AUTH", "app", "new-pw-2"]).assert_ok();
+    let doc = status();
+    assert_eq!(
+        sources(&doc["entries"]),
+        vec![("env:PW_OLD".to_string(), 1), ("env:PW_NEW".to_string(), 1)],
+        "{doc}"
+    );
+
+    // The old one retired: refused from now on; its client stays, shown as retired. A file
+    // entry comes in with the same reload, and its file is followed from then on.
+    let slot = proxy.dir().join("slot-c");
+    std::fs::write(&slot, "file-pw-3\n").expect("write the slot");
+    let file_ref = format!("file:{}", slot.display());
+    reload(
+        &with_entries(&["env:PW_NEW", &file_ref]),
+        "client auth entries re-read",
+    );
+    proxy
+        .conn()
+        .cmd(&["AUTH", "app", "old-pw-1"])
+        .assert_error("WRONGPASS");
+    old_client.cmd(&["PING"]).assert_simple("PONG");
+    proxy.conn().cmd(&["AUTH", "app", "file-pw-3"]).assert_ok();
+    let tmp = proxy.dir().join("slot-c.tmp");
+    std::fs::write(&tmp, "file-pw-4\n").expect("write");
+    std::fs::rename(&tmp, &slot).expect("rename");
+    proxy.wait_for_log("client_auth.reloaded", Duration::from_secs(10));
+    proxy.conn().cmd(&["AUTH", "app", "file-pw-4"]).assert_ok();
+    let doc = status();
+    assert_eq!(
+        sources(&doc["entries"]),
+        vec![("env:PW_NEW".to_string(), 1), (file_ref.clone(), 0)],
+        "{doc}"
+    );
+    assert_eq!(
+        sources(&doc["retired"]),
+        vec![("env:PW_OLD".to_string(), 1)],
+        "{doc}"
+    );
+    drop(old_client);
+    assert_eventually(
+        Duration::from_secs(10),
+        "the retired entry's last client left",
+        || status()["retired"].as_array().is_some_and(Vec::is_empty),
+    );
+
+    // A file that does not load, or a new mode, changes nothing.
+    reload("[listener\n", "not reloaded");
+    reload(&base.clone().to_toml(), "not reloaded");
+    new_client.cmd(&["PING"]).assert_simple("PONG");
+    proxy.conn().cmd(&["AUTH", "app", "new-pw-2"]).assert_ok();
+    proxy.conn().cmd(&["GET", "k"]).assert_error("NOAUTH");
+    assert_no_secret_in_logs(
+        &proxy,
+        &[&password, "old-pw-1", "new-pw-2", "file-pw-3", "file-pw-4"],
+    );
+}
+
 /// Everything a connection receives until the peer closes it.
 fn bytes_until_closed(conn: &mut RespConn) -> Vec<u8> {
     let mut all = Vec::new();

@@ -2,8 +2,10 @@
 //! credential is the proxy's own.
 //!
 //! Rotating the application-side password is the operators' own job, done with an overlap:
-//! two entries, the application moved from one to the other, the old one retired. Two things
+//! two entries, the application moved from one to the other, the old one retired. Three things
 //! make that safe without a restart (which would drop every client):
+//! - SIGHUP re-reads the entries from the configuration file (`ClientAuth::reload`): an entry
+//!   can be added, and one removed, while everyone stays connected;
 //! - a password given as `file:` is followed: when the file changes (a Kubernetes secret
 //!   volume, a secrets agent), new logins are checked against what it holds now. Clients
 //!   already logged in stay logged in, as Redis keeps a connection authenticated when its
@@ -26,9 +28,16 @@ use crate::config::{ClientAuthConfig, ClientAuthMode, ClientUser, SecretError, S
 use crate::watch::FileWatch;
 
 pub struct ClientAuth {
-    /// None: any AUTH is accepted (applications migrating from a direct connection still send
-    /// their old password). Some: any of these entries is accepted.
-    entries: Option<Vec<Arc<Entry>>>,
+    /// False (`none`): any AUTH is accepted (applications migrating from a direct connection
+    /// still send their old password). True: any of `entries` is accepted. Fixed at start.
+    required: bool,
+    /// The accepted entries; replaced as a whole when the configuration is reloaded (SIGHUP).
+    entries: ArcSwap<Vec<Arc<Entry>>>,
+    /// Entries a reload removed while clients were still logged in with them: shown in the
+    /// status until the last of those clients has gone.
+    retired: Mutex<Vec<Arc<Entry>>>,
+    /// Told when the entries change, so that the files followed change with them.
+    entries_changed: tokio::sync::Notify,
     /// Refused logins are logged at most once a second (an application in a reconnect loop
     /// with a retired password must not flood the log); the others are counted here and
     /// reported with the next line.
@@ -61,11 +70,12 @@ struct Entry {
 
 impl std::fmt::Debug for ClientAuth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let users: Option<Vec<&str>> = self
-            .entries
-            .as_ref()
-            .map(|e| e.iter().map(|entry| entry.username.as_str()).collect());
-        f.debug_struct("ClientAuth").field("users", &users).finish()
+        let entries = self.entries.load();
+        let users: Vec<&str> = entries.iter().map(|e| e.username.as_str()).collect();
+        f.debug_struct("ClientAuth")
+            .field("required", &self.required)
+            .field("users", &users)
+            .finish()
     }
 }
 
@@ -157,25 +167,79 @@ impl Entry {
 
 impl ClientAuth {
     pub fn from_config(config: &ClientAuthConfig) -> Result<Self, SecretError> {
-        let entries = match config.mode {
-            ClientAuthMode::None => None,
-            ClientAuthMode::Password => Some(
-                config
-                    .users
-                    .iter()
-                    .map(|u| Entry::new(u).map(Arc::new))
-                    .collect::<Result<_, SecretError>>()?,
-            ),
+        let required = config.mode == ClientAuthMode::Password;
+        let entries = if required {
+            config
+                .users
+                .iter()
+                .map(|u| Entry::new(u).map(Arc::new))
+                .collect::<Result<_, SecretError>>()?
+        } else {
+            Vec::new()
         };
-        Ok(Self::with_entries(entries))
+        Ok(Self::with_entries(required, entries))
     }
 
-    fn with_entries(entries: Option<Vec<Arc<Entry>>>) -> Self {
+    fn with_entries(required: bool, entries: Vec<Arc<Entry>>) -> Self {
         Self {
-            entries,
+            required,
+            entries: ArcSwap::from_pointee(entries),
+            retired: Mutex::new(Vec::new()),
+            entries_changed: tokio::sync::Notify::new(),
             refusals_logged_at: Mutex::new(None),
             refusals_unlogged: AtomicU64::new(0),
         }
+    }
+
+    /// Takes the entries of a reloaded configuration: an entry with the same username and
+    /// source as before is kept (its counts and the password it holds go on), a new one is
+    /// read, a removed one is no longer accepted. Clients logged in with a removed entry stay
+    /// logged in, as on Redis when a user's password is removed, and stay counted under it.
+    /// Nothing changes when a new entry's password cannot be read, or the mode changed (that
+    /// decides how every client starts: a restart).
+    pub fn reload(&self, config: &ClientAuthConfig) -> Result<(), String> {
+        if (config.mode == ClientAuthMode::Password) != self.required {
+            return Err("listener.auth.mode changed; that needs a restart".to_string());
+        }
+        if !self.required {
+            return Ok(());
+        }
+        let old = self.entries.load_full();
+        let same =
+            |e: &Arc<Entry>, u: &ClientUser| e.username == u.username && e.source == u.password;
+        let mut added = Vec::new();
+        let new: Vec<Arc<Entry>> = config
+            .users
+            .iter()
+            .map(|u| match old.iter().find(|e| same(e, u)) {
+                Some(kept) => Ok(kept.clone()),
+                None => {
+                    added.push(u.password.to_string());
+                    Entry::new(u).map(Arc::new).map_err(|e| e.to_string())
+                }
+            })
+            .collect::<Result<_, String>>()?;
+        let removed: Vec<Arc<Entry>> = old
+            .iter()
+            .filter(|e| !config.users.iter().any(|u| same(e, u)))
+            .cloned()
+            .collect();
+        if added.is_empty() && removed.is_empty() {
+            return Ok(());
+        }
+        let removed_sources: Vec<String> = removed.iter().map(|e| e.source.to_string()).collect();
+        self.retired.lock().expect("not poisoned").extend(removed);
+        self.entries.store(Arc::new(new));
+        self.entries_changed.notify_one();
+        tracing::info!(
+            target: "rotaproxy::audit",
+            event = "client_auth.entries_changed",
+            added = ?added,
+            removed = ?removed_sources,
+            "client auth entries reloaded: new logins are checked against the new list; \
+             clients logged in stay logged in"
+        );
+        Ok(())
     }
 
     /// Puts a refused login on record, as Redis's ACL LOG keeps it: an application still
@@ -203,18 +267,19 @@ impl ClientAuth {
 
     /// Whether clients must authenticate before running commands.
     pub fn required(&self) -> bool {
-        self.entries.is_some()
+        self.required
     }
 
     /// Checks a username/password pair: the login when an entry accepts it. Every entry is
     /// compared in full, so timing does not reveal which user matched or how much of a password
     /// was right. With client auth `none` anything is accepted, and counted nowhere.
     pub fn check(&self, username: &[u8], password: &[u8]) -> Option<Login> {
-        let Some(entries) = &self.entries else {
+        if !self.required {
             return Some(Login { entry: None });
-        };
+        }
+        let entries = self.entries.load();
         let mut matched = None;
-        for entry in entries {
+        for entry in entries.iter() {
             let user_ok = constant_time_eq(entry.username.as_bytes(), username);
             let pass_ok =
                 constant_time_eq(entry.password.load().expose_secret().as_bytes(), password);
@@ -225,39 +290,40 @@ impl ClientAuth {
         matched.map(Login::with)
     }
 
-    /// The files client passwords are read from.
-    fn files(&self) -> Vec<&Path> {
+    /// The files client passwords are read from now.
+    fn files(&self) -> Vec<std::path::PathBuf> {
         self.entries
+            .load()
             .iter()
-            .flatten()
-            .filter_map(|e| e.source.path())
+            .filter_map(|e| e.source.path().map(Path::to_path_buf))
             .collect()
     }
 
     /// `client_auth` in `/v1/status`: each entry by username and source, with the clients
     /// logged in with it now and the logins it took. Never a password.
     pub fn status(&self) -> serde_json::Value {
-        let Some(entries) = &self.entries else {
+        if !self.required {
             return json!({ "mode": "none" });
-        };
-        let entries: Vec<_> = entries
-            .iter()
-            .map(|e| {
-                let changed_at = e
-                    .changed_at
-                    .lock()
-                    .expect("not poisoned")
-                    .map(|t| humantime::format_rfc3339_seconds(t).to_string());
-                json!({
-                    "username": e.username,
-                    "source": e.source.to_string(),
-                    "connections": e.connections.load(Ordering::Relaxed),
-                    "logins": e.logins.load(Ordering::Relaxed),
-                    "password_changed_at": changed_at,
-                })
+        }
+        let show = |e: &Arc<Entry>| {
+            let changed_at = e
+                .changed_at
+                .lock()
+                .expect("not poisoned")
+                .map(|t| humantime::format_rfc3339_seconds(t).to_string());
+            json!({
+                "username": e.username,
+                "source": e.source.to_string(),
+                "connections": e.connections.load(Ordering::Relaxed),
+                "logins": e.logins.load(Ordering::Relaxed),
+                "password_changed_at": changed_at,
             })
-            .collect();
-        json!({ "mode": "password", "entries": entries })
+        };
+        let entries: Vec<_> = self.entries.load().iter().map(show).collect();
+        let mut retired = self.retired.lock().expect("not poisoned");
+        retired.retain(|e| e.connections.load(Ordering::Relaxed) > 0);
+        let retired: Vec<_> = retired.iter().map(show).collect();
+        json!({ "mode": "password", "entries": entries, "retired": retired })
     }
 }
 
@@ -272,19 +338,26 @@ pub fn describe_metrics() {
     );
 }
 
-/// Follows the files client passwords are read from (see the module's note); returns at once
-/// when none is given as a file.
+/// Follows the files client passwords are read from (see the module's note), and the entries
+/// a reload brings.
 pub async fn follow_files(auth: Arc<ClientAuth>, poll_interval: Duration) {
-    let files = auth.files();
-    if files.is_empty() {
-        return;
-    }
-    let mut watch = FileWatch::new(&files, poll_interval, "client password files");
     loop {
-        watch.next().await;
-        for entry in auth.entries.iter().flatten() {
-            if entry.source.path().is_some() {
-                entry.reload();
+        let files = auth.files();
+        if files.is_empty() {
+            auth.entries_changed.notified().await;
+            continue;
+        }
+        let paths: Vec<&Path> = files.iter().map(|f| f.as_path()).collect();
+        let mut watch = FileWatch::new(&paths, poll_interval, "client password files");
+        loop {
+            tokio::select! {
+                _ = watch.next() => {}
+                _ = auth.entries_changed.notified() => break,
+            }
+            for entry in auth.entries.load().iter() {
+                if entry.source.path().is_some() {
+                    entry.reload();
+                }
             }
         }
     }
@@ -375,7 +448,7 @@ mod tests {
 
     #[test]
     fn mode_none_accepts_anything() {
-        let a = ClientAuth::with_entries(None);
+        let a = ClientAuth::with_entries(false, Vec::new());
         assert!(!a.required());
         assert!(a.check(b"whoever", b"whatever").is_some());
         assert_eq!(a.status(), json!({ "mode": "none" }));

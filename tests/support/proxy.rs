@@ -254,6 +254,16 @@ impl Proxy {
         metric_value(&body, name)
     }
 
+    /// Sends SIGHUP (by PID): the proxy re-reads its config file's client auth entries.
+    pub fn hangup(&self) {
+        let status = Command::new("kill")
+            .arg("-HUP")
+            .arg(self.pid.to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -HUP {} failed", self.pid);
+    }
+
     /// Sends SIGTERM (by PID) to ask for a graceful shutdown.
     pub fn terminate(&self) {
         let status = Command::new("kill")
