@@ -952,7 +952,12 @@ fn bytes_until_closed(conn: &mut RespConn) -> Vec<u8> {
 #[test]
 fn unauthenticated_clients_are_answered_as_by_redis() {
     let password = random_token(32);
-    let redis = RedisServer::start_with_user(APP_USER, &password);
+    // The server's own unauthenticated clients: its default user needs a password.
+    let redis = RedisServer::start(
+        RedisOptions::new()
+            .user(&format!("{APP_USER} on >{password} ~* &* +@all"))
+            .requirepass("direct-pw"),
+    );
     let config = ProxyConfig::plain(&redis)
         .credentials(Some(APP_USER), "env:TEST_UPSTREAM_PASSWORD")
         .client_password("env:CLIENT_PW");
@@ -963,11 +968,6 @@ fn unauthenticated_clients_are_answered_as_by_redis() {
             ("CLIENT_PW", "client-pw"),
         ],
     );
-    // The server's own unauthenticated clients: its default user needs a password now.
-    let mut admin = redis.admin_conn();
-    admin
-        .cmd(&["ACL", "SETUSER", "default", "on", "resetpass", ">direct-pw"])
-        .assert_ok();
     proxy.wait_for_command_table();
 
     let many = "abcdefghijklmnopqrstuvwxyz0123456789";
@@ -1037,19 +1037,12 @@ fn unauthenticated_clients_are_answered_as_by_redis() {
 #[test]
 fn commands_behind_a_reset_wait_for_it_whatever_was_answered_before() {
     let password = random_token(32);
-    let redis = RedisServer::start_with_user(APP_USER, &password);
     // The server's default user needs a password: only the proxy's AUTH lets commands run.
-    redis
-        .admin_conn()
-        .cmd(&[
-            "ACL",
-            "SETUSER",
-            "default",
-            "on",
-            "resetpass",
-            ">default-pw",
-        ])
-        .assert_ok();
+    let redis = RedisServer::start(
+        RedisOptions::new()
+            .user(&format!("{APP_USER} on >{password} ~* &* +@all"))
+            .requirepass("default-pw"),
+    );
     let config =
         ProxyConfig::plain(&redis).credentials(Some(APP_USER), "env:TEST_UPSTREAM_PASSWORD");
     let upstream_password = ("TEST_UPSTREAM_PASSWORD", password.as_str());

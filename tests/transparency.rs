@@ -1196,18 +1196,7 @@ fn random_sessions_read_the_same_replies_as_from_redis_itself() {
 #[test]
 fn random_sessions_of_clients_that_must_authenticate_read_as_from_redis() {
     const CLIENT_PASSWORD: &str = "client-pw-7f3a";
-    let direct = RedisServer::start(RedisOptions::new());
-    direct
-        .admin_conn()
-        .cmd(&[
-            "ACL",
-            "SETUSER",
-            "default",
-            "on",
-            "resetpass",
-            &format!(">{CLIENT_PASSWORD}"),
-        ])
-        .assert_ok();
+    let direct = RedisServer::start(RedisOptions::new().requirepass(CLIENT_PASSWORD));
     let behind = RedisServer::start(RedisOptions::new());
     let config = ProxyConfig::plain(&behind).client_password("env:CLIENT_PW");
     let proxy = Proxy::start(&config.to_toml(), &[("CLIENT_PW", CLIENT_PASSWORD)]);

@@ -256,22 +256,21 @@ impl Proxy {
 
     /// Sends SIGHUP (by PID): the proxy re-reads its config file's client auth entries.
     pub fn hangup(&self) {
-        let status = Command::new("kill")
-            .arg("-HUP")
-            .arg(self.pid.to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -HUP {} failed", self.pid);
+        self.signal("HUP");
     }
 
     /// Sends SIGTERM (by PID) to ask for a graceful shutdown.
     pub fn terminate(&self) {
+        self.signal("TERM");
+    }
+
+    fn signal(&self, name: &str) {
         let status = Command::new("kill")
-            .arg("-TERM")
+            .arg(format!("-{name}"))
             .arg(self.pid.to_string())
             .status()
             .expect("run kill");
-        assert!(status.success(), "kill -TERM {} failed", self.pid);
+        assert!(status.success(), "kill -{name} {} failed", self.pid);
     }
 
     /// Waits for the process to exit; `None` if it is still running after `timeout`. Once it
