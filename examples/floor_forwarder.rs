@@ -21,6 +21,7 @@ use std::sync::Arc;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::signal::unix::{SignalKind, signal};
 use tokio_rustls::TlsConnector;
 
 const USAGE: &str =
@@ -92,8 +93,15 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let listener = TcpListener::bind(args.listen).await?;
     eprintln!("listening {}", listener.local_addr()?);
     let upstream: Arc<str> = args.upstream.into();
+    // SIGTERM ends the process through `main`'s return, not the default signal death, so that
+    // exit-time work runs: an instrumented build (scripts/build-pgo) writes its profile then.
+    let mut terminate = signal(SignalKind::terminate())?;
     loop {
-        let (mut client, _) = match listener.accept().await {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = terminate.recv() => return Ok(()),
+        };
+        let (mut client, _) = match accepted {
             Ok(c) => c,
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.
