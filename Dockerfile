@@ -3,6 +3,8 @@
 # rotaproxy container image.
 #
 #   docker build -t rotaproxy .
+#   docker build --build-arg PGO=1 -t rotaproxy .   # profile-guided build (scripts/build-pgo):
+#                                                   # 4-8% less CPU per request, ~25 min more
 #   docker run --rm \
 #     -v "$PWD/rotaproxy.toml:/etc/rotaproxy/rotaproxy.toml:ro" \
 #     -v "$PWD/secrets:/run/secrets:ro" \
@@ -18,13 +20,23 @@
 # Probes: GET /healthz (liveness) and /readyz (readiness) on the admin port.
 
 FROM rust:1.95-bookworm AS builder
+ARG PGO=0
 WORKDIR /src
 # The whole context (see .dockerignore), so every target the manifest declares is present.
 COPY . .
+# PGO=1 trains the build against a Redis started inside this stage (redis-server, redis-tools,
+# openssl and python3 from Debian, llvm-tools from rustup; none of them reach the final image).
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked \
- && install -m 0755 target/release/rotaproxy /usr/local/bin/rotaproxy
+    if [ "$PGO" = 1 ]; then \
+      apt-get update \
+      && apt-get install -y --no-install-recommends redis-server redis-tools openssl python3 \
+      && scripts/build-pgo \
+      && install -m 0755 target/pgo/release/rotaproxy /usr/local/bin/rotaproxy; \
+    else \
+      cargo build --release --locked \
+      && install -m 0755 target/release/rotaproxy /usr/local/bin/rotaproxy; \
+    fi
 
 FROM debian:bookworm-slim
 RUN apt-get update \
