@@ -792,6 +792,7 @@ impl Config {
         };
         let url = UpstreamUrl::parse(&self.upstream.url)
             .map_err(|m| invalid("upstream.url", &format!("`{}` {m}", self.upstream.url)))?;
+        crate::logging::parse_filter(&self.log.level).map_err(|m| invalid("log.level", &m))?;
         let tls_only = [
             ("upstream.ca_file", self.upstream.ca_file.is_some()),
             ("upstream.client_cert", self.upstream.client_cert.is_some()),

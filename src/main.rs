@@ -1,11 +1,10 @@
 //! The `rotaproxy` command line: `run` serves, `check-config` validates a config file.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use rotaproxy::config::{Config, LogConfig, LogFormat};
+use rotaproxy::config::Config;
 
 #[derive(Parser)]
 #[command(
@@ -81,7 +80,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            init_logging(&config.log);
+            rotaproxy::logging::init(&config.log);
             match run(config, config_path) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
@@ -125,17 +124,4 @@ fn setup_alternating(path: &std::path::Path) -> anyhow::Result<String> {
         .enable_all()
         .build()?;
     Ok(runtime.block_on(rotaproxy::cloud::setup_alternating(api, &rotation.users))?)
-}
-
-fn init_logging(log: &LogConfig) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&log.level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    match log.format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
 }

@@ -13,6 +13,7 @@ use tokio::sync::Semaphore;
 use crate::admin::{self, AdminState};
 use crate::config::{ClientAuthMode, Config};
 use crate::credentials::{Credential, Generation, Generations};
+use crate::logging::FilterChange;
 use crate::metrics::Metrics;
 use crate::net::{RawTcp, Stream};
 use crate::resp::command_table::CommandTable;
@@ -36,7 +37,8 @@ const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 const CLIENT_TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Runs the proxy until SIGINT/SIGTERM.
-/// `config_path`, when given, is re-read on SIGHUP for the client auth entries.
+/// `config_path`, when given, is re-read on SIGHUP for the client auth entries and the log
+/// filter.
 pub async fn run(
     config: Config,
     prometheus: PrometheusHandle,
@@ -158,11 +160,7 @@ pub async fn run(
     if let Some(path) = config_path {
         let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .context("cannot handle SIGHUP")?;
-        tokio::spawn(reload_client_auth_on_hangup(
-            hangup,
-            path,
-            client_auth.clone(),
-        ));
+        tokio::spawn(reload_on_hangup(hangup, path, client_auth.clone()));
     }
     let tls_acceptor = match &config.listener.tls {
         Some(tls) => {
@@ -446,27 +444,48 @@ fn warn_about_risky_settings(config: &Config) {
 }
 
 /// SIGHUP re-reads the configuration file for its client auth entries (`[listener.auth]`),
-/// so an application password can be added or retired without dropping a client. Nothing
-/// else is reloaded; a file that does not load changes nothing.
-async fn reload_client_auth_on_hangup(
+/// so an application password can be added or retired without dropping a client, and for its
+/// log filter (`log.level`), so `debug` can be turned on for a while. Nothing else is
+/// reloaded; a file that does not load changes nothing.
+async fn reload_on_hangup(
     mut hangup: tokio::signal::unix::Signal,
     path: std::path::PathBuf,
     client_auth: Arc<ClientAuth>,
 ) {
     while hangup.recv().await.is_some() {
-        let outcome = Config::load(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|config| client_auth.reload(&config.listener.auth));
-        match outcome {
+        let config = match Config::load(&path) {
+            Ok(config) => config,
+            Err(error) => {
+                tracing::warn!(
+                    path = %path.display(),
+                    %error,
+                    "SIGHUP: the config file does not load; client auth entries not reloaded, \
+                     log filter not changed; nothing changed"
+                );
+                continue;
+            }
+        };
+        // The filter first, so that the lines below already follow it.
+        match crate::logging::set_filter(&config.log.level) {
+            Ok(FilterChange::Applied) => {
+                tracing::info!(filter = %config.log.level, "SIGHUP: log filter set")
+            }
+            Ok(FilterChange::FixedByEnvironment) => {
+                tracing::info!("SIGHUP: log filter kept: RUST_LOG sets it")
+            }
+            Ok(FilterChange::NoLogger) => {}
+            Err(error) => tracing::warn!(%error, "SIGHUP: log filter not changed"),
+        }
+        match client_auth.reload(&config.listener.auth) {
             Ok(()) => tracing::info!(
                 path = %path.display(),
-                "SIGHUP: client auth entries re-read (only [listener.auth] is reloaded; the \
-                 rest of the file needs a restart)"
+                "SIGHUP: client auth entries re-read (only [listener.auth] and log.level are \
+                 reloaded; the rest of the file needs a restart)"
             ),
             Err(error) => tracing::warn!(
                 path = %path.display(),
                 %error,
-                "SIGHUP: client auth entries not reloaded; nothing changed"
+                "SIGHUP: client auth entries not reloaded; they are as before"
             ),
         }
     }

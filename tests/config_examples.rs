@@ -94,6 +94,12 @@ fn bad_configs_are_refused_naming_the_key() {
             "[upstream]\nurl = \"http://127.0.0.1:6379\"\n",
             "upstream.url",
         ),
+        (
+            // tracing would drop the bad directive silently and log at its default level.
+            "log filter with an unknown level",
+            "[upstream]\nurl = \"redis://127.0.0.1:6379\"\n[log]\nlevel = \"info,rotaproxy=verbose\"\n",
+            "log.level",
+        ),
     ];
     for (what, text, key) in cases {
         let path = dir.path().join("bad.toml");

@@ -933,6 +933,62 @@ fn sighup_adds_and_retires_client_auth_entries_without_dropping_anyone() {
     );
 }
 
+/// SIGHUP also sets the log filter (`log.level`) from the file, so an operator can turn a
+/// target up or down without dropping a client. Here the audit line of a refused AUTH (info,
+/// target `rotaproxy::audit`) is filtered out at first and logged after the reload.
+#[test]
+fn sighup_sets_the_log_filter_from_the_config_file() {
+    let password = random_token(32);
+    let redis = RedisServer::start_with_user(APP_USER, &password);
+    let config = |level: &str| {
+        let mut config = ProxyConfig::plain(&redis)
+            .credentials(Some(APP_USER), "env:TEST_UPSTREAM_PASSWORD")
+            .extra(
+                "[listener.auth]\nmode = \"password\"\n\
+                 [[listener.auth.users]]\nusername = \"app\"\npassword = \"env:APP_PW\"\n",
+            );
+        config.log_level = level.to_string();
+        config.to_toml()
+    };
+    let proxy = Proxy::start(
+        &config("info,rotaproxy::audit=warn"),
+        &[
+            ("TEST_UPSTREAM_PASSWORD", password.as_str()),
+            ("APP_PW", "app-pw-1"),
+        ],
+    );
+    let mut client = proxy.conn();
+    let refused_auth_logged = |client: &mut RespConn| {
+        client
+            .cmd(&["AUTH", "app", "not-the-password"])
+            .assert_error("WRONGPASS");
+        proxy.log_contains("client.auth_failed")
+    };
+
+    // Audit lines at warn still come out: a refused AUTH's (info) does not, though it was
+    // answered, and logged if at all, before the HTTP request's line.
+    refused_auth_logged(&mut client);
+    proxy.conn().send_raw(b"POST / HTTP/1.1\r\n");
+    proxy.wait_for_log("client.http_request", Duration::from_secs(10));
+    assert!(
+        !proxy.log_contains("client.auth_failed"),
+        "the audit target is filtered at warn"
+    );
+
+    std::fs::write(proxy.config_path(), config("info")).expect("rewrite the config");
+    proxy.hangup();
+    proxy.wait_for_log("SIGHUP: log filter set", Duration::from_secs(10));
+    // Refused AUTHs are logged at most once a second, so the first after the reload may fall
+    // in the same second as the one before it.
+    assert_eventually(
+        Duration::from_secs(10),
+        "a refused AUTH is logged after the reload",
+        || refused_auth_logged(&mut client),
+    );
+    client.cmd(&["AUTH", "app", "app-pw-1"]).assert_ok();
+    client.cmd(&["PING"]).assert_simple("PONG");
+}
+
 /// Everything a connection receives until the peer closes it.
 fn bytes_until_closed(conn: &mut RespConn) -> Vec<u8> {
     let mut all = Vec::new();
