@@ -459,8 +459,7 @@ async fn reload_on_hangup(
                 tracing::warn!(
                     path = %path.display(),
                     %error,
-                    "SIGHUP: the config file does not load; client auth entries not reloaded, \
-                     log filter not changed; nothing changed"
+                    "SIGHUP: config not reloaded (the file does not load); nothing changed"
                 );
                 continue;
             }
