@@ -4,7 +4,7 @@
 #
 #   docker build -t rotaproxy .
 #   docker build --build-arg PGO=1 -t rotaproxy .   # profile-guided build (scripts/build-pgo):
-#                                                   # 4-8% less CPU per request, ~25 min more
+#                                                   # 4-8% less CPU per request, ~30 min more
 #   docker run --rm \
 #     -v "$PWD/rotaproxy.toml:/etc/rotaproxy/rotaproxy.toml:ro" \
 #     -v "$PWD/secrets:/run/secrets:ro" \

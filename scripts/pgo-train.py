@@ -8,7 +8,7 @@ One local redis-server (a plain and a TLS port, certificates made for the run) s
 binary given. Each one runs twice, in front of the plain port and in front of the TLS port, and
 redis-benchmark sends it a mix of everyday commands with 50 clients at pipeline depths 1 and 16,
 and one client at depth 1. Every binary then gets SIGTERM and must exit with status 0: an
-instrumented binary writes its profile at exit (`DIR/<name>-<pid>.profraw`), and a binary killed
+instrumented binary writes its profile at exit (`DIR/<name>-<plain|tls>-<pid>.profraw`), and a binary killed
 any other way writes nothing. The run fails when a binary left no profile.
 
 Reuses benches/compare.py's process bookkeeping, certificates and Redis set-up (every process is
@@ -53,9 +53,15 @@ def train(ctx: compare.Ctx, name: str, start, tls: bool, requests: int, profiles
     for clients, depth in LOADS:
         log(f"{name} ({kind} upstream): {TESTS} with -c {clients} -P {depth}")
         n = requests if clients > 1 else max(requests // 10, 1000)
-        compare.run([compare.which("redis-benchmark"), "-h", "127.0.0.1", "-p", str(port),
-                     *auth, "-c", str(clients), "-P", str(depth), "-n", str(n), "-t", TESTS,
-                     "-q"], timeout=600, stdout=subprocess.DEVNULL)
+        try:
+            compare.run([compare.which("redis-benchmark"), "-h", "127.0.0.1", "-p", str(port),
+                         *auth, "-c", str(clients), "-P", str(depth), "-n", str(n), "-t", TESTS,
+                         "-q"], timeout=600, stdout=subprocess.DEVNULL)
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+            # Not `e` itself: its text repeats the command line, password included.
+            what = "timed out" if isinstance(e, subprocess.TimeoutExpired) else f"exited {e.returncode}"
+            raise SystemExit(f"redis-benchmark {what} against {name} ({kind}) at -c {clients} "
+                             f"-P {depth}") from None
     proc.send_signal(signal.SIGTERM)
     try:
         status = proc.wait(timeout=30)

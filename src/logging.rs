@@ -60,11 +60,11 @@ pub enum FilterChange {
 /// Replaces the live filter with `level` (SIGHUP). A filter that does not parse changes nothing.
 pub fn set_filter(level: &str) -> Result<FilterChange, String> {
     let filter = parse_filter(level)?;
-    if std::env::var_os("RUST_LOG").is_some() && LIVE_FILTER.get().is_none() {
-        return Ok(FilterChange::FixedByEnvironment);
-    }
     let Some(handle) = LIVE_FILTER.get() else {
-        return Ok(FilterChange::NoLogger);
+        return Ok(match std::env::var_os("RUST_LOG") {
+            Some(_) => FilterChange::FixedByEnvironment,
+            None => FilterChange::NoLogger,
+        });
     };
     handle
         .reload(filter)

@@ -1,5 +1,5 @@
 //! The training run of the profile-guided build (scripts/pgo-train.py, driven by
-//! scripts/build-pgo). The whole build takes about twenty minutes, too long for every CI run, so
+//! scripts/build-pgo). The whole build takes about half an hour, too long for every CI run, so
 //! this checks the part that can break quietly as the proxy changes: the trainer starts a Redis
 //! and the proxy with the benchmark configuration, sends every load through it, and requires
 //! a clean exit on SIGTERM and a profile left behind. The test binary is not instrumented, so
