@@ -19,35 +19,101 @@ use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
 pub enum Stream {
-    Tcp(TcpStream),
+    Tcp(RawTcp),
     /// TLS towards the upstream (we are the TLS client).
     TlsUpstream(Box<tokio_rustls::client::TlsStream<RawTcp>>),
     /// TLS from an application (we are the TLS server).
     TlsClient(Box<tokio_rustls::server::TlsStream<RawTcp>>),
 }
 
-/// The TCP connection under a TLS layer, read and written with direct system calls (see the
-/// module's note).
-pub struct RawTcp(TcpStream);
+/// The TCP connection under every stream (under the TLS layer, if any), read and written with
+/// direct system calls (see the module's note).
+pub struct RawTcp {
+    tcp: TcpStream,
+    read_waiter: ReadWaiter,
+}
 
 impl RawTcp {
     pub fn new(tcp: TcpStream) -> Self {
-        RawTcp(tcp)
+        RawTcp {
+            tcp,
+            read_waiter: ReadWaiter::new(),
+        }
+    }
+
+    /// Reads into `dst`, as `poll_recv` does.
+    fn poll_recv_into(&mut self, cx: &mut Context<'_>, dst: &mut [u8]) -> Poll<io::Result<usize>> {
+        let tcp = &self.tcp;
+        let room = dst.len();
+        poll_recv(tcp, &mut self.read_waiter, cx, || {
+            let n = rustix::net::recv(tcp, &mut *dst, RecvFlags::empty())?.0;
+            Ok((n, 0 < n && n < room))
+        })
+    }
+}
+
+/// The task tokio will wake when the socket next becomes readable, when the reads know it: it
+/// lets a read that finds nothing skip registering again (see `poll_recv`).
+///
+/// Registering (`poll_read_ready`) takes the socket's waiter lock and the task budget: about 120
+/// instructions, and a session polls both its sockets on every pass, so most of its reads find
+/// nothing on a socket whose registration from an earlier pass still stands. At -c 50 -P 1 that
+/// was five registrations per request where three were already in place.
+///
+/// Why the registration is known to stand: tokio's reader slot gives up its waker only when the
+/// I/O driver finds the socket readable; the driver marks the socket readable first, then takes
+/// the waker. On a current-thread runtime the driver runs on the same thread as the tasks,
+/// between their polls, so the two steps are never seen apart: a read that finds the socket not
+/// readable knows its waker is still in the slot, unless a read since has seen the socket
+/// readable (and cleared that itself). Every read of our sockets goes through `poll_recv`, which
+/// forgets the holder whenever it sees the socket readable. On a multi-thread runtime the driver
+/// runs elsewhere: a wake for bytes already read can take a registration made after them (test
+/// `a_multi_thread_runtime_serves_many_clients_without_a_stall` caught that once), so there
+/// every read that finds nothing registers.
+struct ReadWaiter {
+    /// Skipping is sound here: the socket belongs to a current-thread runtime.
+    may_skip: bool,
+    /// The waker (its data and vtable pointers) in tokio's reader slot, when known. The slot
+    /// holds a clone of it, so that task is alive and no other waker can have those pointers.
+    registered: Option<(usize, usize)>,
+}
+
+impl ReadWaiter {
+    fn new() -> Self {
+        let current_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
+        ReadWaiter {
+            may_skip: current_thread,
+            registered: None,
+        }
+    }
+
+    fn key(waker: &std::task::Waker) -> (usize, usize) {
+        (
+            waker.data() as usize,
+            std::ptr::from_ref(waker.vtable()) as usize,
+        )
+    }
+
+    /// True when tokio holds this task's waker for the socket's next readable event.
+    #[inline]
+    fn holds(&self, cx: &Context<'_>) -> bool {
+        self.registered == Some(Self::key(cx.waker()))
     }
 }
 
 impl Stream {
     /// A plain TCP connection.
     pub fn plain(tcp: TcpStream) -> Self {
-        Stream::Tcp(tcp)
+        Stream::Tcp(RawTcp::new(tcp))
     }
 
     /// The TCP socket under any TLS layer.
     fn tcp(&self) -> &TcpStream {
         match self {
-            Stream::Tcp(tcp) => tcp,
-            Stream::TlsUpstream(s) => &s.get_ref().0.0,
-            Stream::TlsClient(s) => &s.get_ref().0.0,
+            Stream::Tcp(raw) => &raw.tcp,
+            Stream::TlsUpstream(s) => &s.get_ref().0.tcp,
+            Stream::TlsClient(s) => &s.get_ref().0.tcp,
         }
     }
 
@@ -95,11 +161,9 @@ impl Stream {
     ///
     /// A plain TCP stream reads straight away when tokio has seen it readable (`try_io`), without
     /// the task-budget and registration steps of tokio's `poll_read`, and registers for the next
-    /// event only when there is nothing to read. (Skipping that registration while the previous
-    /// one still stands was tried twice: judged by readiness alone it lost wake-ups on a
-    /// multi-thread runtime; judged by a waker of our own that marks itself fired it was correct,
-    /// but the extra waker cost more CPU per request than the skipped registrations saved. See
-    /// the note in `a_multi_thread_runtime_serves_many_clients_without_a_stall`.)
+    /// event only when there is nothing to read, and only when its registration from an earlier
+    /// poll may be gone (`ReadWaiter`: on a current-thread runtime that is known; on a
+    /// multi-thread runtime every such read registers).
     pub fn poll_read_into(
         &mut self,
         cx: &mut Context<'_>,
@@ -109,16 +173,16 @@ impl Stream {
             buf.reserve(64);
         }
         match self {
-            Stream::Tcp(tcp) => poll_read_plain(tcp, cx, buf),
+            Stream::Tcp(raw) => poll_read_plain(raw, cx, buf),
             Stream::TlsUpstream(s) => {
                 let (io, conn) = s.get_mut();
-                poll_read_tls(&io.0, conn, cx, buf.capacity() - buf.len(), |bytes| {
+                poll_read_tls(io, conn, cx, buf.capacity() - buf.len(), |bytes| {
                     buf.extend_from_slice(bytes)
                 })
             }
             Stream::TlsClient(s) => {
                 let (io, conn) = s.get_mut();
-                poll_read_tls(&io.0, conn, cx, buf.capacity() - buf.len(), |bytes| {
+                poll_read_tls(io, conn, cx, buf.capacity() - buf.len(), |bytes| {
                     buf.extend_from_slice(bytes)
                 })
             }
@@ -139,7 +203,7 @@ impl Stream {
 /// Every read of a TLS stream goes through here once the handshake is done, so tokio-rustls's
 /// own read state is never half-used. Writes, flushes and shutdown stay with tokio-rustls.
 fn poll_read_tls<D>(
-    tcp: &TcpStream,
+    io: &mut RawTcp,
     conn: &mut rustls::ConnectionCommon<D>,
     cx: &mut Context<'_>,
     room: usize,
@@ -157,7 +221,9 @@ fn poll_read_tls<D>(
     }
     loop {
         // Read what the socket holds (or wait for it), and decrypt it.
-        ready!(poll_recv(tcp, cx, || {
+        let RawTcp { tcp, read_waiter } = io;
+        let tcp = &*tcp;
+        ready!(poll_recv(tcp, read_waiter, cx, || {
             let mut socket = SocketReader {
                 tcp,
                 drained: false,
@@ -240,12 +306,13 @@ impl io::Write for SocketWriter<'_> {
 
 /// `Stream::poll_read_into` for plain TCP.
 fn poll_read_plain(
-    tcp: &TcpStream,
+    raw: &mut RawTcp,
     cx: &mut Context<'_>,
     buf: &mut BytesMut,
 ) -> Poll<io::Result<usize>> {
     let room = buf.capacity() - buf.len();
-    poll_recv(tcp, cx, || {
+    let tcp = &raw.tcp;
+    poll_recv(tcp, &mut raw.read_waiter, cx, || {
         let n = recv_into(tcp, buf)?;
         Ok((n, 0 < n && n < room))
     })
@@ -253,17 +320,21 @@ fn poll_read_plain(
 
 /// Runs `recv` (a direct system call; it returns how many bytes came, and whether it emptied
 /// the socket) when tokio has seen the socket readable, and waits for readability when there
-/// is nothing to read.
+/// is nothing to read: it registers with tokio for the next readable event, unless `waiter`
+/// knows this task's registration still stands.
 fn poll_recv(
     tcp: &TcpStream,
+    waiter: &mut ReadWaiter,
     cx: &mut Context<'_>,
     mut recv: impl FnMut() -> io::Result<(usize, bool)>,
 ) -> Poll<io::Result<usize>> {
     loop {
         let mut drained = 0;
+        let mut saw_readable = false;
         // `try_io` runs the read only when tokio has seen the socket readable, and clears that
         // readiness when the read reports `WouldBlock`.
         let result = tcp.try_io(Interest::READABLE, || {
+            saw_readable = true;
             let (n, emptied) = recv()?;
             if emptied {
                 // A read that did not fill the buffer emptied the socket (epoll is
@@ -274,12 +345,29 @@ fn poll_recv(
             }
             Ok(n)
         });
+        if saw_readable {
+            // The driver may have taken the registered waker when it saw the socket readable.
+            waiter.registered = None;
+        }
         match result {
             Ok(n) => return Poll::Ready(Ok(n)),
             Err(_) if drained > 0 => return Poll::Ready(Ok(drained)),
             Err(e) if e.kind() != io::ErrorKind::WouldBlock => return Poll::Ready(Err(e)),
+            // Not readable, and tokio already holds this task's waker for the next event.
+            Err(_) if !saw_readable && waiter.holds(cx) => return Poll::Pending,
             // Not readable, or nothing left: wait (an event may have come in between).
-            Err(_) => ready!(tcp.poll_read_ready(cx))?,
+            Err(_) => match tcp.poll_read_ready(cx) {
+                Poll::Ready(ready) => ready?,
+                Poll::Pending => {
+                    // A poll refused for the task budget registers nothing (tokio wakes the
+                    // task at once instead); any other pending poll left this waker in the
+                    // reader slot.
+                    if waiter.may_skip && tokio::task::coop::has_budget_remaining() {
+                        waiter.registered = Some(ReadWaiter::key(cx.waker()));
+                    }
+                    return Poll::Pending;
+                }
+            },
         }
     }
 }
@@ -338,14 +426,8 @@ impl AsyncRead for RawTcp {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let tcp = &self.0;
         // Free when the caller reads into initialized memory, as the TLS layer does.
-        let dst = buf.initialize_unfilled();
-        let room = dst.len();
-        let n = ready!(poll_recv(tcp, cx, || {
-            let n = rustix::net::recv(tcp, &mut *dst, RecvFlags::empty())?.0;
-            Ok((n, 0 < n && n < room))
-        }))?;
+        let n = ready!(self.get_mut().poll_recv_into(cx, buf.initialize_unfilled()))?;
         buf.advance(n);
         Poll::Ready(Ok(()))
     }
@@ -357,7 +439,7 @@ impl AsyncWrite for RawTcp {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        poll_write_plain(&self.0, cx, buf)
+        poll_write_plain(&self.tcp, cx, buf)
     }
 
     fn poll_write_vectored(
@@ -366,7 +448,7 @@ impl AsyncWrite for RawTcp {
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let len = bufs.iter().map(|b| b.len()).sum();
-        let tcp = &self.0;
+        let tcp = &self.tcp;
         poll_send(tcp, cx, len, || rustix::io::writev(tcp, bufs))
     }
 
@@ -380,7 +462,7 @@ impl AsyncWrite for RawTcp {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
     }
 }
 
@@ -393,15 +475,15 @@ impl AsyncRead for Stream {
         let room = buf.remaining();
         let put = |bytes: &[u8]| buf.put_slice(bytes);
         let read = match self.get_mut() {
-            Stream::Tcp(tcp) => return Pin::new(tcp).poll_read(cx, buf),
+            Stream::Tcp(raw) => return Pin::new(raw).poll_read(cx, buf),
             // As `poll_read_into`, so that tokio-rustls's own read state is never half-used.
             Stream::TlsUpstream(s) => {
                 let (io, conn) = s.get_mut();
-                poll_read_tls(&io.0, conn, cx, room, put)
+                poll_read_tls(io, conn, cx, room, put)
             }
             Stream::TlsClient(s) => {
                 let (io, conn) = s.get_mut();
-                poll_read_tls(&io.0, conn, cx, room, put)
+                poll_read_tls(io, conn, cx, room, put)
             }
         };
         ready!(read)?;
@@ -416,7 +498,7 @@ impl AsyncWrite for Stream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            Stream::Tcp(tcp) => poll_write_plain(tcp, cx, buf),
+            Stream::Tcp(raw) => poll_write_plain(&raw.tcp, cx, buf),
             Stream::TlsUpstream(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             Stream::TlsClient(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
@@ -424,7 +506,7 @@ impl AsyncWrite for Stream {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Stream::Tcp(tcp) => Pin::new(tcp).poll_flush(cx),
+            Stream::Tcp(raw) => Pin::new(raw).poll_flush(cx),
             Stream::TlsUpstream(s) => Pin::new(s.as_mut()).poll_flush(cx),
             Stream::TlsClient(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
@@ -432,9 +514,177 @@ impl AsyncWrite for Stream {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Stream::Tcp(tcp) => Pin::new(tcp).poll_shutdown(cx),
+            Stream::Tcp(raw) => Pin::new(raw).poll_shutdown(cx),
             Stream::TlsUpstream(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             Stream::TlsClient(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::poll_fn;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
+    use tokio::sync::Notify;
+
+    use super::*;
+
+    /// A connected pair on loopback: the far end, and the near end as a `Stream`.
+    async fn pair() -> (TcpStream, Stream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let far = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (near, _) = listener.accept().await.unwrap();
+        (far, Stream::plain(near))
+    }
+
+    /// Reads once into `buf`, in a task of its own; after the read's `pending`-th pending
+    /// poll it tells `waiting`, and the test then sends what the read is waiting for.
+    fn read_in_a_task(
+        mut stream: Stream,
+        pending: usize,
+        waiting: Arc<Notify>,
+        before: impl Future<Output = ()> + Send + 'static,
+    ) -> tokio::task::JoinHandle<(Stream, BytesMut)> {
+        tokio::spawn(async move {
+            before.await;
+            let mut buf = BytesMut::with_capacity(64);
+            let mut pendings = 0;
+            let n = poll_fn(|cx| {
+                let read = stream.poll_read_into(cx, &mut buf);
+                if read.is_pending() {
+                    pendings += 1;
+                    if pendings == pending {
+                        waiting.notify_one();
+                    }
+                }
+                read
+            })
+            .await
+            .unwrap();
+            assert!(n > 0);
+            (stream, buf)
+        })
+    }
+
+    fn plain_waiter(stream: &Stream) -> &ReadWaiter {
+        match stream {
+            Stream::Tcp(raw) => &raw.read_waiter,
+            _ => unreachable!("a plain stream"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_task_is_woken_again_after_it_read_what_woke_it() {
+        let (mut far, mut near) = pair().await;
+        let waiting = Arc::new(Notify::new());
+        let reader = tokio::spawn({
+            let waiting = waiting.clone();
+            async move {
+                let mut buf = BytesMut::with_capacity(64);
+                // Each round waits (registering), is woken by the bytes, and empties the
+                // socket; the wake took the registration, so the next round must make another.
+                for _ in 0..3 {
+                    let mut notified = false;
+                    poll_fn(|cx| {
+                        let read = near.poll_read_into(cx, &mut buf);
+                        if read.is_pending() && !notified {
+                            notified = true;
+                            waiting.notify_one();
+                        }
+                        read
+                    })
+                    .await
+                    .unwrap();
+                }
+                buf
+            }
+        });
+        let write_each_round = async {
+            for _ in 0..3 {
+                waiting.notified().await;
+                far.write_all(b"+OK\r\n").await.unwrap();
+            }
+            reader.await.unwrap()
+        };
+        let buf = tokio::time::timeout(Duration::from_secs(10), write_each_round)
+            .await
+            .expect("the reader was never woken");
+        assert_eq!(&buf[..], b"+OK\r\n+OK\r\n+OK\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_read_in_another_task_registers_that_task() {
+        let (mut far, mut near) = pair().await;
+        assert!(plain_waiter(&near).may_skip, "a current-thread runtime");
+        // One task reads, finds nothing, registers, and is gone.
+        near = tokio::spawn(async move {
+            let mut buf = BytesMut::with_capacity(64);
+            let first = poll_fn(|cx| Poll::Ready(near.poll_read_into(cx, &mut buf))).await;
+            assert!(first.is_pending());
+            assert!(plain_waiter(&near).registered.is_some());
+            near
+        })
+        .await
+        .unwrap();
+        // Another task reads the same stream (as a session reads a connection the pool
+        // checked): it must register itself, not rely on the first task's registration.
+        let waiting = Arc::new(Notify::new());
+        let reader = read_in_a_task(near, 1, waiting.clone(), async {});
+        waiting.notified().await;
+        far.write_all(b"+PONG\r\n").await.unwrap();
+        let (_, buf) = tokio::time::timeout(Duration::from_secs(10), reader)
+            .await
+            .expect("the reader was never woken")
+            .unwrap();
+        assert_eq!(&buf[..], b"+PONG\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_read_refused_for_the_task_budget_registers_on_the_next_poll() {
+        let (mut far, near) = pair().await;
+        // Spend the task's budget on a channel full of ready messages: tokio then refuses the
+        // read's registration (and wakes the task to try again) instead of storing its waker.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for _ in 0..1000 {
+            tx.send(()).unwrap();
+        }
+        let spend_budget = async move {
+            while tokio::task::coop::has_budget_remaining() {
+                rx.recv().await.unwrap();
+            }
+        };
+        let waiting = Arc::new(Notify::new());
+        // The first pending poll is the refused one; the second must have registered.
+        let reader = read_in_a_task(near, 2, waiting.clone(), spend_budget);
+        waiting.notified().await;
+        far.write_all(b"+PONG\r\n").await.unwrap();
+        let (near, buf) = tokio::time::timeout(Duration::from_secs(10), reader)
+            .await
+            .expect("the reader was never woken")
+            .unwrap();
+        assert_eq!(&buf[..], b"+PONG\r\n");
+        // Having read, the stream no longer claims a registration.
+        assert_eq!(plain_waiter(&near).registered, None);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_on_a_multi_thread_runtime_always_register() {
+        let (mut far, near) = pair().await;
+        assert!(!plain_waiter(&near).may_skip);
+        let waiting = Arc::new(Notify::new());
+        let reader = read_in_a_task(near, 1, waiting.clone(), async {});
+        waiting.notified().await;
+        far.write_all(b"+PONG\r\n").await.unwrap();
+        let (near, _) = tokio::time::timeout(Duration::from_secs(10), reader)
+            .await
+            .expect("the reader was never woken")
+            .unwrap();
+        assert_eq!(plain_waiter(&near).registered, None);
     }
 }

@@ -2529,7 +2529,10 @@ fn a_multi_thread_runtime_serves_many_clients_without_a_stall() {
     // only by having seen no readiness since; a wake for data already read could take that
     // registration. That version failed 2 runs of 36 with six copies in parallel. A corrected
     // skip, with a waker of our own that marks itself fired, passed 108 of 108 but cost more
-    // CPU than it saved (benches/side_by_side.py), so plain reads always register again.)
+    // CPU than it saved (benches/side_by_side.py). So on a multi-thread runtime reads always
+    // register again; the skip is made only on a current-thread runtime, where the driver runs
+    // between task polls and so cannot take a registration made after the bytes were read:
+    // see `net::ReadWaiter`.)
     let env = Env::start_with_extra("", "[runtime]\nworker_threads = 2\n");
     let clients: Vec<RespConn> = (0..8).map(|_| env.conn()).collect();
     let workers: Vec<_> = clients
