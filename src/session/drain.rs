@@ -269,7 +269,7 @@ impl Session {
         if let Some(old) = old
             && self.state.has_subscriptions()
         {
-            self.old_upstream = Some(OldUpstream {
+            self.old_upstream = Some(Box::new(OldUpstream {
                 up: old,
                 scanner: new_reply_scanner(),
                 pending: BytesMut::new(),
@@ -277,7 +277,7 @@ impl Session {
                 ping_sent: false,
                 finished: false,
                 since: Instant::now(),
-            });
+            }));
         }
     }
 

@@ -218,50 +218,64 @@ enum Event {
     Finished,
 }
 
+/// A client's session.
+///
+/// The fields are laid out in the order written (`repr(C)`), those read on every pass of the
+/// event loop first. Between two passes of one session the kernel and the other sessions run,
+/// so the session's memory is mostly out of the nearest cache when it wakes; each cache line
+/// it touches then costs a miss. With the compiler's own order the hot fields were spread over
+/// about twenty of the struct's 33 lines. Kept together (and the rarely present old upstream
+/// connection boxed), callgrind's cache model counts 37.6 first-level misses per request at
+/// GET -c 50 -P 1 instead of 43.1 (the floor forwarder: 4.9), and side by side the CPU per
+/// request fell 0.3-0.9%.
+#[repr(C)]
 pub struct Session {
+    // ---- Read on every pass of the event loop.
     ctx: Arc<SessionContext>,
     /// This session's commands and scanned bytes (see `metrics::Traffic`).
     traffic: SessionTraffic,
-    peer: SocketAddr,
     client: Stream,
     client_in: BytesMut,
     client_out: BytesMut,
-    client_needs_flush: bool,
+    upstream: Option<Upstream>,
     request_scanner: Scanner,
-    request_mode: RequestMode,
+    reply_scanner: Scanner,
+    replies: ReplyQueue,
     /// Bytes at the front of `client_in` scanned and waiting to be forwarded upstream.
     forward_len: usize,
     /// Bytes of the request being held (`RequestMode::Buffer`) scanned so far.
     held_len: usize,
-    upstream: Option<Upstream>,
-    reply_scanner: Scanner,
-    reply_frame: Option<ReplyFrame>,
     /// Bytes at the front of the upstream input scanned and waiting to be relayed.
     relay_len: usize,
     /// Bytes of a confirmation being held whole scanned so far.
     held_reply_len: usize,
-    replies: ReplyQueue,
-    state: ConnState,
+    /// Commands forwarded since the metric was last updated.
+    commands_forwarded: u64,
+    /// `SessionContext::signal_epoch` and the task's waker when the two futures above were last
+    /// polled. While neither changed, polling them again would only take their locks (measurable
+    /// per request): they are registered with this waker and nothing was signalled since.
+    signals_polled: Option<(u64, std::task::Waker)>,
+    /// Ends a pause, or wakes the session at the drain deadline.
+    move_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A blocking command to send again, with its remaining timeout, once the session moved.
+    reissue: Option<Vec<u8>>,
+    /// The connection a subscribed session moved away from, kept until the new one is
+    /// subscribed so no message published meanwhile is lost.
+    old_upstream: Option<Box<drain::OldUpstream>>,
+    request_mode: RequestMode,
+    reply_frame: Option<ReplyFrame>,
+    /// Events handled since the session last waited or yielded (see `EVENTS_PER_TURN`).
+    events_this_turn: u32,
+    client_needs_flush: bool,
     authenticated: bool,
-    /// The client auth entry the client logged in with (counted there while this lives).
-    login: Option<client_auth::Login>,
-    in_multi: bool,
-    /// State changes of commands queued in the open MULTI, applied when EXEC succeeds.
-    multi_actions: Vec<(usize, Action)>,
-    /// `replies.asked()` right after the open MULTI was sent: positions in the transaction
-    /// count from there.
-    multi_base: u64,
-    /// Follows the EXEC reply now passing, when its transaction changes session state.
-    exec_outcomes: Option<ExecOutcomes>,
-    /// What the frames after EXEC's array tell about the commands whose replies landed there.
-    exec_follower: Option<ExecFollower>,
-    watch_armed: bool,
-    /// The connection holding the WATCH was lost: the next EXEC must answer nil, as if a watched
-    /// key had changed — never a silent success.
-    watch_lost: bool,
     /// The connection holding the open MULTI was lost: queued commands are acknowledged and the
     /// EXEC answers nil.
     multi_lost: bool,
+    /// `CLIENT REPLY OFF` is in force. The server is never told (the proxy needs every reply to
+    /// keep count): the proxy drops what the client asked not to get.
+    reply_off: bool,
+    /// `CLIENT REPLY SKIP`: the next command's reply is dropped.
+    skip_next_reply: bool,
     /// Requests wait until a reply arrives: after RESET (the proxy re-authenticates first), after
     /// a HELLO that names a protocol, and after a RESP2 EXEC that (un)subscribes or runs a HELLO
     /// (the reply tells which protocol is in force and whether the connection is subscribed,
@@ -276,46 +290,47 @@ pub struct Session {
     /// ready next (a batch of requests, then their replies), so one read attempt seldom goes
     /// to a side with nothing to give.
     upstream_first: bool,
+    /// Client input is paused so replies drain and the session reaches a safe point to move.
+    paused_for_move: bool,
+    /// CLIENT UNBLOCK was sent for `blocked`: its nil answer is swallowed and it is re-issued.
+    unblocking: bool,
+    /// Link work is waiting (a re-point or a flush the session could not do at once).
+    links_pending: bool,
+    in_multi: bool,
+    watch_armed: bool,
+    state: ConnState,
+    // ---- Read when a command or reply needs it.
+    peer: SocketAddr,
+    /// The client auth entry the client logged in with (counted there while this lives).
+    login: Option<client_auth::Login>,
+    /// State changes of commands queued in the open MULTI, applied when EXEC succeeds.
+    multi_actions: Vec<(usize, Action)>,
+    /// `replies.asked()` right after the open MULTI was sent: positions in the transaction
+    /// count from there.
+    multi_base: u64,
+    /// Follows the EXEC reply now passing, when its transaction changes session state.
+    exec_outcomes: Option<ExecOutcomes>,
+    /// What the frames after EXEC's array tell about the commands whose replies landed there.
+    exec_follower: Option<ExecFollower>,
+    /// The connection holding the WATCH was lost: the next EXEC must answer nil, as if a watched
+    /// key had changed — never a silent success.
+    watch_lost: bool,
     /// When the session last stopped reading its upstream connection because the client was
     /// behind (`HIGH_WATER`). Meanwhile Redis holds what it cannot send in the connection's
     /// output buffer, and closes the connection when that passes its
     /// `client-output-buffer-limit`; the session sees the close only once the client has
     /// taken what was read before it, holding back again and again on the way.
     upstream_held_back_at: Option<tokio::time::Instant>,
-    /// Events handled since the session last waited or yielded (see `EVENTS_PER_TURN`).
-    events_this_turn: u32,
-    /// Commands forwarded since the metric was last updated.
-    commands_forwarded: u64,
-    /// `CLIENT REPLY OFF` is in force. The server is never told (the proxy needs every reply to
-    /// keep count): the proxy drops what the client asked not to get.
-    reply_off: bool,
-    /// `CLIENT REPLY SKIP`: the next command's reply is dropped.
-    skip_next_reply: bool,
     /// Completes when a new generation is published.
     generation_changed: Pin<Box<tokio::sync::futures::OwnedNotified>>,
     /// Completes when the proxy begins to shut down.
     shutdown: Pin<Box<tokio::sync::futures::OwnedNotified>>,
-    /// `SessionContext::signal_epoch` and the task's waker when the two futures above were last
-    /// polled. While neither changed, polling them again would only take their locks (measurable
-    /// per request): they are registered with this waker and nothing was signalled since.
-    signals_polled: Option<(u64, std::task::Waker)>,
-    /// Client input is paused so replies drain and the session reaches a safe point to move.
-    paused_for_move: bool,
-    /// Ends a pause, or wakes the session at the drain deadline.
-    move_timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The generation an in-place AUTH is moving the connection to.
     reauth_target: Option<Arc<Generation>>,
     /// The server refused an in-place AUTH: move by swapping connections instead.
     reauth_refused: bool,
-    /// The connection a subscribed session moved away from, kept until the new one is
-    /// subscribed so no message published meanwhile is lost.
-    old_upstream: Option<drain::OldUpstream>,
     /// The blocking command in flight, kept so a drain can move it instead of waiting.
     blocked: Option<drain::BlockedCommand>,
-    /// CLIENT UNBLOCK was sent for `blocked`: its nil answer is swallowed and it is re-issued.
-    unblocking: bool,
-    /// A blocking command to send again, with its remaining timeout, once the session moved.
-    reissue: Option<Vec<u8>>,
     /// This session's public client id, from its first upstream connection (see `links`).
     own_link: Option<Arc<links::ClientLink>>,
     /// Whether the session's first upstream connection was installed (and so `own_link` set,
@@ -323,8 +338,6 @@ pub struct Session {
     public_id_decided: bool,
     /// The session of this proxy that this session's tracking redirects invalidations to.
     redirect: Option<links::Redirect>,
-    /// Link work is waiting (a re-point or a flush the session could not do at once).
-    links_pending: bool,
     /// The client must be told to flush its cache, as soon as a push can go in.
     flush_pending: bool,
     /// Another client ran `CLIENT KILL ID` with this session's public id: it ends now.

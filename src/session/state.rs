@@ -64,9 +64,11 @@ pub type Subscriptions = IndexSet<Bytes>;
 
 /// Connection state as the server sees it.
 #[derive(Debug, Clone, Default)]
+#[repr(C)] // `monitor` and `protocol` first: they are read with every batch of replies.
 pub struct ConnState {
     /// 2 or 3 (HELLO).
     pub protocol: u8,
+    pub monitor: bool,
     pub db: i64,
     pub name: Option<Bytes>,
     /// `CLIENT SETINFO` attributes in the order they were set.
@@ -75,7 +77,6 @@ pub struct ConnState {
     pub no_touch: bool,
     pub readonly: bool,
     pub tracking: Option<Vec<Bytes>>,
-    pub monitor: bool,
     pub channels: Subscriptions,
     pub patterns: Subscriptions,
     pub shard_channels: Subscriptions,
