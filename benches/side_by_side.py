@@ -203,6 +203,14 @@ def cpu_ns(pid: int) -> int:
     return sum(compare.thread_ns(pid).values())
 
 
+def user_system_ticks(pid: int) -> tuple[int, int]:
+    """User and system CPU time of the whole process, in clock ticks (/proc/PID/stat): coarser
+    than schedstat, but it tells the proxy's own code from the kernel work it asks for."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]), int(fields[12])
+
+
 # The system calls `--syscalls` counts, as perf names them, and as the report names them.
 SYSCALL_EVENTS = {
     "raw_syscalls:sys_enter": "all",
@@ -267,6 +275,8 @@ class Round:
     swapped: bool
     # Per side label: CPU ns and commands over the measured windows.
     cpu_ns: dict[str, int] = field(default_factory=dict)
+    # Per side label: (user, system) clock ticks over the measured windows.
+    user_system: dict[str, tuple[int, int]] = field(default_factory=dict)
     commands: dict[str, int] = field(default_factory=dict)
     window_ratios: list[float] = field(default_factory=list)
     # Per side label: system calls by name over the measured windows (`--syscalls`).
@@ -313,6 +323,7 @@ def run_round(tmp: Path, sides: list[Side], case: Case, index: int, args,
                     for s in sides}
 
         first = prev = sample()
+        ticks_first = {s.label: user_system_ticks(setup[s.label][0].pid) for s in sides}
         counters = {s.label: SyscallCount(tmp, s.label, setup[s.label][0].pid)
                     for s in sides} if args.syscalls else {}
         for _ in range(args.windows):
@@ -328,6 +339,9 @@ def run_round(tmp: Path, sides: list[Side], case: Case, index: int, args,
             prev = now
         for label, counter in counters.items():
             r.syscalls[label] = counter.finish()
+        for label, (user0, system0) in ticks_first.items():
+            user1, system1 = user_system_ticks(setup[label][0].pid)
+            r.user_system[label] = (user1 - user0, system1 - system0)
         for label in ("A", "B"):
             r.cpu_ns[label] = prev[label][0] - first[label][0]
             r.commands[label] = prev[label][1] - first[label][1]
@@ -378,6 +392,18 @@ def report(case: Case, rounds: list[Round], sides: list[Side]) -> dict:
           f"median {statistics.median(windows):.3f} p90 {windows[9 * len(windows) // 10]:.3f}")
     out.update(ratio=statistics.median(ratios), interval=interval, round_ratios=ratios,
                window_ratios=windows)
+    # User and system time, summed over the rounds (ticks are coarse: 10 ms each).
+    split = {}
+    for side in sides:
+        commands = sum(r.commands[side.label] for r in ok)
+        user, system = (sum(r.user_system[side.label][i] for r in ok) / compare.CLK_TCK * 1e6
+                        / commands for i in (0, 1))
+        split[side.label] = (user, system)
+        out[f"{side.label}_user_system_us_per_request"] = [user, system]
+    (ua, sa), (ub, sb) = split["A"], split["B"]
+    if ua > 0 and sa > 0:
+        print(f"  user µs per request A {ua:.3f} B {ub:.3f} (B/A {ub / ua:.3f}); "
+              f"system A {sa:.3f} B {sb:.3f} (B/A {sb / sa:.3f})")
     if all(r.syscalls for r in ok):
         for side in sides:
             per_1000 = {name: statistics.median(r.syscalls[side.label].get(name, 0) * 1000
