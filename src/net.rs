@@ -330,11 +330,11 @@ fn poll_recv(
 ) -> Poll<io::Result<usize>> {
     loop {
         let mut drained = 0;
-        let mut saw_readable = false;
         // `try_io` runs the read only when tokio has seen the socket readable, and clears that
         // readiness when the read reports `WouldBlock`.
         let result = tcp.try_io(Interest::READABLE, || {
-            saw_readable = true;
+            // Readable: the driver may have taken the registered waker when it saw that.
+            waiter.registered = None;
             let (n, emptied) = recv()?;
             if emptied {
                 // A read that did not fill the buffer emptied the socket (epoll is
@@ -345,16 +345,12 @@ fn poll_recv(
             }
             Ok(n)
         });
-        if saw_readable {
-            // The driver may have taken the registered waker when it saw the socket readable.
-            waiter.registered = None;
-        }
         match result {
             Ok(n) => return Poll::Ready(Ok(n)),
             Err(_) if drained > 0 => return Poll::Ready(Ok(drained)),
             Err(e) if e.kind() != io::ErrorKind::WouldBlock => return Poll::Ready(Err(e)),
             // Not readable, and tokio already holds this task's waker for the next event.
-            Err(_) if !saw_readable && waiter.holds(cx) => return Poll::Pending,
+            Err(_) if waiter.holds(cx) => return Poll::Pending,
             // Not readable, or nothing left: wait (an event may have come in between).
             Err(_) => match tcp.poll_read_ready(cx) {
                 Poll::Ready(ready) => ready?,
@@ -572,6 +568,21 @@ mod tests {
         })
     }
 
+    /// Once the reader says it waits, sends `bytes` from `far`; returns what the reader read.
+    async fn send_when_waiting(
+        far: &mut TcpStream,
+        waiting: &Notify,
+        reader: tokio::task::JoinHandle<(Stream, BytesMut)>,
+        bytes: &[u8],
+    ) -> (Stream, BytesMut) {
+        waiting.notified().await;
+        far.write_all(bytes).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), reader)
+            .await
+            .expect("the reader was never woken")
+            .unwrap()
+    }
+
     fn plain_waiter(stream: &Stream) -> &ReadWaiter {
         match stream {
             Stream::Tcp(raw) => &raw.read_waiter,
@@ -636,12 +647,7 @@ mod tests {
         // checked): it must register itself, not rely on the first task's registration.
         let waiting = Arc::new(Notify::new());
         let reader = read_in_a_task(near, 1, waiting.clone(), async {});
-        waiting.notified().await;
-        far.write_all(b"+PONG\r\n").await.unwrap();
-        let (_, buf) = tokio::time::timeout(Duration::from_secs(10), reader)
-            .await
-            .expect("the reader was never woken")
-            .unwrap();
+        let (_, buf) = send_when_waiting(&mut far, &waiting, reader, b"+PONG\r\n").await;
         assert_eq!(&buf[..], b"+PONG\r\n");
     }
 
@@ -662,12 +668,7 @@ mod tests {
         let waiting = Arc::new(Notify::new());
         // The first pending poll is the refused one; the second must have registered.
         let reader = read_in_a_task(near, 2, waiting.clone(), spend_budget);
-        waiting.notified().await;
-        far.write_all(b"+PONG\r\n").await.unwrap();
-        let (near, buf) = tokio::time::timeout(Duration::from_secs(10), reader)
-            .await
-            .expect("the reader was never woken")
-            .unwrap();
+        let (near, buf) = send_when_waiting(&mut far, &waiting, reader, b"+PONG\r\n").await;
         assert_eq!(&buf[..], b"+PONG\r\n");
         // Having read, the stream no longer claims a registration.
         assert_eq!(plain_waiter(&near).registered, None);
@@ -679,12 +680,7 @@ mod tests {
         assert!(!plain_waiter(&near).may_skip);
         let waiting = Arc::new(Notify::new());
         let reader = read_in_a_task(near, 1, waiting.clone(), async {});
-        waiting.notified().await;
-        far.write_all(b"+PONG\r\n").await.unwrap();
-        let (near, _) = tokio::time::timeout(Duration::from_secs(10), reader)
-            .await
-            .expect("the reader was never woken")
-            .unwrap();
+        let (near, _) = send_when_waiting(&mut far, &waiting, reader, b"+PONG\r\n").await;
         assert_eq!(plain_waiter(&near).registered, None);
     }
 }
