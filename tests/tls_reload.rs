@@ -417,6 +417,9 @@ fn a_certificate_change_during_a_rotation_waits_for_its_end() {
         let s = status(&proxy);
         s["generation"] == 3 && s["rotation"].is_null()
     });
+    // The status can show the change before the test's reader of the proxy's output has
+    // taken in the line that announces it.
+    proxy.wait_for_log("event=\"tls.reloaded\"", WAIT);
     let logs = proxy.logs();
     let position = |needle: &str| {
         logs.iter()
