@@ -28,7 +28,7 @@ pub enum ConfigError {
 }
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Where applications connect.
@@ -62,7 +62,7 @@ pub struct Config {
     pub log: LogConfig,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     /// Address applications connect to. Port 0 picks a free port (logged at start-up).
@@ -97,7 +97,7 @@ fn default_max_clients() -> usize {
     10_000
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerTlsConfig {
     /// PEM certificate chain presented to clients.
@@ -127,7 +127,7 @@ impl Default for ClientAuthConfig {
 /// Client authentication. `none` accepts any AUTH (applications migrating from a direct connection
 /// still send their old password); `password` accepts any of the listed users, so the client-side
 /// password can itself be rotated with an overlap.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientAuthConfig {
     #[serde(default)]
@@ -149,7 +149,7 @@ pub enum ClientAuthMode {
     Password,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientUser {
     /// Username clients send (`AUTH user pass`); `AUTH pass` means `default`.
@@ -163,7 +163,7 @@ fn default_username() -> String {
     "default".to_string()
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// `rediss://host:port` (TLS) or `redis://host:port` (plain TCP).
@@ -191,7 +191,7 @@ pub struct UpstreamConfig {
 }
 
 /// The upstream credential. Without a password the proxy does not authenticate upstream.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CredentialsConfig {
     /// ACL username; absent means the `default` user.
@@ -202,7 +202,7 @@ pub struct CredentialsConfig {
     pub password: Option<SecretRef>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolConfig {
     /// Authenticated upstream connections kept ready for new clients.
@@ -243,7 +243,7 @@ fn default_checkout_timeout() -> Duration {
     Duration::from_secs(5)
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TimeoutsConfig {
     /// TCP connect to the upstream.
@@ -273,7 +273,7 @@ fn default_timeout() -> Duration {
 
 /// Limits on what one client may send. Defaults are Redis's own, so no request Redis accepts is
 /// refused by the proxy. Replies are not limited: they stream through.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
     /// Largest bulk argument (Redis: proto-max-bulk-len, 512 MB).
@@ -315,7 +315,7 @@ fn default_max_buffered_bytes() -> ByteSize {
     ByteSize(1024 * 1024 * 1024)
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Address of the admin HTTP listener (health, readiness, metrics, status). Loopback by default:
@@ -341,7 +341,7 @@ fn default_admin_bind() -> SocketAddr {
 }
 
 /// How the proxy rotates the upstream credential.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RotationConfig {
     /// `acl-multi-password`, `alternating-users` or `external`.
@@ -402,7 +402,7 @@ pub struct RotationConfig {
 /// (self-signed), registers each with the database through the REST API
 /// (`clientTlsCertificates`: old and new, then new only) and writes it to
 /// `upstream.client_cert` / `client_key`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientCertRotationConfig {
     /// Lifetime of a certificate the proxy makes.
@@ -462,7 +462,7 @@ impl RotationStrategy {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RotationAdminConfig {
     /// A user allowed to run `ACL SETUSER` (and `CLIENT KILL` for urgent rotations).
@@ -470,7 +470,7 @@ pub struct RotationAdminConfig {
     pub password: SecretRef,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExternalSourceConfig {
     /// The file another system writes the password to (`file:/path`). Its directory is watched,
@@ -510,7 +510,7 @@ fn default_refresh_window() -> Duration {
     Duration::from_secs(90)
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuntimeConfig {
     /// Worker threads. 1 runs everything on one thread (a current-thread runtime), which costs the
@@ -531,7 +531,7 @@ fn default_worker_threads() -> usize {
     1
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     /// `text` or `json`.
@@ -758,6 +758,53 @@ impl UpstreamUrl {
 }
 
 impl Config {
+    /// What a SIGHUP does not apply: the parts of this configuration, named as in the file,
+    /// that differ from `running`. A SIGHUP re-reads `[listener.auth]` and `log.level` only;
+    /// every other change waits for a restart. (Certificate and password *files* are followed
+    /// as they change; what is compared here is where they are and what the file says.)
+    pub fn restart_needed_for(&self, running: &Config) -> Vec<&'static str> {
+        // Taken apart field by field, so that a new setting cannot be left out unnoticed.
+        let Config {
+            listener:
+                ListenerConfig {
+                    bind,
+                    max_clients,
+                    tls,
+                    auth: _,
+                },
+            upstream,
+            credentials,
+            pool,
+            timeouts,
+            limits,
+            admin,
+            rotation,
+            runtime,
+            log: LogConfig { format, level: _ },
+        } = self;
+        let was = running;
+        [
+            ("listener.bind", *bind != was.listener.bind),
+            (
+                "listener.max_clients",
+                *max_clients != was.listener.max_clients,
+            ),
+            ("listener.tls", *tls != was.listener.tls),
+            ("upstream", *upstream != was.upstream),
+            ("credentials", *credentials != was.credentials),
+            ("pool", *pool != was.pool),
+            ("timeouts", *timeouts != was.timeouts),
+            ("limits", *limits != was.limits),
+            ("admin", *admin != was.admin),
+            ("rotation", *rotation != was.rotation),
+            ("runtime", *runtime != was.runtime),
+            ("log.format", *format != was.log.format),
+        ]
+        .into_iter()
+        .filter_map(|(name, changed)| changed.then_some(name))
+        .collect()
+    }
+
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -1147,6 +1194,56 @@ mod tests {
         std::fs::write(&p, "s3cret\n").unwrap();
         let r = SecretRef::File(p);
         assert_eq!(r.resolve().unwrap().expose_secret(), "s3cret");
+    }
+
+    /// Each setting a SIGHUP does not apply is named when it changes; the two it applies are
+    /// not, and neither is a file that says the same in other words.
+    #[test]
+    fn a_sighup_names_every_change_it_does_not_apply() {
+        let running = Config::parse(MINIMAL).unwrap();
+        let cases = [
+            (
+                "[listener]\nbind = \"127.0.0.1:7000\"\n",
+                vec!["listener.bind"],
+            ),
+            (
+                "[listener]\nmax_clients = 5\n",
+                vec!["listener.max_clients"],
+            ),
+            (
+                "[listener.tls]\ncert = \"/c\"\nkey = \"/k\"\n",
+                vec!["listener.tls"],
+            ),
+            (
+                "[credentials]\npassword = \"env:OTHER\"\n",
+                vec!["credentials"],
+            ),
+            ("[pool]\nwarm = 1\n", vec!["pool"]),
+            ("[timeouts]\nauth = \"1s\"\n", vec!["timeouts"]),
+            ("[limits]\nmax_args = 10\n", vec!["limits"]),
+            ("[admin]\nbind = \"127.0.0.1:7001\"\n", vec!["admin"]),
+            (
+                "[rotation]\nstrategy = \"external\"\n[rotation.external]\npassword = \"file:/pw\"\n",
+                vec!["rotation"],
+            ),
+            ("[runtime]\nworker_threads = 2\n", vec!["runtime"]),
+            ("[log]\nformat = \"json\"\n", vec!["log.format"]),
+            (
+                "[pool]\nwarm = 1\n[limits]\nmax_args = 10\n",
+                vec!["pool", "limits"],
+            ),
+            // Applied by a SIGHUP, or no change at all.
+            ("[log]\nlevel = \"debug\"\n", vec![]),
+            ("[listener.auth]\nmode = \"none\"\n", vec![]),
+            ("[pool]\nwarm = 4\n", vec![]),
+        ];
+        assert_eq!(running.pool.warm, 4, "the last case restates the default");
+        for (extra, expected) in cases {
+            let changed = Config::parse(&format!("{MINIMAL}{extra}")).unwrap();
+            assert_eq!(changed.restart_needed_for(&running), expected, "{extra}");
+        }
+        let other_upstream = Config::parse("[upstream]\nurl = \"rediss://other:1\"\n").unwrap();
+        assert_eq!(other_upstream.restart_needed_for(&running), ["upstream"]);
     }
 
     #[test]

@@ -39,6 +39,10 @@ fn describe() {
         "Upstream connections open now (idle in the pool or in use), by generation: current, previous (being drained), older"
     );
     describe_gauge!(
+        "rotaproxy_config_restart_pending",
+        "1 when the config file, as the last SIGHUP read it, has changes only a restart applies (the log names them)"
+    );
+    describe_gauge!(
         "rotaproxy_pool_idle_connections",
         "Authenticated upstream connections waiting in the pool"
     );

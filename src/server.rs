@@ -160,7 +160,12 @@ pub async fn run(
     if let Some(path) = config_path {
         let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .context("cannot handle SIGHUP")?;
-        tokio::spawn(reload_on_hangup(hangup, path, client_auth.clone()));
+        tokio::spawn(reload_on_hangup(
+            hangup,
+            path,
+            config.clone(),
+            client_auth.clone(),
+        ));
     }
     let tls_acceptor = match &config.listener.tls {
         Some(tls) => {
@@ -446,12 +451,17 @@ fn warn_about_risky_settings(config: &Config) {
 /// SIGHUP re-reads the configuration file for its client auth entries (`[listener.auth]`),
 /// so an application password can be added or retired without dropping a client, and for its
 /// log filter (`log.level`), so `debug` can be turned on for a while. Nothing else is
-/// reloaded; a file that does not load changes nothing.
+/// reloaded: any other difference from the configuration the proxy started with (`running`)
+/// is named in a warning and raises `rotaproxy_config_restart_pending`, so an operator who
+/// expected it to apply learns it did not. A file that does not load changes nothing.
 async fn reload_on_hangup(
     mut hangup: tokio::signal::unix::Signal,
     path: std::path::PathBuf,
+    running: Config,
     client_auth: Arc<ClientAuth>,
 ) {
+    let restart_pending = metrics::gauge!("rotaproxy_config_restart_pending");
+    restart_pending.set(0.0);
     while hangup.recv().await.is_some() {
         let config = match Config::load(&path) {
             Ok(config) => config,
@@ -476,16 +486,22 @@ async fn reload_on_hangup(
             Err(error) => tracing::warn!(%error, "SIGHUP: log filter not changed"),
         }
         match client_auth.reload(&config.listener.auth) {
-            Ok(()) => tracing::info!(
-                path = %path.display(),
-                "SIGHUP: client auth entries re-read (only [listener.auth] and log.level are \
-                 reloaded; the rest of the file needs a restart)"
-            ),
+            Ok(()) => tracing::info!(path = %path.display(), "SIGHUP: client auth entries re-read"),
             Err(error) => tracing::warn!(
                 path = %path.display(),
                 %error,
                 "SIGHUP: client auth entries not reloaded; they are as before"
             ),
+        }
+        let not_applied = config.restart_needed_for(&running);
+        restart_pending.set(if not_applied.is_empty() { 0.0 } else { 1.0 });
+        if !not_applied.is_empty() {
+            tracing::warn!(
+                path = %path.display(),
+                changed = %not_applied.join(","),
+                "SIGHUP: these changes are not applied until a restart (a SIGHUP reloads only \
+                 [listener.auth] and log.level)"
+            );
         }
     }
 }

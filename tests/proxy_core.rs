@@ -989,6 +989,68 @@ fn sighup_sets_the_log_filter_from_the_config_file() {
     client.cmd(&["PING"]).assert_simple("PONG");
 }
 
+/// A SIGHUP applies `[listener.auth]` and `log.level` only. Any other change to the file is
+/// named in a warning and raises `rotaproxy_config_restart_pending`, until a SIGHUP finds the
+/// file back to what the proxy runs; meanwhile the proxy serves as it started.
+#[test]
+fn sighup_names_the_changes_only_a_restart_applies() {
+    let password = random_token(32);
+    let redis = RedisServer::start_with_user(APP_USER, &password);
+    let started = ProxyConfig::plain(&redis)
+        .credentials(Some(APP_USER), "env:TEST_UPSTREAM_PASSWORD")
+        .extra("[pool]\nwarm = 2\n");
+    let proxy = Proxy::start(
+        &started.to_toml(),
+        &[("TEST_UPSTREAM_PASSWORD", password.as_str())],
+    );
+    let pending = || proxy.metric("rotaproxy_config_restart_pending");
+    assert_eq!(pending(), Some(0.0));
+    // Waits for the `n`th SIGHUP to have been handled (its last line is the client auth one).
+    let reloads_logged = |n: usize| {
+        assert_eventually(Duration::from_secs(10), "the SIGHUP is handled", || {
+            proxy
+                .logs()
+                .iter()
+                .filter(|line| line.contains("SIGHUP: client auth entries re-read"))
+                .count()
+                >= n
+        })
+    };
+    let warning = "SIGHUP: these changes are not applied until a restart";
+
+    // Only the log filter: applied, nothing pending.
+    let mut quieter = started.clone();
+    quieter.log_level = "info,rotaproxy::audit=warn".to_string();
+    std::fs::write(proxy.config_path(), quieter.to_toml()).expect("rewrite the config");
+    proxy.hangup();
+    reloads_logged(1);
+    assert!(!proxy.log_contains(warning));
+    assert_eq!(pending(), Some(0.0));
+
+    // The pool, the timeouts and the upstream's address too: named, not applied.
+    let mut changed = quieter.clone().extra("[timeouts]\nconnect = \"3s\"\n");
+    changed.extra = changed.extra.replace("warm = 2", "warm = 1");
+    changed.upstream_url = "redis://127.0.0.1:1".to_string();
+    std::fs::write(proxy.config_path(), changed.to_toml()).expect("rewrite the config");
+    proxy.hangup();
+    let line = proxy.wait_for_log(warning, Duration::from_secs(10));
+    assert!(line.contains("changed=upstream,pool,timeouts"), "{line}");
+    assert_eq!(pending(), Some(1.0));
+    // Still the pool it started with, and serving.
+    assert_eventually(Duration::from_secs(10), "the pool holds 2", || {
+        proxy.metric("rotaproxy_pool_idle_connections") == Some(2.0)
+    });
+    let mut client = proxy.conn();
+    client.cmd(&["SET", "k", "v"]).assert_ok();
+
+    // Back to what runs (the log filter may stay changed): nothing pending.
+    std::fs::write(proxy.config_path(), quieter.to_toml()).expect("rewrite the config");
+    proxy.hangup();
+    reloads_logged(3);
+    assert_eq!(pending(), Some(0.0));
+    client.cmd(&["GET", "k"]).assert_bulk(b"v");
+}
+
 /// Everything a connection receives until the peer closes it.
 fn bytes_until_closed(conn: &mut RespConn) -> Vec<u8> {
     let mut all = Vec::new();

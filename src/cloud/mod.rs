@@ -29,7 +29,7 @@ pub use client::{AclUser, AclUserId, CloudClient, CloudError, DatabaseKind, Data
 pub use tasks::{TaskError, TaskId, TaskState, TaskStatus};
 
 /// Where and how to reach the Redis Cloud REST API.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CloudApiConfig {
     /// API root without the `/v1` (request paths carry `/v1/...` exactly as the official OpenAPI
