@@ -982,7 +982,36 @@ fn describe_toml_error(text: &str, err: &toml::de::Error) -> String {
             message.push(c);
         }
     }
-    format!("{}{}", location.unwrap_or_default(), message.trim())
+    format!(
+        "{}{}",
+        location.unwrap_or_default(),
+        hide_number_values(message.trim())
+    )
+}
+
+/// serde names a wrong number in backticks after its kind (``invalid type: integer `123` ``):
+/// it may be a secret written without quotes, so it is left out. Backticked names of fields
+/// and types stay.
+fn hide_number_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some((before, after)) = rest.split_once('`') {
+        out.push_str(before);
+        let Some((quoted, after)) = after.split_once('`') else {
+            out.push('`');
+            out.push_str(after);
+            return out;
+        };
+        let is_number = ["integer ", "floating point "]
+            .iter()
+            .any(|kind| before.ends_with(kind));
+        out.push('`');
+        out.push_str(if is_number { "…" } else { quoted });
+        out.push('`');
+        rest = after;
+    }
+    out.push_str(rest);
+    out
 }
 
 fn validate_rotation(config: &Config, r: &RotationConfig) -> Result<(), ConfigError> {
@@ -1178,6 +1207,20 @@ mod tests {
         let err = Config::parse(&text).unwrap_err().to_string();
         assert!(err.contains("env:NAME"), "{err}");
         assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn a_number_where_a_secret_belongs_is_not_echoed() {
+        for value in ["987654321", "98765.4321", "-98765"] {
+            let text = format!("{MINIMAL}[credentials]\npassword = {value}\n");
+            let err = Config::parse(&text).unwrap_err().to_string();
+            assert!(err.contains("key `password`"), "{err}");
+            assert!(err.contains("expected"), "{err}");
+            assert!(!err.contains("98765"), "{err}");
+        }
+        // Names in backticks stay.
+        let err = Config::parse(&format!("{MINIMAL}[pool]\nwarmm = 3\n")).unwrap_err();
+        assert!(err.to_string().contains("`warmm`"), "{err}");
     }
 
     #[test]
