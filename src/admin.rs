@@ -32,6 +32,8 @@ pub struct AdminState {
     pub client_cert_rotation: Option<crate::rotation::client_cert::ClientCertRotation>,
     /// How clients log in, and who is logged in with which entry.
     pub client_auth: Arc<crate::session::client_auth::ClientAuth>,
+    /// What the last SIGHUP did.
+    pub hangup: Arc<crate::hangup::HangupStatus>,
 }
 
 pub fn router(state: Arc<AdminState>) -> Router {
@@ -102,6 +104,7 @@ async fn status(State(state): State<Arc<AdminState>>) -> Json<serde_json::Value>
     doc["upstream_error"] = json!(state.pool.last_error());
     doc["tls"] = state.tls.to_json();
     doc["client_auth"] = state.client_auth.status();
+    doc["config"] = state.hangup.to_json();
     if let Some(rotation) = &state.client_cert_rotation {
         doc["client_certificate_rotation"] = rotation.status();
     }

@@ -20,6 +20,7 @@ pub mod cloud;
 pub mod config;
 pub mod credentials;
 pub mod files;
+pub mod hangup;
 pub mod logging;
 pub mod metrics;
 pub mod net;

@@ -13,7 +13,7 @@ use tokio::sync::Semaphore;
 use crate::admin::{self, AdminState};
 use crate::config::{ClientAuthMode, Config};
 use crate::credentials::{Credential, Generation, Generations};
-use crate::logging::FilterChange;
+use crate::hangup::HangupStatus;
 use crate::metrics::Metrics;
 use crate::net::{RawTcp, Stream};
 use crate::resp::command_table::CommandTable;
@@ -157,14 +157,16 @@ pub async fn run(
         client_auth.clone(),
         config.listener.auth.poll_interval,
     ));
+    let hangup_status = Arc::new(HangupStatus::default());
     if let Some(path) = config_path {
         let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .context("cannot handle SIGHUP")?;
-        tokio::spawn(reload_on_hangup(
+        tokio::spawn(crate::hangup::reload_on_hangup(
             hangup,
             path,
             config.clone(),
             client_auth.clone(),
+            hangup_status.clone(),
         ));
     }
     let tls_acceptor = match &config.listener.tls {
@@ -229,6 +231,7 @@ pub async fn run(
         tls: tls_status,
         client_cert_rotation,
         client_auth,
+        hangup: hangup_status,
     });
     tokio::spawn(admin::serve(admin_listener, admin_state));
     tracing::info!(%client_addr, %admin_addr, tls = tls_acceptor.is_some(), "listening");
@@ -445,64 +448,6 @@ fn warn_about_risky_settings(config: &Config) {
     }
     if !config.admin.bind.ip().is_loopback() {
         tracing::warn!(bind = %config.admin.bind, "the admin listener is not on loopback");
-    }
-}
-
-/// SIGHUP re-reads the configuration file for its client auth entries (`[listener.auth]`),
-/// so an application password can be added or retired without dropping a client, and for its
-/// log filter (`log.level`), so `debug` can be turned on for a while. Nothing else is
-/// reloaded: any other difference from the configuration the proxy started with (`running`)
-/// is named in a warning and raises `rotaproxy_config_restart_pending`, so an operator who
-/// expected it to apply learns it did not. A file that does not load changes nothing.
-async fn reload_on_hangup(
-    mut hangup: tokio::signal::unix::Signal,
-    path: std::path::PathBuf,
-    running: Config,
-    client_auth: Arc<ClientAuth>,
-) {
-    let restart_pending = metrics::gauge!("rotaproxy_config_restart_pending");
-    restart_pending.set(0.0);
-    while hangup.recv().await.is_some() {
-        let config = match Config::load(&path) {
-            Ok(config) => config,
-            Err(error) => {
-                tracing::warn!(
-                    path = %path.display(),
-                    %error,
-                    "SIGHUP: config not reloaded (the file does not load); nothing changed"
-                );
-                continue;
-            }
-        };
-        // The filter first, so that the lines below already follow it.
-        match crate::logging::set_filter(&config.log.level) {
-            Ok(FilterChange::Applied) => {
-                tracing::info!(filter = %config.log.level, "SIGHUP: log filter set")
-            }
-            Ok(FilterChange::FixedByEnvironment) => {
-                tracing::info!("SIGHUP: log filter kept: RUST_LOG sets it")
-            }
-            Ok(FilterChange::NoLogger) => {}
-            Err(error) => tracing::warn!(%error, "SIGHUP: log filter not changed"),
-        }
-        match client_auth.reload(&config.listener.auth) {
-            Ok(()) => tracing::info!(path = %path.display(), "SIGHUP: client auth entries re-read"),
-            Err(error) => tracing::warn!(
-                path = %path.display(),
-                %error,
-                "SIGHUP: client auth entries not reloaded; they are as before"
-            ),
-        }
-        let not_applied = config.restart_needed_for(&running);
-        restart_pending.set(if not_applied.is_empty() { 0.0 } else { 1.0 });
-        if !not_applied.is_empty() {
-            tracing::warn!(
-                path = %path.display(),
-                changed = %not_applied.join(","),
-                "SIGHUP: these changes are not applied until a restart (a SIGHUP reloads only \
-                 [listener.auth] and log.level)"
-            );
-        }
     }
 }
 

@@ -1005,6 +1005,13 @@ fn sighup_names_the_changes_only_a_restart_applies() {
     );
     let pending = || proxy.metric("rotaproxy_config_restart_pending");
     assert_eq!(pending(), Some(0.0));
+    let last_sighup = || {
+        let (code, body) = proxy.http_get("/v1/status");
+        assert_eq!(code, 200, "{body}");
+        let status: serde_json::Value = serde_json::from_str(&body).expect("status is JSON");
+        status["config"]["last_sighup"].clone()
+    };
+    assert!(last_sighup().is_null());
     // Waits for the `n`th SIGHUP to have been handled (its last line is the client auth one).
     let reloads_logged = |n: usize| {
         assert_eventually(Duration::from_secs(10), "the SIGHUP is handled", || {
@@ -1036,6 +1043,23 @@ fn sighup_names_the_changes_only_a_restart_applies() {
     let line = proxy.wait_for_log(warning, Duration::from_secs(10));
     assert!(line.contains("changed=upstream,pool,timeouts"), "{line}");
     assert_eq!(pending(), Some(1.0));
+    let outcome = last_sighup();
+    assert_eq!(outcome["result"], "applied", "{outcome}");
+    assert_eq!(
+        outcome["restart_needed_for"],
+        serde_json::json!(["upstream", "pool", "timeouts"])
+    );
+    // A file that does not load changes nothing, and says so.
+    std::fs::write(proxy.config_path(), "[upstream]\nurl = 1\n").expect("rewrite the config");
+    proxy.hangup();
+    proxy.wait_for_log("SIGHUP: config not reloaded", Duration::from_secs(10));
+    let outcome = last_sighup();
+    assert_eq!(outcome["result"], "refused", "{outcome}");
+    assert!(
+        outcome["error"].as_str().unwrap().contains("key `url`"),
+        "{outcome}"
+    );
+    assert_eq!(pending(), Some(1.0));
     // Still the pool it started with, and serving.
     assert_eventually(Duration::from_secs(10), "the pool holds 2", || {
         proxy.metric("rotaproxy_pool_idle_connections") == Some(2.0)
@@ -1048,6 +1072,7 @@ fn sighup_names_the_changes_only_a_restart_applies() {
     proxy.hangup();
     reloads_logged(3);
     assert_eq!(pending(), Some(0.0));
+    assert_eq!(last_sighup()["restart_needed_for"], serde_json::json!([]));
     client.cmd(&["GET", "k"]).assert_bulk(b"v");
 }
 
