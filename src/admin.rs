@@ -34,6 +34,8 @@ pub struct AdminState {
     pub client_auth: Arc<crate::session::client_auth::ClientAuth>,
     /// What the last SIGHUP did.
     pub hangup: Arc<crate::hangup::HangupStatus>,
+    /// When the proxy started (Unix seconds).
+    pub started_at: u64,
 }
 
 pub fn router(state: Arc<AdminState>) -> Router {
@@ -100,6 +102,8 @@ async fn status(State(state): State<Arc<AdminState>>) -> Json<serde_json::Value>
             })
         }
     };
+    doc["version"] = json!(env!("CARGO_PKG_VERSION"));
+    doc["started_at"] = json!(state.started_at);
     doc["upstream_ready"] = json!(state.pool.is_ready());
     doc["upstream_error"] = json!(state.pool.last_error());
     doc["tls"] = state.tls.to_json();

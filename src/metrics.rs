@@ -39,6 +39,14 @@ fn describe() {
         "Upstream connections open now (idle in the pool or in use), by generation: current, previous (being drained), older"
     );
     describe_gauge!(
+        "rotaproxy_build_info",
+        "Always 1; the version of the running proxy is its label"
+    );
+    describe_gauge!(
+        "rotaproxy_start_time_seconds",
+        "When the proxy started, in Unix seconds"
+    );
+    describe_gauge!(
         "rotaproxy_config_restart_pending",
         "1 when the config file, as the last SIGHUP read it, has changes only a restart applies (the log names them)"
     );

@@ -44,7 +44,10 @@ pub async fn run(
     prometheus: PrometheusHandle,
     config_path: Option<std::path::PathBuf>,
 ) -> anyhow::Result<()> {
+    let started_at = crate::rotation::state::now_unix();
     let metrics = Metrics::new();
+    metrics::gauge!("rotaproxy_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    metrics::gauge!("rotaproxy_start_time_seconds").set(started_at as f64);
     warn_about_risky_settings(&config);
 
     if let Some(rotation) = &config.rotation
@@ -232,6 +235,7 @@ pub async fn run(
         client_cert_rotation,
         client_auth,
         hangup: hangup_status,
+        started_at,
     });
     tokio::spawn(admin::serve(admin_listener, admin_state));
     tracing::info!(%client_addr, %admin_addr, tls = tls_acceptor.is_some(), "listening");

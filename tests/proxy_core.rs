@@ -989,6 +989,35 @@ fn sighup_sets_the_log_filter_from_the_config_file() {
     client.cmd(&["PING"]).assert_simple("PONG");
 }
 
+/// Metrics and status say which build runs and since when, for whoever compares the proxy
+/// they reach with the one they deployed.
+#[test]
+fn metrics_and_status_name_the_version_and_start_time() {
+    let redis = RedisServer::start(RedisOptions::new());
+    let proxy = Proxy::start(&ProxyConfig::plain(&redis).to_toml(), &[]);
+    let (_, metrics) = proxy.http_get("/metrics");
+    let version = env!("CARGO_PKG_VERSION");
+    assert!(
+        metrics.contains(&format!("rotaproxy_build_info{{version=\"{version}\"}} 1")),
+        "{metrics}"
+    );
+    let started_at = proxy
+        .metric("rotaproxy_start_time_seconds")
+        .expect("start time") as u64;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        started_at <= now && started_at + 600 > now,
+        "{started_at} against {now}"
+    );
+    let (_, body) = proxy.http_get("/v1/status");
+    let status: serde_json::Value = serde_json::from_str(&body).expect("status is JSON");
+    assert_eq!(status["version"], version);
+    assert_eq!(status["started_at"].as_u64(), Some(started_at));
+}
+
 /// A SIGHUP applies `[listener.auth]` and `log.level` only. Any other change to the file is
 /// named in a warning and raises `rotaproxy_config_restart_pending`, until a SIGHUP finds the
 /// file back to what the proxy runs; meanwhile the proxy serves as it started.
