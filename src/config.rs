@@ -759,8 +759,8 @@ impl UpstreamUrl {
 
 impl Config {
     /// What a SIGHUP does not apply: the parts of this configuration, named as in the file,
-    /// that differ from `running`. A SIGHUP re-reads `[listener.auth]` and `log.level` only;
-    /// every other change waits for a restart. (Certificate and password *files* are followed
+    /// that differ from `running`. A SIGHUP re-reads the client auth entries
+    /// (`listener.auth.users`) and `log.level` only; every other change waits for a restart. (Certificate and password *files* are followed
     /// as they change; what is compared here is where they are and what the file says.)
     pub fn restart_needed_for(&self, running: &Config) -> Vec<&'static str> {
         // Taken apart field by field, so that a new setting cannot be left out unnoticed.
@@ -770,7 +770,12 @@ impl Config {
                     bind,
                     max_clients,
                     tls,
-                    auth: _,
+                    auth:
+                        ClientAuthConfig {
+                            mode,
+                            users: _,
+                            poll_interval,
+                        },
                 },
             upstream,
             credentials,
@@ -790,6 +795,11 @@ impl Config {
                 *max_clients != was.listener.max_clients,
             ),
             ("listener.tls", *tls != was.listener.tls),
+            ("listener.auth.mode", *mode != was.listener.auth.mode),
+            (
+                "listener.auth.poll_interval",
+                *poll_interval != was.listener.auth.poll_interval,
+            ),
             ("upstream", *upstream != was.upstream),
             ("credentials", *credentials != was.credentials),
             ("pool", *pool != was.pool),
@@ -1277,6 +1287,14 @@ mod tests {
             ),
             // Applied by a SIGHUP, or no change at all.
             ("[log]\nlevel = \"debug\"\n", vec![]),
+            (
+                "[listener.auth]\nmode = \"password\"\n[[listener.auth.users]]\nusername = \"a\"\npassword = \"env:A\"\n",
+                vec!["listener.auth.mode"],
+            ),
+            (
+                "[listener.auth]\npoll_interval = \"9s\"\n",
+                vec!["listener.auth.poll_interval"],
+            ),
             ("[listener.auth]\nmode = \"none\"\n", vec![]),
             ("[pool]\nwarm = 4\n", vec![]),
         ];
