@@ -26,7 +26,7 @@ impl HangupStatus {
     }
 }
 
-/// SIGHUP re-reads the configuration file for its client auth entries (`[listener.auth]`),
+/// SIGHUP re-reads the configuration file for its client auth entries (`listener.auth.users`),
 /// so an application password can be added or retired without dropping a client, and for its
 /// log filter (`log.level`), so `debug` can be turned on for a while. Nothing else is
 /// reloaded: any other difference from the configuration the proxy started with (`running`)
@@ -98,7 +98,7 @@ pub async fn reload_on_hangup(
                 path = %path.display(),
                 changed = %not_applied.join(","),
                 "SIGHUP: these changes are not applied until a restart (a SIGHUP reloads only \
-                 [listener.auth] and log.level)"
+                 listener.auth.users and log.level)"
             );
         }
         status.record(json!({
