@@ -760,8 +760,9 @@ impl UpstreamUrl {
 impl Config {
     /// What a SIGHUP does not apply: the parts of this configuration, named as in the file,
     /// that differ from `running`. A SIGHUP re-reads the client auth entries
-    /// (`listener.auth.users`) and `log.level` only; every other change waits for a restart. (Certificate and password *files* are followed
-    /// as they change; what is compared here is where they are and what the file says.)
+    /// (`listener.auth.users`) and `log.level` only; every other change waits for a restart.
+    /// (Certificate and password *files* are followed as they change; what is compared here
+    /// is where they are and what the file says.)
     pub fn restart_needed_for(&self, running: &Config) -> Vec<&'static str> {
         // Taken apart field by field, so that a new setting cannot be left out unnoticed.
         let Config {

@@ -45,62 +45,42 @@ pub async fn reload_on_hangup(
         let config = match Config::load(&path) {
             Ok(config) => config,
             Err(error) => {
-                tracing::warn!(
-                    path = %path.display(),
-                    %error,
-                    "SIGHUP: config not reloaded (the file does not load); nothing changed"
-                );
+                // Status first: whoever sees the line below sees the status too.
                 status.record(json!({
                     "at": crate::rotation::state::now_unix(),
                     "result": "refused",
                     "error": error.to_string(),
                 }));
+                tracing::warn!(
+                    path = %path.display(),
+                    %error,
+                    "SIGHUP: config not reloaded (the file does not load); nothing changed"
+                );
                 continue;
             }
         };
         // The filter first, so that the lines below already follow it.
         let log_level_error = match crate::logging::set_filter(&config.log.level) {
-            Ok(change) => {
-                match change {
-                    FilterChange::Applied => {
-                        tracing::info!(filter = %config.log.level, "SIGHUP: log filter set")
-                    }
-                    FilterChange::FixedByEnvironment => {
-                        tracing::info!("SIGHUP: log filter kept: RUST_LOG sets it")
-                    }
-                    FilterChange::NoLogger => {}
-                }
+            Ok(FilterChange::Applied) => {
+                tracing::info!(filter = %config.log.level, "SIGHUP: log filter set");
                 None
             }
+            Ok(FilterChange::FixedByEnvironment) => {
+                tracing::info!("SIGHUP: log filter kept: RUST_LOG sets it");
+                None
+            }
+            Ok(FilterChange::NoLogger) => None,
             Err(error) => {
                 tracing::warn!(%error, "SIGHUP: log filter not changed");
                 Some(error.to_string())
             }
         };
-        let client_auth_error = match client_auth.reload(&config.listener.auth) {
-            Ok(()) => {
-                tracing::info!(path = %path.display(), "SIGHUP: client auth entries re-read");
-                None
-            }
-            Err(error) => {
-                tracing::warn!(
-                    path = %path.display(),
-                    %error,
-                    "SIGHUP: client auth entries not reloaded; they are as before"
-                );
-                Some(error.to_string())
-            }
-        };
+        let client_auth_result = client_auth.reload(&config.listener.auth);
+        let client_auth_error = client_auth_result.as_ref().err().cloned();
         let not_applied = config.restart_needed_for(&running);
+        // Gauge and status before the lines that end the reload: whoever sees those lines
+        // sees the outcome everywhere.
         restart_pending.set(if not_applied.is_empty() { 0.0 } else { 1.0 });
-        if !not_applied.is_empty() {
-            tracing::warn!(
-                path = %path.display(),
-                changed = %not_applied.join(","),
-                "SIGHUP: these changes are not applied until a restart (a SIGHUP reloads only \
-                 listener.auth.users and log.level)"
-            );
-        }
         status.record(json!({
             "at": crate::rotation::state::now_unix(),
             "result": if client_auth_error.is_some() || log_level_error.is_some() {
@@ -112,5 +92,23 @@ pub async fn reload_on_hangup(
             "log_level_error": log_level_error,
             "restart_needed_for": not_applied,
         }));
+        match client_auth_result {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), "SIGHUP: client auth entries re-read")
+            }
+            Err(error) => tracing::warn!(
+                path = %path.display(),
+                %error,
+                "SIGHUP: client auth entries not reloaded; they are as before"
+            ),
+        }
+        if !not_applied.is_empty() {
+            tracing::warn!(
+                path = %path.display(),
+                changed = %not_applied.join(","),
+                "SIGHUP: these changes are not applied until a restart (a SIGHUP reloads only \
+                 listener.auth.users and log.level)"
+            );
+        }
     }
 }

@@ -1018,7 +1018,7 @@ fn metrics_and_status_name_the_version_and_start_time() {
     assert_eq!(status["started_at"].as_u64(), Some(started_at));
 }
 
-/// A SIGHUP applies `[listener.auth]` and `log.level` only. Any other change to the file is
+/// A SIGHUP applies `listener.auth.users` and `log.level` only. Any other change to the file is
 /// named in a warning and raises `rotaproxy_config_restart_pending`, until a SIGHUP finds the
 /// file back to what the proxy runs; meanwhile the proxy serves as it started.
 #[test]
