@@ -34,6 +34,8 @@ pub struct AdminState {
     pub client_auth: Arc<crate::session::client_auth::ClientAuth>,
     /// What the last SIGHUP did.
     pub hangup: Arc<crate::hangup::HangupStatus>,
+    /// Whether a SIGTERM/SIGINT began a stop, and where it is.
+    pub shutdown: Arc<crate::shutdown::ShutdownStatus>,
     /// When the proxy started (Unix seconds).
     pub started_at: u64,
 }
@@ -58,9 +60,15 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
     }
 }
 
-/// 200 only while the proxy can open an authenticated upstream connection.
+/// 200 only while the proxy can open an authenticated upstream connection and is not
+/// stopping.
 async fn readyz(State(state): State<Arc<AdminState>>) -> (StatusCode, String) {
-    if state.pool.is_ready() {
+    if let Some(why) = state.shutdown.not_ready_reason() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        )
+    } else if state.pool.is_ready() {
         (StatusCode::OK, "ready\n".to_string())
     } else {
         let why = state
@@ -109,6 +117,7 @@ async fn status(State(state): State<Arc<AdminState>>) -> Json<serde_json::Value>
     doc["tls"] = state.tls.to_json();
     doc["client_auth"] = state.client_auth.status();
     doc["config"] = state.hangup.to_json();
+    doc["shutdown"] = state.shutdown.to_json();
     if let Some(rotation) = &state.client_cert_rotation {
         doc["client_certificate_rotation"] = rotation.status();
     }

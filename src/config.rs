@@ -54,6 +54,9 @@ pub struct Config {
     /// Credential rotation; absent means the proxy never changes the credential.
     #[serde(default)]
     pub rotation: Option<RotationConfig>,
+    /// What SIGTERM and SIGINT do.
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
     /// Async runtime.
     #[serde(default)]
     pub runtime: RuntimeConfig,
@@ -269,6 +272,35 @@ impl Default for TimeoutsConfig {
 
 fn default_timeout() -> Duration {
     Duration::from_secs(5)
+}
+
+/// What SIGTERM and SIGINT do. A sidecar is often told to stop at the same moment as the
+/// application it serves (a Kubernetes pod), while that application still has commands to
+/// send on its way out: `wait_for_clients` keeps the proxy serving until they are done.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// After the signal, keep serving as before (new clients included; `/readyz` answers 503)
+    /// until no client is connected, for at most this long. 0 skips the wait.
+    #[serde(default, with = "humantime_serde")]
+    pub wait_for_clients: Duration,
+    /// Then, with no new clients accepted, how long sessions have to deliver the replies they
+    /// owe (each closes once it owes none) before the proxy exits anyway.
+    #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
+    pub grace: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            wait_for_clients: Duration::ZERO,
+            grace: default_shutdown_grace(),
+        }
+    }
+}
+
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(10)
 }
 
 /// Limits on what one client may send. Defaults are Redis's own, so no request Redis accepts is
@@ -785,6 +817,7 @@ impl Config {
             limits,
             admin,
             rotation,
+            shutdown,
             runtime,
             log: LogConfig { format, level: _ },
         } = self;
@@ -808,6 +841,7 @@ impl Config {
             ("limits", *limits != was.limits),
             ("admin", *admin != was.admin),
             ("rotation", *rotation != was.rotation),
+            ("shutdown", *shutdown != was.shutdown),
             ("runtime", *runtime != was.runtime),
             ("log.format", *format != was.log.format),
         ]
@@ -1280,6 +1314,7 @@ mod tests {
                 "[rotation]\nstrategy = \"external\"\n[rotation.external]\npassword = \"file:/pw\"\n",
                 vec!["rotation"],
             ),
+            ("[shutdown]\nwait_for_clients = \"20s\"\n", vec!["shutdown"]),
             ("[runtime]\nworker_threads = 2\n", vec!["runtime"]),
             ("[log]\nformat = \"json\"\n", vec!["log.format"]),
             (

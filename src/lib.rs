@@ -28,6 +28,7 @@ pub mod resp;
 pub mod rotation;
 pub mod server;
 pub mod session;
+pub mod shutdown;
 pub mod tls;
 pub mod tls_reload;
 pub mod upstream;

@@ -8,7 +8,6 @@ use anyhow::Context as _;
 use metrics_exporter_prometheus::PrometheusHandle;
 use redis_protocol::resp2::types::OwnedFrame;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 
 use crate::admin::{self, AdminState};
 use crate::config::{ClientAuthMode, Config};
@@ -23,6 +22,7 @@ use crate::rotation::{RotationHandle, RotationParts};
 use crate::session::client_auth::ClientAuth;
 use crate::session::links::ClientLinks;
 use crate::session::{Session, SessionContext};
+use crate::shutdown::{ClientSlots, Phase, ShutdownStatus, StopSignals};
 use crate::tls::UpstreamTls;
 use crate::tls_reload::{
     Publisher, Side, TlsStatus, UpstreamFilesParts, UpstreamTlsFiles, follow_listener,
@@ -31,8 +31,6 @@ use crate::upstream::connector::{self, UpstreamConn};
 use crate::upstream::pool::Pool;
 use crate::watch::contents_digest;
 
-/// How long, after SIGTERM/SIGINT, sessions get to deliver the replies they owe.
-const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 /// How long a client may take to finish its TLS handshake.
 const CLIENT_TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -161,6 +159,7 @@ pub async fn run(
         config.listener.auth.poll_interval,
     ));
     let hangup_status = Arc::new(HangupStatus::default());
+    let shutdown_status = Arc::new(ShutdownStatus::default());
     if let Some(path) = config_path {
         let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .context("cannot handle SIGHUP")?;
@@ -235,12 +234,15 @@ pub async fn run(
         client_cert_rotation,
         client_auth,
         hangup: hangup_status,
+        shutdown: shutdown_status.clone(),
         started_at,
     });
     tokio::spawn(admin::serve(admin_listener, admin_state));
     tracing::info!(%client_addr, %admin_addr, tls = tls_acceptor.is_some(), "listening");
 
-    let slots = Arc::new(Semaphore::new(config.listener.max_clients));
+    // Installed before the first client: a stop signal from now on is a graceful stop.
+    let mut signals = StopSignals::install().context("cannot install the SIGTERM handler")?;
+    let clients = ClientSlots::new(config.listener.max_clients);
     let accept = async {
         loop {
             let (socket, peer) = match listener.accept().await {
@@ -253,7 +255,7 @@ pub async fn run(
                 }
             };
             metrics.client_connections_total.increment(1);
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
+            let Some(slot) = clients.try_take() else {
                 metrics.client_connections_rejected.increment(1);
                 tokio::spawn(refuse(socket));
                 continue;
@@ -291,20 +293,32 @@ pub async fn run(
             });
         }
     };
+    let mut accept = Box::pin(accept);
     let signal = tokio::select! {
-        _ = accept => return Ok(()),
-        signal = shutdown_signal() => signal,
+        _ = &mut accept => return Ok(()),
+        signal = signals.next() => signal,
     };
-    // Stop accepting, then let every session deliver the replies it owes before it closes
-    // (a session closes at once when nothing is owed). Bounded by the grace period.
-    tracing::info!(signal, grace = ?SHUTDOWN_GRACE, "shutting down: no new clients; finishing replies in flight");
+    // A stop: first serve on while the application still has clients connected (if
+    // configured), then stop accepting and let every session deliver the replies it owes
+    // before it closes (a session closes at once when nothing is owed). See `shutdown`.
+    let shutdown = &config.shutdown;
+    if !shutdown.wait_for_clients.is_zero() {
+        shutdown_status.enter(signal, Phase::WaitingForClients);
+    }
+    tokio::select! {
+        _ = &mut accept => return Ok(()),
+        _ = crate::shutdown::wait_for_clients(
+            &clients,
+            shutdown.wait_for_clients,
+            &mut signals,
+            signal,
+        ) => {}
+    }
+    shutdown_status.enter(signal, Phase::Draining);
+    drop(accept);
     drop(listener);
     ctx.begin_shutdown();
-    let all_slots = u32::try_from(config.listener.max_clients).unwrap_or(u32::MAX);
-    match tokio::time::timeout(SHUTDOWN_GRACE, slots.acquire_many(all_slots)).await {
-        Ok(_) => tracing::info!("every client session finished"),
-        Err(_) => tracing::warn!("shutdown grace period over with client sessions still open"),
-    }
+    crate::shutdown::drain(&clients, shutdown.grace, &mut signals).await;
     Ok(())
 }
 
@@ -452,14 +466,5 @@ fn warn_about_risky_settings(config: &Config) {
     }
     if !config.admin.bind.ip().is_loopback() {
         tracing::warn!(bind = %config.admin.bind, "the admin listener is not on loopback");
-    }
-}
-
-async fn shutdown_signal() -> &'static str {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("can install a SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => "SIGINT",
-        _ = term.recv() => "SIGTERM",
     }
 }

@@ -2547,6 +2547,144 @@ fn shutdown_delivers_the_replies_in_flight_before_closing() {
         .wait_for_log("every client session finished", Duration::from_secs(10));
 }
 
+/// `/v1/status`'s `shutdown` object (null while the proxy runs).
+fn shutdown_status(proxy: &Proxy) -> serde_json::Value {
+    let (code, body) = proxy.http_get("/v1/status");
+    assert_eq!(code, 200, "{body}");
+    let doc: serde_json::Value = serde_json::from_str(&body).expect("status is JSON");
+    doc["shutdown"].clone()
+}
+
+#[test]
+fn shutdown_serves_on_until_the_clients_disconnect() {
+    // The application's pod is stopping too: it still has work to finish through the proxy.
+    let mut env = Env::start_with_extra("", "[shutdown]\nwait_for_clients = \"10m\"\n");
+    assert_eq!(shutdown_status(&env.proxy), serde_json::Value::Null);
+    let mut a = env.conn();
+    a.cmd(&["SET", "k", "before"]).assert_ok();
+    env.proxy.terminate();
+    env.proxy
+        .wait_for_log("until the clients disconnect", Duration::from_secs(10));
+    let (code, body) = env.proxy.http_get("/readyz");
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("shutting down (SIGTERM, waiting_for_clients)"),
+        "{body}"
+    );
+    let status = shutdown_status(&env.proxy);
+    assert_eq!(status["signal"], "SIGTERM", "{status}");
+    assert_eq!(status["phase"], "waiting_for_clients", "{status}");
+    // Everything still works, for the clients connected and for new ones.
+    a.cmd(&["SET", "k", "after"]).assert_ok();
+    let mut b = env.conn();
+    b.cmd(&["GET", "k"]).assert_bulk("after");
+    b.send_cmd(&["BLPOP", "jobs", "0"]);
+    assert_eventually(Duration::from_secs(10), "BLPOP reached Redis", || {
+        env.redis.client_running("blpop").is_some()
+    });
+    a.cmd(&["RPUSH", "jobs", "last"]).assert_int(1);
+    assert_eq!(
+        b.read_reply(),
+        Frame::Array(vec![
+            Frame::Bulk(b"jobs".to_vec()),
+            Frame::Bulk(b"last".to_vec())
+        ])
+    );
+    assert!(
+        env.proxy.is_running(),
+        "the proxy stays while clients are connected"
+    );
+    // The application exits: so does the proxy, long before the wait would end.
+    drop(a);
+    drop(b);
+    let status = env
+        .proxy
+        .wait_exit(Duration::from_secs(60))
+        .expect("exited once the clients were gone");
+    assert!(status.success(), "{status:?}");
+    assert!(env.proxy.log_contains("every client disconnected"));
+    assert!(env.proxy.log_contains("every client session finished"));
+    assert_no_secret_in_logs(&env.proxy, &[&env.password]);
+}
+
+#[test]
+fn a_second_stop_signal_cuts_each_phase_short() {
+    let mut env = Env::start_with_extra(
+        "",
+        "[shutdown]\nwait_for_clients = \"10m\"\ngrace = \"10m\"\n",
+    );
+    let mut idle = env.conn();
+    idle.cmd(&["PING"]).assert_simple("PONG");
+    let mut blocked = env.conn();
+    blocked.cmd(&["PING"]).assert_simple("PONG");
+    env.proxy.terminate();
+    env.proxy
+        .wait_for_log("until the clients disconnect", Duration::from_secs(10));
+    // A command that never ends, sent while the proxy still serves on.
+    blocked.send_cmd(&["BLPOP", "nothing", "0"]);
+    assert_eventually(Duration::from_secs(10), "BLPOP reached Redis", || {
+        env.redis.client_running("blpop").is_some()
+    });
+    // The second signal ends the wait: the idle client is closed, the blocked one is owed
+    // a reply and stays.
+    env.proxy.terminate();
+    env.proxy.wait_for_log(
+        "not waiting for the clients any longer",
+        Duration::from_secs(10),
+    );
+    assert!(idle.expect_closed(Duration::from_secs(10)).is_empty());
+    let status = shutdown_status(&env.proxy);
+    assert_eq!(status["phase"], "draining", "{status}");
+    let (code, body) = env.proxy.http_get("/readyz");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("shutting down (SIGTERM, draining)"), "{body}");
+    assert!(
+        env.proxy.is_running(),
+        "the drain waits for the blocked command"
+    );
+    // The third ends the drain.
+    env.proxy.terminate();
+    let status = env
+        .proxy
+        .wait_exit(Duration::from_secs(60))
+        .expect("exited on the third signal");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        env.proxy
+            .log_contains("a second stop signal while draining")
+    );
+    assert!(blocked.expect_closed(Duration::from_secs(10)).is_empty());
+    assert_no_secret_in_logs(&env.proxy, &[&env.password]);
+}
+
+#[test]
+fn shutdown_grace_bounds_the_drain() {
+    let mut env = Env::start_with_extra("", "[shutdown]\ngrace = \"1s\"\n");
+    let mut blocked = env.conn();
+    blocked.send_cmd(&["BLPOP", "nothing", "0"]);
+    assert_eventually(Duration::from_secs(10), "BLPOP reached Redis", || {
+        env.redis.client_running("blpop").is_some()
+    });
+    env.proxy.terminate();
+    let status = env
+        .proxy
+        .wait_exit(Duration::from_secs(60))
+        .expect("exited when the grace was over");
+    assert!(status.success(), "{status:?}");
+    let drain = env
+        .proxy
+        .logs()
+        .into_iter()
+        .find(|l| l.contains("finishing replies in flight"))
+        .expect("the drain is logged");
+    assert!(drain.contains("grace=1s"), "{drain}");
+    assert!(env.proxy.log_contains("shutdown grace period over"));
+    // With no wait configured, the wait is skipped and never reported.
+    assert!(!env.proxy.log_contains("until the clients disconnect"));
+    assert!(blocked.expect_closed(Duration::from_secs(10)).is_empty());
+    assert_no_secret_in_logs(&env.proxy, &[&env.password]);
+}
+
 /// A socket timeout (reported as either kind, depending on the platform): try again.
 fn timed_out(e: &std::io::Error) -> bool {
     matches!(
