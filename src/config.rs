@@ -80,6 +80,11 @@ pub struct ListenerConfig {
     /// How clients authenticate to the proxy (never to Redis: upstream auth is the proxy's).
     #[serde(default)]
     pub auth: ClientAuthConfig,
+    /// TCP keepalive on client connections (Redis's `tcp-keepalive`, and its default): a
+    /// client whose host vanished is found and its session, with its upstream connection,
+    /// closed. 0 turns it off.
+    #[serde(default = "default_client_keepalive", with = "humantime_serde")]
+    pub tcp_keepalive: Duration,
 }
 
 impl Default for ListenerConfig {
@@ -89,8 +94,13 @@ impl Default for ListenerConfig {
             max_clients: default_max_clients(),
             tls: None,
             auth: ClientAuthConfig::default(),
+            tcp_keepalive: default_client_keepalive(),
         }
     }
+}
+
+fn default_client_keepalive() -> Duration {
+    Duration::from_secs(300)
 }
 
 fn default_listener_bind() -> SocketAddr {
@@ -258,6 +268,14 @@ pub struct TimeoutsConfig {
     /// Upstream AUTH round trip.
     #[serde(default = "default_timeout", with = "humantime_serde")]
     pub auth: Duration,
+    /// TCP keepalive on upstream connections: how long a connection may be silent before the
+    /// kernel probes the server. A connection that died without a word (a NAT or load balancer
+    /// that forgot it, a host that vanished) is found after this plus two thirds of it, and
+    /// its session moves to a fresh one, where an idle subscriber would otherwise wait for
+    /// messages forever. Below the idle timeouts of cloud NATs and load balancers (Azure's is
+    /// 4 minutes). 0 turns it off.
+    #[serde(default = "default_upstream_keepalive", with = "humantime_serde")]
+    pub tcp_keepalive: Duration,
 }
 
 impl Default for TimeoutsConfig {
@@ -266,8 +284,13 @@ impl Default for TimeoutsConfig {
             connect: default_timeout(),
             tls_handshake: default_timeout(),
             auth: default_timeout(),
+            tcp_keepalive: default_upstream_keepalive(),
         }
     }
+}
+
+fn default_upstream_keepalive() -> Duration {
+    Duration::from_secs(60)
 }
 
 fn default_timeout() -> Duration {
@@ -809,6 +832,7 @@ impl Config {
                             users: _,
                             poll_interval,
                         },
+                    tcp_keepalive,
                 },
             upstream,
             credentials,
@@ -833,6 +857,10 @@ impl Config {
             (
                 "listener.auth.poll_interval",
                 *poll_interval != was.listener.auth.poll_interval,
+            ),
+            (
+                "listener.tcp_keepalive",
+                *tcp_keepalive != was.listener.tcp_keepalive,
             ),
             ("upstream", *upstream != was.upstream),
             ("credentials", *credentials != was.credentials),
@@ -885,6 +913,12 @@ impl Config {
         let url = UpstreamUrl::parse(&self.upstream.url)
             .map_err(|m| invalid("upstream.url", &format!("`{}` {m}", self.upstream.url)))?;
         crate::logging::parse_filter(&self.log.level).map_err(|m| invalid("log.level", &m))?;
+        for (key, keepalive) in [
+            ("listener.tcp_keepalive", self.listener.tcp_keepalive),
+            ("timeouts.tcp_keepalive", self.timeouts.tcp_keepalive),
+        ] {
+            crate::net::check_keepalive(keepalive).map_err(|m| invalid(key, m))?;
+        }
         let tls_only = [
             ("upstream.ca_file", self.upstream.ca_file.is_some()),
             ("upstream.client_cert", self.upstream.client_cert.is_some()),
@@ -1238,6 +1272,28 @@ mod tests {
         assert_eq!(c.limits.max_bulk_len, ByteSize(512 << 20));
         assert_eq!(c.runtime.worker_threads, 1);
         assert!(!c.upstream_url().tls);
+        assert_eq!(c.listener.tcp_keepalive, Duration::from_secs(300));
+        assert_eq!(c.timeouts.tcp_keepalive, Duration::from_secs(60));
+        assert_eq!(c.shutdown.wait_for_clients, Duration::ZERO);
+        assert_eq!(c.shutdown.grace, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn keepalive_times_the_kernel_cannot_take_are_refused_by_key() {
+        for (section, key) in [
+            ("listener", "listener.tcp_keepalive"),
+            ("timeouts", "timeouts.tcp_keepalive"),
+        ] {
+            for bad in ["1500ms", "500ms", "32768s"] {
+                let text = format!("{MINIMAL}[{section}]\ntcp_keepalive = \"{bad}\"\n");
+                let err = Config::parse(&text).unwrap_err().to_string();
+                assert!(err.contains(key), "{bad}: {err}");
+            }
+            for good in ["0s", "1s", "32767s", "4m"] {
+                let text = format!("{MINIMAL}[{section}]\ntcp_keepalive = \"{good}\"\n");
+                assert!(Config::parse(&text).is_ok(), "{key} = {good}");
+            }
+        }
     }
 
     #[test]
@@ -1308,6 +1364,11 @@ mod tests {
             ),
             ("[pool]\nwarm = 1\n", vec!["pool"]),
             ("[timeouts]\nauth = \"1s\"\n", vec!["timeouts"]),
+            ("[timeouts]\ntcp_keepalive = \"30s\"\n", vec!["timeouts"]),
+            (
+                "[listener]\ntcp_keepalive = \"30s\"\n",
+                vec!["listener.tcp_keepalive"],
+            ),
             ("[limits]\nmax_args = 10\n", vec!["limits"]),
             ("[admin]\nbind = \"127.0.0.1:7001\"\n", vec!["admin"]),
             (

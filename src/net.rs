@@ -18,6 +18,36 @@ use rustix::net::{RecvFlags, SendFlags};
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
+/// The longest keepalive idle time Linux takes (`TCP_KEEPIDLE`, in seconds).
+const KEEPALIVE_MAX_SECS: u64 = 32_767;
+
+/// Whether `idle` can be a keepalive time: 0 (off), or whole seconds up to Linux's limit.
+pub fn check_keepalive(idle: std::time::Duration) -> Result<(), &'static str> {
+    if idle.is_zero() {
+        return Ok(());
+    }
+    if idle.subsec_nanos() != 0 || idle.as_secs() > KEEPALIVE_MAX_SECS {
+        return Err("must be 0 (off) or whole seconds from 1s to 32767s");
+    }
+    Ok(())
+}
+
+/// Turns TCP keepalive on for `tcp` the way Redis does (`tcp-keepalive`): the first probe
+/// after `idle` without traffic, then every third of it, and the connection is given up after
+/// 3 probes go unanswered, so a dead peer is found within `idle` and two thirds. A zero `idle`
+/// leaves keepalive off. Fails only if the kernel refuses the options.
+pub fn set_keepalive(tcp: &TcpStream, idle: std::time::Duration) -> io::Result<()> {
+    if idle.is_zero() {
+        return Ok(());
+    }
+    let interval = (idle / 3).max(std::time::Duration::from_secs(1));
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval(interval)
+        .with_retries(3);
+    socket2::SockRef::from(tcp).set_tcp_keepalive(&keepalive)
+}
+
 pub enum Stream {
     Tcp(RawTcp),
     /// TLS towards the upstream (we are the TLS client).
@@ -526,6 +556,43 @@ mod tests {
     use tokio::io::AsyncWriteExt;
     use tokio::net::TcpListener;
     use tokio::sync::Notify;
+
+    #[tokio::test]
+    async fn keepalive_is_set_the_way_redis_sets_it() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let socket = socket2::SockRef::from(&tcp);
+        super::set_keepalive(&tcp, Duration::ZERO).unwrap();
+        assert!(!socket.keepalive().unwrap(), "0 leaves it off");
+        super::set_keepalive(&tcp, Duration::from_secs(60)).unwrap();
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(
+            socket.tcp_keepalive_time().unwrap(),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            socket.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(20)
+        );
+        assert_eq!(socket.tcp_keepalive_retries().unwrap(), 3);
+        // A short time still probes at least every second.
+        super::set_keepalive(&tcp, Duration::from_secs(2)).unwrap();
+        assert_eq!(
+            socket.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(1)
+        );
+    }
+
+    #[test]
+    fn keepalive_times_are_whole_seconds_linux_takes() {
+        assert!(super::check_keepalive(Duration::ZERO).is_ok());
+        assert!(super::check_keepalive(Duration::from_secs(1)).is_ok());
+        assert!(super::check_keepalive(Duration::from_secs(32_767)).is_ok());
+        assert!(super::check_keepalive(Duration::from_secs(32_768)).is_err());
+        assert!(super::check_keepalive(Duration::from_millis(1500)).is_err());
+    }
 
     use super::*;
 

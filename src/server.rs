@@ -263,9 +263,13 @@ pub async fn run(
             let ctx = ctx.clone();
             let tls = tls_acceptor.clone();
             let metrics = metrics.clone();
+            let keepalive = config.listener.tcp_keepalive;
             tokio::spawn(async move {
                 let _slot = slot;
                 let _ = socket.set_nodelay(true);
+                if let Err(error) = crate::net::set_keepalive(&socket, keepalive) {
+                    tracing::warn!(%peer, %error, "cannot turn TCP keepalive on for a client");
+                }
                 let stream = match tls {
                     None => Stream::plain(socket),
                     Some(acceptor) => {

@@ -2685,6 +2685,68 @@ fn shutdown_grace_bounds_the_drain() {
     assert_no_secret_in_logs(&env.proxy, &[&env.password]);
 }
 
+#[test]
+fn client_and_upstream_connections_carry_tcp_keepalive() {
+    // Values unlike the defaults (300s, 60s), so that the timers show these were applied.
+    let env = Env::start_with_extra(
+        "tcp_keepalive = \"20s\"",
+        "[timeouts]\ntcp_keepalive = \"40s\"\n[pool]\nwarm = 2\n",
+    );
+    let mut c = env.conn();
+    c.cmd(&["PING"]).assert_simple("PONG");
+    let client_port = env.proxy.client_addr().port();
+    let redis_port = env.redis.port();
+    // The kernel's keepalive timer runs on each connection, within its configured time.
+    assert_eventually(
+        Duration::from_secs(10),
+        "the warm connections and the client's are up",
+        || {
+            let connections = env.proxy.tcp_connections();
+            connections
+                .iter()
+                .filter(|t| t.remote_port == redis_port)
+                .count()
+                >= 2
+                && connections.iter().any(|t| t.local_port == client_port)
+        },
+    );
+    for connection in env.proxy.tcp_connections() {
+        let limit = if connection.remote_port == redis_port {
+            Duration::from_secs(40)
+        } else if connection.local_port == client_port {
+            Duration::from_secs(20)
+        } else {
+            continue; // the admin listener's
+        };
+        let left = connection.keepalive_left();
+        assert!(
+            left.is_some_and(|left| !left.is_zero() && left <= limit),
+            "{connection:?}: keepalive within {limit:?}"
+        );
+    }
+    drop(c);
+
+    // 0 turns it off on both sides.
+    let off = Env::start_with_extra(
+        "tcp_keepalive = \"0s\"",
+        "[timeouts]\ntcp_keepalive = \"0s\"\n",
+    );
+    let mut c = off.conn();
+    c.cmd(&["PING"]).assert_simple("PONG");
+    let client_port = off.proxy.client_addr().port();
+    let redis_port = off.redis.port();
+    let connections = off.proxy.tcp_connections();
+    let ours: Vec<_> = connections
+        .iter()
+        .filter(|t| t.remote_port == redis_port || t.local_port == client_port)
+        .collect();
+    assert!(ours.len() >= 2, "{connections:?}");
+    for connection in ours {
+        assert_eq!(connection.keepalive_left(), None, "{connection:?}");
+    }
+    env.assert_no_secret_leaked();
+}
+
 /// A socket timeout (reported as either kind, depending on the platform): try again.
 fn timed_out(e: &std::io::Error) -> bool {
     matches!(

@@ -161,6 +161,9 @@ async fn connect_inner(
     })?;
     // Commands are small and latency matters more than packet count.
     let _ = tcp.set_nodelay(true);
+    if let Err(error) = crate::net::set_keepalive(&tcp, timeouts.tcp_keepalive) {
+        tracing::warn!(%error, addr, "cannot turn TCP keepalive on for an upstream connection");
+    }
     let stream = match &ep.tls {
         None => Stream::plain(tcp),
         Some((config, name)) => {

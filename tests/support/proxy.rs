@@ -229,6 +229,43 @@ impl Proxy {
         proc_status_kib(self.pid, "VmRSS:")
     }
 
+    /// The proxy's established TCP connections over IPv4, with their kernel timers, as
+    /// `/proc/net/tcp` shows them (matched to the process by its sockets' inodes).
+    pub fn tcp_connections(&self) -> Vec<TcpConnection> {
+        let fds = std::fs::read_dir(format!("/proc/{}/fd", self.pid)).expect("read the fd dir");
+        let inodes: std::collections::HashSet<String> = fds
+            .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+            .filter_map(|target| {
+                let target = target.to_string_lossy().into_owned();
+                Some(
+                    target
+                        .strip_prefix("socket:[")?
+                        .strip_suffix(']')?
+                        .to_string(),
+                )
+            })
+            .collect();
+        let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+        table
+            .lines()
+            .skip(1)
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let port =
+                    |address: &str| u16::from_str_radix(address.rsplit(':').next()?, 16).ok();
+                let (timer, when) = fields.get(5)?.split_once(':')?;
+                let connection = TcpConnection {
+                    local_port: port(fields.get(1)?)?,
+                    remote_port: port(fields.get(2)?)?,
+                    timer: u8::from_str_radix(timer, 16).ok()?,
+                    timer_ticks: u64::from_str_radix(when, 16).ok()?,
+                };
+                // State 01 is ESTABLISHED; field 9 is the socket's inode.
+                (fields.get(3)? == &"01" && inodes.contains(*fields.get(9)?)).then_some(connection)
+            })
+            .collect()
+    }
+
     /// `GET path` on the admin listener: (status, body).
     #[track_caller]
     pub fn http_get(&self, path: &str) -> (u16, String) {
@@ -663,4 +700,22 @@ pub fn toml_str(s: &str) -> String {
 /// A path as a TOML string literal.
 pub fn toml_path(p: &Path) -> String {
     toml_str(&p.display().to_string())
+}
+
+/// One established TCP connection of a process (see [`Proxy::tcp_connections`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpConnection {
+    pub local_port: u16,
+    pub remote_port: u16,
+    /// Which kernel timer runs: 0 none, 1 retransmit, 2 keepalive, 4 zero-window probe.
+    pub timer: u8,
+    /// When it fires, in clock ticks (1/100 s) from now.
+    pub timer_ticks: u64,
+}
+
+impl TcpConnection {
+    /// The keepalive timer's time left, if that is the timer running.
+    pub fn keepalive_left(&self) -> Option<Duration> {
+        (self.timer == 2).then(|| Duration::from_millis(self.timer_ticks * 10))
+    }
 }
