@@ -8,12 +8,31 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use metrics::{Counter, Gauge, counter, describe_counter, describe_gauge, gauge};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics::{
+    Counter, Gauge, Histogram, counter, describe_counter, describe_gauge, describe_histogram,
+    gauge, histogram,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Bucket bounds (seconds) of the upstream latency histograms: from a server on the same host
+/// to one across regions, and the connect timeouts' range.
+const UPSTREAM_LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 /// Installs the global Prometheus recorder. Call once, before [`Metrics::new`].
 pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
-    let handle = PrometheusBuilder::new().install_recorder()?;
+    // Real histograms (buckets), so that latency can be summed over a fleet of sidecars; the
+    // other timings stay summaries.
+    let mut builder = PrometheusBuilder::new();
+    for name in [
+        "rotaproxy_upstream_connect_seconds",
+        "rotaproxy_upstream_ping_seconds",
+    ] {
+        builder =
+            builder.set_buckets_for_metric(Matcher::Full(name.into()), UPSTREAM_LATENCY_BUCKETS)?;
+    }
+    let handle = builder.install_recorder()?;
     describe();
     crate::cloud::describe_metrics();
     crate::tls_reload::describe_metrics();
@@ -73,6 +92,16 @@ fn describe() {
     describe_counter!(
         "rotaproxy_upstream_auth_probe_failures_total",
         "Expected upstream authentication refusals while probing a credential during a rotation or restart"
+    );
+    describe_histogram!(
+        "rotaproxy_upstream_connect_seconds",
+        metrics::Unit::Seconds,
+        "Time to open an authenticated upstream connection (TCP connect, TLS handshake, AUTH), successful ones"
+    );
+    describe_histogram!(
+        "rotaproxy_upstream_ping_seconds",
+        metrics::Unit::Seconds,
+        "Round trips of the PINGs that check idle pooled connections: the network and server latency under every command"
     );
     describe_counter!(
         "rotaproxy_upstream_reconnects_total",
@@ -153,6 +182,8 @@ pub struct Metrics {
     pub upstream_auth_failures: Counter,
     pub upstream_auth_probe_failures: Counter,
     pub upstream_reconnects: Counter,
+    pub upstream_connect_seconds: Histogram,
+    pub upstream_ping_seconds: Histogram,
     /// Commands and scanned bytes, counted per session.
     pub traffic: Traffic,
     commands: Counter,
@@ -171,6 +202,8 @@ impl Metrics {
             upstream_auth_failures: counter!("rotaproxy_upstream_auth_failures_total"),
             upstream_auth_probe_failures: counter!("rotaproxy_upstream_auth_probe_failures_total"),
             upstream_reconnects: counter!("rotaproxy_upstream_reconnects_total"),
+            upstream_connect_seconds: histogram!("rotaproxy_upstream_connect_seconds"),
+            upstream_ping_seconds: histogram!("rotaproxy_upstream_ping_seconds"),
             scanned_request_bytes: counter!("rotaproxy_scanned_bytes_total", "direction" => "request"),
             scanned_reply_bytes: counter!("rotaproxy_scanned_bytes_total", "direction" => "reply"),
             traffic: Traffic::default(),

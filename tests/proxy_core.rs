@@ -1018,6 +1018,46 @@ fn metrics_and_status_name_the_version_and_start_time() {
     assert_eq!(status["started_at"].as_u64(), Some(started_at));
 }
 
+#[test]
+fn upstream_connect_and_ping_times_are_histograms() {
+    let redis = RedisServer::start(RedisOptions::new());
+    let config =
+        ProxyConfig::plain(&redis).extra("[pool]\nwarm = 2\nidle_check_interval = \"100ms\"\n");
+    let proxy = Proxy::start(&config.to_toml(), &[]);
+    assert_eventually(
+        Duration::from_secs(30),
+        "connections opened and idle ones checked",
+        || {
+            proxy
+                .metric("rotaproxy_upstream_connect_seconds_count")
+                .is_some_and(|n| n >= 2.0)
+                && proxy
+                    .metric("rotaproxy_upstream_ping_seconds_count")
+                    .is_some_and(|n| n >= 2.0)
+        },
+    );
+    let (_, metrics) = proxy.http_get("/metrics");
+    for name in [
+        "rotaproxy_upstream_connect_seconds",
+        "rotaproxy_upstream_ping_seconds",
+    ] {
+        // Buckets, not quantiles; every observation under the last bound (10 s) on loopback.
+        assert!(
+            metrics.contains(&format!("# TYPE {name} histogram")),
+            "{metrics}"
+        );
+        let count = metric_value(&metrics, &format!("{name}_count")).expect("count");
+        let within_10s =
+            metric_value(&metrics, &format!("{name}_bucket{{le=\"10\"}}")).expect("a 10 s bucket");
+        assert_eq!(within_10s, count, "{name}: {metrics}");
+        let sum = metric_value(&metrics, &format!("{name}_sum")).expect("sum");
+        assert!(
+            sum > 0.0 && sum < count * 10.0,
+            "{name}: sum {sum} of {count}"
+        );
+    }
+}
+
 /// A SIGHUP applies `listener.auth.users` and `log.level` only. Any other change to the file is
 /// named in a warning and raises `rotaproxy_config_restart_pending`, until a SIGHUP finds the
 /// file back to what the proxy runs; meanwhile the proxy serves as it started.

@@ -113,7 +113,7 @@ pub async fn connect(
     timeouts: &TimeoutsConfig,
     metrics: &Metrics,
 ) -> Result<UpstreamConn, ConnectError> {
-    let result = connect_inner(generation, timeouts).await;
+    let result = connect_timed(generation, timeouts, metrics).await;
     if let Err(err) = &result {
         metrics.connect_failure(err.stage());
         if matches!(err, ConnectError::Auth { .. }) {
@@ -131,11 +131,27 @@ pub async fn probe(
     timeouts: &TimeoutsConfig,
     metrics: &Metrics,
 ) -> Result<UpstreamConn, ConnectError> {
-    let result = connect_inner(generation, timeouts).await;
+    let result = connect_timed(generation, timeouts, metrics).await;
     if let Err(ConnectError::Auth { .. }) = &result {
         metrics.upstream_auth_probe_failures.increment(1);
     } else if let Err(err) = &result {
         metrics.connect_failure(err.stage());
+    }
+    result
+}
+
+/// `connect_inner`, its time recorded when it succeeds.
+async fn connect_timed(
+    generation: &Arc<Generation>,
+    timeouts: &TimeoutsConfig,
+    metrics: &Metrics,
+) -> Result<UpstreamConn, ConnectError> {
+    let started = std::time::Instant::now();
+    let result = connect_inner(generation, timeouts).await;
+    if result.is_ok() {
+        metrics
+            .upstream_connect_seconds
+            .record(started.elapsed().as_secs_f64());
     }
     result
 }

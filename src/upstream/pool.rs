@@ -312,8 +312,13 @@ impl Pool {
             guard.drain(..).collect()
         };
         for mut conn in idle {
+            let sent = std::time::Instant::now();
             match connector::ping(&mut conn, inner.timeouts.auth).await {
                 Ok(()) => {
+                    inner
+                        .metrics
+                        .upstream_ping_seconds
+                        .record(sent.elapsed().as_secs_f64());
                     self.mark_ready();
                     self.checkin(conn);
                 }
