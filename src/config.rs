@@ -201,6 +201,16 @@ pub struct UpstreamConfig {
     /// server refused are tried again.
     #[serde(default = "default_tls_poll_interval", with = "humantime_serde")]
     pub tls_poll_interval: Duration,
+    /// How often the server's command table and version are read again (where clients must
+    /// authenticate: the proxy answers unauthenticated clients in the server's words), so that
+    /// an upgrade, a module load or a restart with renamed commands behind a running proxy is
+    /// followed.
+    #[serde(default = "default_command_table_refresh", with = "humantime_serde")]
+    pub command_table_refresh: Duration,
+}
+
+fn default_command_table_refresh() -> Duration {
+    Duration::from_secs(300)
 }
 
 /// The upstream credential. Without a password the proxy does not authenticate upstream.
@@ -977,6 +987,12 @@ impl Config {
                 "must be more than 0s",
             ));
         }
+        if self.upstream.command_table_refresh < Duration::from_secs(1) {
+            return Err(invalid(
+                "upstream.command_table_refresh",
+                "must be at least 1s",
+            ));
+        }
         if self.listener.auth.poll_interval.is_zero() {
             return Err(invalid(
                 "listener.auth.poll_interval",
@@ -1437,6 +1453,11 @@ mod tests {
             (
                 format!("{MINIMAL}[listener.auth]\npoll_interval = \"0s\"\n"),
                 "listener.auth.poll_interval",
+            ),
+            (
+                "[upstream]\nurl = \"redis://h:1\"\ncommand_table_refresh = \"500ms\"\n"
+                    .to_string(),
+                "upstream.command_table_refresh",
             ),
         ];
         for (text, key) in cases {

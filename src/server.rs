@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use metrics_exporter_prometheus::PrometheusHandle;
-use redis_protocol::resp2::types::OwnedFrame;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::admin::{self, AdminState};
@@ -15,7 +14,6 @@ use crate::credentials::{Credential, Generation, Generations};
 use crate::hangup::HangupStatus;
 use crate::metrics::Metrics;
 use crate::net::{RawTcp, Stream};
-use crate::resp::command_table::CommandTable;
 use crate::resp::scanner::ScanLimits;
 use crate::rotation::client_cert::{ClientCertParts, ClientCertRotation};
 use crate::rotation::{RotationHandle, RotationParts};
@@ -27,8 +25,8 @@ use crate::tls::UpstreamTls;
 use crate::tls_reload::{
     Publisher, Side, TlsStatus, UpstreamFilesParts, UpstreamTlsFiles, follow_listener,
 };
-use crate::upstream::connector::{self, UpstreamConn};
 use crate::upstream::pool::Pool;
+use crate::upstream::server_facts::{self, KnownServer};
 use crate::watch::contents_digest;
 
 /// How long a client may take to finish its TLS handshake.
@@ -209,11 +207,14 @@ pub async fn run(
         },
         max_buffered: usize::try_from(limits.max_buffered_bytes.0).unwrap_or(usize::MAX),
         metrics: metrics.clone(),
-        command_table: std::sync::OnceLock::new(),
-        server_version: std::sync::OnceLock::new(),
+        server: Arc::new(KnownServer::empty()),
     });
     if ctx.client_auth.required() {
-        tokio::spawn(load_command_table(ctx.clone()));
+        tokio::spawn(server_facts::follow(
+            pool.clone(),
+            ctx.server.clone(),
+            config.upstream.command_table_refresh,
+        ));
     }
 
     let listener = TcpListener::bind(config.listener.bind)
@@ -358,93 +359,6 @@ fn follow_upstream_tls(
     })
     .context("cannot start client certificate rotation")?;
     Ok(Some(started))
-}
-
-/// Reads the server's command table once an upstream connection can be had, so unauthenticated
-/// clients hear of an unknown command or a wrong argument count before NOAUTH, as from Redis
-/// (see `resp::command_table`). Until then, and for good if the proxy's user may not run
-/// `COMMAND`, they get NOAUTH for every command.
-async fn load_command_table(ctx: Arc<SessionContext>) {
-    let mut backoff = std::time::Duration::from_millis(100);
-    loop {
-        let reply = match ctx.pool.checkout().await {
-            Ok(mut conn) => {
-                let facts = read_server_facts(&mut conn).await;
-                if facts.is_ok() {
-                    ctx.pool.checkin(conn);
-                }
-                facts.map(|(table, version)| {
-                    if let Some(version) = version {
-                        let _ = ctx.server_version.set(version);
-                    }
-                    table
-                })
-            }
-            Err(e) => Err(e.to_string()),
-        };
-        match reply {
-            Ok(OwnedFrame::Error(error)) => {
-                let code = error.split_whitespace().next().unwrap_or("ERR");
-                tracing::warn!(
-                    code,
-                    "the server refused COMMAND: unauthenticated clients get NOAUTH for every command, \
-                     also where Redis would name an unknown command or a wrong argument count"
-                );
-                return;
-            }
-            Ok(reply) => {
-                match CommandTable::from_reply(&reply) {
-                    Ok(table) => {
-                        tracing::info!(commands = table.len(), "read the server's command table");
-                        let _ = ctx.command_table.set(table);
-                    }
-                    Err(error) => tracing::warn!(
-                        error,
-                        "cannot read the server's command table: unauthenticated clients get \
-                         NOAUTH for every command"
-                    ),
-                }
-                return;
-            }
-            Err(error) => {
-                tracing::debug!(error, "command table not read yet; trying again");
-            }
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(std::time::Duration::from_secs(30));
-    }
-}
-
-/// The server's `COMMAND` reply, and its version (from `HELLO` without arguments, which
-/// answers the server's facts and changes nothing).
-async fn read_server_facts(
-    conn: &mut UpstreamConn,
-) -> Result<(OwnedFrame, Option<(u32, u32)>), String> {
-    let within = std::time::Duration::from_secs(10);
-    let table = connector::command_table(conn, within)
-        .await
-        .map_err(|e| e.to_string())?;
-    let hello = connector::run_command(conn, &[b"HELLO"], within)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok((table, server_version(&hello)))
-}
-
-/// The `version` field of a HELLO reply (RESP2: a flat list of names and values), as
-/// (major, minor).
-fn server_version(hello: &OwnedFrame) -> Option<(u32, u32)> {
-    let OwnedFrame::Array(fields) = hello else {
-        return None;
-    };
-    let value = fields
-        .chunks(2)
-        .find(|pair| matches!(&pair[0], OwnedFrame::BulkString(name) if name == b"version"))?
-        .get(1)?;
-    let OwnedFrame::BulkString(version) = value else {
-        return None;
-    };
-    let mut parts = std::str::from_utf8(version).ok()?.split('.');
-    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
 /// Answers a client over the limit the way Redis does, then closes.

@@ -1058,6 +1058,66 @@ fn upstream_connect_and_ping_times_are_histograms() {
     }
 }
 
+/// The server behind a running proxy can change: here it restarts with a command disabled.
+/// Unauthenticated clients are then answered by the new command table, as the server answers
+/// its own.
+#[test]
+fn unauthenticated_clients_follow_a_server_that_changed_behind_the_proxy() {
+    let password = random_token(32);
+    let mut redis = RedisServer::start(
+        RedisOptions::new()
+            .user(&format!("{APP_USER} on >{password} ~* &* +@all"))
+            .requirepass("direct-pw"),
+    );
+    let mut config = ProxyConfig::plain(&redis)
+        .credentials(Some(APP_USER), "env:TEST_UPSTREAM_PASSWORD")
+        .client_password("env:CLIENT_PW");
+    config.upstream_extra = "command_table_refresh = \"1s\"".to_string();
+    let proxy = Proxy::start(
+        &config.to_toml(),
+        &[
+            ("TEST_UPSTREAM_PASSWORD", password.as_str()),
+            ("CLIENT_PW", "client-pw"),
+        ],
+    );
+    proxy.wait_for_command_table();
+    let answers = |redis: &RedisServer| {
+        [RespConn::connect(redis.addr()), proxy.conn()].map(|mut conn| {
+            conn.send_raw(&encode_cmd(&["ECHO", "hi"]));
+            conn.read_reply()
+        })
+    };
+    let [direct, proxied] = answers(&redis);
+    assert_eq!(
+        direct,
+        Frame::Error("NOAUTH Authentication required.".into())
+    );
+    assert_eq!(proxied, direct);
+
+    redis.stop();
+    redis.add_config_line("rename-command ECHO \"\"");
+    redis.start_again();
+    proxy.wait_for_log("the server changed", Duration::from_secs(60));
+    let [direct, proxied] = answers(&redis);
+    assert_eq!(
+        direct,
+        Frame::Error("ERR unknown command 'ECHO', with args beginning with: 'hi' ".into())
+    );
+    assert_eq!(proxied, direct);
+    // An ACL change that takes COMMAND from the proxy's user says nothing of the server's
+    // commands: the table last read stays in use.
+    let r = redis.admin_cmd(&["ACL", "SETUSER", APP_USER, "-command"]);
+    assert_eq!(r, Frame::simple("OK"));
+    proxy.wait_for_log("the server refused COMMAND", Duration::from_secs(60));
+    let [direct, proxied] = answers(&redis);
+    assert_eq!(proxied, direct);
+    // Logged in, the client reaches the server as before.
+    let mut c = proxy.conn();
+    c.cmd(&["AUTH", "client-pw"]).assert_ok();
+    c.cmd(&["PING"]).assert_simple("PONG");
+    assert_no_secret_in_logs(&proxy, &[&password, "client-pw"]);
+}
+
 /// A SIGHUP applies `listener.auth.users` and `log.level` only. Any other change to the file is
 /// named in a warning and raises `rotaproxy_config_restart_pending`, until a SIGHUP finds the
 /// file back to what the proxy runs; meanwhile the proxy serves as it started.

@@ -16,7 +16,7 @@ use redis_protocol::resp2::types::OwnedFrame;
 const QUOTED_MAX: usize = 128;
 
 /// One command of the table, or one subcommand of a container command.
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 struct Command {
     /// As Redis names it in errors: lower case, `container|sub` for a subcommand.
     full_name: String,
@@ -27,7 +27,7 @@ struct Command {
 }
 
 /// The commands a server knows, by lower-case name.
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub struct CommandTable {
     commands: HashMap<Vec<u8>, Command>,
 }

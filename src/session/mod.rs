@@ -38,11 +38,11 @@ use crate::credentials::{Generation, Generations};
 use crate::metrics::{ClientErrorReason, Metrics, SessionTraffic};
 use crate::net::Stream;
 use crate::resp::command::{self, Head, Kind, Peek};
-use crate::resp::command_table::CommandTable;
 use crate::resp::reply::{self, ExecOutcomes, PushKind, SubClass, SubKind};
 use crate::resp::scanner::{Direction, ScanLimits, Scanner};
 use crate::upstream::connector::UpstreamConn;
 use crate::upstream::pool::{Pool, PoolError};
+use crate::upstream::server_facts::KnownServer;
 use client_auth::ClientAuth;
 use hello::{Hello, HelloOption};
 use replies::{Expect, ReplyQueue};
@@ -125,13 +125,11 @@ pub struct SessionContext {
     /// Most bytes of one command the proxy holds while it must read the command whole.
     pub max_buffered: usize,
     pub metrics: Metrics,
-    /// The server's command table, once read (only when clients must authenticate): how the
-    /// proxy tells an unauthenticated client of an unknown command or a wrong argument count
-    /// before asking it to authenticate, as Redis does.
-    pub command_table: std::sync::OnceLock<CommandTable>,
-    /// The server's version (major, minor), read with the command table: a few of the errors
-    /// the proxy words itself changed between versions.
-    pub server_version: std::sync::OnceLock<(u32, u32)>,
+    /// The server's command table and version, once read (only when clients must
+    /// authenticate), and kept up to date: how the proxy tells an unauthenticated client of an
+    /// unknown command or a wrong argument count before asking it to authenticate, as Redis
+    /// does, in the words of the server's version.
+    pub server: Arc<KnownServer>,
 }
 
 impl SessionContext {
@@ -941,7 +939,12 @@ impl Session {
     ///
     /// EXEC's refusals take Redis's `EXECABORT` form; `DISCARD` and the rest keep theirs.
     fn answer_unauthenticated(&mut self, kind: Kind, args: &[&[u8]]) {
-        let refusal = self.ctx.command_table.get().and_then(|t| t.refusal(args));
+        let refusal = self
+            .ctx
+            .server
+            .load()
+            .as_ref()
+            .and_then(|server| server.command_table.as_ref()?.refusal(args));
         let error = match refusal {
             Some(error) => error,
             None if kind == Kind::Reset && kind.argument_count_fits(args.len()) => {
@@ -1335,8 +1338,9 @@ impl Session {
             if refusal.is_none() {
                 self.ctx.metrics.client_error(ClientErrorReason::Auth);
             }
-            let noauth = match self.ctx.server_version.get() {
-                Some(&version) if version < (7, 2) => NOAUTH_HELLO_7_0,
+            let version = self.ctx.server.load().as_ref().and_then(|s| s.version);
+            let noauth = match version {
+                Some(version) if version < (7, 2) => NOAUTH_HELLO_7_0,
                 _ => NOAUTH_HELLO,
             };
             return self.reply_local(refusal.unwrap_or(Bytes::from_static(noauth)));

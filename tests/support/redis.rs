@@ -300,6 +300,19 @@ impl RedisServer {
         }
     }
 
+    /// Adds a `redis.conf` directive for the next [`start_again`] (e.g. `rename-command`,
+    /// which only a restart applies).
+    ///
+    /// [`start_again`]: RedisServer::start_again
+    pub fn add_config_line(&self, line: &str) {
+        use std::io::Write as _;
+        let mut conf = fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.path().join("redis.conf"))
+            .expect("open redis.conf");
+        writeln!(conf, "{line}").expect("write redis.conf");
+    }
+
     /// Saves the ACL state (`ACL SAVE`, so users changed at run time survive, as on a real
     /// service), kills the server and starts it again on the same ports. Data is not kept.
     pub fn restart(&mut self) {
