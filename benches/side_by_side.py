@@ -18,8 +18,9 @@ per request over its total A CPU per request; the summary is the median of the r
 bootstrap interval, and the per-window spread.
 
 Sides are written KIND or KIND:BINARY with KIND `floor` (the tokio copy_bidirectional forwarder,
-examples/floor_forwarder.rs), `rotaproxy` or `haproxy` (TCP mode, one thread, configured as
-compare.py configures it); BINARY defaults to this checkout's release build (HAProxy: always
+examples/floor_forwarder.rs), `rotaproxy`, `rotaproxy-unix` (its clients connect over
+`listener.unix_socket`) or `haproxy` (TCP mode, one thread, configured as compare.py
+configures it); BINARY defaults to this checkout's release build (HAProxy: always
 the one on PATH).
 Comparing a build with itself (`--a rotaproxy --b rotaproxy`) shows the method's own bias and
 spread; comparing two builds of rotaproxy shows what a change is worth.
@@ -27,6 +28,7 @@ spread; comparing two builds of rotaproxy shows what a change is worth.
   benches/side_by_side.py                                   # floor vs rotaproxy, SET+GET, P16+P1
   benches/side_by_side.py --a rotaproxy:/tmp/old/rotaproxy --b rotaproxy --tests set -P 16
   benches/side_by_side.py --syscalls -P 16 --rounds 2          # also system calls per command
+  benches/side_by_side.py --a rotaproxy --b rotaproxy-unix     # what the Unix socket saves
 
 `--syscalls` attaches `perf stat` (syscall tracepoints: root, or kernel.perf_event_paranoid=-1)
 to each sidecar over the measured windows and reports its system calls per 1000 commands: a
@@ -64,7 +66,7 @@ SIDECAR_CPU = "1"
 @dataclass
 class Side:
     label: str  # "A" or "B"
-    kind: str  # "floor", "rotaproxy" or "haproxy"
+    kind: str  # "floor", "rotaproxy", "rotaproxy-unix" or "haproxy"
     binary: Path
 
     @property
@@ -78,7 +80,8 @@ def log(msg: str) -> None:
 
 def parse_side(label: str, spec: str) -> Side:
     kind, _, binary = spec.partition(":")
-    defaults = {"floor": FLOOR_BIN, "rotaproxy": ROTAPROXY_BIN, "haproxy": None}
+    defaults = {"floor": FLOOR_BIN, "rotaproxy": ROTAPROXY_BIN, "rotaproxy-unix": ROTAPROXY_BIN,
+                "haproxy": None}
     if kind not in defaults:
         raise SystemExit(f"--{label.lower()}: kind must be one of {', '.join(defaults)}, "
                          f"not {kind!r}")
@@ -158,15 +161,15 @@ def start_redis(tmp: Path, name: str, certs: dict[str, Path] | None) -> Redis:
 
 
 def start_sidecar(tmp: Path, side: Side, redis: Redis, certs: dict[str, Path] | None):
-    """Starts the side's sidecar in front of Redis (over TLS when `certs`); returns (proc, port,
-    redis-benchmark auth)."""
+    """Starts the side's sidecar in front of Redis (over TLS when `certs`); returns (proc,
+    redis-benchmark's address arguments, redis-benchmark auth)."""
     if side.kind == "haproxy":
         own = tmp / f"side-{side.label}"
         own.mkdir(exist_ok=True)
         as_compare = compare.Redis(redis.port, redis.tls_port or 0, redis.proc, redis.password, "")
         ctx = compare.Ctx(own, certs or {}, as_compare, None, None)
         proc, port = compare.start_haproxy(ctx, tls=certs is not None)
-        return proc, port, compare.acl_auth(ctx)
+        return proc, ["-h", "127.0.0.1", "-p", str(port)], compare.acl_auth(ctx)
     port = compare.free_port()
     logf = tmp / f"sidecar-{side.label}.log"
     if side.kind == "floor":
@@ -181,9 +184,12 @@ def start_sidecar(tmp: Path, side: Side, redis: Redis, certs: dict[str, Path] | 
         upstream = (f'url = "rediss://127.0.0.1:{redis.tls_port}"\nca_file = "{certs["ca"]}"\n'
                     f'server_name = "localhost"\n' if certs
                     else f'url = "redis://127.0.0.1:{redis.port}"\n')
-        # The configuration compare.py gives rotaproxy.
+        # The configuration compare.py gives rotaproxy; rotaproxy-unix also listens on a Unix
+        # socket, which its client uses.
+        unix_socket = tmp / f"rotaproxy-{side.label}.sock"
+        unix = f'unix_socket = "{unix_socket}"\n' if side.kind == "rotaproxy-unix" else ""
         conf.write_text(
-            f'[listener]\nbind = "127.0.0.1:{port}"\n\n'
+            f'[listener]\nbind = "127.0.0.1:{port}"\n{unix}\n'
             f'[upstream]\n{upstream}\n'
             f'[credentials]\nusername = "bench"\npassword = "env:BENCH_REDIS_PASSWORD"\n\n'
             f"[pool]\nwarm = 60\n\n"
@@ -196,7 +202,9 @@ def start_sidecar(tmp: Path, side: Side, redis: Redis, certs: dict[str, Path] | 
         auth = []
     proc = spawn(["taskset", "-c", SIDECAR_CPU, *map(str, argv)], logf, env=env)
     compare.wait_port(port, proc, logf)
-    return proc, port, auth
+    if side.kind == "rotaproxy-unix":
+        return proc, ["-s", str(unix_socket)], auth
+    return proc, ["-h", "127.0.0.1", "-p", str(port)], auth
 
 
 def cpu_ns(pid: int) -> int:
@@ -303,15 +311,14 @@ def run_round(tmp: Path, sides: list[Side], case: Case, index: int, args,
         for slot, side in enumerate(order):
             redis = start_redis(tmp, f"{slot}", certs)
             started.append(redis.proc)
-            sidecar, port, auth = start_sidecar(tmp, side, redis, certs)
+            sidecar, address, auth = start_sidecar(tmp, side, redis, certs)
             started.append(sidecar)
             stats[side.label] = RedisStats(redis.port, redis.password)
-            setup[side.label] = (sidecar, port, auth)
+            setup[side.label] = (sidecar, address, auth)
         clients = {}
         for side in order:
-            sidecar, port, auth = setup[side.label]
-            argv = ["taskset", "-c", args.bench_cpu, which("redis-benchmark"), "-h", "127.0.0.1",
-                    "-p", str(port), *auth, "-c", str(case.clients), "-P", str(case.pipeline),
+            sidecar, address, auth = setup[side.label]
+            argv = ["taskset", "-c", args.bench_cpu, which("redis-benchmark"), *address, *auth, "-c", str(case.clients), "-P", str(case.pipeline),
                     "-t", case.test, "-n", "2000000000", "-q"]
             clients[side.label] = spawn(argv, tmp / f"bench-{side.label}.log")
             started.append(clients[side.label])

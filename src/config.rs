@@ -85,6 +85,30 @@ pub struct ListenerConfig {
     /// closed. 0 turns it off.
     #[serde(default = "default_client_keepalive", with = "humantime_serde")]
     pub tcp_keepalive: Duration,
+    /// Also accept clients on this Unix socket (plain, never TLS; Redis's `unixsocket`): a
+    /// stale socket file left by a crash is replaced, one another process listens on is not.
+    #[serde(default)]
+    pub unix_socket: Option<PathBuf>,
+    /// The Unix socket's permission bits, in octal (Redis's `unixsocketperm`).
+    #[serde(default = "default_unix_socket_mode")]
+    pub unix_socket_mode: String,
+}
+
+impl ListenerConfig {
+    /// `unix_socket_mode` as permission bits (validated at load).
+    pub fn unix_socket_mode_bits(&self) -> u32 {
+        parse_file_mode(&self.unix_socket_mode).unwrap_or(0o600)
+    }
+}
+
+fn default_unix_socket_mode() -> String {
+    "660".to_string()
+}
+
+/// Octal permission bits, such as "660" or "0660".
+fn parse_file_mode(text: &str) -> Option<u32> {
+    let bits = u32::from_str_radix(text, 8).ok()?;
+    (bits <= 0o777 && !text.is_empty()).then_some(bits)
 }
 
 impl Default for ListenerConfig {
@@ -95,6 +119,8 @@ impl Default for ListenerConfig {
             tls: None,
             auth: ClientAuthConfig::default(),
             tcp_keepalive: default_client_keepalive(),
+            unix_socket: None,
+            unix_socket_mode: default_unix_socket_mode(),
         }
     }
 }
@@ -843,6 +869,8 @@ impl Config {
                             poll_interval,
                         },
                     tcp_keepalive,
+                    unix_socket,
+                    unix_socket_mode,
                 },
             upstream,
             credentials,
@@ -871,6 +899,11 @@ impl Config {
             (
                 "listener.tcp_keepalive",
                 *tcp_keepalive != was.listener.tcp_keepalive,
+            ),
+            (
+                "listener.unix_socket",
+                *unix_socket != was.listener.unix_socket
+                    || *unix_socket_mode != was.listener.unix_socket_mode,
             ),
             ("upstream", *upstream != was.upstream),
             ("credentials", *credentials != was.credentials),
@@ -923,6 +956,12 @@ impl Config {
         let url = UpstreamUrl::parse(&self.upstream.url)
             .map_err(|m| invalid("upstream.url", &format!("`{}` {m}", self.upstream.url)))?;
         crate::logging::parse_filter(&self.log.level).map_err(|m| invalid("log.level", &m))?;
+        if parse_file_mode(&self.listener.unix_socket_mode).is_none() {
+            return Err(invalid(
+                "listener.unix_socket_mode",
+                "must be octal permission bits, such as \"660\"",
+            ));
+        }
         for (key, keepalive) in [
             ("listener.tcp_keepalive", self.listener.tcp_keepalive),
             ("timeouts.tcp_keepalive", self.timeouts.tcp_keepalive),
@@ -1295,6 +1334,27 @@ mod tests {
     }
 
     #[test]
+    fn unix_socket_modes_are_octal_permission_bits() {
+        for (mode, bits) in [("660", 0o660), ("0600", 0o600), ("777", 0o777), ("0", 0)] {
+            let text = format!("{MINIMAL}[listener]\nunix_socket_mode = \"{mode}\"\n");
+            let c = Config::parse(&text).unwrap();
+            assert_eq!(c.listener.unix_socket_mode_bits(), bits, "{mode}");
+        }
+        for bad in ["", "rw-rw----", "1777", "0o660", "668", "-1"] {
+            let text = format!("{MINIMAL}[listener]\nunix_socket_mode = \"{bad}\"\n");
+            let err = Config::parse(&text).unwrap_err().to_string();
+            assert!(err.contains("listener.unix_socket_mode"), "{bad}: {err}");
+        }
+        assert_eq!(
+            Config::parse(MINIMAL)
+                .unwrap()
+                .listener
+                .unix_socket_mode_bits(),
+            0o660
+        );
+    }
+
+    #[test]
     fn keepalive_times_the_kernel_cannot_take_are_refused_by_key() {
         for (section, key) in [
             ("listener", "listener.tcp_keepalive"),
@@ -1384,6 +1444,14 @@ mod tests {
             (
                 "[listener]\ntcp_keepalive = \"30s\"\n",
                 vec!["listener.tcp_keepalive"],
+            ),
+            (
+                "[listener]\nunix_socket = \"/run/r.sock\"\n",
+                vec!["listener.unix_socket"],
+            ),
+            (
+                "[listener]\nunix_socket_mode = \"600\"\n",
+                vec!["listener.unix_socket"],
             ),
             ("[limits]\nmax_args = 10\n", vec!["limits"]),
             ("[admin]\nbind = \"127.0.0.1:7001\"\n", vec!["admin"]),

@@ -10,13 +10,14 @@
 
 use std::io;
 use std::io::IoSlice;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::BytesMut;
 use rustix::net::{RecvFlags, SendFlags};
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 
 /// The longest keepalive idle time Linux takes (`TCP_KEEPIDLE`, in seconds).
 const KEEPALIVE_MAX_SECS: u64 = 32_767;
@@ -48,37 +49,127 @@ pub fn set_keepalive(tcp: &TcpStream, idle: std::time::Duration) -> io::Result<(
     socket2::SockRef::from(tcp).set_tcp_keepalive(&keepalive)
 }
 
+/// Who is at the other end of a client connection, for logs and audit events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    Tcp(std::net::SocketAddr),
+    /// A client of the Unix socket listener: its process and user, as the kernel gave them
+    /// when it connected (`SO_PEERCRED`).
+    Unix {
+        pid: Option<i32>,
+        uid: Option<u32>,
+    },
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Tcp(addr) => write!(f, "{addr}"),
+            Peer::Unix { pid, uid } => {
+                f.write_str("unix")?;
+                if let Some(pid) = pid {
+                    write!(f, ":pid={pid}")?;
+                }
+                if let Some(uid) = uid {
+                    write!(f, ":uid={uid}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Peer {
+    /// The peer of an accepted Unix socket connection.
+    pub fn of_unix(unix: &UnixStream) -> Self {
+        let credentials = unix.peer_cred().ok();
+        Peer::Unix {
+            pid: credentials.as_ref().and_then(|c| c.pid()),
+            uid: credentials.map(|c| c.uid()),
+        }
+    }
+}
+
 pub enum Stream {
     Tcp(RawTcp),
+    /// A client on the Unix socket listener (always plain).
+    Unix(RawUnix),
     /// TLS towards the upstream (we are the TLS client).
     TlsUpstream(Box<tokio_rustls::client::TlsStream<RawTcp>>),
     /// TLS from an application (we are the TLS server).
     TlsClient(Box<tokio_rustls::server::TlsStream<RawTcp>>),
 }
 
-/// The TCP connection under every stream (under the TLS layer, if any), read and written with
-/// direct system calls (see the module's note).
-pub struct RawTcp {
-    tcp: TcpStream,
+/// The socket under every stream (under the TLS layer, if any), read and written with direct
+/// system calls (see the module's note).
+pub struct RawSocket<S> {
+    socket: S,
     read_waiter: ReadWaiter,
 }
 
-impl RawTcp {
-    pub fn new(tcp: TcpStream) -> Self {
-        RawTcp {
-            tcp,
+/// A TCP connection (client or upstream side; TLS runs over these only).
+pub type RawTcp = RawSocket<TcpStream>;
+/// A client connection on the Unix socket listener.
+pub type RawUnix = RawSocket<UnixStream>;
+
+impl<S: ReadySocket> RawSocket<S> {
+    pub fn new(socket: S) -> Self {
+        RawSocket {
+            socket,
             read_waiter: ReadWaiter::new(),
         }
     }
 
     /// Reads into `dst`, as `poll_recv` does.
     fn poll_recv_into(&mut self, cx: &mut Context<'_>, dst: &mut [u8]) -> Poll<io::Result<usize>> {
-        let tcp = &self.tcp;
+        let socket = &self.socket;
         let room = dst.len();
-        poll_recv(tcp, &mut self.read_waiter, cx, || {
-            let n = rustix::net::recv(tcp, &mut *dst, RecvFlags::empty())?.0;
+        poll_recv(socket, &mut self.read_waiter, cx, || {
+            let n = rustix::net::recv(socket, &mut *dst, RecvFlags::empty())?.0;
             Ok((n, 0 < n && n < room))
         })
+    }
+}
+
+/// What the direct reads and writes need of a tokio socket: its readiness and its descriptor.
+/// TCP and Unix stream sockets take the same `recv`, `send` and `writev`.
+pub trait ReadySocket: AsFd {
+    fn try_io<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R>;
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+impl ReadySocket for TcpStream {
+    #[inline]
+    fn try_io<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R> {
+        TcpStream::try_io(self, interest, f)
+    }
+
+    #[inline]
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        TcpStream::poll_read_ready(self, cx)
+    }
+
+    #[inline]
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        TcpStream::poll_write_ready(self, cx)
+    }
+}
+
+impl ReadySocket for UnixStream {
+    #[inline]
+    fn try_io<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R> {
+        UnixStream::try_io(self, interest, f)
+    }
+
+    #[inline]
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        UnixStream::poll_read_ready(self, cx)
+    }
+
+    #[inline]
+    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        UnixStream::poll_write_ready(self, cx)
     }
 }
 
@@ -138,19 +229,25 @@ impl Stream {
         Stream::Tcp(RawTcp::new(tcp))
     }
 
-    /// The TCP socket under any TLS layer.
-    fn tcp(&self) -> &TcpStream {
+    /// A client connection on the Unix socket listener.
+    pub fn unix(unix: UnixStream) -> Self {
+        Stream::Unix(RawUnix::new(unix))
+    }
+
+    /// The socket under any TLS layer.
+    fn fd(&self) -> BorrowedFd<'_> {
         match self {
-            Stream::Tcp(raw) => &raw.tcp,
-            Stream::TlsUpstream(s) => &s.get_ref().0.tcp,
-            Stream::TlsClient(s) => &s.get_ref().0.tcp,
+            Stream::Tcp(raw) => raw.socket.as_fd(),
+            Stream::Unix(raw) => raw.socket.as_fd(),
+            Stream::TlsUpstream(s) => s.get_ref().0.socket.as_fd(),
+            Stream::TlsClient(s) => s.get_ref().0.socket.as_fd(),
         }
     }
 
     /// True when written bytes may wait in this layer until a flush (TLS records); a plain
     /// socket hands every write to the kernel, so the flush after it can be skipped.
     pub fn buffers_writes(&self) -> bool {
-        !matches!(self, Stream::Tcp(_))
+        !matches!(self, Stream::Tcp(_) | Stream::Unix(_))
     }
 
     /// True when the peer has closed the connection or sent something unexpected while it sat
@@ -182,7 +279,7 @@ impl Stream {
     /// A non-blocking `MSG_PEEK` of one byte (tokio keeps the socket non-blocking).
     fn peek_one(&self) -> io::Result<usize> {
         let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
-        socket2::SockRef::from(self.tcp()).peek(&mut probe)
+        socket2::SockRef::from(&self.fd()).peek(&mut probe)
     }
 
     /// Reads what has arrived into the spare capacity of `buf` (the caller makes room; a full
@@ -204,6 +301,7 @@ impl Stream {
         }
         match self {
             Stream::Tcp(raw) => poll_read_plain(raw, cx, buf),
+            Stream::Unix(raw) => poll_read_plain(raw, cx, buf),
             Stream::TlsUpstream(s) => {
                 let (io, conn) = s.get_mut();
                 poll_read_tls(io, conn, cx, buf.capacity() - buf.len(), |bytes| {
@@ -251,7 +349,10 @@ fn poll_read_tls<D>(
     }
     loop {
         // Read what the socket holds (or wait for it), and decrypt it.
-        let RawTcp { tcp, read_waiter } = io;
+        let RawSocket {
+            socket: tcp,
+            read_waiter,
+        } = io;
         let tcp = &*tcp;
         ready!(poll_recv(tcp, read_waiter, cx, || {
             let mut socket = SocketReader {
@@ -334,16 +435,16 @@ impl io::Write for SocketWriter<'_> {
     }
 }
 
-/// `Stream::poll_read_into` for plain TCP.
-fn poll_read_plain(
-    raw: &mut RawTcp,
+/// `Stream::poll_read_into` for a plain socket.
+fn poll_read_plain<S: ReadySocket>(
+    raw: &mut RawSocket<S>,
     cx: &mut Context<'_>,
     buf: &mut BytesMut,
 ) -> Poll<io::Result<usize>> {
     let room = buf.capacity() - buf.len();
-    let tcp = &raw.tcp;
-    poll_recv(tcp, &mut raw.read_waiter, cx, || {
-        let n = recv_into(tcp, buf)?;
+    let socket = &raw.socket;
+    poll_recv(socket, &mut raw.read_waiter, cx, || {
+        let n = recv_into(socket, buf)?;
         Ok((n, 0 < n && n < room))
     })
 }
@@ -352,8 +453,8 @@ fn poll_read_plain(
 /// the socket) when tokio has seen the socket readable, and waits for readability when there
 /// is nothing to read: it registers with tokio for the next readable event, unless `waiter`
 /// knows this task's registration still stands.
-fn poll_recv(
-    tcp: &TcpStream,
+fn poll_recv<S: ReadySocket>(
+    socket: &S,
     waiter: &mut ReadWaiter,
     cx: &mut Context<'_>,
     mut recv: impl FnMut() -> io::Result<(usize, bool)>,
@@ -362,7 +463,7 @@ fn poll_recv(
         let mut drained = 0;
         // `try_io` runs the read only when tokio has seen the socket readable, and clears that
         // readiness when the read reports `WouldBlock`.
-        let result = tcp.try_io(Interest::READABLE, || {
+        let result = socket.try_io(Interest::READABLE, || {
             // Readable: the driver may have taken the registered waker when it saw that.
             waiter.registered = None;
             let (n, emptied) = recv()?;
@@ -382,7 +483,7 @@ fn poll_recv(
             // Not readable, and tokio already holds this task's waker for the next event.
             Err(_) if waiter.holds(cx) => return Poll::Pending,
             // Not readable, or nothing left: wait (an event may have come in between).
-            Err(_) => match tcp.poll_read_ready(cx) {
+            Err(_) => match socket.poll_read_ready(cx) {
                 Poll::Ready(ready) => ready?,
                 Poll::Pending => {
                     // A poll refused for the task budget registers nothing (tokio wakes the
@@ -399,27 +500,31 @@ fn poll_recv(
 }
 
 /// `recv(2)` into the spare capacity of `buf`, made directly (see the module's note).
-fn recv_into(tcp: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
-    let ((filled, _), _) = rustix::net::recv(tcp, buf.spare_capacity_mut(), RecvFlags::empty())?;
+fn recv_into(socket: impl AsFd, buf: &mut BytesMut) -> io::Result<usize> {
+    let ((filled, _), _) = rustix::net::recv(socket, buf.spare_capacity_mut(), RecvFlags::empty())?;
     let n = filled.len();
     // SAFETY: the kernel wrote the first `n` bytes of the spare capacity (`filled` is them).
     unsafe { buf.set_len(buf.len() + n) };
     Ok(n)
 }
 
-/// `poll_write` for plain TCP: writes straight away when tokio has seen the socket writable
-/// (the usual case), without the task-budget and registration steps of tokio's `poll_write`,
-/// and waits for writability only when the socket is full.
-fn poll_write_plain(tcp: &TcpStream, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-    poll_send(tcp, cx, buf.len(), || {
-        rustix::net::send(tcp, buf, SendFlags::NOSIGNAL)
+/// `poll_write` for a plain socket: writes straight away when tokio has seen the socket
+/// writable (the usual case), without the task-budget and registration steps of tokio's
+/// `poll_write`, and waits for writability only when the socket is full.
+fn poll_write_plain<S: ReadySocket>(
+    socket: &S,
+    cx: &mut Context<'_>,
+    buf: &[u8],
+) -> Poll<io::Result<usize>> {
+    poll_send(socket, cx, buf.len(), || {
+        rustix::net::send(socket, buf, SendFlags::NOSIGNAL)
     })
 }
 
 /// Runs `send` (a direct system call writing up to `len` bytes) when the socket is writable,
 /// and waits for writability when it is not.
-fn poll_send(
-    tcp: &TcpStream,
+fn poll_send<S: ReadySocket>(
+    socket: &S,
     cx: &mut Context<'_>,
     len: usize,
     mut send: impl FnMut() -> rustix::io::Result<usize>,
@@ -428,7 +533,7 @@ fn poll_send(
         let mut partial = 0;
         // `try_io` runs the write only when tokio has seen the socket writable, and clears
         // that readiness when the write reports `WouldBlock`.
-        let result = tcp.try_io(Interest::WRITABLE, || {
+        let result = socket.try_io(Interest::WRITABLE, || {
             let n = send()?;
             if n < len {
                 // The socket is full: clear the readiness, as tokio's own `poll_write` does.
@@ -441,12 +546,12 @@ fn poll_send(
             Ok(n) => return Poll::Ready(Ok(n)),
             Err(_) if partial > 0 => return Poll::Ready(Ok(partial)),
             Err(e) if e.kind() != io::ErrorKind::WouldBlock => return Poll::Ready(Err(e)),
-            Err(_) => ready!(tcp.poll_write_ready(cx))?,
+            Err(_) => ready!(socket.poll_write_ready(cx))?,
         }
     }
 }
 
-impl AsyncRead for RawTcp {
+impl<S: ReadySocket + Unpin> AsyncRead for RawSocket<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -459,13 +564,13 @@ impl AsyncRead for RawTcp {
     }
 }
 
-impl AsyncWrite for RawTcp {
+impl<S: ReadySocket + AsyncWrite + Unpin> AsyncWrite for RawSocket<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        poll_write_plain(&self.tcp, cx, buf)
+        poll_write_plain(&self.socket, cx, buf)
     }
 
     fn poll_write_vectored(
@@ -474,8 +579,8 @@ impl AsyncWrite for RawTcp {
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let len = bufs.iter().map(|b| b.len()).sum();
-        let tcp = &self.tcp;
-        poll_send(tcp, cx, len, || rustix::io::writev(tcp, bufs))
+        let socket = &self.socket;
+        poll_send(socket, cx, len, || rustix::io::writev(socket, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -488,7 +593,7 @@ impl AsyncWrite for RawTcp {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_shutdown(cx)
+        Pin::new(&mut self.socket).poll_shutdown(cx)
     }
 }
 
@@ -502,6 +607,7 @@ impl AsyncRead for Stream {
         let put = |bytes: &[u8]| buf.put_slice(bytes);
         let read = match self.get_mut() {
             Stream::Tcp(raw) => return Pin::new(raw).poll_read(cx, buf),
+            Stream::Unix(raw) => return Pin::new(raw).poll_read(cx, buf),
             // As `poll_read_into`, so that tokio-rustls's own read state is never half-used.
             Stream::TlsUpstream(s) => {
                 let (io, conn) = s.get_mut();
@@ -524,7 +630,8 @@ impl AsyncWrite for Stream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            Stream::Tcp(raw) => poll_write_plain(&raw.tcp, cx, buf),
+            Stream::Tcp(raw) => poll_write_plain(&raw.socket, cx, buf),
+            Stream::Unix(raw) => poll_write_plain(&raw.socket, cx, buf),
             Stream::TlsUpstream(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             Stream::TlsClient(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
@@ -533,6 +640,7 @@ impl AsyncWrite for Stream {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Tcp(raw) => Pin::new(raw).poll_flush(cx),
+            Stream::Unix(raw) => Pin::new(raw).poll_flush(cx),
             Stream::TlsUpstream(s) => Pin::new(s.as_mut()).poll_flush(cx),
             Stream::TlsClient(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
@@ -541,6 +649,7 @@ impl AsyncWrite for Stream {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Tcp(raw) => Pin::new(raw).poll_shutdown(cx),
+            Stream::Unix(raw) => Pin::new(raw).poll_shutdown(cx),
             Stream::TlsUpstream(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             Stream::TlsClient(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }

@@ -110,18 +110,41 @@ fn run_script(mut cmd: Command) -> (bool, String, String) {
 }
 
 fn run_library(runtime: Runtime, script: &str, protocol: u8) {
+    run_library_on(runtime, script, protocol, Listener::Tcp);
+}
+
+/// Which of the proxy's listeners a library script connects to.
+#[derive(PartialEq)]
+enum Listener {
+    Tcp,
+    /// `listener.unix_socket`.
+    Unix,
+}
+
+fn run_library_on(runtime: Runtime, script: &str, protocol: u8, listener: Listener) {
     // Fails first, with the fix in the message, if the libraries are not installed.
     let mut cmd = command_for(runtime, script);
     let upstream_pw = format!("up-{}", random_token(20));
     let client_pw = format!("cl-{}", random_token(20));
     let redis = RedisServer::start_with_user("app", &upstream_pw);
-    let config = ProxyConfig::plain(&redis)
+    let socket_dir = temp_dir();
+    let socket = socket_dir.path().join("rotaproxy.sock");
+    let mut config = ProxyConfig::plain(&redis)
         .credentials(Some("app"), "env:ROTAPROXY_TEST_APP_PW")
-        .extra("[listener.auth]\nmode = \"none\"\n")
-        .to_toml();
-    let proxy = Proxy::start(&config, &[("ROTAPROXY_TEST_APP_PW", &upstream_pw)]);
+        .extra("[listener.auth]\nmode = \"none\"\n");
+    if listener == Listener::Unix {
+        config.listener_extra = format!("unix_socket = {}", toml_path(&socket));
+    }
+    let proxy = Proxy::start(
+        &config.to_toml(),
+        &[("ROTAPROXY_TEST_APP_PW", &upstream_pw)],
+    );
 
-    cmd.arg(proxy.client_addr().to_string())
+    let address = match listener {
+        Listener::Tcp => proxy.client_addr().to_string(),
+        Listener::Unix => format!("unix:{}", socket.display()),
+    };
+    cmd.arg(address)
         .arg(protocol.to_string())
         .env("CLIENT_PASSWORD", &client_pw);
     let (ok, stdout, stderr) = run_script(cmd);
@@ -265,6 +288,12 @@ fn redis_py_resp2() {
 #[test]
 fn redis_py_resp3() {
     run_library(Runtime::Python, "redis_py_client.py", 3);
+}
+
+/// The same script over the proxy's Unix socket (`listener.unix_socket`).
+#[test]
+fn redis_py_resp3_over_the_unix_socket() {
+    run_library_on(Runtime::Python, "redis_py_client.py", 3, Listener::Unix);
 }
 
 #[test]

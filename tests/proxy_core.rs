@@ -2847,6 +2847,108 @@ fn client_and_upstream_connections_carry_tcp_keepalive() {
     env.assert_no_secret_leaked();
 }
 
+#[test]
+fn clients_can_connect_over_a_unix_socket() {
+    let dir = temp_dir();
+    let socket = dir.path().join("rotaproxy.sock");
+    let client_pw = dir.path().join("client-pw");
+    std::fs::write(&client_pw, "client-pw").expect("write");
+    let mut env = Env::start_with_extra(
+        &format!(
+            "unix_socket = {}\nunix_socket_mode = \"600\"",
+            toml_path(&socket)
+        ),
+        &format!(
+            "[listener.auth]\nmode = \"password\"\nusers = [{{ password = \"file:{}\" }}]\n",
+            client_pw.display()
+        ),
+    );
+    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _, PermissionsExt as _};
+    let meta = std::fs::symlink_metadata(&socket).expect("the socket file");
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+
+    let mut c = RespConn::connect_unix(&socket);
+    c.cmd(&["AUTH", "wrong"]).assert_error("WRONGPASS");
+    // The refusal names the client by its process and user, as the kernel gave them.
+    let line = env
+        .proxy
+        .wait_for_log("client.auth_failed", Duration::from_secs(10));
+    let me = format!("peer=unix:pid={}:uid={}", std::process::id(), meta.uid());
+    assert!(line.contains(&me), "{me} in {line}");
+    c.cmd(&["AUTH", "client-pw"]).assert_ok();
+    c.cmd(&["SET", "over", "unix"]).assert_ok();
+    let mut pipeline = encode_cmd(&["INCR", "n"]).repeat(1000);
+    pipeline.extend(encode_cmd(&["GET", "over"]));
+    c.send_raw(&pipeline);
+    for i in 1..=1000 {
+        c.read_reply().assert_int(i);
+    }
+    c.read_reply().assert_bulk("unix");
+    // TCP clients are served as before.
+    let mut tcp = env.conn();
+    tcp.cmd(&["AUTH", "client-pw"]).assert_ok();
+    tcp.cmd(&["GET", "n"]).assert_bulk("1000");
+
+    // The socket file goes with the proxy.
+    drop(c);
+    drop(tcp);
+    env.proxy.terminate();
+    let status = env
+        .proxy
+        .wait_exit(Duration::from_secs(60))
+        .expect("exited");
+    assert!(status.success(), "{status:?}");
+    assert!(!socket.exists(), "the socket file is removed at exit");
+    assert_no_secret_in_logs(&env.proxy, &[&env.password, "client-pw"]);
+}
+
+#[test]
+fn a_stale_unix_socket_is_replaced_and_one_in_use_is_not() {
+    let redis = RedisServer::start(RedisOptions::new());
+    let dir = temp_dir();
+    let socket = dir.path().join("rotaproxy.sock");
+    let config = |path: &std::path::Path| {
+        let mut config = ProxyConfig::plain(&redis);
+        config.listener_extra = format!("unix_socket = {}", toml_path(path));
+        config.to_toml()
+    };
+    // Another process listens there: the proxy does not take the socket from it.
+    let other = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+    let Err(failure) = Proxy::try_start(&config(&socket), &[]) else {
+        panic!("the proxy took a socket another process listens on");
+    };
+    let logs = failure.logs.join("\n");
+    assert!(
+        logs.contains("listener.unix_socket") && logs.contains("another process listens on it"),
+        "{logs}"
+    );
+    assert!(
+        std::os::unix::net::UnixStream::connect(&socket).is_ok(),
+        "the other listener keeps its socket"
+    );
+    // Left behind by a process that died: replaced.
+    drop(other);
+    assert!(socket.exists(), "a closed listener leaves its file");
+    let proxy = Proxy::start(&config(&socket), &[]);
+    RespConn::connect_unix(&socket)
+        .cmd(&["PING"])
+        .assert_simple("PONG");
+    drop(proxy);
+    // A file that is not a socket is never removed.
+    let file = dir.path().join("notes");
+    std::fs::write(&file, "keep me").expect("write");
+    let Err(failure) = Proxy::try_start(&config(&file), &[]) else {
+        panic!("the proxy started on a path that is no socket");
+    };
+    let logs = failure.logs.join("\n");
+    assert!(
+        logs.contains("the path exists and is not a socket"),
+        "{logs}"
+    );
+    assert_eq!(std::fs::read_to_string(&file).expect("read"), "keep me");
+}
+
 /// A socket timeout (reported as either kind, depending on the platform): try again.
 fn timed_out(e: &std::io::Error) -> bool {
     matches!(

@@ -245,7 +245,7 @@ impl ClientAuth {
     /// Puts a refused login on record, as Redis's ACL LOG keeps it: an application still
     /// sending a retired password shows here. The username is the client's (escaped); never
     /// the password.
-    pub fn log_refusal(&self, peer: &std::net::SocketAddr, username: &[u8]) {
+    pub fn log_refusal(&self, peer: &crate::net::Peer, username: &[u8]) {
         let now = std::time::Instant::now();
         let mut last = self.refusals_logged_at.lock().expect("not poisoned");
         if last.is_some_and(|at| now.duration_since(at) < REFUSAL_LOG_INTERVAL) {
@@ -434,7 +434,7 @@ mod tests {
     #[test]
     fn refusals_are_logged_at_most_once_a_second_and_the_rest_counted() {
         let a = auth(&[("app", "pw")]);
-        let peer = "127.0.0.1:5000".parse().expect("address");
+        let peer = crate::net::Peer::Tcp("127.0.0.1:5000".parse().expect("address"));
         a.log_refusal(&peer, b"app");
         a.log_refusal(&peer, b"app");
         a.log_refusal(&peer, b"other");

@@ -26,7 +26,6 @@ pub mod state;
 
 use std::future::{Future, poll_fn};
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -36,7 +35,7 @@ use tokio::io::AsyncWrite;
 
 use crate::credentials::{Generation, Generations};
 use crate::metrics::{ClientErrorReason, Metrics, SessionTraffic};
-use crate::net::Stream;
+use crate::net::{Peer, Stream};
 use crate::resp::command::{self, Head, Kind, Peek};
 use crate::resp::reply::{self, ExecOutcomes, PushKind, SubClass, SubKind};
 use crate::resp::scanner::{Direction, ScanLimits, Scanner};
@@ -298,7 +297,7 @@ pub struct Session {
     watch_armed: bool,
     state: ConnState,
     // ---- Read when a command or reply needs it.
-    peer: SocketAddr,
+    peer: Peer,
     /// The client auth entry the client logged in with (counted there while this lives).
     login: Option<client_auth::Login>,
     /// State changes of commands queued in the open MULTI, applied when EXEC succeeds.
@@ -343,7 +342,7 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(ctx: Arc<SessionContext>, client: Stream, peer: SocketAddr) -> Self {
+    pub fn new(ctx: Arc<SessionContext>, client: Stream, peer: Peer) -> Self {
         let authenticated = !ctx.client_auth.required();
         let mut request_scanner = Scanner::new(Direction::Request, ctx.request_limits);
         request_scanner.set_unauthenticated(!authenticated);

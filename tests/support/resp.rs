@@ -408,13 +408,30 @@ fn decode_mixed(buf: &[u8], at: usize) -> Result<Option<(Frame, usize)>, String>
 enum Stream {
     Plain(TcpStream),
     Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+    Unix(std::os::unix::net::UnixStream),
 }
 
 impl Stream {
+    #[track_caller]
     fn tcp(&self) -> &TcpStream {
         match self {
             Stream::Plain(s) => s,
             Stream::Tls(s) => s.get_ref(),
+            Stream::Unix(_) => panic!("a Unix socket connection has no TCP stream"),
+        }
+    }
+
+    fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.set_read_timeout(t),
+            _ => self.tcp().set_read_timeout(t),
+        }
+    }
+
+    fn shutdown_write(&self) -> io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.shutdown(Shutdown::Write),
+            _ => self.tcp().shutdown(Shutdown::Write),
         }
     }
 }
@@ -424,6 +441,7 @@ impl Read for Stream {
         match self {
             Stream::Plain(s) => s.read(buf),
             Stream::Tls(s) => s.read(buf),
+            Stream::Unix(s) => s.read(buf),
         }
     }
 }
@@ -433,12 +451,14 @@ impl Write for Stream {
         match self {
             Stream::Plain(s) => s.write(buf),
             Stream::Tls(s) => s.write(buf),
+            Stream::Unix(s) => s.write(buf),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
         match self {
             Stream::Plain(s) => s.flush(),
             Stream::Tls(s) => s.flush(),
+            Stream::Unix(s) => s.flush(),
         }
     }
 }
@@ -552,9 +572,20 @@ impl RespConn {
         Ok(RespConn::from_stream(Stream::Tls(Box::new(tls))))
     }
 
+    /// Connects to a Unix socket (panics on failure). Read timeout: [`DEFAULT_READ_TIMEOUT`].
+    #[track_caller]
+    pub fn connect_unix(path: &Path) -> RespConn {
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(s) => RespConn::from_stream(Stream::Unix(s)),
+            Err(e) => panic!("cannot connect to {}: {e}", path.display()),
+        }
+    }
+
     fn from_stream(stream: Stream) -> RespConn {
-        let _ = stream.tcp().set_nodelay(true);
-        let _ = stream.tcp().set_read_timeout(Some(DEFAULT_READ_TIMEOUT));
+        if !matches!(stream, Stream::Unix(_)) {
+            let _ = stream.tcp().set_nodelay(true);
+        }
+        let _ = stream.set_read_timeout(Some(DEFAULT_READ_TIMEOUT));
         RespConn {
             stream,
             buf: Vec::new(),
@@ -564,10 +595,7 @@ impl RespConn {
 
     /// Sets the read timeout (`None`: block forever — avoid in tests).
     pub fn set_read_timeout(&mut self, t: Option<Duration>) {
-        self.stream
-            .tcp()
-            .set_read_timeout(t)
-            .expect("set_read_timeout");
+        self.stream.set_read_timeout(t).expect("set_read_timeout");
     }
 
     /// The underlying TCP stream (local/peer address, shutdown...).
@@ -710,7 +738,7 @@ impl RespConn {
 
     /// Closes the write half (the peer sees EOF).
     pub fn shutdown_write(&self) {
-        let _ = self.stream.tcp().shutdown(Shutdown::Write);
+        let _ = self.stream.shutdown_write();
     }
 
     fn fill(&mut self) -> io::Result<()> {

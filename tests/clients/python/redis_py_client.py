@@ -1,6 +1,6 @@
 """redis-py against rotaproxy: the calls an application makes, with retries and reconnects off.
 
-Usage: python3 redis_py_client.py HOST:PORT PROTOCOL(2|3)
+Usage: python3 redis_py_client.py HOST:PORT|unix:PATH PROTOCOL(2|3)
 Env:   CLIENT_PASSWORD  password the client sends (the proxy authenticates it, never Redis).
 Prints "PASS redis-py ..." and exits 0, or prints "FAIL redis-py ...: reason" and exits 1.
 """
@@ -20,24 +20,35 @@ LIB = "redis-py " + redis.__version__
 DEADLINE_SECONDS = 90
 
 
-class StrictConnection(redis.Connection):
+class OpenedOnce:
     """A connection that may open its socket once: a silent reconnect is a failure."""
 
     opened = 0
 
     def _connect(self):
-        StrictConnection.opened += 1
+        OpenedOnce.opened += 1
         if getattr(self, "_opened_once", False):
             raise RuntimeError("silent reconnect attempted on an existing connection")
         self._opened_once = True
         return super()._connect()
 
 
-def client(host, port, protocol, password, **extra):
+class StrictConnection(OpenedOnce, redis.Connection):
+    pass
+
+
+class StrictUnixConnection(OpenedOnce, redis.UnixDomainSocketConnection):
+    pass
+
+
+def client(where, protocol, password, **extra):
+    """`where`: ("tcp", host, port) or ("unix", path)."""
+    if where[0] == "unix":
+        address = dict(connection_class=StrictUnixConnection, path=where[1])
+    else:
+        address = dict(connection_class=StrictConnection, host=where[1], port=where[2])
     pool = redis.ConnectionPool(
-        connection_class=StrictConnection,
-        host=host,
-        port=port,
+        **address,
         password=password,
         protocol=protocol,
         retry=Retry(NoBackoff(), 0),
@@ -67,8 +78,8 @@ def wait_for(cond, what, timeout=20.0):
     raise AssertionError("timed out waiting for " + what)
 
 
-def run(host, port, protocol, password):
-    r = client(host, port, protocol, password)
+def run(where, protocol, password):
+    r = client(where, protocol, password)
 
     # Connect (HELLO/AUTH, CLIENT SETINFO, maintenance notifications handshake) and basics.
     check(r.ping() is True, "PING")
@@ -103,7 +114,7 @@ def run(host, port, protocol, password):
     check(r.get("counter") == "12", "WATCH/MULTI/EXEC transaction")
 
     # Pub/sub: subscribe, publish from another connection, receive.
-    sub = client(host, port, protocol, password)
+    sub = client(where, protocol, password)
     ps = sub.pubsub(ignore_subscribe_messages=False)
     ps.subscribe("news")
     first = ps.get_message(timeout=10)
@@ -122,7 +133,7 @@ def run(host, port, protocol, password):
     ps.close()
 
     # BLPOP blocked on one connection, released by a push from another.
-    blocker = client(host, port, protocol, password)
+    blocker = client(where, protocol, password)
     result = {}
 
     def blpop():
@@ -141,7 +152,7 @@ def run(host, port, protocol, password):
     check(list(result.get("value") or []) == ["jobs", "job-1"], f"BLPOP reply: {result.get('value')}")
 
     # SELECT 2 (the client sends it at connect), then reads see only db 2.
-    db2 = client(host, port, protocol, password, db=2)
+    db2 = client(where, protocol, password, db=2)
     db2.delete("only-in-2")
     check(db2.set("only-in-2", "x") is True, "SET in db 2")
     check(db2.get("only-in-2") == "x", "GET in db 2")
@@ -152,7 +163,7 @@ def run(host, port, protocol, password):
     check(r.ping() and db2.ping() and blocker.ping(), "final PINGs")
     for c in (r, sub, blocker, db2):
         c.close()
-    return StrictConnection.opened
+    return OpenedOnce.opened
 
 
 def _collect(ps, got):
@@ -169,9 +180,13 @@ def _someone_blocked(r):
 
 def main():
     if len(sys.argv) != 3:
-        print("usage: redis_py_client.py HOST:PORT PROTOCOL", file=sys.stderr)
+        print("usage: redis_py_client.py HOST:PORT|unix:PATH PROTOCOL", file=sys.stderr)
         return 2
-    host, _, port = sys.argv[1].rpartition(":")
+    if sys.argv[1].startswith("unix:"):
+        where = ("unix", sys.argv[1][len("unix:"):])
+    else:
+        host, _, port = sys.argv[1].rpartition(":")
+        where = ("tcp", host.strip("[]"), int(port))
     protocol = int(sys.argv[2])
     password = os.environ.get("CLIENT_PASSWORD", "client-side-password")
 
@@ -182,7 +197,7 @@ def main():
     signal.signal(signal.SIGALRM, on_alarm)
     signal.alarm(DEADLINE_SECONDS)
     try:
-        opened = run(host.strip("[]"), int(port), protocol, password)
+        opened = run(where, protocol, password)
     except Exception as e:
         traceback.print_exc()
         print(f"FAIL {LIB} resp{protocol}: {type(e).__name__}: {e}", flush=True)
