@@ -143,6 +143,10 @@ pub struct ListenerTlsConfig {
     pub cert: PathBuf,
     /// PEM private key of that certificate.
     pub key: PathBuf,
+    /// Require a client certificate issued by one of these CAs (PEM), as Redis's
+    /// `tls-auth-clients yes` with `tls-ca-cert-file`. Followed like the certificate.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
     /// How often the certificate and key files are re-read in case a change event was missed
     /// (changes in their directory are followed at once).
     #[serde(default = "default_tls_poll_interval", with = "humantime_serde")]

@@ -171,16 +171,17 @@ pub async fn run(
     }
     let tls_acceptor = match &config.listener.tls {
         Some(tls) => {
-            let loaded = contents_digest(&[&tls.cert, &tls.key]);
-            let (server_config, resolver) =
-                crate::tls::listener_server_config(&tls.cert, &tls.key).context("listener.tls")?;
-            tls_status.started(Side::Listener, resolver.summary());
+            let mut files = vec![tls.cert.as_path(), tls.key.as_path()];
+            files.extend(tls.client_ca.as_deref());
+            let loaded = contents_digest(&files);
+            let (server_config, parts) =
+                crate::tls::listener_server_config(&tls.cert, &tls.key, tls.client_ca.as_deref())
+                    .context("listener.tls")?;
+            tls_status.started(Side::Listener, parts.cert.summary());
             tokio::spawn(follow_listener(
-                resolver,
-                tls.cert.clone(),
-                tls.key.clone(),
+                parts,
+                tls.clone(),
                 loaded,
-                tls.poll_interval,
                 tls_status.clone(),
             ));
             Some(tokio_rustls::TlsAcceptor::from(server_config))

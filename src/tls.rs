@@ -3,7 +3,8 @@
 //! Upstream configs are built once per generation and shared; a new CA bundle or client
 //! certificate makes a new generation with a new config, so connections opened before keep
 //! their own (see [`crate::tls_reload`]). The listener's certificate sits behind a
-//! [`ListenerCert`] resolver instead, so a renewed one serves the next handshake.
+//! [`ListenerCert`] resolver instead, and the CAs of its clients' certificates behind a
+//! [`ClientCa`] verifier, so renewed ones serve the next handshake.
 
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
@@ -13,6 +14,7 @@ use arc_swap::ArcSwap;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
@@ -182,20 +184,125 @@ pub fn upstream_client_config(opts: &UpstreamTls) -> Result<Arc<ClientConfig>, T
     Ok(Arc::new(config))
 }
 
-/// Builds the server-side config for a TLS client listener, and the resolver through which its
-/// certificate can be replaced later.
+/// The parts of a TLS client listener that can be replaced while it runs: the certificate it
+/// presents, and (with `listener.tls.client_ca`) the CAs client certificates must come from. A
+/// replacement serves the next handshake; connections already open keep what they had.
+#[derive(Debug, Clone)]
+pub struct ListenerTls {
+    pub cert: Arc<ListenerCert>,
+    pub client_ca: Option<Arc<ClientCa>>,
+}
+
+/// Builds the server-side config for a TLS client listener, and the parts of it that can be
+/// replaced later. With `client_ca`, every client must present a certificate issued by one of
+/// its CAs (Redis's `tls-auth-clients yes`).
 pub fn listener_server_config(
     cert: &Path,
     key: &Path,
-) -> Result<(Arc<ServerConfig>, Arc<ListenerCert>), TlsError> {
+    client_ca: Option<&Path>,
+) -> Result<(Arc<ServerConfig>, ListenerTls), TlsError> {
     let resolver = Arc::new(ListenerCert(ArcSwap::from_pointee(load_listener_cert(
         cert, key,
     )?)));
-    let config = ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_cert_resolver(resolver.clone());
-    Ok((Arc::new(config), resolver))
+    let builder =
+        ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+    let (builder, client_ca) = match client_ca {
+        Some(path) => {
+            let verifier = Arc::new(ClientCa(ArcSwap::from_pointee(load_client_ca(path)?)));
+            (
+                builder.with_client_cert_verifier(verifier.clone()),
+                Some(verifier),
+            )
+        }
+        None => (builder.with_no_client_auth(), None),
+    };
+    let config = builder.with_cert_resolver(resolver.clone());
+    let parts = ListenerTls {
+        cert: resolver,
+        client_ca,
+    };
+    Ok((Arc::new(config), parts))
+}
+
+/// Reads the CAs a listener's clients must have their certificates from.
+pub fn load_client_ca(path: &Path) -> Result<CaVerifier, TlsError> {
+    const WHAT: &str = "listener client CA file";
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(WHAT, path)? {
+        roots.add(cert).map_err(|e| TlsError::Invalid {
+            what: WHAT,
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    }
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| TlsError::Invalid {
+                what: WHAT,
+                path: path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+    Ok(CaVerifier(verifier))
+}
+
+/// A check of client certificates against a set of CAs.
+#[derive(Debug)]
+pub struct CaVerifier(Arc<dyn ClientCertVerifier>);
+
+/// The listener's check of client certificates; [`ClientCa::replace`] takes effect at the next
+/// handshake.
+///
+/// It names no CAs to the client (an empty `certificate_authorities` list, which TLS allows):
+/// the names would have to change with a reload, and clients send the certificate they were
+/// given whatever the list says.
+#[derive(Debug)]
+pub struct ClientCa(ArcSwap<CaVerifier>);
+
+impl ClientCa {
+    pub fn replace(&self, verifier: CaVerifier) {
+        self.0.store(Arc::new(verifier));
+    }
+}
+
+impl ClientCertVerifier for ClientCa {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.0
+            .load()
+            .0
+            .verify_client_cert(end_entity, intermediates, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.load().0.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.0.load().0.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.load().0.supported_verify_schemes()
+    }
 }
 
 /// Reads the listener's certificate chain and key, and checks that they belong together.

@@ -30,12 +30,12 @@ use std::time::Duration;
 use metrics::{counter, describe_counter, describe_gauge, gauge};
 use serde_json::json;
 
-use crate::config::TimeoutsConfig;
+use crate::config::{ListenerTlsConfig, TimeoutsConfig};
 use crate::credentials::Generations;
 use crate::files::write_durably;
 use crate::metrics::Metrics;
 use crate::rotation::RotationHandle;
-use crate::tls::{self, CertSummary, ListenerCert, UpstreamTls};
+use crate::tls::{self, CertSummary, ListenerTls, UpstreamTls};
 use crate::upstream::connector;
 use crate::upstream::pool::Pool;
 use crate::watch::{FileWatch, contents_digest, first_unreadable};
@@ -390,27 +390,37 @@ impl UpstreamTlsFiles {
     }
 }
 
-/// Follows the listener's certificate and key until the process ends.
+/// Follows the listener's certificate, key and client CA file (if any) until the process ends.
+/// They are applied together, or not at all.
 pub async fn follow_listener(
-    resolver: Arc<ListenerCert>,
-    cert: PathBuf,
-    key: PathBuf,
+    parts: ListenerTls,
+    files: ListenerTlsConfig,
     loaded: Option<u64>,
-    poll_interval: Duration,
     status: Arc<TlsStatus>,
 ) {
-    let paths = [cert.as_path(), key.as_path()];
-    let mut watch = FileWatch::new(&paths, poll_interval, "listener TLS files");
+    let mut paths = vec![files.cert.as_path(), files.key.as_path()];
+    paths.extend(files.client_ca.as_deref());
+    let mut watch = FileWatch::new(&paths, files.poll_interval, "listener TLS files");
     let mut book = Book::new(loaded);
     loop {
         watch.next().await;
         let Some(digest) = book.changed(Side::Listener, &paths, &status) else {
             continue;
         };
-        match tls::load_listener_cert(&cert, &key) {
-            Ok(certified) => {
-                resolver.replace(certified);
-                status.applied(Side::Listener, resolver.summary(), None);
+        let loaded = tls::load_listener_cert(&files.cert, &files.key).and_then(|certified| {
+            let client_ca = match (&files.client_ca, &parts.client_ca) {
+                (Some(path), Some(_)) => Some(tls::load_client_ca(path)?),
+                _ => None,
+            };
+            Ok((certified, client_ca))
+        });
+        match loaded {
+            Ok((certified, client_ca)) => {
+                parts.cert.replace(certified);
+                if let (Some(verifier), Some(in_use)) = (client_ca, &parts.client_ca) {
+                    in_use.replace(verifier);
+                }
+                status.applied(Side::Listener, parts.cert.summary(), None);
                 book.applied(digest);
             }
             Err(err) => book.refused(Side::Listener, digest, &err.to_string(), &status),

@@ -519,3 +519,86 @@ fn a_renewed_listener_certificate_serves_new_clients_and_old_ones_keep_theirs() 
         ],
     );
 }
+
+/// Whether the listener let a client with `client_cert` (or none) in: a PING answered. A refused
+/// certificate ends the handshake (TLS 1.2) or the connection right after it (TLS 1.3).
+fn client_gets_in(proxy: &Proxy, ca: &Path, client_cert: Option<&CertFiles>) -> bool {
+    let Ok(mut conn) = RespConn::try_connect_tls_with(
+        proxy.client_addr(),
+        TlsClientOptions {
+            ca: Some(ca),
+            client_cert: client_cert.map(|c| (c.cert.as_path(), c.key.as_path())),
+            ..TlsClientOptions::default()
+        },
+    ) else {
+        return false;
+    };
+    conn.try_send_raw(&encode_cmd(&["PING"])).is_ok()
+        && matches!(conn.try_read_reply(), Ok(Frame::Simple(pong)) if pong == "PONG")
+}
+
+#[test]
+fn a_listener_with_a_client_ca_lets_in_only_its_clients_and_follows_the_file() {
+    let dir = temp_dir();
+    let certs = Certs::generate(&dir.path().join("pki"));
+    let client_ca = dir.path().join("client-ca.pem");
+    std::fs::copy(&certs.ca, &client_ca).expect("copy");
+    let redis = RedisServer::start(RedisOptions::new());
+    let mut config = ProxyConfig::plain(&redis);
+    config.extra = format!(
+        "[listener.tls]\ncert = {}\nkey = {}\nclient_ca = {}\npoll_interval = \"200ms\"\n",
+        toml_path(&certs.server.cert),
+        toml_path(&certs.server.key),
+        toml_path(&client_ca),
+    );
+    let proxy = Proxy::start(&config.to_toml(), &[]);
+    assert!(client_gets_in(&proxy, &certs.ca, Some(&certs.client)));
+    assert!(!client_gets_in(&proxy, &certs.ca, None), "no certificate");
+    assert!(
+        !client_gets_in(&proxy, &certs.ca, Some(&certs.other_client)),
+        "a certificate from another CA"
+    );
+    assert!(
+        !client_gets_in(&proxy, &certs.ca, Some(&certs.self_signed_client("me"))),
+        "a self-signed certificate"
+    );
+    assert_eventually(WAIT, "the refusals are counted", || {
+        proxy
+            .metric("rotaproxy_client_connections_rejected_total")
+            .is_some_and(|n| n >= 3.0)
+    });
+    proxy.wait_for_log("client TLS handshake failed", WAIT);
+    let mut open = RespConn::connect_tls_with(
+        proxy.client_addr(),
+        TlsClientOptions {
+            ca: Some(&certs.ca),
+            client_cert: Some((&certs.client.cert, &certs.client.key)),
+            ..TlsClientOptions::default()
+        },
+    );
+    open.cmd(&["SET", "k", "v"]).assert_ok();
+
+    // The clients' CA changes: the next handshakes follow it; a connection open stays.
+    replace_file(&client_ca, &certs.other_ca);
+    assert_eventually(WAIT, "the new client CA is applied", || {
+        reloads(&proxy, "listener", "applied") == 1.0
+    });
+    assert!(client_gets_in(&proxy, &certs.ca, Some(&certs.other_client)));
+    assert!(!client_gets_in(&proxy, &certs.ca, Some(&certs.client)));
+    open.cmd(&["GET", "k"]).assert_bulk("v");
+
+    // A file that holds no CA is refused; the CA in use stays.
+    std::fs::write(dir.path().join("garbage.pem"), "not a certificate").expect("write");
+    replace_file(&client_ca, &dir.path().join("garbage.pem"));
+    assert_eventually(WAIT, "the broken file is refused", || {
+        reloads(&proxy, "listener", "refused") == 1.0
+    });
+    assert!(client_gets_in(&proxy, &certs.ca, Some(&certs.other_client)));
+    assert_no_secret_in_logs(
+        &proxy,
+        &[
+            &pem_body_line(&certs.client.key),
+            &pem_body_line(&certs.other_client.key),
+        ],
+    );
+}
