@@ -17,7 +17,9 @@
 # `file:/run/secrets/...` (a mounted Secret / Docker secret; read-only is enough).
 # As a sidecar in a pod, keep the default loopback binds (the pod shares loopback); to publish
 # the ports with `docker run -p`, bind 0.0.0.0 in [listener] and [admin] and set client auth.
-# Probes: GET /healthz (liveness) and /readyz (readiness) on the admin port.
+# Probes: GET /healthz (liveness) and /readyz (readiness) on the admin port; with the admin
+# listener on loopback, exec probes: `rotaproxy probe live` and `rotaproxy probe ready` (they
+# read admin.bind from /etc/rotaproxy/rotaproxy.toml). See "Kubernetes" in the README.
 
 FROM rust:1.95-bookworm AS builder
 ARG PGO=0

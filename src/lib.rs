@@ -5,7 +5,7 @@
 //! connection to move it to another upstream connection without the application noticing.
 //!
 //! Layout, following the path of a command:
-//! - [`server`] binds the listeners and starts one [`session`] per client;
+//! - [`server`] starts everything and one [`session`] per client accepted by [`listener`];
 //! - [`session`] keeps a client's connection state, answers client AUTH, forwards the rest;
 //! - [`resp`] finds frame boundaries ([`resp::scanner`]) and reads the few commands the proxy
 //!   must understand;
@@ -21,9 +21,11 @@ pub mod config;
 pub mod credentials;
 pub mod files;
 pub mod hangup;
+pub mod listener;
 pub mod logging;
 pub mod metrics;
 pub mod net;
+pub mod probe;
 pub mod resp;
 pub mod rotation;
 pub mod server;

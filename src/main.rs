@@ -1,4 +1,5 @@
-//! The `rotaproxy` command line: `run` serves, `check-config` validates a config file.
+//! The `rotaproxy` command line: `run` serves, `check-config` validates a config file, `probe`
+//! asks a running proxy whether it is alive or ready.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,9 +30,31 @@ enum Command {
         /// Path of the TOML config file.
         file: PathBuf,
     },
+    /// Ask a running proxy's admin listener whether it is alive or ready, for container health
+    /// checks (an exec probe reaches the admin listener on loopback): exit 0 when it is, 1 with
+    /// the reason when it is not.
+    Probe {
+        /// `live` (GET /healthz) or `ready` (GET /readyz).
+        check: ProbeCheck,
+        /// The proxy's config file; its `admin.bind` is asked.
+        #[arg(long, short, default_value = "/etc/rotaproxy/rotaproxy.toml")]
+        config: PathBuf,
+        /// The admin listener's address, instead of the config file's.
+        #[arg(long)]
+        admin: Option<std::net::SocketAddr>,
+        /// Seconds to wait for the connection, and again for the answer.
+        #[arg(long, default_value_t = 2.0)]
+        timeout: f64,
+    },
     /// Redis Cloud helpers.
     #[command(subcommand)]
     Cloud(CloudCommand),
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ProbeCheck {
+    Live,
+    Ready,
 }
 
 #[derive(Subcommand)]
@@ -58,6 +81,12 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Probe {
+            check,
+            config,
+            admin,
+            timeout,
+        } => probe(check, &config, admin, timeout),
         Command::Cloud(CloudCommand::SetupAlternating { config }) => {
             match setup_alternating(&config) {
                 Ok(done) => {
@@ -89,6 +118,48 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+fn probe(
+    check: ProbeCheck,
+    config: &std::path::Path,
+    admin: Option<std::net::SocketAddr>,
+    timeout: f64,
+) -> ExitCode {
+    use rotaproxy::probe::Check;
+    let admin = match admin {
+        Some(admin) => admin,
+        None => match Config::load(config) {
+            Ok(loaded) if loaded.admin.bind.port() == 0 => {
+                eprintln!(
+                    "error: admin.bind in {} has port 0 (the proxy picks one when it starts, and \
+                     logs it): pass --admin",
+                    config.display()
+                );
+                return ExitCode::FAILURE;
+            }
+            Ok(loaded) => loaded.admin.bind,
+            Err(err) => {
+                eprintln!("error: {err}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let Ok(timeout) = std::time::Duration::try_from_secs_f64(timeout) else {
+        eprintln!("error: --timeout must be a number of seconds");
+        return ExitCode::FAILURE;
+    };
+    let check = match check {
+        ProbeCheck::Live => Check::Live,
+        ProbeCheck::Ready => Check::Ready,
+    };
+    let outcome = rotaproxy::probe::probe(admin, check, timeout);
+    println!("{}", outcome.message);
+    if outcome.passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

@@ -6,14 +6,14 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::net::TcpListener;
 
 use crate::admin::{self, AdminState};
 use crate::config::{ClientAuthMode, Config};
 use crate::credentials::{Credential, Generation, Generations};
 use crate::hangup::HangupStatus;
+use crate::listener::ClientListeners;
 use crate::metrics::Metrics;
-use crate::net::{Peer, RawTcp, Stream};
 use crate::resp::scanner::ScanLimits;
 use crate::rotation::client_cert::{ClientCertParts, ClientCertRotation};
 use crate::rotation::{RotationHandle, RotationParts};
@@ -28,9 +28,6 @@ use crate::tls_reload::{
 use crate::upstream::pool::Pool;
 use crate::upstream::server_facts::{self, KnownServer};
 use crate::watch::contents_digest;
-
-/// How long a client may take to finish its TLS handshake.
-const CLIENT_TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Runs the proxy until SIGINT/SIGTERM.
 /// `config_path`, when given, is re-read on SIGHUP for the client auth entries and the log
@@ -218,21 +215,11 @@ pub async fn run(
         ));
     }
 
-    let listener = TcpListener::bind(config.listener.bind)
-        .await
-        .with_context(|| format!("cannot listen on {} (listener.bind)", config.listener.bind))?;
+    let listeners = ClientListeners::bind(&config.listener, tls_acceptor).await?;
     let admin_listener = TcpListener::bind(config.admin.bind)
         .await
         .with_context(|| format!("cannot listen on {} (admin.bind)", config.admin.bind))?;
-    let unix_listener = match &config.listener.unix_socket {
-        Some(path) => Some(
-            UnixSocket::bind(path, config.listener.unix_socket_mode_bits()).with_context(|| {
-                format!("cannot listen on {} (listener.unix_socket)", path.display())
-            })?,
-        ),
-        None => None,
-    };
-    let client_addr = listener.local_addr()?;
+    let client_addr = listeners.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
     let admin_state = Arc::new(AdminState {
         prometheus,
@@ -251,8 +238,8 @@ pub async fn run(
     tracing::info!(
         %client_addr,
         %admin_addr,
-        tls = tls_acceptor.is_some(),
-        unix_socket = unix_listener.as_ref().map(|u| u.path.display().to_string()),
+        tls = listeners.tls(),
+        unix_socket = listeners.unix_socket().map(|path| path.display().to_string()),
         "listening"
     );
 
@@ -261,47 +248,21 @@ pub async fn run(
     let clients = ClientSlots::new(config.listener.max_clients);
     let accept = async {
         loop {
-            let (client, peer) = tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok((socket, peer)) => (Accepted::Tcp(socket), Peer::Tcp(peer)),
-                    Err(err) => {
-                        accept_failed(err).await;
-                        continue;
-                    }
-                },
-                accepted = accept_unix(unix_listener.as_ref()) => match accepted {
-                    Ok(unix) => {
-                        let peer = Peer::of_unix(&unix);
-                        (Accepted::Unix(unix), peer)
-                    }
-                    Err(err) => {
-                        accept_failed(err).await;
-                        continue;
-                    }
-                },
-            };
+            let (client, peer) = listeners.accept().await;
             metrics.client_connections_total.increment(1);
             let Some(slot) = clients.try_take() else {
                 metrics.client_connections_rejected.increment(1);
-                tokio::spawn(refuse(client));
+                tokio::spawn(client.refuse());
                 continue;
             };
             let ctx = ctx.clone();
-            let tls = tls_acceptor.clone();
+            let setup = listeners.setup();
             let metrics = metrics.clone();
-            let keepalive = config.listener.tcp_keepalive;
             tokio::spawn(async move {
                 let _slot = slot;
-                let stream = match client {
-                    Accepted::Unix(unix) => Stream::unix(unix),
-                    Accepted::Tcp(socket) => {
-                        match client_tcp_stream(socket, peer, keepalive, tls, &metrics).await {
-                            Some(stream) => stream,
-                            None => return,
-                        }
-                    }
-                };
-                Session::new(ctx, stream, peer).run().await;
+                if let Some(stream) = client.into_stream(&peer, &setup, &metrics).await {
+                    Session::new(ctx, stream, peer).run().await;
+                }
             });
         }
     };
@@ -328,9 +289,8 @@ pub async fn run(
     }
     shutdown_status.enter(signal, Phase::Draining);
     drop(accept);
-    drop(listener);
-    // The socket file goes with the listener: a client trying it now is refused at once.
-    drop(unix_listener);
+    // A client trying either listener now is refused at once (the socket file goes too).
+    drop(listeners);
     ctx.begin_shutdown();
     crate::shutdown::drain(&clients, shutdown.grace, &mut signals).await;
     Ok(())
@@ -368,115 +328,6 @@ fn follow_upstream_tls(
     })
     .context("cannot start client certificate rotation")?;
     Ok(Some(started))
-}
-
-/// Answers a client over the limit the way Redis does, then closes.
-/// A new client connection, before it is a [`Stream`].
-enum Accepted {
-    Tcp(TcpStream),
-    Unix(UnixStream),
-}
-
-/// Out of file descriptors and the like: keep serving the clients there are.
-async fn accept_failed(err: std::io::Error) {
-    tracing::warn!(error = %err, "accept failed");
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-}
-
-/// The next client of the Unix socket listener; never, without one.
-async fn accept_unix(listener: Option<&UnixSocket>) -> std::io::Result<UnixStream> {
-    match listener {
-        Some(unix) => Ok(unix.listener.accept().await?.0),
-        None => std::future::pending().await,
-    }
-}
-
-/// A TCP client made ready: its socket options set and, on a TLS listener, its handshake
-/// done (`None`, logged and counted, when that fails).
-async fn client_tcp_stream(
-    socket: TcpStream,
-    peer: Peer,
-    keepalive: std::time::Duration,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-    metrics: &Metrics,
-) -> Option<Stream> {
-    let _ = socket.set_nodelay(true);
-    if let Err(error) = crate::net::set_keepalive(&socket, keepalive) {
-        tracing::warn!(%peer, %error, "cannot turn TCP keepalive on for a client");
-    }
-    let Some(acceptor) = tls else {
-        return Some(Stream::plain(socket));
-    };
-    match tokio::time::timeout(
-        CLIENT_TLS_HANDSHAKE_TIMEOUT,
-        acceptor.accept(RawTcp::new(socket)),
-    )
-    .await
-    {
-        Ok(Ok(tls)) => Some(Stream::TlsClient(Box::new(tls))),
-        Ok(Err(err)) => {
-            metrics.client_connections_rejected.increment(1);
-            tracing::info!(%peer, error = %err, "client TLS handshake failed");
-            None
-        }
-        Err(_) => {
-            metrics.client_connections_rejected.increment(1);
-            tracing::info!(%peer, "client TLS handshake timed out");
-            None
-        }
-    }
-}
-
-async fn refuse(client: Accepted) {
-    use tokio::io::AsyncWriteExt;
-    const REFUSAL: &[u8] = b"-ERR max number of clients reached\r\n";
-    let _ = match client {
-        Accepted::Tcp(mut socket) => socket.write_all(REFUSAL).await,
-        Accepted::Unix(mut socket) => socket.write_all(REFUSAL).await,
-    };
-}
-
-/// The Unix socket listener (`listener.unix_socket`). Its file is removed when it is dropped.
-struct UnixSocket {
-    listener: UnixListener,
-    path: std::path::PathBuf,
-}
-
-impl UnixSocket {
-    /// Listens on `path` with permission bits `mode`. A socket file nobody listens on (left by
-    /// a crash) is replaced; one another process listens on, or a file that is no socket, is
-    /// an error.
-    fn bind(path: &std::path::Path, mode: u32) -> anyhow::Result<Self> {
-        use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
-        if let Ok(existing) = std::fs::symlink_metadata(path) {
-            anyhow::ensure!(
-                existing.file_type().is_socket(),
-                "the path exists and is not a socket"
-            );
-            match std::os::unix::net::UnixStream::connect(path) {
-                Ok(_) => anyhow::bail!("another process listens on it"),
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                    tracing::info!(path = %path.display(), "removing a stale socket file");
-                    std::fs::remove_file(path).context("cannot remove the stale socket file")?;
-                }
-                Err(e) => return Err(e).context("cannot tell whether the socket is in use"),
-            }
-        }
-        let listener = UnixListener::bind(path)?;
-        let socket = Self {
-            listener,
-            path: path.to_path_buf(),
-        };
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-            .context("cannot set listener.unix_socket_mode")?;
-        Ok(socket)
-    }
-}
-
-impl Drop for UnixSocket {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
 }
 
 fn warn_about_risky_settings(config: &Config) {

@@ -2949,6 +2949,63 @@ fn a_stale_unix_socket_is_replaced_and_one_in_use_is_not() {
     assert_eq!(std::fs::read_to_string(&file).expect("read"), "keep me");
 }
 
+/// `rotaproxy probe live|ready`, as an exec probe runs it: (passed, what it printed).
+fn run_probe(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(proxy_bin())
+        .arg("probe")
+        .args(args)
+        .output()
+        .expect("run rotaproxy probe");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+    )
+}
+
+#[test]
+fn the_probe_command_asks_the_admin_listener() {
+    let mut env = Env::start_with_extra("", "[shutdown]\nwait_for_clients = \"10m\"\n");
+    let admin = env.proxy.admin_addr().to_string();
+    // The proxy's own file says port 0 (picked at start): the probe asks for --admin.
+    let started_with = env.proxy.config_path().to_path_buf();
+    let (passed, _) = run_probe(&["ready", "--config", started_with.to_str().expect("utf-8")]);
+    assert!(!passed, "port 0 cannot be asked");
+    // A file with the port in it, as a deployment has.
+    let text = std::fs::read_to_string(&started_with).expect("read config");
+    let with_port = text.replace(
+        "[admin]\nbind = \"127.0.0.1:0\"",
+        &format!("[admin]\nbind = \"{admin}\""),
+    );
+    assert_ne!(with_port, text, "the admin bind was found");
+    let fixed = env.proxy.dir().join("fixed-port.toml");
+    std::fs::write(&fixed, with_port).expect("write config");
+    let fixed = fixed.to_str().expect("utf-8").to_string();
+    assert_eventually(Duration::from_secs(30), "the proxy is ready", || {
+        run_probe(&["ready", "--config", &fixed]) == (true, "ready".to_string())
+    });
+    assert_eq!(
+        run_probe(&["live", "--admin", &admin]),
+        (true, "ok".to_string())
+    );
+    // Stopping, with a client still connected: alive, and no longer ready.
+    let mut c = env.conn();
+    c.cmd(&["PING"]).assert_simple("PONG");
+    env.proxy.terminate();
+    env.proxy
+        .wait_for_log("until the clients disconnect", Duration::from_secs(10));
+    let (ready, said) = run_probe(&["ready", "--admin", &admin]);
+    assert!(!ready, "{said}");
+    assert!(said.contains("shutting down (SIGTERM"), "{said}");
+    assert!(run_probe(&["live", "--admin", &admin]).0);
+    drop(c);
+    env.proxy
+        .wait_exit(Duration::from_secs(60))
+        .expect("exited");
+    let (alive, said) = run_probe(&["live", "--admin", &admin]);
+    assert!(!alive, "{said}");
+    assert!(said.contains("cannot reach the admin listener"), "{said}");
+}
+
 /// A socket timeout (reported as either kind, depending on the platform): try again.
 fn timed_out(e: &std::io::Error) -> bool {
     matches!(
