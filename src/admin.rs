@@ -38,6 +38,8 @@ pub struct AdminState {
     pub shutdown: Arc<crate::shutdown::ShutdownStatus>,
     /// When the proxy started (Unix seconds).
     pub started_at: u64,
+    /// Where clients connect (`listeners` in `/v1/status`).
+    pub listeners: serde_json::Value,
 }
 
 pub fn router(state: Arc<AdminState>) -> Router {
@@ -112,6 +114,7 @@ async fn status(State(state): State<Arc<AdminState>>) -> Json<serde_json::Value>
     };
     doc["version"] = json!(env!("CARGO_PKG_VERSION"));
     doc["started_at"] = json!(state.started_at);
+    doc["listeners"] = state.listeners.clone();
     doc["upstream_ready"] = json!(state.pool.is_ready());
     doc["upstream_error"] = json!(state.pool.last_error());
     doc["tls"] = state.tls.to_json();

@@ -233,6 +233,16 @@ pub async fn run(
         hangup: hangup_status,
         shutdown: shutdown_status.clone(),
         started_at,
+        listeners: serde_json::json!({
+            "tcp": client_addr.to_string(),
+            "tls": listeners.tls(),
+            "client_certificates_required": config
+                .listener
+                .tls
+                .as_ref()
+                .is_some_and(|tls| tls.client_ca.is_some()),
+            "unix_socket": listeners.unix_socket(),
+        }),
     });
     tokio::spawn(admin::serve(admin_listener, admin_state));
     tracing::info!(

@@ -2868,6 +2868,17 @@ fn clients_can_connect_over_a_unix_socket() {
     assert!(meta.file_type().is_socket());
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
 
+    let (_, body) = env.proxy.http_get("/v1/status");
+    let status: serde_json::Value = serde_json::from_str(&body).expect("status is JSON");
+    assert_eq!(
+        status["listeners"],
+        serde_json::json!({
+            "tcp": env.proxy.client_addr().to_string(),
+            "tls": false,
+            "client_certificates_required": false,
+            "unix_socket": socket.to_str().expect("utf-8"),
+        })
+    );
     let mut c = RespConn::connect_unix(&socket);
     c.cmd(&["AUTH", "wrong"]).assert_error("WRONGPASS");
     // The refusal names the client by its process and user, as the kernel gave them.

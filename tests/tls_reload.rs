@@ -552,6 +552,12 @@ fn a_listener_with_a_client_ca_lets_in_only_its_clients_and_follows_the_file() {
         toml_path(&client_ca),
     );
     let proxy = Proxy::start(&config.to_toml(), &[]);
+    let listeners = &status(&proxy)["listeners"];
+    assert_eq!(listeners["tls"], true, "{listeners}");
+    assert_eq!(
+        listeners["client_certificates_required"], true,
+        "{listeners}"
+    );
     assert!(client_gets_in(&proxy, &certs.ca, Some(&certs.client)));
     assert!(!client_gets_in(&proxy, &certs.ca, None), "no certificate");
     assert!(
