@@ -302,7 +302,7 @@ pub async fn run(
     // A client trying either listener now is refused at once (the socket file goes too).
     drop(listeners);
     ctx.begin_shutdown();
-    crate::shutdown::drain(&clients, shutdown.grace, &mut signals).await;
+    crate::shutdown::drain(&clients, shutdown.grace, &mut signals, signal).await;
     Ok(())
 }
 

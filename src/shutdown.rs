@@ -200,8 +200,14 @@ pub async fn wait_for_clients(
 
 /// Phase 2 (the listener is closed and the sessions told): returns once every session has
 /// finished, `grace` is over, or another stop signal comes.
-pub async fn drain(clients: &ClientSlots, grace: Duration, signals: &mut StopSignals) {
+pub async fn drain(
+    clients: &ClientSlots,
+    grace: Duration,
+    signals: &mut StopSignals,
+    first_signal: &'static str,
+) {
     tracing::info!(
+        signal = first_signal,
         grace = ?grace,
         clients = clients.connected(),
         "shutting down: no new clients; finishing replies in flight"
