@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::ExposeSecret;
 use serde_json::json;
 use tokio::net::TcpListener;
 
@@ -24,8 +24,9 @@ pub struct AdminState {
     pub metrics: crate::metrics::Metrics,
     pub pool: Pool,
     pub rotation: Option<RotationHandle>,
-    /// Bearer token for POST endpoints; without one they are refused.
-    pub token: Option<SecretString>,
+    /// Bearer token for POST endpoints; without one they are refused. A `file:` token is
+    /// re-read when the file changes, so it is rotated without a restart.
+    pub token: Option<std::sync::Mutex<crate::secrets::FollowedSecret>>,
     /// Certificates in use and their reloads.
     pub tls: Arc<crate::tls_reload::TlsStatus>,
     /// Proxy-owned client certificates (`[rotation.client_certificate]`).
@@ -225,6 +226,15 @@ fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), Box<Response
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
+    let token = match token.lock().expect("not poisoned").current(false) {
+        Ok(token) => token,
+        Err(_) => {
+            return Err(Box::new(error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the admin token cannot be read",
+            )));
+        }
+    };
     if !constant_time_eq(presented.as_bytes(), token.expose_secret().as_bytes()) {
         return Err(Box::new(error(
             StatusCode::UNAUTHORIZED,

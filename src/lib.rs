@@ -28,6 +28,7 @@ pub mod net;
 pub mod probe;
 pub mod resp;
 pub mod rotation;
+pub mod secrets;
 pub mod server;
 pub mod session;
 pub mod shutdown;

@@ -117,7 +117,12 @@ pub async fn run(
         pool.set_auth_recovery(Arc::new(rotation.clone()));
     }
     let admin_token = match &config.admin.token {
-        Some(token) => Some(token.resolve().context("admin.token")?),
+        Some(token) => {
+            let mut followed = crate::secrets::FollowedSecret::new("admin token", token.clone());
+            // Read now, so that a token that cannot be read stops the start.
+            followed.current(true).context("admin.token")?;
+            Some(std::sync::Mutex::new(followed))
+        }
         None => None,
     };
 

@@ -3017,6 +3017,39 @@ fn the_probe_command_asks_the_admin_listener() {
     assert!(said.contains("cannot reach the admin listener"), "{said}");
 }
 
+#[test]
+fn an_admin_token_in_a_file_is_rotated_without_a_restart() {
+    let redis = RedisServer::start(RedisOptions::new());
+    let dir = temp_dir();
+    let token_file = dir.path().join("admin-token");
+    let (old, new) = (random_token(24), random_token(24));
+    std::fs::write(&token_file, format!("{old}\n")).expect("write");
+    let mut config = ProxyConfig::plain(&redis);
+    config.admin_extra = format!("token = \"file:{}\"", token_file.display());
+    let proxy = Proxy::start(&config.to_toml(), &[]);
+    // An authorized POST that changes nothing: this proxy has no client certificate rotation.
+    let post = |token: &str| {
+        proxy
+            .http_post("/v1/client-certificate/rotate", Some(token), "")
+            .0
+    };
+    const AUTHORIZED: u16 = 409;
+    assert_eq!(post(&old), AUTHORIZED);
+    assert_eq!(post(&new), 401);
+
+    // The secrets manager writes the next token (a rename, as a secret volume swaps).
+    let next = dir.path().join("admin-token.next");
+    std::fs::write(&next, &new).expect("write");
+    std::fs::rename(&next, &token_file).expect("rename");
+    assert_eq!(post(&new), AUTHORIZED);
+    assert_eq!(post(&old), 401);
+    proxy.wait_for_log("admin token changed", Duration::from_secs(10));
+    // Mid-swap, the file briefly gone: the token read before still holds.
+    std::fs::remove_file(&token_file).expect("remove");
+    assert_eq!(post(&new), AUTHORIZED);
+    assert_no_secret_in_logs(&proxy, &[&old, &new]);
+}
+
 /// A socket timeout (reported as either kind, depending on the platform): try again.
 fn timed_out(e: &std::io::Error) -> bool {
     matches!(

@@ -18,7 +18,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use reqwest::Method;
@@ -30,6 +30,7 @@ use serde_json::json;
 use super::CloudApiConfig;
 use super::tasks::{TaskId, TaskState};
 use crate::config::{SecretError, SecretRef};
+use crate::secrets::FollowedSecret;
 
 /// Counter of API requests, labelled `code` (HTTP status, or `error` when there was no answer).
 pub const METRIC_REQUESTS: &str = "rotaproxy_cloud_api_requests_total";
@@ -265,8 +266,8 @@ impl CloudClient {
             .build()
             .map_err(|e| CloudError::Config(format!("HTTP client: {e}")))?;
         let keys = Keys {
-            account: KeySlot::new(config.account_key.clone()),
-            secret: KeySlot::new(config.secret_key.clone()),
+            account: FollowedSecret::new("Redis Cloud API key", config.account_key.clone()),
+            secret: FollowedSecret::new("Redis Cloud API key", config.secret_key.clone()),
         };
         let limiter =
             RateLimiter::new(config.requests_per_minute as usize, Duration::from_secs(60));
@@ -628,11 +629,14 @@ impl CloudClient {
             Ok::<_, CloudError>(v)
         };
         let mut headers = HeaderMap::new();
-        headers.insert("x-api-key", header(&account, &keys.account.reference)?);
-        headers.insert("x-api-secret-key", header(&secret, &keys.secret.reference)?);
+        headers.insert("x-api-key", header(&account, keys.account.reference())?);
+        headers.insert(
+            "x-api-secret-key",
+            header(&secret, keys.secret.reference())?,
+        );
         Ok(KeyHeaders {
             headers,
-            fingerprint: (keys.account.generation, keys.secret.generation),
+            fingerprint: (keys.account.generation(), keys.secret.generation()),
         })
     }
 }
@@ -734,92 +738,8 @@ struct KeyHeaders {
 }
 
 struct Keys {
-    account: KeySlot,
-    secret: KeySlot,
-}
-
-/// One key reference and its last reading. A file is re-read when its length, mtime or inode
-/// changes (a Kubernetes secret volume swaps a symlink: `metadata` follows it); an `env:`
-/// reference is re-read every time (cheap).
-struct KeySlot {
-    reference: SecretRef,
-    stamp: Option<FileStamp>,
-    value: Option<SecretString>,
-    /// Bumped whenever the value read differs from the one before.
-    generation: u64,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct FileStamp {
-    len: u64,
-    modified: Option<SystemTime>,
-    inode: u64,
-    device: u64,
-}
-
-impl FileStamp {
-    fn of(path: &std::path::Path) -> Option<FileStamp> {
-        let m = std::fs::metadata(path).ok()?;
-        #[cfg(unix)]
-        let (inode, device) = {
-            use std::os::unix::fs::MetadataExt;
-            (m.ino(), m.dev())
-        };
-        #[cfg(not(unix))]
-        let (inode, device) = (0, 0);
-        Some(FileStamp {
-            len: m.len(),
-            modified: m.modified().ok(),
-            inode,
-            device,
-        })
-    }
-}
-
-impl KeySlot {
-    fn new(reference: SecretRef) -> KeySlot {
-        KeySlot {
-            reference,
-            stamp: None,
-            value: None,
-            generation: 0,
-        }
-    }
-
-    fn current(&mut self, force: bool) -> Result<SecretString, CloudError> {
-        let stamp = self.reference.path().and_then(FileStamp::of);
-        if let (false, Some(value), Some(stamp), Some(old)) =
-            (force, &self.value, stamp, self.stamp)
-            && stamp == old
-        {
-            return Ok(value.clone());
-        }
-        match self.reference.resolve() {
-            Ok(value) => {
-                let changed = self
-                    .value
-                    .as_ref()
-                    .is_none_or(|old| old.expose_secret() != value.expose_secret());
-                if changed {
-                    if self.value.is_some() {
-                        tracing::info!(reference = %self.reference, "Redis Cloud API key changed; using the new one");
-                    }
-                    self.generation += 1;
-                }
-                self.stamp = stamp;
-                self.value = Some(value.clone());
-                Ok(value)
-            }
-            Err(e) => match &self.value {
-                // Mid-swap (file briefly missing or empty): keep the key read before.
-                Some(value) => {
-                    tracing::warn!(reference = %self.reference, error = %e, "cannot re-read the Redis Cloud API key; using the one read before");
-                    Ok(value.clone())
-                }
-                None => Err(e.into()),
-            },
-        }
-    }
+    account: FollowedSecret,
+    secret: FollowedSecret,
 }
 
 /// A uniform number in [0, 1) from the OS (jitter only; a failure means no jitter).
