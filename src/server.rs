@@ -10,12 +10,13 @@ use tokio::net::TcpListener;
 
 use crate::admin::{self, AdminState};
 use crate::config::{ClientAuthMode, Config};
-use crate::credentials::{Credential, Generation, Generations};
+use crate::credentials::{Generation, Generations};
 use crate::hangup::HangupStatus;
 use crate::listener::ClientListeners;
 use crate::metrics::Metrics;
 use crate::resp::scanner::ScanLimits;
 use crate::rotation::client_cert::{ClientCertParts, ClientCertRotation};
+use crate::rotation::strategy::AdminCredential;
 use crate::rotation::{RotationHandle, RotationParts};
 use crate::session::client_auth::ClientAuth;
 use crate::session::links::ClientLinks;
@@ -82,15 +83,10 @@ pub async fn run(
     let rotation = match (rotation_state, &config.rotation) {
         (Some((state, store)), Some(rotation_config)) => {
             let admin = match &rotation_config.admin {
-                Some(admin) => Some(Credential {
-                    username: admin.username.clone(),
-                    password: Some(
-                        admin
-                            .password
-                            .resolve()
-                            .context("rotation.admin.password")?,
-                    ),
-                }),
+                Some(admin) => Some(
+                    AdminCredential::new(admin.username.clone(), admin.password.clone())
+                        .context("rotation.admin.password")?,
+                ),
                 None => None,
             };
             tracing::info!(

@@ -380,6 +380,57 @@ fn a_password_changed_behind_the_proxys_back_is_followed_once_the_source_has_it(
 }
 
 #[test]
+fn the_admin_users_password_is_followed_from_its_file() {
+    let password = random_token(32);
+    let (rotator_old, rotator_new) = (random_token(32), random_token(32));
+    let redis = RedisServer::start(
+        RedisOptions::new()
+            .user(&format!("app on >{password} ~* &* +@all -@admin"))
+            .user(&format!(
+                "rotator on >{rotator_old} +acl|setuser +client|list +client|kill"
+            )),
+    );
+    let secrets = temp_dir();
+    let rotator_file = secrets.path().join("rotator-password");
+    std::fs::write(&rotator_file, &rotator_old).expect("write");
+    let extra = format!(
+        "[rotation.admin]\nusername = \"rotator\"\npassword = \"file:{}\"\n",
+        rotator_file.display()
+    );
+    let mut env = RotEnv::start_with_envs(
+        redis,
+        Some("app"),
+        password.clone(),
+        "acl-multi-password",
+        &extra,
+        &[],
+    );
+    env.secrets.push(rotator_old.clone());
+    env.secrets.push(rotator_new.clone());
+    env.rotate(false);
+    // The rotator's own password is rotated elsewhere: the server first, then its file.
+    env.redis
+        .admin_cmd(&[
+            "ACL",
+            "SETUSER",
+            "rotator",
+            &format!(">{rotator_new}"),
+            &format!("<{rotator_old}"),
+        ])
+        .assert_ok();
+    let next = secrets.path().join("rotator-password.next");
+    std::fs::write(&next, &rotator_new).expect("write");
+    std::fs::rename(&next, &rotator_file).expect("rename");
+    // The next rotation authenticates its ACL SETUSER with the new one, no restart.
+    env.rotate(false);
+    let (_, current) = env.slot("current").unwrap();
+    assert!(env.authenticates("app", &current));
+    env.proxy()
+        .wait_for_log("rotation.admin password changed", Duration::from_secs(10));
+    env.assert_nothing_leaked();
+}
+
+#[test]
 fn a_separate_admin_user_rotates_an_app_user_that_may_not_run_acl() {
     let password = random_token(32);
     let rotator_password = random_token(32);

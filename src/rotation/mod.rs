@@ -22,7 +22,7 @@ use serde_json::json;
 use tokio::sync::{Notify, watch};
 
 use crate::config::{Config, RotationConfig, RotationStrategy, TimeoutsConfig};
-use crate::credentials::{Credential, Generation, Generations};
+use crate::credentials::{Generation, Generations};
 use crate::metrics::Metrics;
 use crate::upstream::connector::{self, ConnectError};
 use crate::upstream::pool::Pool;
@@ -171,7 +171,7 @@ pub struct RotationParts {
     pub timeouts: TimeoutsConfig,
     pub metrics: Metrics,
     /// Credential for ACL SETUSER / CLIENT KILL; None: the proxied user itself.
-    pub admin: Option<Credential>,
+    pub admin: Option<strategy::AdminCredential>,
 }
 
 impl RotationHandle {

@@ -18,7 +18,9 @@ use super::RotationError;
 use super::secret::generate_password;
 use super::state::Slot;
 use crate::cloud::{AclUserId, CloudClient, DatabaseRef, TaskId};
-use crate::config::{RotationBackend, RotationConfig, RotationStrategy, SecretRef, TimeoutsConfig};
+use crate::config::{
+    RotationBackend, RotationConfig, RotationStrategy, SecretError, SecretRef, TimeoutsConfig,
+};
 use crate::credentials::{Credential, Generation, Generations};
 use crate::metrics::Metrics;
 use crate::upstream::connector::{self, UpstreamConn};
@@ -27,16 +29,51 @@ use crate::upstream::connector::{self, UpstreamConn};
 pub struct ServerControl {
     pub generations: Arc<Generations>,
     /// A separate administrative credential; None: the proxied user acts on itself.
-    pub admin: Option<Credential>,
+    pub admin: Option<AdminCredential>,
     pub timeouts: TimeoutsConfig,
     pub metrics: Metrics,
+}
+
+/// The administrative user of `[rotation.admin]`. Its password is read at each use (a `file:`
+/// one again when the file changed), so that it can be rotated too, with no restart.
+pub struct AdminCredential {
+    username: Option<String>,
+    password: std::sync::Mutex<crate::secrets::FollowedSecret>,
+}
+
+impl AdminCredential {
+    /// Reads the password now: one that cannot be read is an error at start.
+    pub fn new(username: Option<String>, password: SecretRef) -> Result<Self, SecretError> {
+        let mut password = crate::secrets::FollowedSecret::new("rotation.admin password", password);
+        password.current(true)?;
+        Ok(Self {
+            username,
+            password: std::sync::Mutex::new(password),
+        })
+    }
+
+    fn current(&self) -> Result<Credential, RotationError> {
+        let password = self
+            .password
+            .lock()
+            .expect("not poisoned")
+            .current(false)
+            .map_err(|e| RotationError::Source(e.to_string()))?;
+        Ok(Credential {
+            username: self.username.clone(),
+            password: Some(password),
+        })
+    }
 }
 
 impl ServerControl {
     /// Opens a control connection as the admin user, or as `acting` when there is none.
     async fn open(&self, acting: &Slot) -> Result<UpstreamConn, RotationError> {
         let current = self.generations.current();
-        let credential = self.admin.clone().unwrap_or_else(|| credential_of(acting));
+        let credential = match &self.admin {
+            Some(admin) => admin.current()?,
+            None => credential_of(acting),
+        };
         let generation = Arc::new(current.with_credential(0, credential));
         Ok(connector::connect(&generation, &self.timeouts, &self.metrics).await?)
     }
