@@ -81,7 +81,14 @@ impl FollowedSecret {
                     .is_none_or(|old| old.expose_secret() != value.expose_secret());
                 if changed {
                     if self.value.is_some() {
-                        tracing::info!(reference = %self.reference, "{} changed; using the new one", self.what);
+                        tracing::info!(
+                            target: "rotaproxy::audit",
+                            event = "secret.reloaded",
+                            secret = self.what,
+                            reference = %self.reference,
+                            "{} changed; using the new one",
+                            self.what
+                        );
                     }
                     self.generation += 1;
                 }

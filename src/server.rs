@@ -253,6 +253,13 @@ pub async fn run(
         unix_socket = listeners.unix_socket().map(|path| path.display().to_string()),
         "listening"
     );
+    tracing::info!(
+        target: "rotaproxy::audit",
+        event = "proxy.started",
+        version = env!("CARGO_PKG_VERSION"),
+        %client_addr,
+        "rotaproxy started"
+    );
 
     // Installed before the first client: a stop signal from now on is a graceful stop.
     let mut signals = StopSignals::install().context("cannot install the SIGTERM handler")?;
@@ -285,6 +292,13 @@ pub async fn run(
     // A stop: first serve on while the application still has clients connected (if
     // configured), then stop accepting and let every session deliver the replies it owes
     // before it closes (a session closes at once when nothing is owed). See `shutdown`.
+    tracing::info!(
+        target: "rotaproxy::audit",
+        event = "proxy.stopping",
+        signal,
+        clients = clients.connected(),
+        "rotaproxy stopping"
+    );
     let shutdown = &config.shutdown;
     if !shutdown.wait_for_clients.is_zero() {
         shutdown_status.enter(signal, Phase::WaitingForClients);

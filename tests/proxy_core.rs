@@ -2703,6 +2703,11 @@ fn shutdown_serves_on_until_the_clients_disconnect() {
         .expect("exited once the clients were gone");
     assert!(status.success(), "{status:?}");
     assert!(env.proxy.log_contains("every client disconnected"));
+    // The start and the stop are audit events.
+    for event in ["proxy.started", "proxy.stopping"] {
+        let line = env.proxy.wait_for_log(event, Duration::from_secs(10));
+        assert!(line.contains("rotaproxy::audit"), "{line}");
+    }
     assert!(env.proxy.log_contains("every client session finished"));
     assert_no_secret_in_logs(&env.proxy, &[&env.password]);
 }
@@ -3043,7 +3048,8 @@ fn an_admin_token_in_a_file_is_rotated_without_a_restart() {
     std::fs::rename(&next, &token_file).expect("rename");
     assert_eq!(post(&new), AUTHORIZED);
     assert_eq!(post(&old), 401);
-    proxy.wait_for_log("admin token changed", Duration::from_secs(10));
+    let line = proxy.wait_for_log("admin token changed", Duration::from_secs(10));
+    assert!(line.contains("secret.reloaded"), "an audit event: {line}");
     // Mid-swap, the file briefly gone: the token read before still holds.
     std::fs::remove_file(&token_file).expect("remove");
     assert_eq!(post(&new), AUTHORIZED);
