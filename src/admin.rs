@@ -41,6 +41,8 @@ pub struct AdminState {
     pub started_at: u64,
     /// Where clients connect (`listeners` in `/v1/status`).
     pub listeners: serde_json::Value,
+    /// The open client sessions (`GET /v1/clients`).
+    pub clients: Arc<crate::session::registry::ClientRegistry>,
 }
 
 pub fn router(state: Arc<AdminState>) -> Router {
@@ -49,6 +51,7 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/status", get(status))
+        .route("/v1/clients", get(clients))
         .route("/v1/rotate", post(rotate))
         .route(
             "/v1/client-certificate/rotate",
@@ -94,6 +97,11 @@ async fn metrics(State(state): State<Arc<AdminState>>) -> String {
     }
     state.metrics.publish_traffic();
     state.prometheus.render()
+}
+
+/// Every client session: peer, when it connected, and what its connection holds.
+async fn clients(State(state): State<Arc<AdminState>>) -> Json<serde_json::Value> {
+    Json(state.clients.to_json())
 }
 
 async fn status(State(state): State<Arc<AdminState>>) -> Json<serde_json::Value> {

@@ -20,6 +20,7 @@ use crate::rotation::strategy::AdminCredential;
 use crate::rotation::{RotationHandle, RotationParts};
 use crate::session::client_auth::ClientAuth;
 use crate::session::links::ClientLinks;
+use crate::session::registry::ClientRegistry;
 use crate::session::{Session, SessionContext};
 use crate::shutdown::{ClientSlots, Phase, ShutdownStatus, StopSignals};
 use crate::tls::UpstreamTls;
@@ -207,6 +208,7 @@ pub async fn run(
         max_buffered: usize::try_from(limits.max_buffered_bytes.0).unwrap_or(usize::MAX),
         metrics: metrics.clone(),
         server: Arc::new(KnownServer::empty()),
+        clients: Arc::new(ClientRegistry::default()),
     });
     if ctx.client_auth.required() {
         tokio::spawn(server_facts::follow(
@@ -244,6 +246,7 @@ pub async fn run(
                 .is_some_and(|tls| tls.client_ca.is_some()),
             "unix_socket": listeners.unix_socket(),
         }),
+        clients: ctx.clients.clone(),
     });
     tokio::spawn(admin::serve(admin_listener, admin_state));
     tracing::info!(

@@ -2894,6 +2894,14 @@ fn clients_can_connect_over_a_unix_socket() {
     assert!(line.contains(&me), "{me} in {line}");
     c.cmd(&["AUTH", "client-pw"]).assert_ok();
     c.cmd(&["SET", "over", "unix"]).assert_ok();
+    // `GET /v1/clients` names it by process and user, logged in with the `default` entry.
+    let (_, body) = env.proxy.http_get("/v1/clients");
+    let clients: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(clients["count"], 1, "{clients}");
+    let client = &clients["clients"][0];
+    assert!(client["peer"] == me.trim_start_matches("peer="), "{client}");
+    assert_eq!(client["authenticated"], true, "{client}");
+    assert_eq!(client["user"], "default", "{client}");
     let mut pipeline = encode_cmd(&["INCR", "n"]).repeat(1000);
     pipeline.extend(encode_cmd(&["GET", "over"]));
     c.send_raw(&pipeline);

@@ -469,3 +469,85 @@ fn a_separate_admin_user_rotates_an_app_user_that_may_not_run_acl() {
         .assert_bulk("app");
     env.assert_nothing_leaked();
 }
+
+/// `GET /v1/clients`: the sessions, what their connections hold, and the credential generation
+/// each is on, which a rotation moves.
+#[test]
+fn the_clients_endpoint_shows_each_session_and_its_generation() {
+    let mut env = RotEnv::multi_password("drain_deadline = \"5s\"\n");
+    let mut worker = env.proxy().conn();
+    worker.cmd(&["SELECT", "2"]).assert_ok();
+    worker.cmd(&["CLIENT", "SETNAME", "worker-1"]).assert_ok();
+    let worker_id = worker.client_id();
+    let mut listener = env.proxy().conn();
+    listener
+        .cmd(&["CLIENT", "SETNAME", "listener-1"])
+        .assert_ok();
+    listener.send_cmd(&["SUBSCRIBE", "news", "alerts"]);
+    listener.read_reply();
+    listener.read_reply();
+    let clients = |env: &RotEnv| -> Vec<Value> {
+        let (code, body) = env.proxy().http_get("/v1/clients");
+        assert_eq!(code, 200, "{body}");
+        let doc: Value = serde_json::from_str(&body).expect("JSON");
+        let list = doc["clients"].as_array().expect("a list").clone();
+        assert_eq!(doc["count"], list.len(), "{doc}");
+        list
+    };
+    let named = |list: &[Value], name: &str| -> Option<Value> {
+        list.iter().find(|c| c["name"] == name).cloned()
+    };
+    let list = clients(&env);
+    let w = named(&list, "worker-1").expect("the worker is listed");
+    assert_eq!(w["db"], 2, "{w}");
+    assert_eq!(w["id"], worker_id, "{w}");
+    assert_eq!(w["protocol"], 2, "{w}");
+    assert_eq!(w["generation"], 1, "{w}");
+    assert_eq!(w["authenticated"], true, "{w}");
+    assert!(
+        w["peer"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("127.0.0.1:")),
+        "{w}"
+    );
+    let l = named(&list, "listener-1").expect("the subscriber is listed");
+    assert_eq!(l["subscriptions"], 2, "{l}");
+
+    // A rotation moves both to the new generation.
+    env.rotate(false);
+    assert_eventually(
+        Duration::from_secs(30),
+        "both sessions on generation 2",
+        || {
+            let list = clients(&env);
+            ["worker-1", "listener-1"]
+                .iter()
+                .all(|name| named(&list, name).is_some_and(|c| c["generation"] == 2))
+        },
+    );
+    worker.cmd(&["GET", "k"]);
+    // A session that ends leaves the list.
+    drop(worker);
+    assert_eventually(
+        Duration::from_secs(10),
+        "the worker is gone from the list",
+        || named(&clients(&env), "worker-1").is_none(),
+    );
+    assert!(named(&clients(&env), "listener-1").is_some());
+
+    // A session with nothing to replay that loses its connection shows the new one once it
+    // has it.
+    let mut plain = env.proxy().conn();
+    let plain_id = plain.client_id();
+    let by_id = |env: &RotEnv| clients(env).into_iter().find(|c| c["id"] == plain_id);
+    env.redis
+        .admin_cmd(&["CLIENT", "KILL", "ID", &plain_id.to_string()])
+        .assert_int(1);
+    plain.cmd(&["PING"]).assert_simple("PONG");
+    assert_eventually(
+        Duration::from_secs(10),
+        "the new connection is shown",
+        || by_id(&env).is_some_and(|c| c["generation"] == 2),
+    );
+    env.assert_nothing_leaked();
+}

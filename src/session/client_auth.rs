@@ -86,6 +86,11 @@ pub struct Login {
 }
 
 impl Login {
+    /// The username of the entry the client logged in with (none where no login is needed).
+    pub fn username(&self) -> Option<&str> {
+        self.entry.as_ref().map(|entry| entry.username.as_str())
+    }
+
     fn with(entry: &Arc<Entry>) -> Login {
         entry.connections.fetch_add(1, Ordering::Relaxed);
         entry.logins.fetch_add(1, Ordering::Relaxed);

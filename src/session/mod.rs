@@ -21,6 +21,7 @@ pub mod client_auth;
 mod drain;
 mod hello;
 pub mod links;
+pub mod registry;
 pub mod replies;
 pub mod state;
 
@@ -129,6 +130,8 @@ pub struct SessionContext {
     /// unknown command or a wrong argument count before asking it to authenticate, as Redis
     /// does, in the words of the server's version.
     pub server: Arc<KnownServer>,
+    /// Every open session, for `GET /v1/clients`.
+    pub clients: Arc<registry::ClientRegistry>,
 }
 
 impl SessionContext {
@@ -339,6 +342,8 @@ pub struct Session {
     flush_pending: bool,
     /// Another client ran `CLIENT KILL ID` with this session's public id: it ends now.
     killed: bool,
+    /// This session in `GET /v1/clients`, while it lives.
+    registration: registry::Registration,
 }
 
 impl Session {
@@ -350,6 +355,7 @@ impl Session {
         let shutdown = Box::pin(ctx.shutdown.clone().notified_owned());
         // A session accepted just as shutdown began finishes at once.
         let closing = ctx.shutting_down.load(std::sync::atomic::Ordering::Acquire);
+        let registration = ctx.clients.register(peer);
         Self {
             traffic: ctx.metrics.traffic.session(),
             ctx,
@@ -405,7 +411,33 @@ impl Session {
             links_pending: false,
             flush_pending: false,
             killed: false,
+            registration,
         }
+    }
+
+    /// Publishes what the session holds now for `GET /v1/clients` (after a change of state,
+    /// login or upstream connection; never per ordinary command).
+    fn publish_view(&self) {
+        let state = &self.state;
+        self.registration.publish(registry::ClientView {
+            id: self.own_link.as_ref().map(|link| link.public_id()),
+            authenticated: self.authenticated,
+            user: self
+                .login
+                .as_ref()
+                .and_then(|login| login.username())
+                .map(str::to_string),
+            db: state.db,
+            name: state
+                .name
+                .as_ref()
+                .map(|name| String::from_utf8_lossy(name).into_owned()),
+            protocol: state.protocol,
+            subscriptions: state.channels.len() + state.patterns.len() + state.shard_channels.len(),
+            monitor: state.monitor,
+            tracking: state.tracking.is_some(),
+            generation: self.upstream.as_ref().map(|up| up.conn.generation.id),
+        });
     }
 
     /// A session may change its upstream connection only here: nothing owed, no transaction
@@ -423,6 +455,7 @@ impl Session {
     pub async fn run(mut self) {
         let metrics = self.ctx.metrics.clone();
         metrics.client_connections.increment(1.0);
+        self.publish_view();
         loop {
             let event = poll_fn(|cx| self.poll_io(cx)).await;
             match event {
@@ -928,6 +961,8 @@ impl Session {
             return self.answer_unauthenticated(kind, &args);
         }
         self.handle_command(kind, &args, &frame).await;
+        // Subscriptions and the like change as such commands are sent, before their replies.
+        self.publish_view();
     }
 
     /// Answers a command (other than AUTH, HELLO and QUIT) from a client that has not
@@ -1588,12 +1623,14 @@ impl Session {
     fn log_in(&mut self, login: client_auth::Login) {
         self.login = Some(login);
         self.set_authenticated(true);
+        self.publish_view();
     }
 
     /// After `RESET`: a client that must authenticate must do so again.
     fn log_out(&mut self) {
         self.login = None;
         self.set_authenticated(!self.ctx.client_auth.required());
+        self.publish_view();
     }
 
     /// Records whether the client has authenticated. Until it has, the request scanner holds it
@@ -1689,6 +1726,7 @@ impl Session {
             }
         }
         self.upstream = Some(up);
+        self.publish_view();
         if self.state.tracking.is_some() && self.state.protocol == 3 {
             // The new connection's tracking table is empty: the client's cache must not trust
             // entries whose invalidations would have gone to the old one.
@@ -1744,6 +1782,7 @@ impl Session {
         }
         self.flush_relay();
         self.upstream = None;
+        self.publish_view();
         if cut_mid_reply {
             if !slow_consumer {
                 tracing::warn!(peer = %self.peer, "upstream lost in the middle of a reply; closing the client");
@@ -2038,6 +2077,7 @@ impl Session {
                     None => self.state.apply_exec(actions),
                 };
                 self.sync_redirect(None);
+                self.publish_view();
                 if tail > 0 {
                     self.replies.push_next(Expect::ExecTail {
                         remaining: tail,
@@ -2057,6 +2097,7 @@ impl Session {
                 _ => !reply::is_error(frame.first),
             };
             self.apply(matched.action, ok);
+            self.publish_view();
         }
         self.deliver_ready_locals();
     }
