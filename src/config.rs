@@ -309,10 +309,10 @@ pub struct TimeoutsConfig {
     #[serde(default = "default_timeout", with = "humantime_serde")]
     pub auth: Duration,
     /// TCP keepalive on upstream connections: how long a connection may be silent before the
-    /// kernel probes the server. A connection that died without a word (a NAT or load balancer
-    /// that forgot it, a host that vanished) is found after this plus two thirds of it, and
-    /// its session moves to a fresh one, where an idle subscriber would otherwise wait for
-    /// messages forever. Below the idle timeouts of cloud NATs and load balancers (Azure's is
+    /// kernel probes the server (3 probes, a third of it apart). A connection that died without
+    /// a word (a NAT or load balancer that forgot it, a host that vanished) is found within
+    /// twice this, and its session moves to a fresh one, where an idle subscriber would
+    /// otherwise wait for messages forever. Below the idle timeouts of cloud NATs and load balancers (Azure's is
     /// 4 minutes). 0 turns it off.
     #[serde(default = "default_upstream_keepalive", with = "humantime_serde")]
     pub tcp_keepalive: Duration,

@@ -35,8 +35,8 @@ pub fn check_keepalive(idle: std::time::Duration) -> Result<(), &'static str> {
 
 /// Turns TCP keepalive on for `tcp` the way Redis does (`tcp-keepalive`): the first probe
 /// after `idle` without traffic, then every third of it, and the connection is given up after
-/// 3 probes go unanswered, so a dead peer is found within `idle` and two thirds. A zero `idle`
-/// leaves keepalive off. Fails only if the kernel refuses the options.
+/// 3 probes go unanswered, so a dead peer is found within twice `idle`. A zero `idle` leaves
+/// keepalive off. Fails only if the kernel refuses the options.
 pub fn set_keepalive(tcp: &TcpStream, idle: std::time::Duration) -> io::Result<()> {
     if idle.is_zero() {
         return Ok(());
