@@ -961,8 +961,6 @@ impl Session {
             return self.answer_unauthenticated(kind, &args);
         }
         self.handle_command(kind, &args, &frame).await;
-        // Subscriptions and the like change as such commands are sent, before their replies.
-        self.publish_view();
     }
 
     /// Answers a command (other than AUTH, HELLO and QUIT) from a client that has not
@@ -1169,6 +1167,8 @@ impl Session {
                         added.push((class, channel));
                     }
                 }
+                // The sets change as the command is sent, before its confirmations.
+                self.publish_view();
                 let expect = Expect::Confirmations {
                     remaining: (args.len() as u64 - 1).max(1),
                     relay: true,
@@ -1199,6 +1199,7 @@ impl Session {
                     set.clear();
                     n.max(1)
                 };
+                self.publish_view();
                 let expect = Expect::Confirmations {
                     remaining,
                     relay: true,
@@ -1630,7 +1631,6 @@ impl Session {
     fn log_out(&mut self) {
         self.login = None;
         self.set_authenticated(!self.ctx.client_auth.required());
-        self.publish_view();
     }
 
     /// Records whether the client has authenticated. Until it has, the request scanner holds it
@@ -2055,8 +2055,11 @@ impl Session {
         if was_blocking && !self.replies.blocking_in_flight() {
             self.on_blocking_answered(!frame.relay);
         }
-        for (class, channel) in matched.revert {
-            self.state.set_of(class).shift_remove(&channel);
+        if !matched.revert.is_empty() {
+            for (class, channel) in matched.revert {
+                self.state.set_of(class).shift_remove(&channel);
+            }
+            self.publish_view();
         }
         if let Action::Exec(actions) = matched.action {
             let failed = self.exec_outcomes.take().and_then(ExecOutcomes::failed);
