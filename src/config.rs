@@ -89,26 +89,40 @@ pub struct ListenerConfig {
     /// stale socket file left by a crash is replaced, one another process listens on is not.
     #[serde(default)]
     pub unix_socket: Option<PathBuf>,
-    /// The Unix socket's permission bits, in octal (Redis's `unixsocketperm`).
+    /// The Unix socket's permission bits (Redis's `unixsocketperm`).
     #[serde(default = "default_unix_socket_mode")]
-    pub unix_socket_mode: String,
+    pub unix_socket_mode: UnixSocketMode,
 }
 
-impl ListenerConfig {
-    /// `unix_socket_mode` as permission bits (validated at load).
-    pub fn unix_socket_mode_bits(&self) -> u32 {
-        parse_file_mode(&self.unix_socket_mode).unwrap_or(0o600)
+fn default_unix_socket_mode() -> UnixSocketMode {
+    UnixSocketMode(0o660)
+}
+
+/// `listener.unix_socket_mode`: permission bits, written in octal as a string such as "660"
+/// or "0660".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnixSocketMode(pub u32);
+
+impl std::str::FromStr for UnixSocketMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        u32::from_str_radix(s, 8)
+            .ok()
+            .filter(|bits| *bits <= 0o777 && !s.starts_with(['+', '-']))
+            .map(UnixSocketMode)
+            .ok_or_else(|| {
+                "listener.unix_socket_mode must be octal permission bits, such as 660".to_string()
+            })
     }
 }
 
-fn default_unix_socket_mode() -> String {
-    "660".to_string()
-}
-
-/// Octal permission bits, such as "660" or "0660".
-fn parse_file_mode(text: &str) -> Option<u32> {
-    let bits = u32::from_str_radix(text, 8).ok()?;
-    (bits <= 0o777 && !text.is_empty()).then_some(bits)
+impl<'de> Deserialize<'de> for UnixSocketMode {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 impl Default for ListenerConfig {
@@ -155,6 +169,15 @@ pub struct ListenerTlsConfig {
 
 fn default_tls_poll_interval() -> Duration {
     Duration::from_secs(30)
+}
+
+impl ListenerTlsConfig {
+    /// The files the listener's TLS is read from, followed for changes.
+    pub fn files(&self) -> Vec<&Path> {
+        let mut files = vec![self.cert.as_path(), self.key.as_path()];
+        files.extend(self.client_ca.as_deref());
+        files
+    }
 }
 
 impl Default for ClientAuthConfig {
@@ -312,8 +335,8 @@ pub struct TimeoutsConfig {
     /// kernel probes the server (3 probes, a third of it apart). A connection that died without
     /// a word (a NAT or load balancer that forgot it, a host that vanished) is found within
     /// twice this, and its session moves to a fresh one, where an idle subscriber would
-    /// otherwise wait for messages forever. Below the idle timeouts of cloud NATs and load balancers (Azure's is
-    /// 4 minutes). 0 turns it off.
+    /// otherwise wait for messages forever. Below the idle timeouts of cloud NATs and load
+    /// balancers (Azure's is 4 minutes). 0 turns it off.
     #[serde(default = "default_upstream_keepalive", with = "humantime_serde")]
     pub tcp_keepalive: Duration,
 }
@@ -960,12 +983,6 @@ impl Config {
         let url = UpstreamUrl::parse(&self.upstream.url)
             .map_err(|m| invalid("upstream.url", &format!("`{}` {m}", self.upstream.url)))?;
         crate::logging::parse_filter(&self.log.level).map_err(|m| invalid("log.level", &m))?;
-        if parse_file_mode(&self.listener.unix_socket_mode).is_none() {
-            return Err(invalid(
-                "listener.unix_socket_mode",
-                "must be octal permission bits, such as \"660\"",
-            ));
-        }
         for (key, keepalive) in [
             ("listener.tcp_keepalive", self.listener.tcp_keepalive),
             ("timeouts.tcp_keepalive", self.timeouts.tcp_keepalive),
@@ -1342,7 +1359,7 @@ mod tests {
         for (mode, bits) in [("660", 0o660), ("0600", 0o600), ("777", 0o777), ("0", 0)] {
             let text = format!("{MINIMAL}[listener]\nunix_socket_mode = \"{mode}\"\n");
             let c = Config::parse(&text).unwrap();
-            assert_eq!(c.listener.unix_socket_mode_bits(), bits, "{mode}");
+            assert_eq!(c.listener.unix_socket_mode, UnixSocketMode(bits), "{mode}");
         }
         for bad in ["", "rw-rw----", "1777", "0o660", "668", "-1"] {
             let text = format!("{MINIMAL}[listener]\nunix_socket_mode = \"{bad}\"\n");
@@ -1350,11 +1367,8 @@ mod tests {
             assert!(err.contains("listener.unix_socket_mode"), "{bad}: {err}");
         }
         assert_eq!(
-            Config::parse(MINIMAL)
-                .unwrap()
-                .listener
-                .unix_socket_mode_bits(),
-            0o660
+            Config::parse(MINIMAL).unwrap().listener.unix_socket_mode,
+            UnixSocketMode(0o660)
         );
     }
 

@@ -43,7 +43,7 @@ impl ClientListeners {
             .with_context(|| format!("cannot listen on {} (listener.bind)", config.bind))?;
         let unix = match &config.unix_socket {
             Some(path) => Some(
-                UnixSocket::bind(path, config.unix_socket_mode_bits()).with_context(|| {
+                UnixSocket::bind(path, config.unix_socket_mode.0).with_context(|| {
                     format!("cannot listen on {} (listener.unix_socket)", path.display())
                 })?,
             ),

@@ -35,7 +35,7 @@ enum Command {
     /// the reason when it is not.
     Probe {
         /// `live` (GET /healthz) or `ready` (GET /readyz).
-        check: ProbeCheck,
+        check: rotaproxy::probe::Check,
         /// The proxy's config file; its `admin.bind` is asked.
         #[arg(long, short, default_value = "/etc/rotaproxy/rotaproxy.toml")]
         config: PathBuf,
@@ -49,12 +49,6 @@ enum Command {
     /// Redis Cloud helpers.
     #[command(subcommand)]
     Cloud(CloudCommand),
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum ProbeCheck {
-    Live,
-    Ready,
 }
 
 #[derive(Subcommand)]
@@ -122,12 +116,11 @@ fn main() -> ExitCode {
 }
 
 fn probe(
-    check: ProbeCheck,
+    check: rotaproxy::probe::Check,
     config: &std::path::Path,
     admin: Option<std::net::SocketAddr>,
     timeout: f64,
 ) -> ExitCode {
-    use rotaproxy::probe::Check;
     let admin = match admin {
         Some(admin) => admin,
         None => match Config::load(config) {
@@ -149,10 +142,6 @@ fn probe(
     let Ok(timeout) = std::time::Duration::try_from_secs_f64(timeout) else {
         eprintln!("error: --timeout must be a number of seconds");
         return ExitCode::FAILURE;
-    };
-    let check = match check {
-        ProbeCheck::Live => Check::Live,
-        ProbeCheck::Ready => Check::Ready,
     };
     let outcome = rotaproxy::probe::probe(admin, check, timeout);
     println!("{}", outcome.message);

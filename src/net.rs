@@ -139,39 +139,33 @@ pub trait ReadySocket: AsFd {
     fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
 }
 
-impl ReadySocket for TcpStream {
-    #[inline]
-    fn try_io<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R> {
-        TcpStream::try_io(self, interest, f)
-    }
+/// `ReadySocket` for tokio's stream sockets, which have these methods under the same names.
+macro_rules! ready_socket {
+    ($($socket:ty),*) => {$(
+        impl ReadySocket for $socket {
+            #[inline]
+            fn try_io<R>(
+                &self,
+                interest: Interest,
+                f: impl FnOnce() -> io::Result<R>,
+            ) -> io::Result<R> {
+                <$socket>::try_io(self, interest, f)
+            }
 
-    #[inline]
-    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        TcpStream::poll_read_ready(self, cx)
-    }
+            #[inline]
+            fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                <$socket>::poll_read_ready(self, cx)
+            }
 
-    #[inline]
-    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        TcpStream::poll_write_ready(self, cx)
-    }
+            #[inline]
+            fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                <$socket>::poll_write_ready(self, cx)
+            }
+        }
+    )*};
 }
 
-impl ReadySocket for UnixStream {
-    #[inline]
-    fn try_io<R>(&self, interest: Interest, f: impl FnOnce() -> io::Result<R>) -> io::Result<R> {
-        UnixStream::try_io(self, interest, f)
-    }
-
-    #[inline]
-    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        UnixStream::poll_read_ready(self, cx)
-    }
-
-    #[inline]
-    fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        UnixStream::poll_write_ready(self, cx)
-    }
-}
+ready_socket!(TcpStream, UnixStream);
 
 /// The task tokio will wake when the socket next becomes readable, when the reads know it: it
 /// lets a read that finds nothing skip registering again (see `poll_recv`).

@@ -53,6 +53,17 @@ impl FollowedSecret {
         }
     }
 
+    /// A followed secret read now: one that cannot be read is an error (at start, say so
+    /// rather than fail at the first use).
+    pub fn read_now(
+        what: &'static str,
+        reference: SecretRef,
+    ) -> Result<FollowedSecret, SecretError> {
+        let mut secret = FollowedSecret::new(what, reference);
+        secret.current(true)?;
+        Ok(secret)
+    }
+
     pub fn reference(&self) -> &SecretRef {
         &self.reference
     }

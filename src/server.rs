@@ -114,12 +114,10 @@ pub async fn run(
         pool.set_auth_recovery(Arc::new(rotation.clone()));
     }
     let admin_token = match &config.admin.token {
-        Some(token) => {
-            let mut followed = crate::secrets::FollowedSecret::new("admin token", token.clone());
-            // Read now, so that a token that cannot be read stops the start.
-            followed.current(true).context("admin.token")?;
-            Some(std::sync::Mutex::new(followed))
-        }
+        Some(token) => Some(std::sync::Mutex::new(
+            crate::secrets::FollowedSecret::read_now("admin token", token.clone())
+                .context("admin.token")?,
+        )),
         None => None,
     };
 
@@ -170,9 +168,7 @@ pub async fn run(
     }
     let tls_acceptor = match &config.listener.tls {
         Some(tls) => {
-            let mut files = vec![tls.cert.as_path(), tls.key.as_path()];
-            files.extend(tls.client_ca.as_deref());
-            let loaded = contents_digest(&files);
+            let loaded = contents_digest(&tls.files());
             let (server_config, parts) =
                 crate::tls::listener_server_config(&tls.cert, &tls.key, tls.client_ca.as_deref())
                     .context("listener.tls")?;

@@ -398,8 +398,7 @@ pub async fn follow_listener(
     loaded: Option<u64>,
     status: Arc<TlsStatus>,
 ) {
-    let mut paths = vec![files.cert.as_path(), files.key.as_path()];
-    paths.extend(files.client_ca.as_deref());
+    let paths = files.files();
     let mut watch = FileWatch::new(&paths, files.poll_interval, "listener TLS files");
     let mut book = Book::new(loaded);
     loop {

@@ -1058,13 +1058,13 @@ fn upstream_connect_and_ping_times_are_histograms() {
     }
 }
 
-/// The server behind a running proxy can change: here it restarts with a command disabled.
-/// Unauthenticated clients are then answered by the new command table, as the server answers
-/// its own.
-#[test]
-fn unauthenticated_clients_follow_a_server_that_changed_behind_the_proxy() {
+/// A Redis whose own unauthenticated clients are asked for a password (its default user has
+/// one), and a proxy in front whose clients must log in with `client-pw`, started once the
+/// proxy has read the server's command table. `upstream` lines go inside `[upstream]`.
+/// Returns the server, the proxy and the proxy's upstream password.
+fn redis_and_proxy_both_asking_for_passwords(upstream: &str) -> (RedisServer, Proxy, String) {
     let password = random_token(32);
-    let mut redis = RedisServer::start(
+    let redis = RedisServer::start(
         RedisOptions::new()
             .user(&format!("{APP_USER} on >{password} ~* &* +@all"))
             .requirepass("direct-pw"),
@@ -1072,7 +1072,7 @@ fn unauthenticated_clients_follow_a_server_that_changed_behind_the_proxy() {
     let mut config = ProxyConfig::plain(&redis)
         .credentials(Some(APP_USER), "env:TEST_UPSTREAM_PASSWORD")
         .client_password("env:CLIENT_PW");
-    config.upstream_extra = "command_table_refresh = \"1s\"".to_string();
+    config.upstream_extra = upstream.to_string();
     let proxy = Proxy::start(
         &config.to_toml(),
         &[
@@ -1081,6 +1081,16 @@ fn unauthenticated_clients_follow_a_server_that_changed_behind_the_proxy() {
         ],
     );
     proxy.wait_for_command_table();
+    (redis, proxy, password)
+}
+
+/// The server behind a running proxy can change: here it restarts with a command disabled.
+/// Unauthenticated clients are then answered by the new command table, as the server answers
+/// its own.
+#[test]
+fn unauthenticated_clients_follow_a_server_that_changed_behind_the_proxy() {
+    let (mut redis, proxy, password) =
+        redis_and_proxy_both_asking_for_passwords("command_table_refresh = \"1s\"");
     let answers = |redis: &RedisServer| {
         [RespConn::connect(redis.addr()), proxy.conn()].map(|mut conn| {
             conn.send_raw(&encode_cmd(&["ECHO", "hi"]));
@@ -1223,24 +1233,8 @@ fn bytes_until_closed(conn: &mut RespConn) -> Vec<u8> {
 /// command table: byte for byte what the same server tells its own unauthenticated clients.
 #[test]
 fn unauthenticated_clients_are_answered_as_by_redis() {
-    let password = random_token(32);
     // The server's own unauthenticated clients: its default user needs a password.
-    let redis = RedisServer::start(
-        RedisOptions::new()
-            .user(&format!("{APP_USER} on >{password} ~* &* +@all"))
-            .requirepass("direct-pw"),
-    );
-    let config = ProxyConfig::plain(&redis)
-        .credentials(Some(APP_USER), "env:TEST_UPSTREAM_PASSWORD")
-        .client_password("env:CLIENT_PW");
-    let proxy = Proxy::start(
-        &config.to_toml(),
-        &[
-            ("TEST_UPSTREAM_PASSWORD", password.as_str()),
-            ("CLIENT_PW", "client-pw"),
-        ],
-    );
-    proxy.wait_for_command_table();
+    let (redis, proxy, password) = redis_and_proxy_both_asking_for_passwords("");
 
     let many = "abcdefghijklmnopqrstuvwxyz0123456789";
     let long = "x".repeat(200);

@@ -44,8 +44,8 @@ pub struct AdminCredential {
 impl AdminCredential {
     /// Reads the password now: one that cannot be read is an error at start.
     pub fn new(username: Option<String>, password: SecretRef) -> Result<Self, SecretError> {
-        let mut password = crate::secrets::FollowedSecret::new("rotation.admin password", password);
-        password.current(true)?;
+        let password =
+            crate::secrets::FollowedSecret::read_now("rotation.admin password", password)?;
         Ok(Self {
             username,
             password: std::sync::Mutex::new(password),
