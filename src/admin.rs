@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::rotation::fleet::Fleet;
 use axum::Router;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -196,6 +197,11 @@ async fn rotate(
         );
     };
     let urgent = query_flag(&query, "urgent");
+    if let Some(fleet) = rotation.fleet()
+        && !fleet.is_leader()
+    {
+        return pass_on(fleet, urgent, query_flag(&query, "wait")).await;
+    }
     let answer = rotation.request(urgent, if urgent { "api-urgent" } else { "api" });
     let (id, mut body) = match &answer {
         RequestAnswer::Started { id } => (
@@ -220,6 +226,29 @@ async fn rotate(
         StatusCode::INTERNAL_SERVER_ERROR
     };
     (code, Json(body)).into_response()
+}
+
+/// A fleet member that does not rotate passes a rotation request on to the one that does.
+/// It cannot tell when that rotation ends, so `?wait=true` goes to the rotator itself.
+async fn pass_on(fleet: &Fleet, urgent: bool, wait: bool) -> Response {
+    let leader = fleet.leader_instance();
+    if wait {
+        let body = json!({
+            "error": "this proxy follows the fleet's rotator: ask the rotator for ?wait=true, or leave wait out to pass the request on",
+            "leader": leader,
+        });
+        return (StatusCode::CONFLICT, Json(body)).into_response();
+    }
+    match fleet.pass_request(urgent).await {
+        Ok(leader) => {
+            let body = json!({ "state": "passed_on", "leader": leader, "urgent": urgent });
+            (StatusCode::ACCEPTED, Json(body)).into_response()
+        }
+        Err(err) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("cannot pass the request on to the fleet's rotator: {err}"),
+        ),
+    }
 }
 
 fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), Box<Response>> {

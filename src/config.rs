@@ -514,6 +514,56 @@ pub struct RotationConfig {
     /// Client certificates the proxy makes and registers itself (Redis Cloud).
     #[serde(default)]
     pub client_certificate: Option<ClientCertRotationConfig>,
+    /// Replicas sharing one credential: one of them rotates, the others follow (see
+    /// [`FleetConfig`]). Absent: this proxy rotates alone, with its state in `state_dir`.
+    #[serde(default)]
+    pub fleet: Option<FleetConfig>,
+}
+
+/// `[rotation.fleet]`: a fleet of proxies (the sidecars of one service's replicas) sharing one
+/// rotating credential. They keep the rotation state in the upstream Redis itself, encrypted
+/// with a key only the fleet has; a lease with a fencing token there elects the one proxy that
+/// rotates, the others follow its state, and the old secret is revoked only once every live
+/// member has moved off it.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    /// Names the fleet's keys: `{<key_prefix>}:state`, `:lease`, `:fence`, `:members`,
+    /// `:requests` (in one hash slot, so the scripts run on a sharded database too).
+    pub key_prefix: String,
+    /// 32 random bytes, base64 (`openssl rand -base64 32`), that encrypt the shared state.
+    pub key: SecretRef,
+    /// The user the fleet reads and writes its keys as. The fleet never rotates it: a new
+    /// replica needs it to learn the credential of now.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Its password; a `file:` one is re-read when it changes.
+    pub password: SecretRef,
+    /// This proxy's name among the members (default: host name and process id). Must be
+    /// unique in the fleet: a pod name is a good one.
+    #[serde(default)]
+    pub instance: Option<String>,
+    /// How often a member renews or seeks the lease, reads the shared state and reports.
+    #[serde(default = "default_fleet_poll_interval", with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// How long the rotator's lease lasts unrenewed: after a crash, another member takes over
+    /// within about this long.
+    #[serde(default = "default_fleet_lease_ttl", with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// A member that has not reported for this long is taken as gone: a revoke no longer waits
+    /// for it.
+    #[serde(default = "default_fleet_member_timeout", with = "humantime_serde")]
+    pub member_timeout: Duration,
+}
+
+fn default_fleet_poll_interval() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_fleet_lease_ttl() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_fleet_member_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 /// `[rotation.client_certificate]`: the proxy makes its own mTLS client certificates
@@ -1229,6 +1279,9 @@ fn validate_rotation(config: &Config, r: &RotationConfig) -> Result<(), ConfigEr
     if let Some(cert) = &r.client_certificate {
         validate_client_cert_rotation(config, r, cert)?;
     }
+    if let Some(fleet) = &r.fleet {
+        validate_fleet(r, fleet)?;
+    }
     if r.backend == RotationBackend::Cloud {
         if r.cloud.is_none() {
             return Err(invalid(
@@ -1286,6 +1339,58 @@ fn validate_rotation(config: &Config, r: &RotationConfig) -> Result<(), ConfigEr
         return Err(invalid(
             "rotation.users",
             "is only used by strategy \"alternating-users\"",
+        ));
+    }
+    Ok(())
+}
+
+fn validate_fleet(r: &RotationConfig, fleet: &FleetConfig) -> Result<(), ConfigError> {
+    let invalid = |key, message: &str| ConfigError::Invalid {
+        key,
+        message: message.to_string(),
+    };
+    if r.strategy == RotationStrategy::External {
+        return Err(invalid(
+            "rotation.fleet",
+            "with strategy \"external\" every proxy follows the source on its own: leave [rotation.fleet] out",
+        ));
+    }
+    if r.client_certificate.is_some() {
+        return Err(invalid(
+            "rotation.fleet",
+            "[rotation.client_certificate] is not shared by a fleet yet: renew the certificate elsewhere and let every proxy follow its files",
+        ));
+    }
+    if fleet.key_prefix.is_empty() || fleet.key_prefix.contains(['{', '}']) {
+        return Err(invalid(
+            "rotation.fleet.key_prefix",
+            "must be a non-empty name without { or } (the proxy adds the hash tag)",
+        ));
+    }
+    if fleet.instance.as_deref().is_some_and(|i| {
+        i.is_empty() || i.len() > 200 || i.chars().any(|c| c.is_whitespace() || c.is_control())
+    }) {
+        return Err(invalid(
+            "rotation.fleet.instance",
+            "must be 1-200 characters without spaces",
+        ));
+    }
+    if fleet.poll_interval.is_zero() {
+        return Err(invalid(
+            "rotation.fleet.poll_interval",
+            "must be more than 0s",
+        ));
+    }
+    if fleet.lease_ttl < fleet.poll_interval * 3 {
+        return Err(invalid(
+            "rotation.fleet.lease_ttl",
+            "must be at least three poll_intervals, so a busy rotator renews it in time",
+        ));
+    }
+    if fleet.member_timeout < fleet.poll_interval * 3 {
+        return Err(invalid(
+            "rotation.fleet.member_timeout",
+            "must be at least three poll_intervals, so a member is not given up between two reports",
         ));
     }
     Ok(())

@@ -113,6 +113,7 @@ pub async fn run(
     if let Some(rotation) = &rotation {
         pool.set_auth_recovery(Arc::new(rotation.clone()));
     }
+    let fleet = rotation.as_ref().and_then(|r| r.fleet().cloned());
     let admin_token = match &config.admin.token {
         Some(token) => Some(std::sync::Mutex::new(
             crate::secrets::FollowedSecret::read_now("admin token", token.clone())
@@ -298,6 +299,10 @@ pub async fn run(
         clients = clients.connected(),
         "rotaproxy stopping"
     );
+    if let Some(fleet) = &fleet {
+        // Another member rotates from now on; one in flight here resumes there.
+        fleet.retire().await;
+    }
     let shutdown = &config.shutdown;
     if !shutdown.wait_for_clients.is_zero() {
         shutdown_status.enter(signal, Phase::WaitingForClients);
@@ -317,6 +322,9 @@ pub async fn run(
     drop(listeners);
     ctx.begin_shutdown();
     crate::shutdown::drain(&clients, shutdown.grace, &mut signals, signal).await;
+    if let Some(fleet) = &fleet {
+        fleet.leave().await;
+    }
     Ok(())
 }
 

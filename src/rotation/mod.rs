@@ -8,6 +8,7 @@
 //! no connection of the old generation is left, or at the drain deadline.
 
 pub mod client_cert;
+pub mod fleet;
 pub mod secret;
 pub mod state;
 pub mod store;
@@ -27,8 +28,9 @@ use crate::metrics::Metrics;
 use crate::upstream::connector::{self, ConnectError};
 use crate::upstream::pool::Pool;
 use crate::watch::FileWatch;
+use fleet::Fleet;
 use state::{InFlight, Outcome, RotationState, Slot, Step, now_unix};
-use store::{FileStore, StateStore, StoreError};
+use store::{FileStore, Store, StoreError};
 use strategy::{ServerControl, Strategy, credential_of};
 
 /// Why a rotation step failed. Never carries a secret.
@@ -77,7 +79,7 @@ pub struct RotationHandle {
 
 struct Shared {
     config: RotationConfig,
-    store: Box<dyn StateStore>,
+    store: Store,
     strategy: Strategy,
     generations: Arc<Generations>,
     pool: Pool,
@@ -93,6 +95,10 @@ struct Shared {
     last_error: Mutex<Option<String>>,
     /// When the current drain started, and how many old connections it began with.
     drain: Mutex<Option<(SystemTime, i64)>>,
+    /// Fleet members that had not moved off the old generation at the rotator's last look.
+    members_left: Mutex<Vec<String>>,
+    /// The fleet store's last error, logged once until it changes.
+    fleet_error: Mutex<Option<String>>,
     /// Proven upstream TLS material waiting to become a generation (see `change_tls`), and
     /// who waits for its id.
     tls_change: Mutex<Option<TlsChange>>,
@@ -111,9 +117,19 @@ pub async fn prepare(
     rotation: &RotationConfig,
     first: Generation,
     metrics: &Metrics,
-) -> Result<(Generation, RotationState, Box<dyn StateStore>), RotationError> {
-    let store: Box<dyn StateStore> = Box::new(FileStore::new(&rotation.state_dir)?);
-    let state = match store.load()? {
+) -> Result<(Generation, RotationState, Store), RotationError> {
+    let store = match &rotation.fleet {
+        None => Store::File(FileStore::new(&rotation.state_dir)?),
+        Some(fleet) => Store::Fleet(Arc::new(
+            Fleet::new(fleet, &first, &config.timeouts, metrics)
+                .map_err(|e| RotationError::Source(e.to_string()))?,
+        )),
+    };
+    let loaded = match store.fleet() {
+        None => store.load().await?,
+        Some(fleet) => first_look_at_the_fleet(fleet).await?,
+    };
+    let state = match loaded {
         Some(state) => state,
         None => {
             let password = match (&rotation.strategy, &rotation.external) {
@@ -128,8 +144,11 @@ pub async fn prepare(
                     .expect("validated: rotation needs a password"),
             };
             let state = RotationState::new(Slot::new(first.credential.username.clone(), password));
-            store.save(&state)?;
-            tracing::info!(store = %store.describe(), "rotation state created");
+            // A follower waits for the rotator to create the fleet's state.
+            if store.fleet().is_none_or(|fleet| fleet.is_leader()) {
+                store.save(&state).await?;
+                tracing::info!(store = %store.describe(), "rotation state created");
+            }
             state
         }
     };
@@ -161,11 +180,41 @@ pub async fn prepare(
     Ok((generation, state, store))
 }
 
+/// A fleet member's first look: seeks the rotator's lease and reads the shared state. A store
+/// that cannot be reached is no reason not to serve (the member starts with the configured
+/// credential and keeps trying); a store that refuses the fleet's user, or a state the fleet's
+/// key does not open, is a set-up error to fix before starting.
+async fn first_look_at_the_fleet(fleet: &Fleet) -> Result<Option<RotationState>, RotationError> {
+    let look = async {
+        fleet.seek_lease().await?;
+        fleet.load().await
+    };
+    match look.await {
+        Ok(state) => {
+            tracing::info!(
+                target: "rotaproxy::audit",
+                event = "fleet.joined",
+                instance = fleet.instance(),
+                role = if fleet.is_leader() { "leader" } else { "follower" },
+                leader = fleet.leader_instance().as_deref().unwrap_or(""),
+                shared_state = state.is_some(),
+                "joined the fleet"
+            );
+            Ok(state)
+        }
+        Err(err @ StoreError::Fleet { .. }) => {
+            tracing::warn!(error = %err, "the fleet's store is unreachable at start-up; following the configured credential until it answers");
+            Ok(None)
+        }
+        Err(err) => Err(err.into()),
+    }
+}
+
 /// What the rotation task works with.
 pub struct RotationParts {
     pub config: RotationConfig,
     pub state: RotationState,
-    pub store: Box<dyn StateStore>,
+    pub store: Store,
     pub generations: Arc<Generations>,
     pub pool: Pool,
     pub timeouts: TimeoutsConfig,
@@ -194,6 +243,12 @@ impl RotationHandle {
             metrics: metrics.clone(),
         };
         let strategy = Strategy::new(&rotation, control)?;
+        if let Some(fleet) = store.fleet() {
+            fleet.attach(generations.clone());
+            if store_holds_this(&state, &generations.current()) {
+                fleet.set_synced(state.generation);
+            }
+        }
         let (finished, _) = watch::channel(state.last.clone());
         let shared = Arc::new(Shared {
             config: rotation,
@@ -210,6 +265,8 @@ impl RotationHandle {
             next_scheduled: Mutex::new(None),
             last_error: Mutex::new(None),
             drain: Mutex::new(None),
+            members_left: Mutex::new(Vec::new()),
+            fleet_error: Mutex::new(None),
             tls_change: Mutex::new(None),
         });
         let handle = RotationHandle { shared };
@@ -218,6 +275,10 @@ impl RotationHandle {
         if handle.shared.strategy.kind == RotationStrategy::External {
             let watcher = handle.clone();
             tokio::spawn(async move { watcher.watch_source().await });
+        }
+        if handle.shared.store.fleet().is_some() {
+            let member = handle.clone();
+            tokio::spawn(async move { member.fleet_heartbeat().await });
         }
         Ok(handle)
     }
@@ -232,8 +293,14 @@ impl RotationHandle {
             .map(|(client, db)| (client.clone(), db))
     }
 
+    /// The fleet this proxy is a member of, if any.
+    pub fn fleet(&self) -> Option<&Arc<Fleet>> {
+        self.shared.store.fleet()
+    }
+
     /// Asks for a rotation. A rotation already running is reported, never started twice; an
-    /// urgent request escalates it.
+    /// urgent request escalates it. (A fleet member that does not lead passes requests on
+    /// instead: see [`Fleet::pass_request`].)
     pub fn request(&self, urgent: bool, trigger: &str) -> RequestAnswer {
         let answer = {
             let mut state = self.shared.state.lock().expect("not poisoned");
@@ -287,6 +354,7 @@ impl RotationHandle {
                     success: false,
                     error: Some("the rotation task stopped".into()),
                     left_at_revoke: 0,
+                    members_left_at_revoke: Vec::new(),
                 };
             }
         }
@@ -305,6 +373,7 @@ impl RotationHandle {
         json!({
             "strategy": s.strategy.kind.as_str(),
             "state_store": s.store.describe(),
+            "fleet": s.store.fleet().map(|fleet| fleet.status()),
             "active_username": current.credential.display_user(),
             "generation": current.id,
             "credential_age_seconds": now_unix().saturating_sub(state.current.created_at),
@@ -328,6 +397,7 @@ impl RotationHandle {
                 "outcome": if o.success { "success" } else { "failed" },
                 "error": o.error,
                 "connections_left_at_revoke": o.left_at_revoke,
+                "fleet_members_left_at_revoke": o.members_left_at_revoke,
             })),
             "next_scheduled_rotation": next.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
             "connections": {
@@ -376,16 +446,24 @@ impl RotationHandle {
         let Some((config, done)) = s.tls_change.lock().expect("not poisoned").take() else {
             return;
         };
-        let generation = {
-            let mut state = s.state.lock().expect("not poisoned");
-            state.generation += 1;
-            s.generations.current().with_tls(state.generation, config)
+        let generation = if s.store.fleet().is_some() {
+            // A member's TLS files are its own: the fleet's shared generations count
+            // credentials only, and this one stays local.
+            let id = s.generations.current_id() + 1;
+            s.generations.current().with_tls(id, config)
+        } else {
+            let generation = {
+                let mut state = s.state.lock().expect("not poisoned");
+                state.generation += 1;
+                s.generations.current().with_tls(state.generation, config)
+            };
+            if let Err(err) = self.persist().await {
+                s.state.lock().expect("not poisoned").generation -= 1;
+                let _ = done.send(Err(format!("cannot save the rotation state: {err}")));
+                return;
+            }
+            generation
         };
-        if let Err(err) = self.persist() {
-            s.state.lock().expect("not poisoned").generation -= 1;
-            let _ = done.send(Err(format!("cannot save the rotation state: {err}")));
-            return;
-        }
         let id = s.generations.publish(generation).id;
         s.pool.purge_old_generations();
         self.update_gauges();
@@ -400,7 +478,30 @@ impl RotationHandle {
     async fn run(self) {
         let s = &self.shared;
         let mut failures = 0u32;
+        // A fleet member rotates only while it holds the lease; a single proxy always does.
+        let mut leading = s.store.fleet().is_none();
         loop {
+            if let Some(fleet) = s.store.fleet().cloned() {
+                if !fleet.is_leader() {
+                    leading = false;
+                    *s.next_scheduled.lock().expect("not poisoned") = None;
+                    self.apply_tls_change().await;
+                    self.follow(&fleet).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(fleet.config().poll_interval) => {}
+                        _ = s.wake.notified() => {}
+                    }
+                    continue;
+                }
+                if !leading {
+                    if let Err(error) = self.take_over(&fleet).await {
+                        self.note_fleet_error(Some(&error.to_string()));
+                        tokio::time::sleep(fleet.config().poll_interval).await;
+                        continue;
+                    }
+                    leading = true;
+                }
+            }
             self.apply_tls_change().await;
             let in_flight = s.state.lock().expect("not poisoned").rotation.is_some();
             if in_flight {
@@ -412,6 +513,10 @@ impl RotationHandle {
             }
             if s.tls_change.lock().expect("not poisoned").is_some() {
                 // Arrived during the rotation, whose drain took the wake-up meant for it.
+                continue;
+            }
+            if s.store.fleet().is_some_and(|fleet| !fleet.is_leader()) {
+                // Deposed during the rotation: follow from now on.
                 continue;
             }
             let next = self.schedule_next(failures);
@@ -426,9 +531,18 @@ impl RotationHandle {
                     None => std::future::pending().await,
                 }
             };
+            // A fleet's rotator looks at its lease again now and then, should a wake-up from
+            // the heartbeat have been taken by a drain.
+            let recheck = async {
+                match s.store.fleet() {
+                    Some(fleet) => tokio::time::sleep(fleet.config().poll_interval).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = s.wake.notified() => {}
-                due = sleep => if due { self.request(false, "schedule"); }
+                due = sleep => if due { self.request(false, "schedule"); },
+                _ = recheck => {}
             }
         }
     }
@@ -473,7 +587,7 @@ impl RotationHandle {
                     r.trigger.clone(),
                 )
             };
-            if let Err(err) = self.persist() {
+            if let Err(err) = self.persist().await {
                 break Err(err);
             }
             fault_injection(step).await;
@@ -489,6 +603,26 @@ impl RotationHandle {
                 Err(err) => break Err(err),
             }
         };
+        if let (Err(RotationError::Store(err)), Some(fleet)) = (&result, s.store.fleet()) {
+            // The shared state is the fleet's memory: a rotator that cannot write it (it lost
+            // the lease, or the store is out of reach) stops here, without taking PENDING
+            // back, and whoever leads next resumes the rotation from the shared state.
+            tracing::warn!(
+                target: "rotaproxy::audit",
+                event = "fleet.stepped_down",
+                instance = fleet.instance(),
+                error = %err,
+                "this proxy stops rotating; the fleet's next rotator resumes from the shared state"
+            );
+            fleet.drop_lease();
+            s.state.lock().expect("not poisoned").rotation = None;
+            s.escalate.store(false, Ordering::Release);
+            *s.last_error.lock().expect("not poisoned") = None;
+            *s.drain.lock().expect("not poisoned") = None;
+            s.generations.set_drain_deadline(None);
+            gauge!("rotaproxy_rotation_in_progress").set(0.0);
+            return false;
+        }
         let success = result.is_ok();
         let (id, error) = {
             let state = s.state.lock().expect("not poisoned");
@@ -503,6 +637,11 @@ impl RotationHandle {
         let outcome = {
             let mut state = s.state.lock().expect("not poisoned");
             let left = state.last.as_ref().map_or(0, |o| o.left_at_revoke);
+            let members_left = state
+                .last
+                .as_ref()
+                .map(|o| o.members_left_at_revoke.clone())
+                .unwrap_or_default();
             let id = id
                 .or_else(|| state.last.as_ref().map(|o| o.id.clone()))
                 .unwrap_or_default();
@@ -512,12 +651,13 @@ impl RotationHandle {
                 success,
                 error: error.clone(),
                 left_at_revoke: if success { left } else { 0 },
+                members_left_at_revoke: if success { members_left } else { Vec::new() },
             };
             state.rotation = None;
             state.last = Some(outcome.clone());
             outcome
         };
-        if let Err(err) = self.persist() {
+        if let Err(err) = self.persist().await {
             tracing::error!(error = %err, "cannot persist the end of the rotation");
         }
         s.escalate.store(false, Ordering::Release);
@@ -566,10 +706,231 @@ impl RotationHandle {
         }
     }
 
-    fn persist(&self) -> Result<(), RotationError> {
+    /// The id of a new local generation for the shared generation `shared`. A single proxy's
+    /// generations are the state's; a fleet member's also count its own TLS changes, so the
+    /// shared number may lag behind them.
+    fn local_id(&self, shared: u64) -> u64 {
+        match self.shared.store.fleet() {
+            None => shared,
+            Some(_) => shared.max(self.shared.generations.current_id() + 1),
+        }
+    }
+
+    // ---- a fleet member ---------------------------------------------------------------------
+
+    /// Renews or seeks the rotator's lease, reports this member, and (leading) takes the
+    /// rotation requests other members passed on. Runs beside the rotation task, whose steps
+    /// may take minutes.
+    async fn fleet_heartbeat(self) {
+        let s = &self.shared;
+        let fleet = s.store.fleet().expect("started for a fleet member").clone();
+        let every = fleet.config().poll_interval;
+        let mut leading = fleet.is_leader();
+        let mut renewed = Instant::now();
+        loop {
+            let beat = async {
+                if fleet.seek_lease().await? {
+                    renewed = Instant::now();
+                }
+                let previous = s.generations.previous().map_or(0, |p| p.live_connections());
+                fleet
+                    .report(&fleet::MemberReport {
+                        generation: fleet.synced(),
+                        previous_connections: previous.max(0),
+                        leader: fleet.is_leader(),
+                    })
+                    .await?;
+                if fleet.is_leader() {
+                    for passed in fleet.take_requests().await? {
+                        tracing::info!(from = %passed.from, urgent = passed.urgent, "rotation requested through another fleet member");
+                        self.request(
+                            passed.urgent,
+                            if passed.urgent {
+                                "fleet-urgent"
+                            } else {
+                                "fleet"
+                            },
+                        );
+                    }
+                }
+                let members = fleet.members().await?;
+                gauge!("rotaproxy_fleet_members").set(members.len() as f64);
+                Ok::<(), StoreError>(())
+            };
+            match beat.await {
+                Ok(()) => self.note_fleet_error(None),
+                Err(error) => self.note_fleet_error(Some(&error.to_string())),
+            }
+            // Unrenewed for most of its life, the lease may be someone else's by now.
+            if fleet.is_leader() && renewed.elapsed() > fleet.config().lease_ttl * 2 / 3 {
+                fleet.drop_lease();
+            }
+            let leads = fleet.is_leader();
+            gauge!("rotaproxy_fleet_leader").set(f64::from(u8::from(leads)));
+            if leads != leading {
+                leading = leads;
+                tracing::info!(
+                    target: "rotaproxy::audit",
+                    event = if leads { "fleet.leader_elected" } else { "fleet.lease_lost" },
+                    instance = fleet.instance(),
+                    leader = fleet.leader_instance().as_deref().unwrap_or(""),
+                    "fleet rotator changed"
+                );
+                s.wake.notify_one();
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+
+    /// Logs a store error once when it starts (or changes), and once when it is over.
+    fn note_fleet_error(&self, error: Option<&str>) {
+        let mut last = self.shared.fleet_error.lock().expect("not poisoned");
+        if last.as_deref() == error {
+            return;
+        }
+        match error {
+            Some(error) => tracing::warn!(%error, "fleet store error"),
+            None => tracing::info!("the fleet's store answers again"),
+        }
+        *last = error.map(str::to_string);
+    }
+
+    /// A follower's turn: reads the shared state, moves to its CURRENT when it changed, and
+    /// lets its own sessions drain off the old one (the rotator waits for that before it
+    /// revokes).
+    async fn follow(&self, fleet: &Arc<Fleet>) {
+        let s = &self.shared;
+        let state = match fleet.load().await {
+            Ok(Some(state)) => state,
+            Ok(None) => return,
+            Err(error) => {
+                self.note_fleet_error(Some(&error.to_string()));
+                return;
+            }
+        };
+        self.follow_pending(&state);
+        let urgent = state.rotation.as_ref().is_some_and(|r| r.urgent);
+        let adopted = match self.adopt(fleet, &state).await {
+            Ok(adopted) => adopted,
+            Err(error) => {
+                self.note_fleet_error(Some(&format!(
+                    "the fleet's current credential did not authenticate here: {error}"
+                )));
+                false
+            }
+        };
+        *s.state.lock().expect("not poisoned") = state;
+        self.update_gauges();
+        if adopted {
+            self.drain(urgent, DrainFor::Follow).await;
+            *s.drain.lock().expect("not poisoned") = None;
+            s.generations.set_drain_deadline(None);
+        }
+    }
+
+    /// While the rotator replaces a password that has no overlap on the server (the default
+    /// user), new connections that CURRENT no longer opens may try PENDING, as on the rotator.
+    fn follow_pending(&self, state: &RotationState) {
+        let s = &self.shared;
+        let changing = state
+            .rotation
+            .as_ref()
+            .is_some_and(|r| matches!(r.step, Step::Set | Step::Test | Step::Finish));
+        let candidate = match &state.pending {
+            Some(pending) if changing && s.strategy.replaces_in_place() => {
+                let id = self.local_id(state.generation + 1);
+                Some(Arc::new(
+                    s.generations
+                        .current()
+                        .with_credential(id, credential_of(pending)),
+                ))
+            }
+            _ => None,
+        };
+        let same = match (&candidate, s.generations.candidate()) {
+            (Some(a), Some(b)) => same_credential(&a.credential, &b.credential),
+            (None, None) => true,
+            _ => false,
+        };
+        if !same {
+            s.generations.set_candidate(candidate);
+        }
+    }
+
+    /// Moves this proxy to the shared state's CURRENT once a fresh connection proved it.
+    /// True when a new generation was published.
+    async fn adopt(&self, fleet: &Fleet, state: &RotationState) -> Result<bool, RotationError> {
+        let s = &self.shared;
+        let wanted = credential_of(&state.current);
+        if same_credential(&s.generations.current().credential, &wanted) {
+            fleet.set_synced(state.generation);
+            return Ok(false);
+        }
+        let id = self.local_id(state.generation);
+        let current = s.generations.current();
+        let proof = Arc::new(current.with_credential(id, wanted.clone()));
+        connector::probe(&proof, &s.timeouts, &s.metrics).await?;
+        drop(proof);
+        let generation = current.with_credential(id, wanted);
+        let published = s.generations.publish_candidate_or(generation);
+        s.pool.purge_old_generations();
+        // After the publish: a report never says "synced" while the old generation is not
+        // yet counted as previous.
+        fleet.set_synced(state.generation);
+        tracing::info!(
+            target: "rotaproxy::audit",
+            event = "fleet.followed",
+            instance = fleet.instance(),
+            user = state.current.display_user(),
+            shared_generation = state.generation,
+            generation = published.id,
+            "moving to the credential the fleet's rotator made"
+        );
+        Ok(true)
+    }
+
+    /// This member just took the lease: the shared state becomes its own (resuming whatever
+    /// rotation the last rotator left in flight), or, in a new fleet, its state becomes the
+    /// shared one.
+    async fn take_over(&self, fleet: &Arc<Fleet>) -> Result<(), RotationError> {
+        let s = &self.shared;
+        match fleet.load().await? {
+            Some(state) => {
+                // The shared CURRENT may be refused while a default-user change lands; the
+                // resumed rotation publishes the credential that works.
+                if let Err(error) = self.adopt(fleet, &state).await {
+                    tracing::warn!(%error, "the fleet's current credential did not authenticate; resuming the rotation with the one in use");
+                }
+                *s.state.lock().expect("not poisoned") = state;
+            }
+            None => {
+                let state = s.state.lock().expect("not poisoned").clone();
+                fleet.save(&state).await?;
+                fleet.set_synced(state.generation);
+                tracing::info!(store = %s.store.describe(), "rotation state created for the fleet");
+            }
+        }
+        let resumes = s
+            .state
+            .lock()
+            .expect("not poisoned")
+            .rotation
+            .as_ref()
+            .map(|r| r.id.clone());
+        tracing::info!(
+            target: "rotaproxy::audit",
+            event = "fleet.rotating",
+            instance = fleet.instance(),
+            resumes_rotation = resumes.as_deref().unwrap_or(""),
+            "this proxy now rotates for the fleet"
+        );
+        Ok(())
+    }
+
+    async fn persist(&self) -> Result<(), RotationError> {
         let s = &self.shared;
         let snapshot = s.state.lock().expect("not poisoned").clone();
-        Ok(s.store.save(&snapshot)?)
+        Ok(s.store.save(&snapshot).await?)
     }
 
     async fn run_step(&self, step: Step, urgent: bool) -> Result<StepDone, RotationError> {
@@ -583,14 +944,15 @@ impl RotationHandle {
                 let Some(pending) = s.strategy.make_pending(&current)? else {
                     return Ok(StepDone::NothingToDo);
                 };
-                let mut state = s.state.lock().expect("not poisoned");
-                if let Some(r) = &mut state.rotation {
-                    r.to_user = pending.display_user().to_string();
+                {
+                    let mut state = s.state.lock().expect("not poisoned");
+                    if let Some(r) = &mut state.rotation {
+                        r.to_user = pending.display_user().to_string();
+                    }
+                    state.pending = Some(pending);
                 }
-                state.pending = Some(pending);
-                drop(state);
                 // PENDING is on disk before the server learns it.
-                self.persist()?;
+                self.persist().await?;
                 Ok(StepDone::Next(Step::Set))
             }
             Step::Set => {
@@ -598,7 +960,7 @@ impl RotationHandle {
                 if s.strategy.replaces_in_place() {
                     // No overlap on the server: until the change lands, new connections try
                     // CURRENT, then PENDING.
-                    let next = s.state.lock().expect("not poisoned").generation + 1;
+                    let next = self.local_id(s.state.lock().expect("not poisoned").generation + 1);
                     let candidate = s
                         .generations
                         .current()
@@ -634,7 +996,7 @@ impl RotationHandle {
                         r.task_id = Some(task.clone());
                     }
                     // The task id is on disk before it is waited for.
-                    self.persist()?;
+                    self.persist().await?;
                     s.strategy.wait(&pending, &task).await?;
                 }
                 Ok(StepDone::Next(Step::Test))
@@ -661,15 +1023,20 @@ impl RotationHandle {
                     if let Some(r) = &mut state.rotation {
                         r.step = Step::Drain;
                     }
+                    let id = self.local_id(state.generation);
                     s.generations
                         .current()
-                        .with_credential(state.generation, credential_of(&state.current))
+                        .with_credential(id, credential_of(&state.current))
                 };
                 // The switch is on disk before any session moves.
-                self.persist()?;
-                if s.generations.current_id() != generation.id {
+                self.persist().await?;
+                // Resumed after a restart or a take-over, the proxy may use it already.
+                if !same_credential(&s.generations.current().credential, &generation.credential) {
                     s.generations.publish_candidate_or(generation);
                     s.pool.purge_old_generations();
+                }
+                if let Some(fleet) = s.store.fleet() {
+                    fleet.set_synced(s.state.lock().expect("not poisoned").generation);
                 }
                 self.update_gauges();
                 Ok(StepDone::Next(Step::Drain))
@@ -687,6 +1054,7 @@ impl RotationHandle {
                         .await?;
                 }
                 let left = s.generations.previous().map_or(0, |p| p.live_connections());
+                let members_left = s.members_left.lock().expect("not poisoned").clone();
                 let mut state = s.state.lock().expect("not poisoned");
                 state.previous = None;
                 if let Some(r) = &state.rotation {
@@ -696,6 +1064,7 @@ impl RotationHandle {
                         success: true,
                         error: None,
                         left_at_revoke: left.max(0) as u64,
+                        members_left_at_revoke: members_left,
                     });
                 }
                 if killed > 0 {
@@ -711,19 +1080,52 @@ impl RotationHandle {
         }
     }
 
-    /// Waits until no connection of the previous generation is left, or the drain deadline.
+    /// Waits until no connection of the previous generation is left, or the drain deadline. A
+    /// fleet's rotator also waits for every live member to follow the shared generation and
+    /// leave the old one: the old secret is revoked only once nobody uses it.
     async fn drain(&self, urgent_at_start: bool, purpose: DrainFor) {
         let s = &self.shared;
-        let Some(previous) = s.generations.previous() else {
-            return;
+        let fleet = match (purpose, s.store.fleet()) {
+            (DrainFor::Rotation, Some(fleet)) if fleet.is_leader() => Some(fleet.clone()),
+            _ => None,
         };
+        let previous = s.generations.previous();
+        if previous.is_none() && fleet.is_none() {
+            return;
+        }
+        let local_left = || previous.as_ref().map_or(0, |p| p.live_connections());
+        let shared_generation = s.state.lock().expect("not poisoned").generation;
         let started = Instant::now();
-        let at_start = previous.live_connections();
+        let at_start = local_left();
         *s.drain.lock().expect("not poisoned") = Some((SystemTime::now(), at_start));
+        s.members_left.lock().expect("not poisoned").clear();
+        let mut members_settled = fleet.is_none();
+        let mut next_look = Instant::now();
         let mut urgent = urgent_at_start;
         let mut deadline = self.set_deadline(urgent);
         loop {
-            if previous.live_connections() <= 0 {
+            if let Some(fleet) = &fleet
+                && !members_settled
+                && Instant::now() >= next_look
+            {
+                match fleet.lagging(shared_generation).await {
+                    Ok(lagging) => {
+                        members_settled = lagging.is_empty();
+                        *s.members_left.lock().expect("not poisoned") = lagging;
+                    }
+                    Err(error) => {
+                        tracing::info!(%error, "cannot read the fleet's members; looking again");
+                    }
+                }
+                next_look = Instant::now() + fleet::MEMBER_CHECK_EVERY;
+            }
+            if local_left() <= 0 && members_settled {
+                s.members_left.lock().expect("not poisoned").clear();
+                break;
+            }
+            if fleet.as_ref().is_some_and(|fleet| !fleet.is_leader()) {
+                // Deposed: the next step's write of the state is refused, and the fleet's
+                // new rotator drains and revokes.
                 break;
             }
             if purpose == DrainFor::TlsChange
@@ -738,13 +1140,15 @@ impl RotationHandle {
                 deadline = deadline.min(self.set_deadline(true));
             }
             if Instant::now() >= deadline {
-                let left = previous.live_connections();
+                let left = local_left();
+                let members = s.members_left.lock().expect("not poisoned").join(",");
                 counter!("rotaproxy_drain_deadline_connections_total")
                     .increment(left.max(0) as u64);
                 tracing::warn!(
                     target: "rotaproxy::audit",
                     event = "rotation.drain_deadline",
                     connections_left = left,
+                    fleet_members_left = %members,
                     "drain deadline reached with connections of the old generation still open"
                 );
                 break;
@@ -852,6 +1256,19 @@ impl RotationHandle {
     /// accepts. True when a new generation is current.
     pub async fn recover_from_refusal(&self, refused_generation: u64) -> bool {
         let s = &self.shared;
+        if let Some(fleet) = s.store.fleet() {
+            // A member that fell behind (or was taken as gone): the shared state has the
+            // credential of now. The follower's turn reads it; wait for that to move the proxy.
+            let deadline = Instant::now() + fleet.config().poll_interval * 3;
+            while Instant::now() < deadline {
+                if s.generations.current_id() != refused_generation {
+                    return true;
+                }
+                s.wake.notify_one();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            return false;
+        }
         let Some(ext) = &s.config.external else {
             return false;
         };
@@ -899,8 +1316,24 @@ impl crate::upstream::pool::AuthRecovery for RotationHandle {
 /// What a drain waits for.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum DrainFor {
+    /// The rotator's drain before the revoke (a fleet's rotator waits for its members too).
     Rotation,
+    /// A fleet member's own sessions moving to the credential the rotator made.
+    Follow,
     TlsChange,
+}
+
+/// Whether two credentials are the same user with the same password.
+fn same_credential(a: &crate::credentials::Credential, b: &crate::credentials::Credential) -> bool {
+    use secrecy::ExposeSecret;
+    a.username == b.username
+        && a.password.as_ref().map(|p| p.expose_secret())
+            == b.password.as_ref().map(|p| p.expose_secret())
+}
+
+/// Whether the state's CURRENT is what `generation` authenticates with.
+fn store_holds_this(state: &RotationState, generation: &Generation) -> bool {
+    same_credential(&generation.credential, &credential_of(&state.current))
 }
 
 enum StepDone {

@@ -119,6 +119,9 @@ pub struct Outcome {
     pub error: Option<String>,
     /// Connections of the old generation still open when the old secret was revoked.
     pub left_at_revoke: u64,
+    /// Fleet members that had not moved off the old secret when it was revoked.
+    #[serde(default)]
+    pub members_left_at_revoke: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

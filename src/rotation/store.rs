@@ -1,5 +1,5 @@
-//! Where the rotation state lives. A single proxy keeps it in a local file; a fleet will share
-//! one store (its own issue) behind the same trait.
+//! Where the rotation state lives. A single proxy keeps it in a local file; a fleet of proxies
+//! shares it in the upstream Redis (see [`super::fleet`]).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -20,14 +20,55 @@ pub enum StoreError {
     },
     #[error("rotation state {path} is corrupt: {message}")]
     Corrupt { path: PathBuf, message: String },
+    /// The store could not be reached (it may answer later).
+    #[error("fleet state {keys}: {message}")]
+    Fleet { keys: String, message: String },
+    /// The store answered with a refusal: the fleet's user, its password or its permissions.
+    #[error("fleet state {keys}: {message}")]
+    FleetRefused { keys: String, message: String },
+    #[error("fleet state {key} cannot be used: {message}")]
+    FleetCorrupt { key: String, message: String },
+    /// Another member took the rotator's lease: this proxy must stop rotating at once.
+    #[error("this proxy no longer holds the fleet's rotator lease")]
+    Fenced,
 }
 
-/// Persists the rotation state. `save` returns only once the state is durable.
-pub trait StateStore: Send + Sync {
-    fn load(&self) -> Result<Option<RotationState>, StoreError>;
-    fn save(&self, state: &RotationState) -> Result<(), StoreError>;
+/// Persists the rotation state. `save` returns only once the state is durable (in the file,
+/// or accepted by the fleet's Redis).
+pub enum Store {
+    File(FileStore),
+    Fleet(std::sync::Arc<super::fleet::Fleet>),
+}
+
+impl Store {
+    pub async fn load(&self) -> Result<Option<RotationState>, StoreError> {
+        match self {
+            Store::File(file) => file.load(),
+            Store::Fleet(fleet) => fleet.load().await,
+        }
+    }
+
+    pub async fn save(&self, state: &RotationState) -> Result<(), StoreError> {
+        match self {
+            Store::File(file) => file.save(state),
+            Store::Fleet(fleet) => fleet.save(state).await,
+        }
+    }
+
     /// Where the state lives, for logs and status.
-    fn describe(&self) -> String;
+    pub fn describe(&self) -> String {
+        match self {
+            Store::File(file) => format!("file {}", file.path.display()),
+            Store::Fleet(fleet) => fleet.describe(),
+        }
+    }
+
+    pub fn fleet(&self) -> Option<&std::sync::Arc<super::fleet::Fleet>> {
+        match self {
+            Store::File(_) => None,
+            Store::Fleet(fleet) => Some(fleet),
+        }
+    }
 }
 
 /// A JSON file, replaced atomically: written to a temporary file (mode 0600) in the same
@@ -63,8 +104,8 @@ impl FileStore {
 
 use std::os::unix::fs::DirBuilderExt;
 
-impl StateStore for FileStore {
-    fn load(&self) -> Result<Option<RotationState>, StoreError> {
+impl FileStore {
+    pub fn load(&self) -> Result<Option<RotationState>, StoreError> {
         let text = match fs::read_to_string(&self.path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -93,17 +134,13 @@ impl StateStore for FileStore {
         Ok(Some(state))
     }
 
-    fn save(&self, state: &RotationState) -> Result<(), StoreError> {
+    pub fn save(&self, state: &RotationState) -> Result<(), StoreError> {
         let err = |source| StoreError::Write {
             path: self.path.clone(),
             source,
         };
         let json = serde_json::to_vec_pretty(state).expect("the state always serializes");
         crate::files::write_durably(&self.path, &json, 0o600).map_err(err)
-    }
-
-    fn describe(&self) -> String {
-        format!("file {}", self.path.display())
     }
 }
 

@@ -1,0 +1,719 @@
+//! A fleet of proxies sharing one rotating credential (`[rotation.fleet]`): one real
+//! redis-server, several rotaproxy processes, their admin APIs, and clients on every member
+//! that must notice nothing. The fleet's shared state lives in that same Redis.
+
+mod support;
+
+use std::time::Duration;
+
+use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use base64::Engine;
+use serde_json::Value;
+use support::rotation::TOKEN;
+use support::*;
+
+const PREFIX: &str = "rotaproxy:fleet:test";
+
+/// What the fleet's own user may do: its keys only, and the commands it runs. README
+/// ("A fleet of sidecars") shows the same rule.
+fn store_user_rules(password: &str) -> String {
+    format!(
+        "rp-fleet on >{password} resetkeys ~{{{PREFIX}}}:* resetchannels -@all \
+         +eval +get +set +incr +pexpire +del +hset +hgetall +hdel +rpush +lpop +time +ping \
+         +client|id"
+    )
+}
+
+/// Redis with two alternating users and the fleet's user, and the members started so far.
+struct FleetEnv {
+    redis: RedisServer,
+    dir: tempfile::TempDir,
+    key: String,
+    first_password: String,
+    envs: Vec<(String, String)>,
+    /// `[rotation]` lines added to every member's config.
+    rotation_extra: String,
+    /// `[rotation.fleet]` lines added to every member's config.
+    fleet_extra: String,
+    members: Vec<(String, Option<Proxy>)>,
+    secrets: Vec<String>,
+}
+
+impl FleetEnv {
+    fn alternating(rotation_extra: &str, fleet_extra: &str) -> FleetEnv {
+        let first_password = random_token(32);
+        let idle = random_token(32);
+        let store_password = random_token(32);
+        let redis = RedisServer::start(
+            RedisOptions::new()
+                .user(&format!("app-a on >{first_password} ~* &* +@all"))
+                .user(&format!("app-b on >{idle} ~* &* +@all"))
+                .user(&store_user_rules(&store_password)),
+        );
+        let mut key = [0u8; 32];
+        getrandom::fill(&mut key).unwrap();
+        let key = base64::engine::general_purpose::STANDARD.encode(key);
+        FleetEnv {
+            redis,
+            dir: temp_dir(),
+            envs: vec![
+                ("TEST_UPSTREAM_PASSWORD".into(), first_password.clone()),
+                ("TEST_ADMIN_TOKEN".into(), TOKEN.into()),
+                ("TEST_FLEET_KEY".into(), key.clone()),
+                ("TEST_FLEET_PASSWORD".into(), store_password.clone()),
+            ],
+            secrets: vec![first_password.clone(), idle, store_password, key.clone()],
+            key,
+            first_password,
+            rotation_extra: rotation_extra.into(),
+            fleet_extra: fleet_extra.into(),
+            members: Vec::new(),
+        }
+    }
+
+    fn config(&self, instance: &str) -> String {
+        let mut config = ProxyConfig::plain(&self.redis)
+            .credentials(Some("app-a"), "env:TEST_UPSTREAM_PASSWORD")
+            .extra(&format!(
+                "[rotation]\nstrategy = \"alternating-users\"\nusers = [\"app-a\", \"app-b\"]\n\
+                 state_dir = {}\nurgent_drain_deadline = \"2s\"\n{}\n\
+                 [rotation.fleet]\nkey_prefix = \"{PREFIX}\"\nkey = \"env:TEST_FLEET_KEY\"\n\
+                 username = \"rp-fleet\"\npassword = \"env:TEST_FLEET_PASSWORD\"\n\
+                 instance = \"{instance}\"\npoll_interval = \"200ms\"\n{}\n",
+                // Unused by a fleet member; given so a test would see it written.
+                toml_path(&self.dir.path().join(instance)),
+                self.rotation_extra,
+                self.fleet_extra,
+            ));
+        config.admin_extra = "token = \"env:TEST_ADMIN_TOKEN\"".into();
+        config.to_toml()
+    }
+
+    /// Starts member `instance` (again, if it ran before) and returns its index.
+    fn start(&mut self, instance: &str, extra_env: &[(&str, &str)]) -> usize {
+        let mut envs: Vec<(&str, &str)> = self
+            .envs
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        envs.extend_from_slice(extra_env);
+        let proxy = Proxy::start(&self.config(instance), &envs);
+        match self.members.iter().position(|(name, _)| name == instance) {
+            Some(i) => {
+                self.members[i].1 = Some(proxy);
+                i
+            }
+            None => {
+                self.members.push((instance.to_string(), Some(proxy)));
+                self.members.len() - 1
+            }
+        }
+    }
+
+    fn member(&self, i: usize) -> &Proxy {
+        self.members[i].1.as_ref().expect("member running")
+    }
+
+    fn status(&self, i: usize) -> Value {
+        let (code, body) = self.member(i).http_get("/v1/status");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).expect("status is JSON")
+    }
+
+    fn wait_for_role(&self, i: usize, role: &str) {
+        assert_eventually(
+            Duration::from_secs(30),
+            &format!("member {} is the fleet's {role}", self.members[i].0),
+            || self.status(i)["fleet"]["role"] == role,
+        );
+    }
+
+    /// Waits until member `i` uses `user` and has no connection on an older generation.
+    fn wait_until_moved(&self, i: usize, user: &str) {
+        assert_eventually(
+            Duration::from_secs(30),
+            &format!("member {} moved to {user}", self.members[i].0),
+            || {
+                let status = self.status(i);
+                status["active_username"] == user && status["connections"]["previous"] == 0
+            },
+        );
+    }
+
+    /// Starts a rotation on member `i` and returns its id.
+    fn start_rotation(&self, i: usize) -> String {
+        let (code, body) = self.member(i).http_post("/v1/rotate", Some(TOKEN), "");
+        assert_eq!(code, 202, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        v["rotation_id"]
+            .as_str()
+            .expect("a rotation id")
+            .to_string()
+    }
+
+    /// Waits until member `i` reports rotation `id` over, and returns its last_rotation.
+    fn wait_for_outcome(&self, i: usize, id: &str) -> Value {
+        let mut last = Value::Null;
+        assert_eventually(
+            Duration::from_secs(60),
+            &format!("rotation {id} over on member {}", self.members[i].0),
+            || {
+                last = self.status(i)["last_rotation"].clone();
+                last["id"] == id
+            },
+        );
+        last
+    }
+
+    /// The shared state as the fleet keeps it in Redis: sealed.
+    fn sealed_state(&self) -> Vec<u8> {
+        self.redis
+            .admin_cmd(&["GET", &format!("{{{PREFIX}}}:state")])
+            .as_bytes()
+            .expect("the fleet's state is in Redis")
+            .to_vec()
+    }
+
+    /// The shared state opened with the fleet's key, as a member would open it.
+    fn shared_state(&self) -> Value {
+        let sealed = self.sealed_state();
+        let rest = sealed.strip_prefix(b"rpf1").expect("sealed state format");
+        let (nonce, body) = rest.split_at(NONCE_LEN);
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(&self.key)
+            .unwrap();
+        let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &key).unwrap());
+        let mut body = body.to_vec();
+        let plain = key
+            .open_in_place(
+                Nonce::try_assume_unique_for_key(nonce).unwrap(),
+                Aad::from(PREFIX.as_bytes()),
+                &mut body,
+            )
+            .expect("the state opens with the fleet key");
+        serde_json::from_slice(plain).unwrap()
+    }
+
+    /// Every password the shared state holds now, added to the secrets checked for leaks.
+    fn remember_shared_passwords(&mut self) {
+        let state = self.shared_state();
+        for slot in ["current", "pending", "previous"] {
+            if let Some(pw) = state[slot]["password"].as_str()
+                && !self.secrets.iter().any(|s| s == pw)
+            {
+                self.secrets.push(pw.to_string());
+            }
+        }
+    }
+
+    fn authenticates(&self, user: &str, password: &str) -> bool {
+        let mut c = RespConn::connect(self.redis.addr());
+        c.cmd(&["AUTH", user, password]) == Frame::simple("OK")
+    }
+
+    /// No secret in any member's log, nor in the status and metrics of those still running.
+    fn assert_nothing_leaked(&mut self) {
+        let secrets: Vec<&str> = self.secrets.iter().map(String::as_str).collect();
+        for (_, proxy) in &mut self.members {
+            let Some(proxy) = proxy else { continue };
+            assert_no_secret_in_logs(proxy, &secrets);
+            if !proxy.is_running() {
+                continue;
+            }
+            let (_, status) = proxy.http_get("/v1/status");
+            let (_, metrics) = proxy.http_get("/metrics");
+            assert_no_secret_in_lines(&[status, metrics], &secrets);
+        }
+    }
+}
+
+#[test]
+fn a_fleet_rotates_once_and_revokes_only_after_every_member_moved() {
+    let mut env = FleetEnv::alternating("drain_deadline = \"60s\"", "member_timeout = \"20s\"");
+    let p1 = env.start("p1", &[]);
+    env.wait_for_role(p1, "leader");
+    let p2 = env.start("p2", &[]);
+    let p3 = env.start("p3", &[]);
+    for member in [p2, p3] {
+        env.wait_for_role(member, "follower");
+        assert_eq!(env.status(member)["fleet"]["leader"], "p1");
+    }
+    assert_eventually(Duration::from_secs(30), "all three members report", || {
+        env.status(p1)["fleet"]["members"]
+            .as_array()
+            .is_some_and(|m| m.len() == 3)
+    });
+
+    // Clients on every member: idle ones with a selected db, a RESP3 subscriber, and on p2 one
+    // with a WATCH armed, which keeps its session on the old connection until its EXEC.
+    let mut idle: Vec<RespConn> = [p1, p2, p3]
+        .iter()
+        .map(|&m| {
+            let mut c = env.member(m).conn();
+            c.cmd(&["SELECT", "2"]).assert_ok();
+            c.cmd(&["SET", &format!("k{m}"), "before"]).assert_ok();
+            c
+        })
+        .collect();
+    let mut subscriber = env.member(p3).conn();
+    subscriber.cmd(&["HELLO", "3"]).assert_not_error();
+    subscriber.cmd(&["SUBSCRIBE", "news"]).assert_not_error();
+    let mut watcher = env.member(p2).conn();
+    watcher.cmd(&["WATCH", "w"]).assert_ok();
+
+    let id = env.start_rotation(p1);
+    env.wait_until_moved(p3, "app-b");
+    assert_eventually(
+        Duration::from_secs(30),
+        "p2 uses app-b, its WATCH still on app-a",
+        || {
+            let s = env.status(p2);
+            s["active_username"] == "app-b" && s["connections"]["previous"] == 1
+        },
+    );
+    // p2 has told the fleet it still holds a connection of the old user: the rotator may not
+    // revoke it, however long ago its own sessions moved.
+    assert_eventually(
+        Duration::from_secs(30),
+        "the rotator sees p2 holding the old user",
+        || {
+            env.status(p1)["fleet"]["members"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["instance"] == "p2" && m["previous_connections"] == 1)
+        },
+    );
+    let status = env.status(p1);
+    assert_eq!(status["rotation"]["id"], id.as_str(), "{status}");
+    assert_eq!(status["rotation"]["step"], "drain", "{status}");
+    assert!(
+        env.authenticates("app-a", &env.first_password),
+        "the old password was revoked while p2 still used it"
+    );
+
+    watcher.cmd(&["MULTI"]).assert_ok();
+    watcher.cmd(&["SET", "w", "1"]).assert_simple("QUEUED");
+    assert_eq!(
+        watcher.cmd(&["EXEC"]),
+        Frame::Array(vec![Frame::simple("OK")])
+    );
+    let outcome = env.wait_for_outcome(p1, &id);
+    assert_eq!(outcome["outcome"], "success", "{outcome}");
+    assert_eq!(
+        outcome["fleet_members_left_at_revoke"],
+        serde_json::json!([])
+    );
+    assert!(!env.authenticates("app-a", &env.first_password));
+    env.remember_shared_passwords();
+    let shared = env.shared_state();
+    assert_eq!(shared["current"]["username"], "app-b");
+    assert!(shared["previous"].is_null() && shared["rotation"].is_null());
+    let current = shared["current"]["password"].as_str().unwrap();
+    assert!(env.authenticates("app-b", current));
+
+    // Only sealed bytes are in Redis: no password, not even the JSON's field names.
+    let sealed = env.sealed_state();
+    for needle in [current.as_bytes(), b"current", b"app-b"] {
+        assert!(
+            !sealed.windows(needle.len()).any(|w| w == needle),
+            "the shared state is readable in Redis"
+        );
+    }
+
+    // Every client carries on, on every member.
+    for (c, m) in idle.iter_mut().zip([p1, p2, p3]) {
+        c.cmd(&["GET", &format!("k{m}")]).assert_bulk("before");
+        c.cmd(&["ACL", "WHOAMI"]).assert_bulk("app-b");
+    }
+    watcher.cmd(&["ACL", "WHOAMI"]).assert_bulk("app-b");
+    env.redis
+        .admin_cmd(&["PUBLISH", "news", "after"])
+        .assert_int(1);
+    assert_eq!(
+        subscriber.read_reply(),
+        Frame::Push(vec![
+            Frame::bulk("message"),
+            Frame::bulk("news"),
+            Frame::bulk("after")
+        ])
+    );
+    for member in [p2, p3] {
+        assert_eq!(env.status(member)["fleet"]["synced_generation"], 2);
+        assert_eventually(
+            Duration::from_secs(30),
+            "followers show the rotation's outcome",
+            || env.status(member)["last_rotation"]["id"] == id.as_str(),
+        );
+    }
+    env.assert_nothing_leaked();
+}
+
+#[test]
+fn when_the_rotator_dies_mid_rotation_another_member_finishes_it() {
+    let mut env = FleetEnv::alternating(
+        "drain_deadline = \"30s\"",
+        "lease_ttl = \"1500ms\"\nmember_timeout = \"1500ms\"",
+    );
+    let p1 = env.start("p1", &[("ROTAPROXY_FAULT_HANG_AT_STEP", "drain")]);
+    env.wait_for_role(p1, "leader");
+    let p2 = env.start("p2", &[]);
+    env.wait_for_role(p2, "follower");
+    let mut client = env.member(p2).conn();
+    client.cmd(&["SELECT", "5"]).assert_ok();
+    client.cmd(&["SET", "k", "v"]).assert_ok();
+    let mut subscriber = env.member(p2).conn();
+    subscriber.cmd(&["SUBSCRIBE", "news"]).assert_not_error();
+
+    let id = env.start_rotation(p1);
+    env.member(p1)
+        .wait_for_log("hanging at rotation step", Duration::from_secs(30));
+    // The switch is shared before the drain: p2 follows while the rotator hangs.
+    env.wait_until_moved(p2, "app-b");
+    env.members[p1].1.as_mut().unwrap().kill();
+
+    // p2 takes the lease once it expires, and resumes the rotation where p1 left it.
+    env.wait_for_role(p2, "leader");
+    let outcome = env.wait_for_outcome(p2, &id);
+    assert_eq!(outcome["outcome"], "success", "{outcome}");
+    assert!(!env.authenticates("app-a", &env.first_password));
+    assert!(
+        env.member(p2)
+            .log_contains("this proxy now rotates for the fleet"),
+        "no take-over logged"
+    );
+    client.cmd(&["GET", "k"]).assert_bulk("v");
+    client.cmd(&["ACL", "WHOAMI"]).assert_bulk("app-b");
+    env.redis
+        .admin_cmd(&["PUBLISH", "news", "after"])
+        .assert_int(1);
+    assert_eq!(
+        subscriber.read_reply(),
+        Frame::Array(vec![
+            Frame::bulk("message"),
+            Frame::bulk("news"),
+            Frame::bulk("after")
+        ])
+    );
+
+    // p1 comes back with the configured (now revoked) password: it learns the credential of
+    // now from the shared state and follows the new rotator.
+    let p1 = env.start("p1", &[]);
+    env.wait_for_role(p1, "follower");
+    env.wait_until_moved(p1, "app-b");
+    assert_eq!(env.status(p1)["fleet"]["leader"], "p2");
+    let mut late = env.member(p1).conn();
+    late.cmd(&["ACL", "WHOAMI"]).assert_bulk("app-b");
+    env.remember_shared_passwords();
+    env.assert_nothing_leaked();
+}
+
+#[test]
+fn a_follower_passes_rotation_requests_on_to_the_rotator() {
+    let mut env = FleetEnv::alternating("drain_deadline = \"10s\"", "");
+    let p1 = env.start("p1", &[]);
+    env.wait_for_role(p1, "leader");
+    let p2 = env.start("p2", &[]);
+    env.wait_for_role(p2, "follower");
+
+    let (code, body) = env.member(p2).http_post("/v1/rotate", None, "");
+    assert_eq!(code, 401, "{body}");
+    // It cannot tell when the rotation ends: waiting is the rotator's business.
+    let (code, body) = env
+        .member(p2)
+        .http_post("/v1/rotate?wait=true", Some(TOKEN), "");
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains("\"leader\":\"p1\""), "{body}");
+    assert_eq!(env.status(p1)["generation"], 1);
+
+    let (code, body) = env
+        .member(p2)
+        .http_post("/v1/rotate?urgent=true", Some(TOKEN), "");
+    assert_eq!(code, 202, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["state"], "passed_on");
+    assert_eq!(v["leader"], "p1");
+    assert_eq!(v["urgent"], true);
+    assert_eventually(
+        Duration::from_secs(30),
+        "the rotator ran the passed-on rotation",
+        || env.status(p1)["last_rotation"]["outcome"] == "success",
+    );
+    env.wait_until_moved(p2, "app-b");
+    assert!(
+        env.member(p1)
+            .log_contains("rotation requested through another fleet member"),
+        "the rotator did not log where the request came from"
+    );
+    assert!(!env.authenticates("app-a", &env.first_password));
+    env.remember_shared_passwords();
+    env.assert_nothing_leaked();
+}
+
+#[test]
+fn a_stopping_rotator_hands_the_lease_over_at_once() {
+    // A lease that would take a minute to expire: the next member leads long before.
+    let mut env = FleetEnv::alternating("", "lease_ttl = \"60s\"");
+    let p1 = env.start("p1", &[]);
+    env.wait_for_role(p1, "leader");
+    let p2 = env.start("p2", &[]);
+    env.wait_for_role(p2, "follower");
+    env.member(p1).terminate();
+    env.wait_for_role(p2, "leader");
+    assert!(
+        env.members[p1]
+            .1
+            .as_mut()
+            .unwrap()
+            .wait_exit(Duration::from_secs(30))
+            .is_some(),
+        "p1 did not stop"
+    );
+    // p1 took itself off the members at exit: the rotation does not wait for it.
+    let id = env.start_rotation(p2);
+    let outcome = env.wait_for_outcome(p2, &id);
+    assert_eq!(outcome["outcome"], "success", "{outcome}");
+    let members = env.status(p2)["fleet"]["members"].clone();
+    assert_eq!(members.as_array().map(Vec::len), Some(1), "{members}");
+    assert!(
+        !env.member(p2).log_contains("fleet.member_gone"),
+        "p1 was given up for silent instead of leaving"
+    );
+    env.remember_shared_passwords();
+    env.assert_nothing_leaked();
+}
+
+#[test]
+fn a_fleet_member_refuses_to_start_with_a_bad_key_or_a_refused_store_user() {
+    let env = FleetEnv::alternating("", "");
+    let bad_key = "c2hvcnQta2V5"; // base64, but 9 bytes
+    let envs: Vec<(&str, &str)> = env
+        .envs
+        .iter()
+        .map(|(k, v)| {
+            if k == "TEST_FLEET_KEY" {
+                (k.as_str(), bad_key)
+            } else {
+                (k.as_str(), v.as_str())
+            }
+        })
+        .collect();
+    let failure = match Proxy::try_start(&env.config("p1"), &envs) {
+        Ok(_) => panic!("started with a 9-byte fleet key"),
+        Err(failure) => failure,
+    };
+    let output = failure.logs.join("\n");
+    assert!(
+        output.contains("rotation.fleet.key must be 32 bytes"),
+        "{output}"
+    );
+    assert!(!output.contains(bad_key), "{output}");
+
+    let wrong = random_token(32);
+    let envs: Vec<(&str, &str)> = env
+        .envs
+        .iter()
+        .map(|(k, v)| {
+            if k == "TEST_FLEET_PASSWORD" {
+                (k.as_str(), wrong.as_str())
+            } else {
+                (k.as_str(), v.as_str())
+            }
+        })
+        .collect();
+    let failure = match Proxy::try_start(&env.config("p1"), &envs) {
+        Ok(_) => panic!("started with a wrong password for the fleet's user"),
+        Err(failure) => failure,
+    };
+    let output = failure.logs.join("\n");
+    assert!(output.contains("fleet state"), "{output}");
+    assert!(output.contains("rp-fleet"), "{output}");
+    assert!(!output.contains(&wrong), "{output}");
+}
+
+#[test]
+fn fleet_settings_that_cannot_work_are_refused() {
+    let redis = RedisServer::start_with_user("app", "pw-0123456789");
+    let base = ProxyConfig::plain(&redis)
+        .credentials(Some("app"), "env:X")
+        .to_toml();
+    let fleet = "[rotation.fleet]\nkey_prefix = \"p\"\nkey = \"env:K\"\npassword = \"env:P\"\n";
+    let dir = temp_dir();
+    for (what, rotation, key) in [
+        (
+            "external",
+            "[rotation]\nstrategy = \"external\"\n[rotation.external]\npassword = \"file:/x\"\n",
+            "rotation.fleet",
+        ),
+        (
+            "a short lease",
+            "[rotation]\nstrategy = \"acl-multi-password\"\n",
+            "rotation.fleet.lease_ttl",
+        ),
+        (
+            "a hash tag in the prefix",
+            "[rotation]\nstrategy = \"acl-multi-password\"\n",
+            "rotation.fleet.key_prefix",
+        ),
+    ] {
+        let mut fleet = fleet.to_string();
+        if what == "a short lease" {
+            fleet.push_str("poll_interval = \"5s\"\nlease_ttl = \"10s\"\n");
+        }
+        if what == "a hash tag in the prefix" {
+            fleet = fleet.replace("key_prefix = \"p\"", "key_prefix = \"{p}\"");
+        }
+        let path = dir.path().join("fleet.toml");
+        std::fs::write(&path, format!("{base}\n{rotation}\n{fleet}")).unwrap();
+        let out = std::process::Command::new(proxy_bin())
+            .arg("check-config")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{what}: accepted");
+        assert!(stderr.contains(key), "{what}: {key} not named: {stderr}");
+    }
+}
+
+#[test]
+fn a_rotator_paused_past_its_lease_cannot_undo_what_its_successor_did() {
+    // A rotator that stops running for a while (a frozen VM, a stopped container) and comes
+    // back believing it still leads: whatever it does next must not overwrite the shared state
+    // or revoke what the fleet now uses.
+    let mut env = FleetEnv::alternating(
+        "drain_deadline = \"60s\"",
+        "lease_ttl = \"1500ms\"\nmember_timeout = \"1500ms\"",
+    );
+    let p1 = env.start("p1", &[]);
+    env.wait_for_role(p1, "leader");
+    let p2 = env.start("p2", &[]);
+    env.wait_for_role(p2, "follower");
+    // Keeps p1's drain waiting: its session stays on app-a until the EXEC.
+    let mut watcher = env.member(p1).conn();
+    watcher.cmd(&["WATCH", "w"]).assert_ok();
+    let first = env.start_rotation(p1);
+    env.wait_until_moved(p2, "app-b");
+    assert_eventually(Duration::from_secs(30), "p1 draining", || {
+        env.status(p1)["rotation"]["step"] == "drain"
+    });
+    let pid = env.member(p1).pid().to_string();
+    let signal = |name: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([name, &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {name} {pid}");
+    };
+    signal("-STOP");
+    // p2 takes over, gives the silent p1 up, finishes the first rotation and runs another:
+    // app-a, the user p1 would revoke, is the fleet's current user again.
+    env.wait_for_role(p2, "leader");
+    assert_eq!(env.wait_for_outcome(p2, &first)["outcome"], "success");
+    let second = env.start_rotation(p2);
+    assert_eq!(env.wait_for_outcome(p2, &second)["outcome"], "success");
+    env.remember_shared_passwords();
+    let shared = env.shared_state();
+    assert_eq!(shared["current"]["username"], "app-a");
+    let current = shared["current"]["password"].as_str().unwrap().to_string();
+
+    signal("-CONT");
+    env.member(p1)
+        .wait_for_log("this proxy stops rotating", Duration::from_secs(30));
+    env.wait_for_role(p1, "follower");
+    // Its watcher still works, and moves once its transaction is over.
+    watcher.cmd(&["MULTI"]).assert_ok();
+    watcher.cmd(&["SET", "w", "1"]).assert_simple("QUEUED");
+    assert_eq!(
+        watcher.cmd(&["EXEC"]),
+        Frame::Array(vec![Frame::simple("OK")])
+    );
+    env.wait_until_moved(p1, "app-a");
+    watcher.cmd(&["ACL", "WHOAMI"]).assert_bulk("app-a");
+    let shared = env.shared_state();
+    assert_eq!(shared["generation"], 3, "p1 overwrote the shared state");
+    assert!(env.authenticates("app-a", &current), "p1 revoked app-a");
+    assert_eq!(env.status(p2)["fleet"]["role"], "leader");
+    env.assert_nothing_leaked();
+}
+
+/// The fence itself, below the proxy: a member whose lease was taken over writes nothing,
+/// even before it has noticed, and a state sealed with another key is refused unread.
+#[tokio::test]
+async fn a_deposed_lease_holder_cannot_write_and_another_key_cannot_read() {
+    use rotaproxy::config::Config;
+    use rotaproxy::credentials::Generation;
+    use rotaproxy::rotation::fleet::Fleet;
+    use rotaproxy::rotation::state::{RotationState, Slot};
+    use rotaproxy::rotation::store::StoreError;
+
+    let store_password = random_token(32);
+    let redis = RedisServer::start(RedisOptions::new().user(&store_user_rules(&store_password)));
+    let dir = temp_dir();
+    let write = |name: &str, value: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, value).unwrap();
+        path.display().to_string()
+    };
+    let key = |byte: u8| base64::engine::general_purpose::STANDARD.encode([byte; 32]);
+    let password = write("store-password", &store_password);
+    let member = |instance: &str, key_file: &str| {
+        let config = Config::parse(&format!(
+            "[upstream]\nurl = \"{}\"\n[credentials]\npassword = \"file:{password}\"\n\
+             [rotation]\nstrategy = \"acl-multi-password\"\n\
+             [rotation.fleet]\nkey_prefix = \"{PREFIX}\"\nkey = \"file:{}\"\n\
+             username = \"rp-fleet\"\npassword = \"file:{}\"\ninstance = \"{instance}\"\n\
+             poll_interval = \"100ms\"\nlease_ttl = \"300ms\"\nmember_timeout = \"300ms\"\n",
+            redis.url(),
+            key_file,
+            password,
+        ))
+        .unwrap();
+        let rotation = config.rotation.as_ref().unwrap();
+        let first = Generation::from_config(&config).unwrap();
+        Fleet::new(
+            rotation.fleet.as_ref().unwrap(),
+            &first,
+            &config.timeouts,
+            &rotaproxy::metrics::Metrics::new(),
+        )
+        .unwrap()
+    };
+    let fleet_key = write("key", &key(7));
+    let a = member("a", &fleet_key);
+    let b = member("b", &fleet_key);
+    let secret = random_token(32);
+    let state = |generation: u64| {
+        let mut state = RotationState::new(Slot::new(
+            Some("app".into()),
+            secrecy::SecretString::from(secret.clone()),
+        ));
+        state.generation = generation;
+        state
+    };
+
+    assert!(a.seek_lease().await.unwrap());
+    assert!(!b.seek_lease().await.unwrap());
+    a.save(&state(1)).await.unwrap();
+    let lease = format!("{{{PREFIX}}}:lease");
+    assert_eventually(Duration::from_secs(10), "a's lease expired", || {
+        redis.admin_cmd(&["EXISTS", &lease]) == Frame::Integer(0)
+    });
+    assert!(b.seek_lease().await.unwrap());
+    // `a` has not looked since: it still believes it leads, and the store refuses it.
+    assert!(a.is_leader());
+    assert!(matches!(a.save(&state(9)).await, Err(StoreError::Fenced)));
+    assert!(!a.is_leader());
+    assert_eq!(b.load().await.unwrap().unwrap().generation, 1);
+    b.save(&state(2)).await.unwrap();
+    assert_eq!(a.load().await.unwrap().unwrap().generation, 2);
+
+    let other = member("c", &write("other-key", &key(8)));
+    let err = other.load().await.unwrap_err().to_string();
+    assert!(
+        err.contains("does not open with rotation.fleet.key"),
+        "{err}"
+    );
+    assert!(!err.contains(&secret), "{err}");
+}
