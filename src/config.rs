@@ -464,7 +464,8 @@ fn default_admin_bind() -> SocketAddr {
 pub struct RotationConfig {
     /// `acl-multi-password`, `alternating-users` or `external`.
     pub strategy: RotationStrategy,
-    /// Directory of the rotation state file (created with mode 0700; the file is 0600).
+    /// Directory of the rotation state file (created with mode 0700; the file is 0600). A
+    /// fleet member keeps no state file: the fleet's state is in the upstream Redis.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
     /// Rotate on a schedule; absent: only on `POST /v1/rotate` (or a source change, `external`).
