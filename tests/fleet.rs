@@ -822,3 +822,107 @@ async fn a_deposed_lease_holder_cannot_write_and_another_key_cannot_read() {
     );
     assert!(!err.contains(&secret), "{err}");
 }
+
+#[test]
+fn followers_use_pending_while_a_default_user_change_lands_on_redis_cloud() {
+    // The default user has one password: once the REST task has changed it, the server
+    // refuses CURRENT, and until the rotator finishes, a follower's new connections must try
+    // PENDING as the rotator's do. Here the rotator stops right there (after the task, before
+    // the test step), and every connection of the default user is killed.
+    let redis = RedisServer::start(RedisOptions::new());
+    let emu = support::cloud::CloudEmulator::start(&redis);
+    let store_password = random_token(32);
+    redis
+        .admin_cmd(
+            &std::iter::once("ACL")
+                .chain(std::iter::once("SETUSER"))
+                .chain(store_user_rules(&store_password).split_whitespace())
+                .collect::<Vec<_>>(),
+        )
+        .assert_ok();
+    let dir = temp_dir();
+    let keys = emu.write_key_files(dir.path());
+    let fleet_key = base64::engine::general_purpose::STANDARD.encode([3u8; 32]);
+    let first_password = emu.default_password();
+    let config = |instance: &str| {
+        let mut config = ProxyConfig::plain(&redis)
+            .credentials(None, "env:TEST_UPSTREAM_PASSWORD")
+            .extra(&format!(
+                "[rotation]\nstrategy = \"default-user\"\nbackend = \"cloud\"\n\
+                 password_length = 40\ndrain_deadline = \"10s\"\n\
+                 [rotation.cloud]\napi_root = \"{}\"\naccount_key = \"file:{}\"\n\
+                 secret_key = \"file:{}\"\nretry_base = \"10ms\"\nretry_max = \"200ms\"\n\
+                 task_poll_interval = \"20ms\"\n\
+                 [rotation.database]\nkind = \"pro\"\nsubscription_id = {}\ndatabase_id = {}\n\
+                 [rotation.fleet]\nkey_prefix = \"{PREFIX}\"\nkey = \"env:TEST_FLEET_KEY\"\n\
+                 username = \"rp-fleet\"\npassword = \"env:TEST_FLEET_PASSWORD\"\n\
+                 instance = \"{instance}\"\npoll_interval = \"200ms\"\n\
+                 lease_ttl = \"1500ms\"\nmember_timeout = \"1500ms\"\n",
+                emu.base_url(),
+                keys.account.display(),
+                keys.secret.display(),
+                emu.subscription_id(),
+                emu.database_id(),
+            ));
+        config.admin_extra = "token = \"env:TEST_ADMIN_TOKEN\"".into();
+        config.to_toml()
+    };
+    let envs = [
+        ("TEST_UPSTREAM_PASSWORD", first_password.as_str()),
+        ("TEST_ADMIN_TOKEN", TOKEN),
+        ("TEST_FLEET_KEY", fleet_key.as_str()),
+        ("TEST_FLEET_PASSWORD", store_password.as_str()),
+    ];
+    let mut with_hang = envs.to_vec();
+    with_hang.push(("ROTAPROXY_FAULT_HANG_AT_STEP", "test"));
+    let mut p1 = Proxy::start(&config("p1"), &with_hang);
+    let p2 = Proxy::start(&config("p2"), &envs);
+    let role = |p: &Proxy| -> Value {
+        let (_, body) = p.http_get("/v1/status");
+        serde_json::from_str::<Value>(&body).unwrap()["fleet"]["role"].clone()
+    };
+    assert_eventually(Duration::from_secs(30), "p1 leads, p2 follows", || {
+        role(&p1) == "leader" && role(&p2) == "follower"
+    });
+    let mut client = p2.conn();
+    client.cmd(&["SELECT", "3"]).assert_ok();
+    client.cmd(&["SET", "k", "v"]).assert_ok();
+
+    let (code, body) = p1.http_post("/v1/rotate", Some(TOKEN), "");
+    assert_eq!(code, 202, "{body}");
+    p1.wait_for_log("hanging at rotation step", Duration::from_secs(30));
+    let authenticates = |password: &str| {
+        let mut c = RespConn::connect(redis.addr());
+        c.cmd(&["AUTH", "default", password]) == Frame::simple("OK")
+    };
+    assert!(!authenticates(&first_password), "the task did not land");
+    redis
+        .admin_cmd(&["CLIENT", "KILL", "USER", "default"])
+        .assert_not_error();
+
+    // The session replaces its lost connection with PENDING, its db kept; a new client too.
+    client.cmd(&["GET", "k"]).assert_bulk("v");
+    let mut late = p2.conn();
+    late.cmd(&["PING"]).assert_simple("PONG");
+
+    // The rotator dies there; p2 takes over and finishes the rotation.
+    p1.kill();
+    assert_eventually(Duration::from_secs(30), "p2 finished the rotation", || {
+        let (_, body) = p2.http_get("/v1/status");
+        let status: Value = serde_json::from_str(&body).unwrap();
+        status["fleet"]["role"] == "leader" && status["last_rotation"]["outcome"] == "success"
+    });
+    client.cmd(&["GET", "k"]).assert_bulk("v");
+    let (_, body) = p2.http_get("/v1/status");
+    let status: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status["connections"]["previous"], 0, "{status}");
+    let secrets = [
+        first_password.as_str(),
+        store_password.as_str(),
+        fleet_key.as_str(),
+        emu.account_key(),
+        emu.secret_key(),
+    ];
+    assert_no_secret_in_logs(&p2, &secrets);
+    assert_no_secret_in_logs(&p1, &secrets);
+}

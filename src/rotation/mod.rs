@@ -1257,12 +1257,22 @@ impl RotationHandle {
     pub async fn recover_from_refusal(&self, refused_generation: u64) -> bool {
         let s = &self.shared;
         if let Some(fleet) = s.store.fleet() {
-            // A member that fell behind (or was taken as gone): the shared state has the
-            // credential of now. The follower's turn reads it; wait for that to move the proxy.
+            // The shared state knows better: a default-user change may have landed (PENDING is
+            // worth a try at once), or this member fell behind (the follower's turn moves it
+            // to the credential of now; wait for that).
             let deadline = Instant::now() + fleet.config().poll_interval * 3;
+            let had_candidate = s.generations.candidate().is_some();
             while Instant::now() < deadline {
                 if s.generations.current_id() != refused_generation {
                     return true;
+                }
+                if !fleet.is_leader()
+                    && let Ok(Some(state)) = fleet.load().await
+                {
+                    self.follow_pending(&state);
+                    if !had_candidate && s.generations.candidate().is_some() {
+                        return true;
+                    }
                 }
                 s.wake.notify_one();
                 tokio::time::sleep(Duration::from_millis(100)).await;
