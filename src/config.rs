@@ -534,6 +534,11 @@ pub struct FleetConfig {
     pub key_prefix: String,
     /// 32 random bytes, base64 (`openssl rand -base64 32`), that encrypt the shared state.
     pub key: SecretRef,
+    /// Keys that still open the state while the fleet's key changes (they never seal it).
+    /// Every member: add the new key here; then make it `key` with the old one here; then
+    /// drop the old one. Members at different stages can read each other's writes throughout.
+    #[serde(default)]
+    pub extra_keys: Vec<SecretRef>,
     /// The user the fleet reads and writes its keys as. The fleet never rotates it: a new
     /// replica needs it to learn the credential of now.
     #[serde(default)]

@@ -505,7 +505,7 @@ fn a_fleet_member_refuses_to_start_with_a_bad_key_a_refused_store_user_or_anothe
     };
     let output = failure.logs.join("\n");
     assert!(
-        output.contains("rotation.fleet.key must be 32 bytes"),
+        output.contains("must each be 32 bytes in base64"),
         "{output}"
     );
     assert!(!output.contains(bad_key), "{output}");
@@ -763,16 +763,22 @@ async fn a_deposed_lease_holder_cannot_write_and_another_key_cannot_read() {
     };
     let key = |byte: u8| base64::engine::general_purpose::STANDARD.encode([byte; 32]);
     let password = write("store-password", &store_password);
-    let member = |instance: &str, key_file: &str| {
+    let member = |instance: &str, key_file: &str, extra_key_files: &[&str]| {
+        let extra_keys: Vec<String> = extra_key_files
+            .iter()
+            .map(|f| format!("\"file:{f}\""))
+            .collect();
         let config = Config::parse(&format!(
             "[upstream]\nurl = \"{}\"\n[credentials]\npassword = \"file:{password}\"\n\
              [rotation]\nstrategy = \"acl-multi-password\"\n\
              [rotation.fleet]\nkey_prefix = \"{PREFIX}\"\nkey = \"file:{}\"\n\
              username = \"rp-fleet\"\npassword = \"file:{}\"\ninstance = \"{instance}\"\n\
-             poll_interval = \"100ms\"\nlease_ttl = \"300ms\"\nmember_timeout = \"300ms\"\n",
+             poll_interval = \"100ms\"\nlease_ttl = \"300ms\"\nmember_timeout = \"300ms\"\n\
+             extra_keys = [{}]\n",
             redis.url(),
             key_file,
             password,
+            extra_keys.join(", "),
         ))
         .unwrap();
         let rotation = config.rotation.as_ref().unwrap();
@@ -786,8 +792,8 @@ async fn a_deposed_lease_holder_cannot_write_and_another_key_cannot_read() {
         .unwrap()
     };
     let fleet_key = write("key", &key(7));
-    let a = member("a", &fleet_key);
-    let b = member("b", &fleet_key);
+    let a = member("a", &fleet_key, &[]);
+    let b = member("b", &fleet_key, &[]);
     let secret = random_token(32);
     let state = |generation: u64| {
         let mut state = RotationState::new(Slot::new(
@@ -814,13 +820,31 @@ async fn a_deposed_lease_holder_cannot_write_and_another_key_cannot_read() {
     b.save(&state(2)).await.unwrap();
     assert_eq!(a.load().await.unwrap().unwrap().generation, 2);
 
-    let other = member("c", &write("other-key", &key(8)));
+    let new_key = write("new-key", &key(8));
+    let other = member("c", &new_key, &[]);
     let err = other.load().await.unwrap_err().to_string();
     assert!(
         err.contains("does not open with rotation.fleet.key"),
         "{err}"
     );
     assert!(!err.contains(&secret), "{err}");
+
+    // A change of the fleet's key, member by member: the new key opens the state first, then
+    // seals it while the old one still opens it; a member at either stage reads the other's.
+    let adding = member("d", &fleet_key, &[&new_key]);
+    let switched = member("e", &new_key, &[&fleet_key]);
+    assert_eq!(switched.load().await.unwrap().unwrap().generation, 2);
+    b.drop_lease();
+    assert_eventually(Duration::from_secs(10), "b's lease expired", || {
+        redis.admin_cmd(&["EXISTS", &lease]) == Frame::Integer(0)
+    });
+    assert!(switched.seek_lease().await.unwrap());
+    switched.save(&state(3)).await.unwrap();
+    assert_eq!(adding.load().await.unwrap().unwrap().generation, 3);
+    assert!(
+        a.load().await.is_err(),
+        "the old key alone opened the new seal"
+    );
 }
 
 #[test]

@@ -143,7 +143,10 @@ pub struct Fleet {
     config: FleetConfig,
     instance: String,
     keys: Keys,
+    /// Seals the state (and opens it).
     cipher: LessSafeKey,
+    /// Also open it, during a change of the fleet's key (`extra_keys`).
+    extra_ciphers: Vec<LessSafeKey>,
     store_user: Option<String>,
     store_password: Mutex<FollowedSecret>,
     /// Where the store connection goes: the generation of the first start until the proxy's
@@ -171,7 +174,9 @@ pub struct Fleet {
 pub enum FleetKeyError {
     #[error(transparent)]
     Read(#[from] SecretError),
-    #[error("rotation.fleet.key must be 32 bytes in base64 (`openssl rand -base64 32`), {0}")]
+    #[error(
+        "rotation.fleet.key and extra_keys must each be 32 bytes in base64 (`openssl rand -base64 32`), {0}"
+    )]
     Shape(&'static str),
 }
 
@@ -183,16 +188,12 @@ impl Fleet {
         timeouts: &TimeoutsConfig,
         metrics: &Metrics,
     ) -> Result<Fleet, FleetKeyError> {
-        let key = config.key.resolve()?;
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(key.expose_secret().trim())
-            .map_err(|_| FleetKeyError::Shape("and this is not base64"))?;
-        if bytes.len() != 32 {
-            return Err(FleetKeyError::Shape("and this is another length"));
-        }
-        let cipher = LessSafeKey::new(
-            UnboundKey::new(&AES_256_GCM, &bytes).expect("32 bytes is an AES-256 key"),
-        );
+        let cipher = read_key(&config.key)?;
+        let extra_ciphers = config
+            .extra_keys
+            .iter()
+            .map(read_key)
+            .collect::<Result<_, _>>()?;
         let store_password =
             FollowedSecret::read_now("rotation.fleet password", config.password.clone())?;
         let instance = config.instance.clone().unwrap_or_else(default_instance);
@@ -201,6 +202,7 @@ impl Fleet {
             config: config.clone(),
             instance,
             cipher,
+            extra_ciphers,
             store_user: config.username.clone(),
             store_password: Mutex::new(store_password),
             first: Arc::new(first.with_credential(first.id, first.credential.clone())),
@@ -415,24 +417,23 @@ impl Fleet {
             return Err(self.corrupt("it is cut short".into()));
         }
         let (nonce, body) = rest.split_at(NONCE_LEN);
-        let nonce = Nonce::try_assume_unique_for_key(nonce).expect("NONCE_LEN bytes");
-        let mut body = body.to_vec();
-        let plain_len = self
-            .cipher
-            .open_in_place(
-                nonce,
+        let nonce: [u8; NONCE_LEN] = nonce.try_into().expect("NONCE_LEN bytes");
+        for cipher in std::iter::once(&self.cipher).chain(&self.extra_ciphers) {
+            let mut plain = body.to_vec();
+            if let Ok(opened) = cipher.open_in_place(
+                Nonce::assume_unique_for_key(nonce),
                 Aad::from(self.config.key_prefix.as_bytes()),
-                &mut body,
-            )
-            .map_err(|_| {
-                self.corrupt(
-                    "it does not open with rotation.fleet.key (another fleet's key, or altered)"
-                        .into(),
-                )
-            })?
-            .len();
-        body.truncate(plain_len);
-        Ok(body)
+                &mut plain,
+            ) {
+                let len = opened.len();
+                plain.truncate(len);
+                return Ok(plain);
+            }
+        }
+        Err(self.corrupt(
+            "it does not open with rotation.fleet.key or extra_keys (another fleet's key, or altered)"
+                .into(),
+        ))
     }
 
     // ---- members ----------------------------------------------------------------------------
@@ -687,6 +688,20 @@ impl std::fmt::Debug for Fleet {
             .field("leader", &self.is_leader())
             .finish()
     }
+}
+
+/// An AES-256-GCM key from 32 bytes in base64.
+fn read_key(reference: &crate::config::SecretRef) -> Result<LessSafeKey, FleetKeyError> {
+    let key = reference.resolve()?;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(key.expose_secret().trim())
+        .map_err(|_| FleetKeyError::Shape("and this is not base64"))?;
+    if bytes.len() != 32 {
+        return Err(FleetKeyError::Shape("and this is another length"));
+    }
+    Ok(LessSafeKey::new(
+        UnboundKey::new(&AES_256_GCM, &bytes).expect("32 bytes is an AES-256 key"),
+    ))
 }
 
 /// The instance part of a lease value (`<instance> <token>`).
