@@ -38,25 +38,37 @@ struct FleetEnv {
     fleet_extra: String,
     members: Vec<(String, Option<Proxy>)>,
     secrets: Vec<String>,
+    /// Mutual TLS to Redis, the fleet's store connections included.
+    certs: Option<Certs>,
 }
 
 impl FleetEnv {
     fn alternating(rotation_extra: &str, fleet_extra: &str) -> FleetEnv {
+        Self::alternating_over(false, rotation_extra, fleet_extra)
+    }
+
+    /// With `mtls`, Redis serves mutual TLS only, and every member's connections use it.
+    fn alternating_over(mtls: bool, rotation_extra: &str, fleet_extra: &str) -> FleetEnv {
+        let dir = temp_dir();
+        let certs = mtls.then(|| Certs::generate(&dir.path().join("certs")));
         let first_password = random_token(32);
         let idle = random_token(32);
         let store_password = random_token(32);
-        let redis = RedisServer::start(
-            RedisOptions::new()
-                .user(&format!("app-a on >{first_password} ~* &* +@all"))
-                .user(&format!("app-b on >{idle} ~* &* +@all"))
-                .user(&store_user_rules(&store_password)),
-        );
+        let mut options = RedisOptions::new()
+            .user(&format!("app-a on >{first_password} ~* &* +@all"))
+            .user(&format!("app-b on >{idle} ~* &* +@all"))
+            .user(&store_user_rules(&store_password));
+        if let Some(certs) = &certs {
+            options = options.tls(RedisTls::from_certs(certs, true));
+        }
+        let redis = RedisServer::start(options);
         let mut key = [0u8; 32];
         getrandom::fill(&mut key).unwrap();
         let key = base64::engine::general_purpose::STANDARD.encode(key);
         FleetEnv {
             redis,
-            dir: temp_dir(),
+            dir,
+            certs,
             envs: vec![
                 ("TEST_UPSTREAM_PASSWORD".into(), first_password.clone()),
                 ("TEST_ADMIN_TOKEN".into(), TOKEN.into()),
@@ -73,7 +85,11 @@ impl FleetEnv {
     }
 
     fn config(&self, instance: &str) -> String {
-        let mut config = ProxyConfig::plain(&self.redis)
+        let base = match &self.certs {
+            Some(certs) => ProxyConfig::tls(&self.redis, &certs.ca).client_cert(&certs.client),
+            None => ProxyConfig::plain(&self.redis),
+        };
+        let mut config = base
             .credentials(Some("app-a"), "env:TEST_UPSTREAM_PASSWORD")
             .extra(&format!(
                 "[rotation]\nstrategy = \"alternating-users\"\nusers = [\"app-a\", \"app-b\"]\n\
@@ -405,6 +421,51 @@ fn when_the_rotator_dies_mid_rotation_another_member_finishes_it() {
     assert_eq!(env.status(p1)["fleet"]["leader"], "p2");
     let mut late = env.member(p1).conn();
     late.cmd(&["ACL", "WHOAMI"]).assert_bulk("app-b");
+    env.remember_shared_passwords();
+    env.assert_nothing_leaked();
+}
+
+#[test]
+fn a_fleet_over_mutual_tls_rotates_and_follows() {
+    let mut env = FleetEnv::alternating_over(true, "drain_deadline = \"10s\"", "");
+    let p1 = env.start("p1", &[]);
+    env.wait_for_role(p1, "leader");
+    let p2 = env.start("p2", &[]);
+    env.wait_for_role(p2, "follower");
+    let mut client = env.member(p2).conn();
+    client.cmd(&["SET", "k", "v"]).assert_ok();
+
+    // A renewed client certificate is each member's own business: a local generation, which
+    // the fleet's shared numbering must not trip over at the next rotation.
+    let certs = env.certs.as_ref().unwrap();
+    let renewed = certs.issue_client("renewed-client");
+    for (from, to) in [
+        (&renewed.key, &certs.client.key),
+        (&renewed.cert, &certs.client.cert),
+    ] {
+        let staged = to.with_extension("staged");
+        std::fs::copy(from, &staged).unwrap();
+        std::fs::rename(&staged, to).unwrap();
+    }
+    for member in [p1, p2] {
+        assert_eventually(
+            Duration::from_secs(30),
+            "the member follows its renewed certificate",
+            || env.status(member)["generation"] == 2,
+        );
+    }
+    assert_eq!(env.shared_state()["generation"], 1);
+
+    let id = env.start_rotation(p1);
+    assert_eq!(env.wait_for_outcome(p1, &id)["outcome"], "success");
+    env.wait_until_moved(p2, "app-b");
+    assert_eq!(env.shared_state()["generation"], 2);
+    for member in [p1, p2] {
+        assert_eq!(env.status(member)["generation"], 3);
+    }
+    client.cmd(&["GET", "k"]).assert_bulk("v");
+    client.cmd(&["ACL", "WHOAMI"]).assert_bulk("app-b");
+    assert!(!env.authenticates("app-a", &env.first_password));
     env.remember_shared_passwords();
     env.assert_nothing_leaked();
 }
