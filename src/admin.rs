@@ -200,10 +200,10 @@ async fn rotate(
     if let Some(fleet) = rotation.fleet()
         && !fleet.is_leader()
     {
-        return pass_on(fleet, urgent, query_flag(&query, "wait")).await;
+        return pass_on(rotation, fleet, urgent, query_flag(&query, "wait")).await;
     }
     let answer = rotation.request(urgent, if urgent { "api-urgent" } else { "api" });
-    let (id, mut body) = match &answer {
+    let (id, body) = match &answer {
         RequestAnswer::Started { id } => (
             id.clone(),
             json!({ "rotation_id": id, "state": "started", "urgent": urgent }),
@@ -216,7 +216,60 @@ async fn rotate(
     if !query_flag(&query, "wait") {
         return (StatusCode::ACCEPTED, Json(body)).into_response();
     }
-    let outcome = rotation.wait_for(&id).await;
+    finish_waiting(rotation, &id, body).await
+}
+
+/// A fleet member that does not rotate passes a rotation request on to the one that does.
+/// With `?wait=true` it waits for the rotator to take it, then for that rotation to end (the
+/// follower sees the outcome in the shared state).
+async fn pass_on(rotation: &RotationHandle, fleet: &Fleet, urgent: bool, wait: bool) -> Response {
+    let passed = match fleet.pass_request(urgent).await {
+        Ok(passed) => passed,
+        Err(err) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("cannot pass the request on to the fleet's rotator: {err}"),
+            );
+        }
+    };
+    let mut body = json!({
+        "state": "passed_on",
+        "leader": fleet.leader_instance(),
+        "urgent": urgent,
+    });
+    if !wait {
+        return (StatusCode::ACCEPTED, Json(body)).into_response();
+    }
+    // The rotator takes requests at its heartbeat; after a crash, a new one leads within the
+    // lease's life.
+    let within = fleet.config().lease_ttl + fleet.config().poll_interval * 3;
+    let id = match fleet.wait_for_answer(&passed.id, within).await {
+        Ok(Some(id)) => id,
+        Ok(None) => {
+            body["error"] = json!(format!(
+                "no rotator took the request within {}; it stays queued for the next one",
+                humantime::format_duration(within)
+            ));
+            return (StatusCode::GATEWAY_TIMEOUT, Json(body)).into_response();
+        }
+        Err(err) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("cannot read the rotator's answer: {err}"),
+            );
+        }
+    };
+    body["rotation_id"] = json!(id);
+    finish_waiting(rotation, &id, body).await
+}
+
+/// Waits for rotation `id` to end and answers with its outcome.
+async fn finish_waiting(
+    rotation: &RotationHandle,
+    id: &str,
+    mut body: serde_json::Value,
+) -> Response {
+    let outcome = rotation.wait_for(id).await;
     body["state"] = json!("finished");
     body["outcome"] = json!(if outcome.success { "success" } else { "failed" });
     body["error"] = json!(outcome.error);
@@ -226,29 +279,6 @@ async fn rotate(
         StatusCode::INTERNAL_SERVER_ERROR
     };
     (code, Json(body)).into_response()
-}
-
-/// A fleet member that does not rotate passes a rotation request on to the one that does.
-/// It cannot tell when that rotation ends, so `?wait=true` goes to the rotator itself.
-async fn pass_on(fleet: &Fleet, urgent: bool, wait: bool) -> Response {
-    let leader = fleet.leader_instance();
-    if wait {
-        let body = json!({
-            "error": "this proxy follows the fleet's rotator: ask the rotator for ?wait=true, or leave wait out to pass the request on",
-            "leader": leader,
-        });
-        return (StatusCode::CONFLICT, Json(body)).into_response();
-    }
-    match fleet.pass_request(urgent).await {
-        Ok(leader) => {
-            let body = json!({ "state": "passed_on", "leader": leader, "urgent": urgent });
-            (StatusCode::ACCEPTED, Json(body)).into_response()
-        }
-        Err(err) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &format!("cannot pass the request on to the fleet's rotator: {err}"),
-        ),
-    }
 }
 
 fn authorize(state: &AdminState, headers: &HeaderMap) -> Result<(), Box<Response>> {

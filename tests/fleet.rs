@@ -480,13 +480,19 @@ fn a_follower_passes_rotation_requests_on_to_the_rotator() {
 
     let (code, body) = env.member(p2).http_post("/v1/rotate", None, "");
     assert_eq!(code, 401, "{body}");
-    // It cannot tell when the rotation ends: waiting is the rotator's business.
+    // Waiting works there too: the rotator answers with the rotation's id, and the follower
+    // sees its outcome in the shared state.
     let (code, body) = env
         .member(p2)
         .http_post("/v1/rotate?wait=true", Some(TOKEN), "");
-    assert_eq!(code, 409, "{body}");
-    assert!(body.contains("\"leader\":\"p1\""), "{body}");
-    assert_eq!(env.status(p1)["generation"], 1);
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["state"], "finished", "{body}");
+    assert_eq!(v["outcome"], "success", "{body}");
+    assert_eq!(v["leader"], "p1", "{body}");
+    let id = v["rotation_id"].as_str().expect("the rotation's id");
+    assert_eq!(env.status(p1)["last_rotation"]["id"], id);
+    env.wait_until_moved(p2, "app-b");
 
     let (code, body) = env
         .member(p2)
@@ -498,16 +504,20 @@ fn a_follower_passes_rotation_requests_on_to_the_rotator() {
     assert_eq!(v["urgent"], true);
     assert_eventually(
         Duration::from_secs(30),
-        "the rotator ran the passed-on rotation",
-        || env.status(p1)["last_rotation"]["outcome"] == "success",
+        "the rotator ran the passed-on urgent rotation",
+        || env.status(p1)["generation"] == 3 && env.status(p1)["rotation"].is_null(),
     );
-    env.wait_until_moved(p2, "app-b");
+    env.wait_until_moved(p2, "app-a");
     assert!(
         env.member(p1)
             .log_contains("rotation requested through another fleet member"),
         "the rotator did not log where the request came from"
     );
     assert!(!env.authenticates("app-a", &env.first_password));
+    assert!(
+        env.member(p1).log_contains("trigger=\"fleet-urgent\""),
+        "the urgent request lost its urgency on the way"
+    );
     env.remember_shared_passwords();
     env.assert_nothing_leaked();
 }

@@ -84,8 +84,11 @@ local t = redis.call('TIME')
 return {t[1] * 1000 + math.floor(t[2] / 1000), redis.call('HGETALL', KEYS[1])}
 ";
 
-/// How long a passed-on rotation request waits for a rotator before it is dropped.
+/// How long a passed-on rotation request waits for a rotator before it is dropped (and how
+/// long its answer is kept).
 const REQUEST_TTL_MS: &str = "600000";
+/// How often a follower looks for the answer to a request it passed on.
+const ANSWER_POLL: Duration = Duration::from_millis(100);
 
 /// The fleet's keys, all under one hash tag so the scripts may use them together on a sharded
 /// database.
@@ -96,6 +99,7 @@ struct Keys {
     fence: String,
     members: String,
     requests: String,
+    prefix: String,
 }
 
 impl Keys {
@@ -107,7 +111,12 @@ impl Keys {
             fence: key("fence"),
             members: key("members"),
             requests: key("requests"),
+            prefix: prefix.to_string(),
         }
+    }
+
+    fn answer(&self, request: &str) -> String {
+        format!("{{{}}}:answer:{request}", self.prefix)
     }
 }
 
@@ -134,6 +143,9 @@ pub struct Member {
 /// A rotation request passed on by a follower.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PassedRequest {
+    /// Names the answer: the rotator writes the id of the rotation it started (or found
+    /// running) under `{prefix}:answer:<id>`.
+    pub id: String,
     pub urgent: bool,
     pub from: String,
 }
@@ -535,9 +547,13 @@ impl Fleet {
 
     // ---- requests passed on -----------------------------------------------------------------
 
-    /// Passes a rotation request on to the rotator. Returns who leads, if known.
-    pub async fn pass_request(&self, urgent: bool) -> Result<Option<String>, StoreError> {
+    /// Passes a rotation request on to the rotator. Returns the request (its id names the
+    /// answer, see [`Fleet::answer`]).
+    pub async fn pass_request(&self, urgent: bool) -> Result<PassedRequest, StoreError> {
+        let mut id = [0u8; 8];
+        getrandom::fill(&mut id).expect("the OS random source works");
         let request = PassedRequest {
+            id: id.iter().map(|b| format!("{b:02x}")).collect(),
             urgent,
             from: self.instance.clone(),
         };
@@ -556,7 +572,48 @@ impl Fleet {
                 REQUEST_TTL_MS.as_bytes(),
             ])
             .await;
-        Ok(self.leader_instance())
+        Ok(request)
+    }
+
+    /// The rotator's answer to a passed-on request: the id of the rotation that serves it.
+    pub async fn answer(&self, request: &str, rotation: &str) -> Result<(), StoreError> {
+        let key = self.keys.answer(request);
+        match self
+            .command(&[
+                b"SET",
+                key.as_bytes(),
+                rotation.as_bytes(),
+                b"PX",
+                REQUEST_TTL_MS.as_bytes(),
+            ])
+            .await?
+        {
+            OwnedFrame::SimpleString(_) => Ok(()),
+            other => Err(self.reply_error("SET of the answer", other)),
+        }
+    }
+
+    /// Waits (at most `within`) for the rotator to answer request `request`.
+    pub async fn wait_for_answer(
+        &self,
+        request: &str,
+        within: Duration,
+    ) -> Result<Option<String>, StoreError> {
+        let key = self.keys.answer(request);
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match self.command(&[b"GET", key.as_bytes()]).await? {
+                OwnedFrame::BulkString(id) => {
+                    return Ok(Some(String::from_utf8_lossy(&id).into_owned()));
+                }
+                OwnedFrame::Null => {}
+                other => return Err(self.reply_error("GET of the answer", other)),
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(None);
+            }
+            tokio::time::sleep(ANSWER_POLL).await;
+        }
     }
 
     /// The requests passed on since the last call (the rotator takes them).

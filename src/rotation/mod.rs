@@ -743,14 +743,16 @@ impl RotationHandle {
                 if fleet.is_leader() {
                     for passed in fleet.take_requests().await? {
                         tracing::info!(from = %passed.from, urgent = passed.urgent, "rotation requested through another fleet member");
-                        self.request(
-                            passed.urgent,
-                            if passed.urgent {
-                                "fleet-urgent"
-                            } else {
-                                "fleet"
-                            },
-                        );
+                        let trigger = if passed.urgent {
+                            "fleet-urgent"
+                        } else {
+                            "fleet"
+                        };
+                        let rotation = match self.request(passed.urgent, trigger) {
+                            RequestAnswer::Started { id } => id,
+                            RequestAnswer::InProgress { id, .. } => id,
+                        };
+                        fleet.answer(&passed.id, &rotation).await?;
                     }
                 }
                 let members = fleet.members().await?;
@@ -819,7 +821,21 @@ impl RotationHandle {
                 false
             }
         };
+        // A rotation the rotator finished is over here too (a passed-on `?wait=true` waits
+        // for it).
+        let ended = state.last.clone();
         *s.state.lock().expect("not poisoned") = state;
+        s.finished.send_if_modified(|seen| {
+            let changed = match (&*seen, &ended) {
+                (Some(a), Some(b)) => a.id != b.id || a.finished_at != b.finished_at,
+                (None, Some(_)) => true,
+                _ => false,
+            };
+            if changed {
+                seen.clone_from(&ended);
+            }
+            changed
+        });
         self.update_gauges();
         if adopted {
             self.drain(urgent, DrainFor::Follow).await;
