@@ -40,6 +40,9 @@ struct FleetEnv {
     secrets: Vec<String>,
     /// Mutual TLS to Redis, the fleet's store connections included.
     certs: Option<Certs>,
+    /// The user the proxies start as, and the strategy's `[rotation]` lines.
+    user: String,
+    strategy: String,
 }
 
 impl FleetEnv {
@@ -49,15 +52,43 @@ impl FleetEnv {
 
     /// With `mtls`, Redis serves mutual TLS only, and every member's connections use it.
     fn alternating_over(mtls: bool, rotation_extra: &str, fleet_extra: &str) -> FleetEnv {
+        let idle = random_token(32);
+        Self::new(
+            mtls,
+            "app-a",
+            &[format!("app-b on >{idle} ~* &* +@all")],
+            "strategy = \"alternating-users\"\nusers = [\"app-a\", \"app-b\"]",
+            rotation_extra,
+            fleet_extra,
+            vec![idle],
+        )
+    }
+
+    /// `acl-multi-password` on user `app`, which changes its own password.
+    fn multi_password(rotation_extra: &str) -> FleetEnv {
+        let strategy = "strategy = \"acl-multi-password\"";
+        Self::new(false, "app", &[], strategy, rotation_extra, "", vec![])
+    }
+
+    fn new(
+        mtls: bool,
+        user: &str,
+        more_users: &[String],
+        strategy: &str,
+        rotation_extra: &str,
+        fleet_extra: &str,
+        mut secrets: Vec<String>,
+    ) -> FleetEnv {
         let dir = temp_dir();
         let certs = mtls.then(|| Certs::generate(&dir.path().join("certs")));
         let first_password = random_token(32);
-        let idle = random_token(32);
         let store_password = random_token(32);
         let mut options = RedisOptions::new()
-            .user(&format!("app-a on >{first_password} ~* &* +@all"))
-            .user(&format!("app-b on >{idle} ~* &* +@all"))
+            .user(&format!("{user} on >{first_password} ~* &* +@all"))
             .user(&store_user_rules(&store_password));
+        for rule in more_users {
+            options = options.user(rule);
+        }
         if let Some(certs) = &certs {
             options = options.tls(RedisTls::from_certs(certs, true));
         }
@@ -75,7 +106,12 @@ impl FleetEnv {
                 ("TEST_FLEET_KEY".into(), key.clone()),
                 ("TEST_FLEET_PASSWORD".into(), store_password.clone()),
             ],
-            secrets: vec![first_password.clone(), idle, store_password, key.clone()],
+            secrets: {
+                secrets.extend([first_password.clone(), store_password, key.clone()]);
+                secrets
+            },
+            user: user.to_string(),
+            strategy: strategy.to_string(),
             key,
             first_password,
             rotation_extra: rotation_extra.into(),
@@ -90,13 +126,14 @@ impl FleetEnv {
             None => ProxyConfig::plain(&self.redis),
         };
         let mut config = base
-            .credentials(Some("app-a"), "env:TEST_UPSTREAM_PASSWORD")
+            .credentials(Some(&self.user), "env:TEST_UPSTREAM_PASSWORD")
             .extra(&format!(
-                "[rotation]\nstrategy = \"alternating-users\"\nusers = [\"app-a\", \"app-b\"]\n\
+                "[rotation]\n{}\n\
                  state_dir = {}\nurgent_drain_deadline = \"2s\"\n{}\n\
                  [rotation.fleet]\nkey_prefix = \"{PREFIX}\"\nkey = \"env:TEST_FLEET_KEY\"\n\
                  username = \"rp-fleet\"\npassword = \"env:TEST_FLEET_PASSWORD\"\n\
                  instance = \"{instance}\"\npoll_interval = \"200ms\"\n{}\n",
+                self.strategy,
                 // Unused by a fleet member; given so a test would see it written.
                 toml_path(&self.dir.path().join(instance)),
                 self.rotation_extra,
@@ -467,6 +504,46 @@ fn a_fleet_over_mutual_tls_rotates_and_follows() {
     client.cmd(&["ACL", "WHOAMI"]).assert_bulk("app-b");
     assert!(!env.authenticates("app-a", &env.first_password));
     env.remember_shared_passwords();
+    env.assert_nothing_leaked();
+}
+
+#[test]
+fn a_fleet_rotates_a_user_that_holds_two_passwords_for_a_while() {
+    let mut env = FleetEnv::multi_password("drain_deadline = \"10s\"");
+    let p1 = env.start("p1", &[]);
+    env.wait_for_role(p1, "leader");
+    let p2 = env.start("p2", &[]);
+    env.wait_for_role(p2, "follower");
+    let mut client = env.member(p2).conn();
+    client.cmd(&["SELECT", "4"]).assert_ok();
+    client.cmd(&["SET", "k", "v"]).assert_ok();
+    let mut old = env.first_password.clone();
+    for round in 0..2 {
+        let id = env.start_rotation(p1);
+        assert_eq!(env.wait_for_outcome(p1, &id)["outcome"], "success");
+        env.remember_shared_passwords();
+        let new = env.shared_state()["current"]["password"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert_eventually(Duration::from_secs(30), "p2 synced", || {
+            env.status(p2)["fleet"]["synced_generation"] == round + 2
+        });
+        // Only the new password is left on the server, and p2 works with it.
+        assert!(!env.authenticates("app", &old), "round {round}");
+        assert!(env.authenticates("app", &new), "round {round}");
+        let reply = env.redis.admin_cmd(&["ACL", "GETUSER", "app"]);
+        let fields = reply.as_array().unwrap();
+        let at = fields
+            .iter()
+            .position(|f| f.as_bytes() == Some(b"passwords"))
+            .unwrap();
+        assert_eq!(fields[at + 1].as_array().unwrap().len(), 1, "round {round}");
+        client.cmd(&["GET", "k"]).assert_bulk("v");
+        let mut fresh = env.member(p2).conn();
+        fresh.cmd(&["ACL", "WHOAMI"]).assert_bulk("app");
+        old = new;
+    }
     env.assert_nothing_leaked();
 }
 
