@@ -470,6 +470,85 @@ fn a_separate_admin_user_rotates_an_app_user_that_may_not_run_acl() {
     env.assert_nothing_leaked();
 }
 
+/// During a drain, `GET /v1/clients` says what keeps each session still on the old generation
+/// from moving: an open transaction, an armed WATCH, a blocking command.
+#[test]
+fn the_clients_endpoint_says_what_keeps_a_session_from_moving() {
+    let env = RotEnv::multi_password("drain_deadline = \"60s\"\n");
+    let named_conn = |name: &str| {
+        let mut c = env.proxy().conn();
+        c.cmd(&["CLIENT", "SETNAME", name]).assert_ok();
+        c
+    };
+    let mut watcher = named_conn("watcher");
+    watcher.cmd(&["WATCH", "w"]).assert_ok();
+    let mut tx = named_conn("tx");
+    tx.cmd(&["MULTI"]).assert_ok();
+    let mut blocked = named_conn("blocked");
+    blocked.send_cmd(&["BLPOP", "q", "0"]);
+    let _idle = named_conn("idle");
+    assert_eventually(Duration::from_secs(10), "BLPOP parked", || {
+        env.redis
+            .client_list()
+            .iter()
+            .any(|c| c.get("cmd").map(String::as_str) == Some("blpop"))
+    });
+    let clients = || -> Vec<Value> {
+        let (code, body) = env.proxy().http_get("/v1/clients");
+        assert_eq!(code, 200, "{body}");
+        let doc: Value = serde_json::from_str(&body).expect("JSON");
+        doc["clients"].as_array().expect("a list").clone()
+    };
+    let shows = |expected: &[(&str, u64, Value)]| {
+        let list = clients();
+        expected.iter().all(|(name, generation, waiting)| {
+            list.iter().any(|c| {
+                c["name"] == *name
+                    && c["generation"] == *generation
+                    && c["waiting_to_move"] == *waiting
+            })
+        })
+    };
+    assert!(shows(&[
+        ("idle", 1, Value::Null),
+        ("watcher", 1, Value::Null)
+    ]));
+
+    let (code, body) = env.proxy().http_post("/v1/rotate", Some(TOKEN), "");
+    assert_eq!(code, 202, "{body}");
+    assert_eventually(Duration::from_secs(30), "the reasons shown", || {
+        shows(&[
+            ("idle", 2, Value::Null),
+            ("watcher", 1, "watch".into()),
+            ("tx", 1, "transaction".into()),
+            ("blocked", 1, "blocking_command".into()),
+        ])
+    });
+
+    watcher.cmd(&["UNWATCH"]).assert_ok();
+    assert_eq!(tx.cmd(&["EXEC"]), Frame::Array(vec![]));
+    env.redis.admin_cmd(&["LPUSH", "q", "job"]).assert_int(1);
+    assert_eq!(
+        blocked.read_reply(),
+        Frame::Array(vec![Frame::bulk("q"), Frame::bulk("job")])
+    );
+    for c in [&mut watcher, &mut tx, &mut blocked] {
+        c.cmd(&["PING"]).assert_simple("PONG");
+    }
+    assert_eventually(Duration::from_secs(30), "every session moved", || {
+        shows(&[
+            ("idle", 2, Value::Null),
+            ("watcher", 2, Value::Null),
+            ("tx", 2, Value::Null),
+            ("blocked", 2, Value::Null),
+        ])
+    });
+    assert_eventually(Duration::from_secs(30), "the rotation over", || {
+        env.status()["last_rotation"]["outcome"] == "success"
+    });
+    env.assert_nothing_leaked();
+}
+
 /// `GET /v1/clients`: the sessions, what their connections hold, and the credential generation
 /// each is on, which a rotation moves.
 #[test]

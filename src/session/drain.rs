@@ -137,6 +137,7 @@ impl Session {
             .upstream
             .as_ref()
             .is_some_and(|u| u.conn.generation.id < self.ctx.generations.current_id());
+        self.note_what_the_move_waits_for(behind);
         if self.at_safe_point() {
             self.paused_for_move = false;
             self.move_timer = None;
@@ -179,6 +180,27 @@ impl Session {
         if !self.paused_for_move && self.move_timer.is_none() {
             self.paused_for_move = true;
             self.move_timer = Some(Box::pin(tokio::time::sleep(self.ctx.max_pause)));
+        }
+    }
+
+    /// Publishes (for `/v1/clients`) what keeps a session that is behind from moving, when
+    /// that changes: during a drain an operator sees which sessions hold the old generation,
+    /// and why. Only sessions that are behind get here, so the steady state never does.
+    fn note_what_the_move_waits_for(&mut self, behind: bool) {
+        let waits_for = if !behind || self.at_safe_point() {
+            None
+        } else if self.in_multi {
+            Some("transaction")
+        } else if self.watch_armed {
+            Some("watch")
+        } else if self.replies.blocking_in_flight() {
+            Some("blocking_command")
+        } else {
+            Some("replies")
+        };
+        if waits_for != self.waiting_to_move {
+            self.waiting_to_move = waits_for;
+            self.publish_view();
         }
     }
 

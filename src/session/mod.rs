@@ -292,6 +292,8 @@ pub struct Session {
     upstream_first: bool,
     /// Client input is paused so replies drain and the session reaches a safe point to move.
     paused_for_move: bool,
+    /// What keeps the session from moving to a newer generation, as `/v1/clients` shows it.
+    waiting_to_move: Option<&'static str>,
     /// CLIENT UNBLOCK was sent for `blocked`: its nil answer is swallowed and it is re-issued.
     unblocking: bool,
     /// Link work is waiting (a re-point or a flush the session could not do at once).
@@ -398,6 +400,7 @@ impl Session {
             shutdown,
             signals_polled: None,
             paused_for_move: false,
+            waiting_to_move: None,
             move_timer: None,
             reauth_target: None,
             reauth_refused: false,
@@ -437,6 +440,7 @@ impl Session {
             monitor: state.monitor,
             tracking: state.tracking.is_some(),
             generation: self.upstream.as_ref().map(|up| up.conn.generation.id),
+            waiting_to_move: self.waiting_to_move,
         });
     }
 

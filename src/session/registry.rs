@@ -47,6 +47,9 @@ pub struct ClientView {
     pub tracking: bool,
     /// The credential generation of the session's upstream connection; none while it has none.
     pub generation: Option<u64>,
+    /// While a newer generation waits for this session: what keeps it from moving
+    /// (`transaction`, `watch`, `blocking_command`, `replies`; see `Session::move_blocker`).
+    pub waiting_to_move: Option<&'static str>,
 }
 
 /// A session's place in the registry; removed when dropped.
