@@ -161,10 +161,25 @@ pub struct ListenerTlsConfig {
     /// `tls-auth-clients yes` with `tls-ca-cert-file`. Followed like the certificate.
     #[serde(default)]
     pub client_ca: Option<PathBuf>,
+    /// With `client_ca`: `required` (Redis's `tls-auth-clients yes`) or `optional` (`tls-auth-
+    /// clients optional`: a client may present no certificate, but one it presents must come
+    /// from `client_ca`; e.g. while the clients get certificates, one by one).
+    /// Default `required`; refused without `client_ca`.
+    #[serde(default)]
+    pub client_certificates: Option<ClientCertificates>,
     /// How often the certificate and key files are re-read in case a change event was missed
     /// (changes in their directory are followed at once).
     #[serde(default = "default_tls_poll_interval", with = "humantime_serde")]
     pub poll_interval: Duration,
+}
+
+/// Whether a TLS listener with `client_ca` requires client certificates.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientCertificates {
+    #[default]
+    Required,
+    Optional,
 }
 
 fn default_tls_poll_interval() -> Duration {
@@ -172,6 +187,12 @@ fn default_tls_poll_interval() -> Duration {
 }
 
 impl ListenerTlsConfig {
+    /// Whether every client must present a certificate from `client_ca`.
+    pub fn requires_client_certificates(&self) -> bool {
+        self.client_ca.is_some()
+            && self.client_certificates.unwrap_or_default() == ClientCertificates::Required
+    }
+
     /// The files the listener's TLS is read from, followed for changes.
     pub fn files(&self) -> Vec<&Path> {
         let mut files = vec![self.cert.as_path(), self.key.as_path()];
@@ -1124,6 +1145,17 @@ impl Config {
             return Err(invalid(
                 "listener.tls.poll_interval",
                 "must be more than 0s",
+            ));
+        }
+        if self
+            .listener
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.client_certificates.is_some() && t.client_ca.is_none())
+        {
+            return Err(invalid(
+                "listener.tls.client_certificates",
+                "needs client_ca: the CAs client certificates are checked against",
             ));
         }
         if self.runtime.worker_threads == 0 {

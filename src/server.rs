@@ -170,9 +170,13 @@ pub async fn run(
     let tls_acceptor = match &config.listener.tls {
         Some(tls) => {
             let loaded = contents_digest(&tls.files());
-            let (server_config, parts) =
-                crate::tls::listener_server_config(&tls.cert, &tls.key, tls.client_ca.as_deref())
-                    .context("listener.tls")?;
+            let (server_config, parts) = crate::tls::listener_server_config(
+                &tls.cert,
+                &tls.key,
+                tls.client_ca.as_deref(),
+                tls.requires_client_certificates(),
+            )
+            .context("listener.tls")?;
             tls_status.started(Side::Listener, parts.cert.summary());
             tokio::spawn(follow_listener(
                 parts,
@@ -237,6 +241,11 @@ pub async fn run(
             "tcp": client_addr.to_string(),
             "tls": listeners.tls(),
             "client_certificates_required": config
+                .listener
+                .tls
+                .as_ref()
+                .is_some_and(|tls| tls.requires_client_certificates()),
+            "client_certificates_checked": config
                 .listener
                 .tls
                 .as_ref()

@@ -200,6 +200,7 @@ pub fn listener_server_config(
     cert: &Path,
     key: &Path,
     client_ca: Option<&Path>,
+    required: bool,
 ) -> Result<(Arc<ServerConfig>, ListenerTls), TlsError> {
     let resolver = Arc::new(ListenerCert(ArcSwap::from_pointee(load_listener_cert(
         cert, key,
@@ -208,7 +209,9 @@ pub fn listener_server_config(
         ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
     let (builder, client_ca) = match client_ca {
         Some(path) => {
-            let verifier = Arc::new(ClientCa(ArcSwap::from_pointee(load_client_ca(path)?)));
+            let verifier = Arc::new(ClientCa(ArcSwap::from_pointee(load_client_ca(
+                path, required,
+            )?)));
             (
                 builder.with_client_cert_verifier(verifier.clone()),
                 Some(verifier),
@@ -224,8 +227,9 @@ pub fn listener_server_config(
     Ok((Arc::new(config), parts))
 }
 
-/// Reads the CAs a listener's clients must have their certificates from.
-pub fn load_client_ca(path: &Path) -> Result<CaVerifier, TlsError> {
+/// Reads the CAs a listener's clients must have their certificates from (`required`: every
+/// client must present one; otherwise only a certificate presented is checked).
+pub fn load_client_ca(path: &Path, required: bool) -> Result<CaVerifier, TlsError> {
     const WHAT: &str = "listener client CA file";
     let mut roots = RootCertStore::empty();
     for cert in load_certs(WHAT, path)? {
@@ -235,14 +239,16 @@ pub fn load_client_ca(path: &Path) -> Result<CaVerifier, TlsError> {
             message: e.to_string(),
         })?;
     }
-    let verifier =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-            .build()
-            .map_err(|e| TlsError::Invalid {
-                what: WHAT,
-                path: path.to_path_buf(),
-                message: e.to_string(),
-            })?;
+    let mut builder =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+    if !required {
+        builder = builder.allow_unauthenticated();
+    }
+    let verifier = builder.build().map_err(|e| TlsError::Invalid {
+        what: WHAT,
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
     Ok(CaVerifier(verifier))
 }
 
@@ -268,6 +274,10 @@ impl ClientCa {
 impl ClientCertVerifier for ClientCa {
     fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
         &[]
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.0.load().0.client_auth_mandatory()
     }
 
     fn verify_client_cert(

@@ -408,7 +408,10 @@ pub async fn follow_listener(
         };
         let loaded = tls::load_listener_cert(&files.cert, &files.key).and_then(|certified| {
             let client_ca = match (&files.client_ca, &parts.client_ca) {
-                (Some(path), Some(_)) => Some(tls::load_client_ca(path)?),
+                (Some(path), Some(_)) => Some(tls::load_client_ca(
+                    path,
+                    files.requires_client_certificates(),
+                )?),
                 _ => None,
             };
             Ok((certified, client_ca))

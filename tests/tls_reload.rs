@@ -538,6 +538,52 @@ fn client_gets_in(proxy: &Proxy, ca: &Path, client_cert: Option<&CertFiles>) -> 
 }
 
 #[test]
+fn a_listener_with_optional_client_certificates_checks_only_those_presented() {
+    let dir = temp_dir();
+    let certs = Certs::generate(&dir.path().join("pki"));
+    let redis = RedisServer::start(RedisOptions::new());
+    let mut config = ProxyConfig::plain(&redis);
+    config.extra = format!(
+        "[listener.tls]\ncert = {}\nkey = {}\nclient_ca = {}\nclient_certificates = \"optional\"\n",
+        toml_path(&certs.server.cert),
+        toml_path(&certs.server.key),
+        toml_path(&certs.ca),
+    );
+    let proxy = Proxy::start(&config.to_toml(), &[]);
+    let listeners = &status(&proxy)["listeners"];
+    assert_eq!(
+        listeners["client_certificates_required"], false,
+        "{listeners}"
+    );
+    assert_eq!(
+        listeners["client_certificates_checked"], true,
+        "{listeners}"
+    );
+    assert!(client_gets_in(&proxy, &certs.ca, None), "no certificate");
+    assert!(client_gets_in(&proxy, &certs.ca, Some(&certs.client)));
+    assert!(
+        !client_gets_in(&proxy, &certs.ca, Some(&certs.other_client)),
+        "a certificate from another CA"
+    );
+
+    // Without client_ca the setting means nothing, and is refused rather than ignored.
+    let mut config = ProxyConfig::plain(&redis);
+    config.extra = format!(
+        "[listener.tls]\ncert = {}\nkey = {}\nclient_certificates = \"required\"\n",
+        toml_path(&certs.server.cert),
+        toml_path(&certs.server.key),
+    );
+    let refused = match Proxy::try_start(&config.to_toml(), &[]) {
+        Ok(_) => panic!("client_certificates without client_ca was accepted"),
+        Err(failure) => failure.logs.join("\n"),
+    };
+    assert!(
+        refused.contains("listener.tls.client_certificates"),
+        "{refused}"
+    );
+}
+
+#[test]
 fn a_listener_with_a_client_ca_lets_in_only_its_clients_and_follows_the_file() {
     let dir = temp_dir();
     let certs = Certs::generate(&dir.path().join("pki"));
@@ -556,6 +602,10 @@ fn a_listener_with_a_client_ca_lets_in_only_its_clients_and_follows_the_file() {
     assert_eq!(listeners["tls"], true, "{listeners}");
     assert_eq!(
         listeners["client_certificates_required"], true,
+        "{listeners}"
+    );
+    assert_eq!(
+        listeners["client_certificates_checked"], true,
         "{listeners}"
     );
     assert!(client_gets_in(&proxy, &certs.ca, Some(&certs.client)));
