@@ -91,7 +91,7 @@ fn describe() {
     );
     describe_counter!(
         "rotaproxy_upstream_auth_probe_failures_total",
-        "Expected upstream authentication refusals while probing a credential during a rotation or restart"
+        "Expected upstream authentication refusals: probing a credential during a rotation or restart, or a change the proxy follows and recovered from"
     );
     describe_histogram!(
         "rotaproxy_upstream_connect_seconds",

@@ -1001,44 +1001,18 @@ fn followers_use_pending_while_a_default_user_change_lands_on_redis_cloud() {
     // refuses CURRENT, and until the rotator finishes, a follower's new connections must try
     // PENDING as the rotator's do. Here the rotator stops right there (after the task, before
     // the test step), and every connection of the default user is killed.
-    let redis = RedisServer::start(RedisOptions::new());
-    let emu = support::cloud::CloudEmulator::start(&redis);
     let store_password = random_token(32);
-    redis
-        .admin_cmd(
-            &std::iter::once("ACL")
-                .chain(std::iter::once("SETUSER"))
-                .chain(store_user_rules(&store_password).split_whitespace())
-                .collect::<Vec<_>>(),
-        )
-        .assert_ok();
+    let (redis, emu) = cloud_redis_with_fleet_user(&store_password);
     let dir = temp_dir();
-    let keys = emu.write_key_files(dir.path());
     let fleet_key = base64::engine::general_purpose::STANDARD.encode([3u8; 32]);
     let first_password = emu.default_password();
-    let config = |instance: &str| {
-        let mut config = ProxyConfig::plain(&redis)
-            .credentials(None, "env:TEST_UPSTREAM_PASSWORD")
-            .extra(&format!(
-                "[rotation]\nstrategy = \"default-user\"\nbackend = \"cloud\"\n\
-                 password_length = 40\ndrain_deadline = \"10s\"\n\
-                 [rotation.cloud]\napi_root = \"{}\"\naccount_key = \"file:{}\"\n\
-                 secret_key = \"file:{}\"\nretry_base = \"10ms\"\nretry_max = \"200ms\"\n\
-                 task_poll_interval = \"20ms\"\n\
-                 [rotation.database]\nkind = \"pro\"\nsubscription_id = {}\ndatabase_id = {}\n\
-                 [rotation.fleet]\nkey_prefix = \"{PREFIX}\"\nkey = \"env:TEST_FLEET_KEY\"\n\
-                 username = \"rp-fleet\"\npassword = \"env:TEST_FLEET_PASSWORD\"\n\
-                 instance = \"{instance}\"\npoll_interval = \"200ms\"\n\
-                 lease_ttl = \"1500ms\"\nmember_timeout = \"1500ms\"\n",
-                emu.base_url(),
-                keys.account.display(),
-                keys.secret.display(),
-                emu.subscription_id(),
-                emu.database_id(),
-            ));
-        config.admin_extra = "token = \"env:TEST_ADMIN_TOKEN\"".into();
-        config.to_toml()
-    };
+    let strategy = format!(
+        "strategy = \"default-user\"\npassword_length = 40\n\
+         [rotation.database]\nkind = \"pro\"\nsubscription_id = {}\ndatabase_id = {}\n",
+        emu.subscription_id(),
+        emu.database_id(),
+    );
+    let config = |instance: &str| cloud_fleet_config(&redis, &emu, &dir, None, &strategy, instance);
     let envs = [
         ("TEST_UPSTREAM_PASSWORD", first_password.as_str()),
         ("TEST_ADMIN_TOKEN", TOKEN),
@@ -1097,4 +1071,155 @@ fn followers_use_pending_while_a_default_user_change_lands_on_redis_cloud() {
     ];
     assert_no_secret_in_logs(&p2, &secrets);
     assert_no_secret_in_logs(&p1, &secrets);
+}
+
+/// A fleet member's config for the Redis Cloud API emulator: `strategy` holds the strategy's
+/// `[rotation]` lines, then any tables of its own (`[rotation.database]`).
+fn cloud_fleet_config(
+    redis: &RedisServer,
+    emu: &support::cloud::CloudEmulator,
+    dir: &tempfile::TempDir,
+    user: Option<&str>,
+    strategy: &str,
+    instance: &str,
+) -> String {
+    let keys = emu.write_key_files(dir.path());
+    let (plain, tables) = strategy
+        .split_once("\n[")
+        .map(|(p, t)| (p.to_string(), format!("[{t}")))
+        .unwrap_or((strategy.to_string(), String::new()));
+    let mut config = ProxyConfig::plain(redis)
+        .credentials(user, "env:TEST_UPSTREAM_PASSWORD")
+        .extra(&format!(
+            "[rotation]\n{plain}\nbackend = \"cloud\"\ndrain_deadline = \"10s\"\n\
+             [rotation.cloud]\napi_root = \"{}\"\naccount_key = \"file:{}\"\n\
+             secret_key = \"file:{}\"\nretry_base = \"10ms\"\nretry_max = \"200ms\"\n\
+             task_poll_interval = \"20ms\"\n{tables}\n\
+             [rotation.fleet]\nkey_prefix = \"{PREFIX}\"\nkey = \"env:TEST_FLEET_KEY\"\n\
+             username = \"rp-fleet\"\npassword = \"env:TEST_FLEET_PASSWORD\"\n\
+             instance = \"{instance}\"\npoll_interval = \"200ms\"\n\
+             lease_ttl = \"1500ms\"\nmember_timeout = \"1500ms\"\n",
+            emu.base_url(),
+            keys.account.display(),
+            keys.secret.display(),
+        ));
+    config.admin_extra = "token = \"env:TEST_ADMIN_TOKEN\"".into();
+    config.to_toml()
+}
+
+/// Redis behind the Cloud API emulator, with the fleet's user on it.
+fn cloud_redis_with_fleet_user(
+    store_password: &str,
+) -> (RedisServer, support::cloud::CloudEmulator) {
+    let redis = RedisServer::start(RedisOptions::new());
+    let emu = support::cloud::CloudEmulator::start(&redis);
+    redis
+        .admin_cmd(
+            &["ACL", "SETUSER"]
+                .into_iter()
+                .chain(store_user_rules(store_password).split_whitespace())
+                .collect::<Vec<_>>(),
+        )
+        .assert_ok();
+    (redis, emu)
+}
+
+/// Rotations through the (emulated) Redis Cloud API by a fleet of two, with client load on
+/// both: no client error, and no refusal counted as a real authentication failure.
+fn cloud_fleet_rotations_under_load(default_user: bool, rotations: usize) {
+    let store_password = random_token(32);
+    let (redis, emu) = cloud_redis_with_fleet_user(&store_password);
+    let dir = temp_dir();
+    let fleet_key = base64::engine::general_purpose::STANDARD.encode([5u8; 32]);
+    let (user, first_password, strategy) = if default_user {
+        let strategy = format!(
+            "strategy = \"default-user\"\npassword_length = 40\n\
+             [rotation.database]\nkind = \"pro\"\nsubscription_id = {}\ndatabase_id = {}\n",
+            emu.subscription_id(),
+            emu.database_id(),
+        );
+        (None, emu.default_password(), strategy)
+    } else {
+        let (a, b) = (random_token(32), random_token(32));
+        emu.create_acl_user("app-a", "app-role", &a);
+        emu.create_acl_user("app-b", "app-role", &b);
+        let strategy = "strategy = \"alternating-users\"\nusers = [\"app-a\", \"app-b\"]\n";
+        (Some("app-a"), a, strategy.to_string())
+    };
+    let envs = [
+        ("TEST_UPSTREAM_PASSWORD", first_password.as_str()),
+        ("TEST_ADMIN_TOKEN", TOKEN),
+        ("TEST_FLEET_KEY", fleet_key.as_str()),
+        ("TEST_FLEET_PASSWORD", store_password.as_str()),
+    ];
+    let p1 = Proxy::start(
+        &cloud_fleet_config(&redis, &emu, &dir, user, &strategy, "p1"),
+        &envs,
+    );
+    let role = |p: &Proxy| -> Value {
+        let (_, body) = p.http_get("/v1/status");
+        serde_json::from_str::<Value>(&body).unwrap()["fleet"]["role"].clone()
+    };
+    assert_eventually(Duration::from_secs(30), "p1 leads", || {
+        role(&p1) == "leader"
+    });
+    let p2 = Proxy::start(
+        &cloud_fleet_config(&redis, &emu, &dir, user, &strategy, "p2"),
+        &envs,
+    );
+    assert_eventually(Duration::from_secs(30), "p2 follows", || {
+        role(&p2) == "follower"
+    });
+    let loads: Vec<Load> = [&p1, &p2]
+        .iter()
+        .map(|p| Load::start(LoadConfig::new(p.client_addr(), random_token(8))))
+        .collect();
+    let progress = |loads: &[Load]| {
+        for load in loads {
+            let from = load.progress();
+            assert_eventually(Duration::from_secs(30), "load progressing", || {
+                load.progress() > from + 200
+            });
+        }
+    };
+    progress(&loads);
+    for i in 0..rotations {
+        let (code, body) = p1.http_post("/v1/rotate?wait=true", Some(TOKEN), "");
+        assert_eq!(code, 200, "rotation {i}: {body}");
+        for load in &loads {
+            assert_eq!(load.errors_so_far(), 0, "rotation {i}: client errors");
+        }
+        progress(&loads);
+    }
+    for load in loads {
+        let report = load.stop();
+        report.assert_clean();
+        assert_eq!(report.reconnects, 0);
+    }
+    for p in [&p1, &p2] {
+        assert_eq!(
+            p.metric("rotaproxy_upstream_auth_failures_total")
+                .unwrap_or(0.0),
+            0.0,
+            "a refusal during a rotation counted as a real authentication failure"
+        );
+        let secrets = [
+            first_password.as_str(),
+            store_password.as_str(),
+            fleet_key.as_str(),
+            emu.account_key(),
+            emu.secret_key(),
+        ];
+        assert_no_secret_in_logs(p, &secrets);
+    }
+}
+
+#[test]
+fn a_fleet_rotates_alternating_users_through_the_redis_cloud_api_under_load() {
+    cloud_fleet_rotations_under_load(false, 5);
+}
+
+#[test]
+fn a_fleet_rotates_the_default_user_through_the_redis_cloud_api_under_load() {
+    cloud_fleet_rotations_under_load(true, 5);
 }

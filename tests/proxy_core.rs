@@ -2875,6 +2875,7 @@ fn clients_can_connect_over_a_unix_socket() {
             "tcp": env.proxy.client_addr().to_string(),
             "tls": false,
             "client_certificates_required": false,
+            "client_certificates_checked": false,
             "unix_socket": socket.to_str().expect("utf-8"),
         })
     );

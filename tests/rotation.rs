@@ -364,7 +364,7 @@ fn a_password_changed_behind_the_proxys_back_is_followed_once_the_source_has_it(
     });
     assert_eventually(Duration::from_secs(10), "the proxy was refused", || {
         proxy
-            .metric("rotaproxy_upstream_auth_failures_total")
+            .metric("rotaproxy_upstream_auth_probe_failures_total")
             .unwrap_or(0.0)
             >= 1.0
     });
@@ -373,9 +373,52 @@ fn a_password_changed_behind_the_proxys_back_is_followed_once_the_source_has_it(
     let (reply, mut c) = waiter.join().unwrap();
     reply.assert_int(2);
     c.cmd(&["GET", "k"]).assert_bulk("2");
+    // A change the proxy followed is no authentication failure to alert on.
+    assert_eq!(
+        proxy
+            .metric("rotaproxy_upstream_auth_failures_total")
+            .unwrap_or(0.0),
+        0.0
+    );
     let (_, body) = proxy.http_get("/v1/status");
     let s: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(s["generation"], 2, "{s}");
+    assert_no_secret_in_logs(&proxy, &[&password, &new]);
+}
+
+#[test]
+fn a_refusal_the_source_never_explains_is_a_real_authentication_failure() {
+    let ExternalEnv {
+        redis,
+        volume: _volume,
+        proxy,
+        password,
+        dir: _dir,
+    } = ExternalEnv::start("poll_interval = \"1h\"\nrefresh_window = \"1s\"\n");
+    let new = random_token(32);
+    redis
+        .admin_cmd(&["ACL", "SETUSER", "app", "resetpass", &format!(">{new}")])
+        .assert_ok();
+    redis
+        .admin_cmd(&["CLIENT", "KILL", "USER", "app"])
+        .assert_not_error();
+    // The source never gets the new password: after the refresh window the client hears why,
+    // and the refusal counts as a real one, for the alert.
+    let mut c = proxy.conn();
+    let mut reply = c.cmd(&["PING"]);
+    let started = std::time::Instant::now();
+    while reply == Frame::simple("PONG") && started.elapsed() < Duration::from_secs(30) {
+        // A pooled connection opened before the change may still serve a command or two.
+        c = proxy.conn();
+        reply = c.cmd(&["PING"]);
+    }
+    reply.assert_error("ERR rotaproxy: upstream unavailable");
+    assert_eventually(Duration::from_secs(10), "the refusal counted", || {
+        proxy
+            .metric("rotaproxy_upstream_auth_failures_total")
+            .unwrap_or(0.0)
+            >= 1.0
+    });
     assert_no_secret_in_logs(&proxy, &[&password, &new]);
 }
 

@@ -1331,6 +1331,11 @@ impl RotationHandle {
 }
 
 impl crate::upstream::pool::AuthRecovery for RotationHandle {
+    fn may_recover(&self) -> bool {
+        self.shared.config.external.is_some()
+            || self.fleet().is_some_and(|fleet| !fleet.is_leader())
+    }
+
     fn recover(
         &self,
         refused_generation: u64,

@@ -58,6 +58,11 @@ struct Inner {
 
 /// Something that can bring a credential the server accepts after a refusal.
 pub trait AuthRecovery: Send + Sync {
+    /// Whether a refusal may be a credential change this proxy follows rather than makes (the
+    /// `external` strategy; a fleet member that does not rotate): such a refusal is expected
+    /// until recovery says otherwise.
+    fn may_recover(&self) -> bool;
+
     /// Returns true when a newer generation is current and worth a retry.
     fn recover(
         &self,
@@ -147,13 +152,7 @@ impl Pool {
                 }
             }
         };
-        let mut conn = self.open().await;
-        if let Err(ConnectError::Auth { .. }) = &conn
-            && let Some(recovery) = inner.auth_recovery.get()
-            && recovery.recover(current).await
-        {
-            conn = self.open().await;
-        }
+        let conn = self.open_recovering(current).await;
         inner.refill.notify_one();
         let mut conn = conn?;
         conn.permit = Some(permit);
@@ -209,7 +208,30 @@ impl Pool {
         &self.inner.generations
     }
 
-    async fn open(&self) -> Result<UpstreamConn, ConnectError> {
+    /// Opens a connection of generation `current` or later. A refusal that may be a
+    /// credential change this proxy follows is waited out once (see [`AuthRecovery`]), and
+    /// counted as a real authentication failure only if it was not one: alerts on
+    /// `rotaproxy_upstream_auth_failures_total` stay quiet through a change the proxy follows.
+    async fn open_recovering(&self, current: u64) -> Result<UpstreamConn, ConnectError> {
+        let inner = &self.inner;
+        let Some(recovery) = inner.auth_recovery.get().filter(|r| r.may_recover()) else {
+            return self.open(false).await;
+        };
+        let conn = self.open(true).await;
+        let Err(err @ ConnectError::Auth { .. }) = &conn else {
+            return conn;
+        };
+        if recovery.recover(current).await {
+            return self.open(false).await;
+        }
+        inner.metrics.connect_failure(err.stage());
+        inner.metrics.upstream_auth_failures.increment(1);
+        conn
+    }
+
+    /// Opens a connection of the current generation (`expect_refusal`: a refusal is counted as
+    /// an expected probe failure, for the caller to judge).
+    async fn open(&self, expect_refusal: bool) -> Result<UpstreamConn, ConnectError> {
         let inner = &self.inner;
         let generation = inner.generations.current();
         let result = match inner.generations.candidate() {
@@ -222,6 +244,9 @@ impl Pool {
                     }
                     other => other,
                 }
+            }
+            None if expect_refusal => {
+                connector::probe(&generation, &inner.timeouts, &inner.metrics).await
             }
             None => connector::connect(&generation, &inner.timeouts, &inner.metrics).await,
         };
@@ -283,7 +308,8 @@ impl Pool {
             };
             let pool = self.clone();
             tasks.spawn(async move {
-                let mut conn = pool.open().await?;
+                let current = pool.inner.generations.current_id();
+                let mut conn = pool.open_recovering(current).await?;
                 conn.permit = Some(permit);
                 Ok::<_, ConnectError>(conn)
             });
