@@ -551,7 +551,8 @@ pub struct RotationConfig {
 #[serde(deny_unknown_fields)]
 pub struct FleetConfig {
     /// Names the fleet's keys: `{<key_prefix>}:state`, `:lease`, `:fence`, `:members`,
-    /// `:requests` (in one hash slot, so the scripts run on a sharded database too).
+    /// `:requests`, `:answer:*` (in one hash slot, so the scripts run on a sharded database
+    /// too).
     pub key_prefix: String,
     /// 32 random bytes, base64 (`openssl rand -base64 32`), that encrypt the shared state.
     pub key: SecretRef,

@@ -10,7 +10,8 @@
 //!   it when it is free, with a new token from `{prefix}:fence`, and renews it while alive;
 //! - `{prefix}:members` — what every member last reported (the shared generation it follows
 //!   and how many connections it still has on an older one), stamped with the server's clock;
-//! - `{prefix}:requests` — rotation requests a follower's admin API passed on to the rotator.
+//! - `{prefix}:requests` — rotation requests a follower's admin API passed on to the rotator,
+//!   and `{prefix}:answer:<request>` the id of the rotation that serves each.
 //!
 //! Writes of the state are fenced: a script writes only while the lease still holds the
 //! writer's own token, so a rotator that lost its lease (a long pause, a partition) cannot
