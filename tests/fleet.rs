@@ -600,6 +600,53 @@ fn a_follower_passes_rotation_requests_on_to_the_rotator() {
 }
 
 #[test]
+fn two_members_given_one_instance_name_are_told_so() {
+    let mut env = FleetEnv::alternating("", "");
+    let first = env.start("twin", &[]);
+    env.wait_for_role(first, "leader");
+    // Started under the same name, the second takes the first's place in the list, so its
+    // handle on the first is gone: both are checked through the metric and the logs.
+    let second = Proxy::start(&env.config("twin"), &{
+        let envs: Vec<(&str, &str)> = env
+            .envs
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        envs
+    });
+    let clashes = |p: &Proxy| {
+        p.metric("rotaproxy_fleet_instance_clashes_total")
+            .unwrap_or(0.0)
+    };
+    assert_eventually(Duration::from_secs(30), "the clash is seen", || {
+        clashes(env.member(first)) + clashes(&second) >= 1.0
+    });
+    assert!(
+        env.member(first).log_contains("fleet.instance_clash")
+            || second.log_contains("fleet.instance_clash")
+    );
+    // A member restarted under its own name is no clash (its old report is older than its
+    // first new one).
+    let mut env = FleetEnv::alternating("", "lease_ttl = \"1500ms\"");
+    let p1 = env.start("p1", &[]);
+    env.wait_for_role(p1, "leader");
+    env.members[p1].1.as_mut().unwrap().kill();
+    let p1 = env.start("p1", &[]);
+    env.wait_for_role(p1, "leader");
+    let p2 = env.start("p2", &[]);
+    env.wait_for_role(p2, "follower");
+    // Once p2 has seen p1 report, neither took the other (or p1's old self) for a clash.
+    assert_eventually(Duration::from_secs(30), "p2 sees p1 report", || {
+        env.status(p2)["fleet"]["members"]
+            .as_array()
+            .is_some_and(|m| m.len() == 2)
+    });
+    for m in [p1, p2] {
+        assert_eq!(clashes(env.member(m)), 0.0);
+    }
+}
+
+#[test]
 fn a_stopping_rotator_hands_the_lease_over_at_once() {
     // A lease that would take a minute to expire: the next member leads long before.
     let mut env = FleetEnv::alternating("", "lease_ttl = \"60s\"");

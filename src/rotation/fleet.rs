@@ -75,8 +75,9 @@ return 0
 /// A member's report, stamped with the server's clock (members' clocks may disagree).
 const REPORT_SCRIPT: &str = r"
 local t = redis.call('TIME')
-redis.call('HSET', KEYS[1], ARGV[1], (t[1] * 1000 + math.floor(t[2] / 1000)) .. ' ' .. ARGV[2])
-return 1
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('HSET', KEYS[1], ARGV[1], now .. ' ' .. ARGV[2])
+return now
 ";
 
 /// Every report, and the server's clock to judge their age by.
@@ -129,6 +130,10 @@ pub struct MemberReport {
     /// Its upstream connections still on an older generation.
     pub previous_connections: i64,
     pub leader: bool,
+    /// Random per process: two live processes reporting under one instance name differ here
+    /// (see [`Fleet::members`]).
+    #[serde(default)]
+    pub incarnation: String,
 }
 
 /// A member as the last read of `{prefix}:members` showed it.
@@ -176,6 +181,12 @@ pub struct Fleet {
     retired: AtomicBool,
     /// Stopped: reports no more.
     left: AtomicBool,
+    /// This process among the members (see [`MemberReport::incarnation`]).
+    incarnation: String,
+    /// The server's time of this member's last report (0: none yet).
+    reported_at: AtomicU64,
+    /// Another process reports under this instance name (logged once).
+    clash: AtomicBool,
     /// The shared generation this member's credential comes from.
     synced: AtomicU64,
     /// Who held the lease at the last look, and the members then (for status).
@@ -227,6 +238,13 @@ impl Fleet {
             leader: AtomicBool::new(false),
             retired: AtomicBool::new(false),
             left: AtomicBool::new(false),
+            incarnation: {
+                let mut b = [0u8; 6];
+                getrandom::fill(&mut b).expect("the OS random source works");
+                b.iter().map(|x| format!("{x:02x}")).collect()
+            },
+            reported_at: AtomicU64::new(0),
+            clash: AtomicBool::new(false),
             synced: AtomicU64::new(0),
             view: Mutex::new((None, Vec::new())),
         })
@@ -451,11 +469,16 @@ impl Fleet {
 
     // ---- members ----------------------------------------------------------------------------
 
-    pub async fn report(&self, report: &MemberReport) -> Result<(), StoreError> {
+    /// Reports this member (its `incarnation` filled in here).
+    pub async fn report(&self, report: MemberReport) -> Result<(), StoreError> {
         if self.left.load(Ordering::Acquire) {
             return Ok(());
         }
-        let json = serde_json::to_vec(report).expect("a report always serializes");
+        let report = MemberReport {
+            incarnation: self.incarnation.clone(),
+            ..report
+        };
+        let json = serde_json::to_vec(&report).expect("a report always serializes");
         match self
             .command(&[
                 b"EVAL",
@@ -467,7 +490,10 @@ impl Fleet {
             ])
             .await?
         {
-            OwnedFrame::Integer(_) => Ok(()),
+            OwnedFrame::Integer(at) => {
+                self.reported_at.store(at.max(0) as u64, Ordering::Release);
+                Ok(())
+            }
             other => Err(self.reply_error("the report", other)),
         }
     }
@@ -504,6 +530,9 @@ impl Fleet {
             let (Ok(at), Ok(report)) = (at.parse::<u64>(), serde_json::from_str(json)) else {
                 continue;
             };
+            if instance == self.instance {
+                self.look_for_a_clash(&report, at);
+            }
             let ago = (*now as u64).saturating_sub(at);
             if ago > timeout {
                 gone.push(instance);
@@ -531,6 +560,26 @@ impl Fleet {
         }
         self.view.lock().expect("not poisoned").1 = members.clone();
         Ok(members)
+    }
+
+    /// Another process reporting under this member's name since its own last report (two
+    /// replicas given one `instance`) would make each hide the other from the rotator's gate:
+    /// said loudly, once. (A report left by this name's previous process is older than this
+    /// process's first one.)
+    fn look_for_a_clash(&self, report: &MemberReport, at: u64) {
+        let own_last = self.reported_at.load(Ordering::Acquire);
+        if own_last == 0 || at <= own_last || report.incarnation == self.incarnation {
+            return;
+        }
+        metrics::counter!("rotaproxy_fleet_instance_clashes_total").increment(1);
+        if !self.clash.swap(true, Ordering::AcqRel) {
+            tracing::error!(
+                target: "rotaproxy::audit",
+                event = "fleet.instance_clash",
+                instance = %self.instance,
+                "another process reports under this fleet instance name: give every member its own rotation.fleet.instance"
+            );
+        }
     }
 
     /// Members other than this one that still use an older shared generation than

@@ -732,12 +732,17 @@ impl RotationHandle {
                 if fleet.seek_lease().await? {
                     renewed = Instant::now();
                 }
+                // Read before this member reports: a report under its name written since its
+                // last one is another process's (see `Fleet::members`).
+                let members = fleet.members().await?;
+                gauge!("rotaproxy_fleet_members").set(members.len() as f64);
                 let previous = s.generations.previous().map_or(0, |p| p.live_connections());
                 fleet
-                    .report(&fleet::MemberReport {
+                    .report(fleet::MemberReport {
                         generation: fleet.synced(),
                         previous_connections: previous.max(0),
                         leader: fleet.is_leader(),
+                        incarnation: String::new(),
                     })
                     .await?;
                 if fleet.is_leader() {
@@ -755,8 +760,6 @@ impl RotationHandle {
                         fleet.answer(&passed.id, &rotation).await?;
                     }
                 }
-                let members = fleet.members().await?;
-                gauge!("rotaproxy_fleet_members").set(members.len() as f64);
                 Ok::<(), StoreError>(())
             };
             match beat.await {
