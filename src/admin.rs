@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::rotation::fleet::Fleet;
 use axum::Router;
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -16,6 +15,7 @@ use secrecy::ExposeSecret;
 use serde_json::json;
 use tokio::net::TcpListener;
 
+use crate::rotation::fleet::Fleet;
 use crate::rotation::{RequestAnswer, RotationHandle};
 use crate::session::client_auth::constant_time_eq;
 use crate::upstream::pool::Pool;

@@ -48,7 +48,8 @@ pub struct ClientView {
     /// The credential generation of the session's upstream connection; none while it has none.
     pub generation: Option<u64>,
     /// While a newer generation waits for this session: what keeps it from moving
-    /// (`transaction`, `watch`, `blocking_command`, `replies`; see `Session::move_blocker`).
+    /// (`transaction`, `watch`, `blocking_command`, `replies`; see
+    /// `Session::note_what_the_move_waits_for`).
     pub waiting_to_move: Option<&'static str>,
 }
 
