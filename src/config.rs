@@ -582,6 +582,18 @@ pub struct FleetConfig {
     /// for it.
     #[serde(default = "default_fleet_member_timeout", with = "humantime_serde")]
     pub member_timeout: Duration,
+    /// After each write of the shared state, wait (`WAIT`) until this many replicas of the
+    /// database have it; fewer within `replica_timeout` is a failed write (the rotator stops,
+    /// as after any store error, and the next one resumes once the write holds). 0: do not
+    /// wait (a failover of the database may then lose the last write).
+    #[serde(default)]
+    pub replicas: u32,
+    #[serde(default = "default_fleet_replica_timeout", with = "humantime_serde")]
+    pub replica_timeout: Duration,
+}
+
+fn default_fleet_replica_timeout() -> Duration {
+    Duration::from_secs(2)
 }
 
 fn default_fleet_poll_interval() -> Duration {
@@ -1424,6 +1436,12 @@ fn validate_fleet(r: &RotationConfig, fleet: &FleetConfig) -> Result<(), ConfigE
         return Err(invalid(
             "rotation.fleet.lease_ttl",
             "must be at least three poll_intervals, so a busy rotator renews it in time",
+        ));
+    }
+    if fleet.replicas > 0 && fleet.replica_timeout.is_zero() {
+        return Err(invalid(
+            "rotation.fleet.replica_timeout",
+            "must be more than 0s (0 would make WAIT block forever)",
         ));
     }
     if fleet.member_timeout < fleet.poll_interval * 3 {

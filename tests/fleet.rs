@@ -21,7 +21,7 @@ fn store_user_rules(password: &str) -> String {
     format!(
         "rp-fleet on >{password} resetkeys ~{{{PREFIX}}}:* resetchannels -@all \
          +eval +get +set +incr +pexpire +del +hset +hgetall +hdel +rpush +lpop +time +ping \
-         +client|id"
+         +client|id +wait"
     )
 }
 
@@ -172,6 +172,15 @@ impl FleetEnv {
         let (code, body) = self.member(i).http_get("/v1/status");
         assert_eq!(code, 200, "{body}");
         serde_json::from_str(&body).expect("status is JSON")
+    }
+
+    /// Starts `p1`, the fleet's rotator, then `p2`, a follower.
+    fn leader_and_follower(&mut self) -> (usize, usize) {
+        let p1 = self.start("p1", &[]);
+        self.wait_for_role(p1, "leader");
+        let p2 = self.start("p2", &[]);
+        self.wait_for_role(p2, "follower");
+        (p1, p2)
     }
 
     fn wait_for_role(&self, i: usize, role: &str) {
@@ -465,10 +474,7 @@ fn when_the_rotator_dies_mid_rotation_another_member_finishes_it() {
 #[test]
 fn a_fleet_over_mutual_tls_rotates_and_follows() {
     let mut env = FleetEnv::alternating_over(true, "drain_deadline = \"10s\"", "");
-    let p1 = env.start("p1", &[]);
-    env.wait_for_role(p1, "leader");
-    let p2 = env.start("p2", &[]);
-    env.wait_for_role(p2, "follower");
+    let (p1, p2) = env.leader_and_follower();
     let mut client = env.member(p2).conn();
     client.cmd(&["SET", "k", "v"]).assert_ok();
 
@@ -510,10 +516,7 @@ fn a_fleet_over_mutual_tls_rotates_and_follows() {
 #[test]
 fn a_fleet_rotates_a_user_that_holds_two_passwords_for_a_while() {
     let mut env = FleetEnv::multi_password("drain_deadline = \"10s\"");
-    let p1 = env.start("p1", &[]);
-    env.wait_for_role(p1, "leader");
-    let p2 = env.start("p2", &[]);
-    env.wait_for_role(p2, "follower");
+    let (p1, p2) = env.leader_and_follower();
     let mut client = env.member(p2).conn();
     client.cmd(&["SELECT", "4"]).assert_ok();
     client.cmd(&["SET", "k", "v"]).assert_ok();
@@ -550,10 +553,7 @@ fn a_fleet_rotates_a_user_that_holds_two_passwords_for_a_while() {
 #[test]
 fn a_follower_passes_rotation_requests_on_to_the_rotator() {
     let mut env = FleetEnv::alternating("drain_deadline = \"10s\"", "");
-    let p1 = env.start("p1", &[]);
-    env.wait_for_role(p1, "leader");
-    let p2 = env.start("p2", &[]);
-    env.wait_for_role(p2, "follower");
+    let (p1, p2) = env.leader_and_follower();
 
     let (code, body) = env.member(p2).http_post("/v1/rotate", None, "");
     assert_eq!(code, 401, "{body}");
@@ -631,10 +631,7 @@ fn two_members_given_one_instance_name_are_told_so() {
     let p1 = env.start("p1", &[]);
     env.wait_for_role(p1, "leader");
     env.members[p1].1.as_mut().unwrap().kill();
-    let p1 = env.start("p1", &[]);
-    env.wait_for_role(p1, "leader");
-    let p2 = env.start("p2", &[]);
-    env.wait_for_role(p2, "follower");
+    let (p1, p2) = env.leader_and_follower();
     // Once p2 has seen p1 report, neither took the other (or p1's old self) for a clash.
     assert_eventually(Duration::from_secs(30), "p2 sees p1 report", || {
         env.status(p2)["fleet"]["members"]
@@ -647,13 +644,74 @@ fn two_members_given_one_instance_name_are_told_so() {
 }
 
 #[test]
+fn a_fleet_can_wait_for_its_state_to_reach_a_replica() {
+    let mut env = FleetEnv::alternating(
+        "drain_deadline = \"10s\"",
+        "replicas = 1\nreplica_timeout = \"300ms\"\nlease_ttl = \"1500ms\"\n\
+         member_timeout = \"1500ms\"",
+    );
+    let start_replica = |primary: &RedisServer| {
+        let replica = RedisServer::start(
+            RedisOptions::new().config("replicaof", &format!("127.0.0.1 {}", primary.port())),
+        );
+        assert_eventually(Duration::from_secs(30), "the replica in sync", || {
+            replica
+                .admin_cmd(&["INFO", "replication"])
+                .as_str()
+                .is_some_and(|info| info.contains("master_link_status:up"))
+        });
+        replica
+    };
+    let replica = start_replica(&env.redis);
+    let (p1, p2) = env.leader_and_follower();
+    let mut client = env.member(p2).conn();
+    client.cmd(&["SET", "k", "v"]).assert_ok();
+    let first = env.start_rotation(p1);
+    assert_eq!(env.wait_for_outcome(p1, &first)["outcome"], "success");
+    env.remember_shared_passwords();
+    let current = env.shared_state()["current"].clone();
+
+    // Without the replica no write of the state holds: the rotation stops at its first step,
+    // and nothing changes for the clients.
+    drop(replica);
+    assert_eventually(Duration::from_secs(30), "the replica gone", || {
+        env.redis
+            .admin_cmd(&["INFO", "replication"])
+            .as_str()
+            .is_some_and(|info| info.contains("connected_slaves:0"))
+    });
+    let second = env.start_rotation(p1);
+    env.member(p1)
+        .wait_for_log("reached 0 of 1 replicas", Duration::from_secs(30));
+    client.cmd(&["GET", "k"]).assert_bulk("v");
+    client.cmd(&["ACL", "WHOAMI"]).assert_bulk("app-b");
+    assert!(env.authenticates(
+        current["username"].as_str().unwrap(),
+        current["password"].as_str().unwrap()
+    ));
+
+    // The replica back: the fleet's rotator resumes the rotation from the shared state.
+    let _replica = start_replica(&env.redis);
+    assert_eventually(Duration::from_secs(60), "the second rotation over", || {
+        [p1, p2].iter().any(|&m| {
+            let last = env.status(m)["last_rotation"].clone();
+            last["id"] == second.as_str() && last["outcome"] == "success"
+        })
+    });
+    env.remember_shared_passwords();
+    let shared = env.shared_state();
+    assert_eq!(shared["current"]["username"], "app-a");
+    assert!(shared["rotation"].is_null());
+    env.wait_until_moved(p2, "app-a");
+    client.cmd(&["GET", "k"]).assert_bulk("v");
+    env.assert_nothing_leaked();
+}
+
+#[test]
 fn a_stopping_rotator_hands_the_lease_over_at_once() {
     // A lease that would take a minute to expire: the next member leads long before.
     let mut env = FleetEnv::alternating("", "lease_ttl = \"60s\"");
-    let p1 = env.start("p1", &[]);
-    env.wait_for_role(p1, "leader");
-    let p2 = env.start("p2", &[]);
-    env.wait_for_role(p2, "follower");
+    let (p1, p2) = env.leader_and_follower();
     env.member(p1).terminate();
     env.wait_for_role(p2, "leader");
     assert!(
@@ -885,10 +943,7 @@ fn a_rotator_paused_past_its_lease_cannot_undo_what_its_successor_did() {
         "drain_deadline = \"60s\"",
         "lease_ttl = \"1500ms\"\nmember_timeout = \"1500ms\"",
     );
-    let p1 = env.start("p1", &[]);
-    env.wait_for_role(p1, "leader");
-    let p2 = env.start("p2", &[]);
-    env.wait_for_role(p2, "follower");
+    let (p1, p2) = env.leader_and_follower();
     // Keeps p1's drain waiting: its session stays on app-a until the EXEC.
     let mut watcher = env.member(p1).conn();
     watcher.cmd(&["WATCH", "w"]).assert_ok();

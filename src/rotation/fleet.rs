@@ -402,18 +402,46 @@ impl Fleet {
         };
         let json = serde_json::to_vec(state).expect("the state always serializes");
         let sealed = self.seal(json);
-        match self
-            .command(&[
-                b"EVAL",
-                FENCED_SET_SCRIPT.as_bytes(),
-                b"2",
-                self.keys.lease.as_bytes(),
-                self.keys.state.as_bytes(),
-                mine.as_bytes(),
-                &sealed,
-            ])
+        let write: &[&[u8]] = &[
+            b"EVAL",
+            FENCED_SET_SCRIPT.as_bytes(),
+            b"2",
+            self.keys.lease.as_bytes(),
+            self.keys.state.as_bytes(),
+            mine.as_bytes(),
+            &sealed,
+        ];
+        let wanted = self.config.replicas;
+        if wanted == 0 {
+            let reply = self.command(write).await?;
+            return self.fenced_write_done(reply);
+        }
+        // WAIT counts the writes of its own connection: it goes in the same write.
+        let (wanted_text, timeout_ms) = (
+            wanted.to_string(),
+            self.config.replica_timeout.as_millis().to_string(),
+        );
+        let wait: &[&[u8]] = &[b"WAIT", wanted_text.as_bytes(), timeout_ms.as_bytes()];
+        let mut replies = self
+            .pipeline(&[write, wait], self.config.replica_timeout)
             .await?
-        {
+            .into_iter();
+        let (Some(written), Some(waited)) = (replies.next(), replies.next()) else {
+            return Err(self.unexpected("the fenced write and WAIT"));
+        };
+        self.fenced_write_done(written)?;
+        match waited {
+            OwnedFrame::Integer(n) if n >= i64::from(wanted) => Ok(()),
+            OwnedFrame::Integer(n) => Err(self.failure(format!(
+                "the state reached {n} of {wanted} replicas within {}",
+                humantime::format_duration(self.config.replica_timeout)
+            ))),
+            other => Err(self.reply_error("WAIT", other)),
+        }
+    }
+
+    fn fenced_write_done(&self, reply: OwnedFrame) -> Result<(), StoreError> {
+        match reply {
             OwnedFrame::Integer(1) => Ok(()),
             OwnedFrame::Integer(_) => {
                 self.drop_lease();
@@ -696,9 +724,22 @@ impl Fleet {
 
     // ---- the store connection ---------------------------------------------------------------
 
-    /// Runs one command on the store connection, opening it first if needed; a connection that
-    /// failed is replaced once.
+    /// Runs one command on the store connection (see [`Fleet::pipeline`]).
     async fn command(&self, args: &[&[u8]]) -> Result<OwnedFrame, StoreError> {
+        let mut replies = self.pipeline(&[args], Duration::ZERO).await?;
+        replies
+            .pop()
+            .ok_or_else(|| self.unexpected("a command of the store"))
+    }
+
+    /// Runs commands in one write on the store connection, opening it first if needed; a
+    /// connection that failed is replaced once. `extra` is added to the time they may take (a
+    /// `WAIT`'s own timeout).
+    async fn pipeline(
+        &self,
+        commands: &[&[&[u8]]],
+        extra: Duration,
+    ) -> Result<Vec<OwnedFrame>, StoreError> {
         let mut conn = self.conn.lock().await;
         let mut fresh = false;
         loop {
@@ -707,8 +748,8 @@ impl Fleet {
                 fresh = true;
             }
             let open = conn.as_mut().expect("just opened");
-            match connector::run_command(open, args, self.timeouts.auth).await {
-                Ok(reply) => return Ok(reply),
+            match connector::run_pipeline(open, commands, self.timeouts.auth + extra).await {
+                Ok(replies) => return Ok(replies),
                 Err(err) => {
                     *conn = None;
                     if fresh {

@@ -229,11 +229,7 @@ async fn handshake(conn: &mut UpstreamConn) -> Result<Option<i64>, ConnectError>
     let mut out = cred.auth_command().unwrap_or_default();
     let auths = !out.is_empty();
     out.extend_from_slice(&command::encode(&[&b"CLIENT"[..], b"ID"]));
-    conn.stream
-        .write_all(&out)
-        .await
-        .map_err(ConnectError::Closed)?;
-    conn.stream.flush().await.map_err(ConnectError::Closed)?;
+    send(&mut conn.stream, &out).await?;
     let mut buf = BytesMut::with_capacity(256);
     if auths {
         match read_reply(&mut conn.stream, &mut buf).await? {
@@ -288,13 +284,34 @@ async fn run_command_up_to(
     max_reply: usize,
 ) -> Result<OwnedFrame, ConnectError> {
     let run = async {
-        conn.stream
-            .write_all(&command::encode(args))
-            .await
-            .map_err(ConnectError::Closed)?;
-        conn.stream.flush().await.map_err(ConnectError::Closed)?;
+        send(&mut conn.stream, &command::encode(args)).await?;
         let mut buf = BytesMut::with_capacity(256);
         read_reply_up_to(&mut conn.stream, &mut buf, max_reply).await
+    };
+    timeout(within, run)
+        .await
+        .map_err(|_| ConnectError::AuthTimeout { after: within })?
+}
+
+/// Runs several commands in one write on a RESP2 connection the proxy uses for itself, and
+/// returns their replies in order (a `WAIT` that must follow its write on the same connection).
+pub async fn run_pipeline(
+    conn: &mut UpstreamConn,
+    commands: &[&[&[u8]]],
+    within: Duration,
+) -> Result<Vec<OwnedFrame>, ConnectError> {
+    let run = async {
+        let mut out = Vec::new();
+        for args in commands {
+            out.extend_from_slice(&command::encode(args));
+        }
+        send(&mut conn.stream, &out).await?;
+        let mut buf = BytesMut::with_capacity(256);
+        let mut replies = Vec::with_capacity(commands.len());
+        for _ in commands {
+            replies.push(read_reply_up_to(&mut conn.stream, &mut buf, SMALL_REPLY_MAX).await?);
+        }
+        Ok(replies)
     };
     timeout(within, run)
         .await
@@ -304,11 +321,7 @@ async fn run_command_up_to(
 /// Sends PING on an idle RESP2 connection and checks the answer.
 pub async fn ping(conn: &mut UpstreamConn, within: Duration) -> Result<(), ConnectError> {
     let check = async {
-        conn.stream
-            .write_all(b"*1\r\n$4\r\nPING\r\n")
-            .await
-            .map_err(ConnectError::Closed)?;
-        conn.stream.flush().await.map_err(ConnectError::Closed)?;
+        send(&mut conn.stream, b"*1\r\n$4\r\nPING\r\n").await?;
         let mut buf = BytesMut::with_capacity(64);
         match read_reply(&mut conn.stream, &mut buf).await? {
             OwnedFrame::SimpleString(s) if s == b"PONG" => Ok(()),
@@ -318,6 +331,12 @@ pub async fn ping(conn: &mut UpstreamConn, within: Duration) -> Result<(), Conne
     timeout(within, check)
         .await
         .map_err(|_| ConnectError::AuthTimeout { after: within })?
+}
+
+/// Writes `out` whole and flushes it.
+async fn send(stream: &mut Stream, out: &[u8]) -> Result<(), ConnectError> {
+    stream.write_all(out).await.map_err(ConnectError::Closed)?;
+    stream.flush().await.map_err(ConnectError::Closed)
 }
 
 /// Largest handshake, health-check or control reply read.
