@@ -662,8 +662,23 @@ fn a_fleet_can_wait_for_its_state_to_reach_a_replica() {
         });
         replica
     };
+    // A first member whose first write cannot reach a replica serves all the same, and
+    // creates the fleet's state once it can.
+    let p1 = env.start("p1", &[]);
+    env.member(p1).wait_for_log(
+        "cannot create the fleet's shared state yet",
+        Duration::from_secs(30),
+    );
+    env.member(p1).conn().cmd(&["PING"]).assert_simple("PONG");
     let replica = start_replica(&env.redis);
-    let (p1, p2) = env.leader_and_follower();
+    env.wait_for_role(p1, "leader");
+    assert_eventually(Duration::from_secs(30), "the shared state created", || {
+        env.redis
+            .admin_cmd(&["EXISTS", &format!("{{{PREFIX}}}:state")])
+            == Frame::Integer(1)
+    });
+    let p2 = env.start("p2", &[]);
+    env.wait_for_role(p2, "follower");
     let mut client = env.member(p2).conn();
     client.cmd(&["SET", "k", "v"]).assert_ok();
     let first = env.start_rotation(p1);

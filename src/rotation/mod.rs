@@ -146,8 +146,18 @@ pub async fn prepare(
             let state = RotationState::new(Slot::new(first.credential.username.clone(), password));
             // A follower waits for the rotator to create the fleet's state.
             if store.fleet().is_none_or(|fleet| fleet.is_leader()) {
-                store.save(&state).await?;
-                tracing::info!(store = %store.describe(), "rotation state created");
+                match (store.save(&state).await, store.fleet()) {
+                    (Ok(()), _) => {
+                        tracing::info!(store = %store.describe(), "rotation state created")
+                    }
+                    // A write that does not hold yet (the store gone again, a replica not
+                    // reached) is no reason not to serve: whoever leads next creates it.
+                    (Err(err @ StoreError::Fleet { .. }), Some(fleet)) => {
+                        tracing::warn!(error = %err, "cannot create the fleet's shared state yet; serving with the configured credential");
+                        fleet.drop_lease();
+                    }
+                    (Err(err), _) => return Err(err.into()),
+                }
             }
             state
         }
