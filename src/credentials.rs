@@ -74,6 +74,13 @@ impl Credential {
     pub fn display_user(&self) -> &str {
         self.username.as_deref().unwrap_or("default")
     }
+
+    /// Whether `other` is the same user with the same password.
+    pub fn same_as(&self, other: &Credential) -> bool {
+        self.username == other.username
+            && self.password.as_ref().map(|p| p.expose_secret())
+                == other.password.as_ref().map(|p| p.expose_secret())
+    }
 }
 
 impl fmt::Debug for Credential {

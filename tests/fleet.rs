@@ -145,11 +145,7 @@ impl FleetEnv {
 
     /// Starts member `instance` (again, if it ran before) and returns its index.
     fn start(&mut self, instance: &str, extra_env: &[(&str, &str)]) -> usize {
-        let mut envs: Vec<(&str, &str)> = self
-            .envs
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
+        let mut envs = env_refs(&self.envs);
         envs.extend_from_slice(extra_env);
         let proxy = Proxy::start(&self.config(instance), &envs);
         match self.members.iter().position(|(name, _)| name == instance) {
@@ -161,6 +157,19 @@ impl FleetEnv {
                 self.members.push((instance.to_string(), Some(proxy)));
                 self.members.len() - 1
             }
+        }
+    }
+
+    /// Starts member `instance` with environment variable `name` set to `value` instead, expects
+    /// the start to fail, and returns its log.
+    fn refused_start(&self, instance: &str, name: &str, value: &str) -> String {
+        let envs: Vec<(&str, &str)> = env_refs(&self.envs)
+            .into_iter()
+            .map(|(k, v)| if k == name { (k, value) } else { (k, v) })
+            .collect();
+        match Proxy::try_start(&self.config(instance), &envs) {
+            Ok(_) => panic!("member {instance} started with another {name}"),
+            Err(failure) => failure.logs.join("\n"),
         }
     }
 
@@ -606,14 +615,7 @@ fn two_members_given_one_instance_name_are_told_so() {
     env.wait_for_role(first, "leader");
     // Started under the same name, the second takes the first's place in the list, so its
     // handle on the first is gone: both are checked through the metric and the logs.
-    let second = Proxy::start(&env.config("twin"), &{
-        let envs: Vec<(&str, &str)> = env
-            .envs
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        envs
-    });
+    let second = Proxy::start(&env.config("twin"), &env_refs(&env.envs));
     let clashes = |p: &Proxy| {
         p.metric("rotaproxy_fleet_instance_clashes_total")
             .unwrap_or(0.0)
@@ -756,22 +758,7 @@ fn a_stopping_rotator_hands_the_lease_over_at_once() {
 fn a_fleet_member_refuses_to_start_with_a_bad_key_a_refused_store_user_or_another_key() {
     let env = FleetEnv::alternating("", "");
     let bad_key = "c2hvcnQta2V5"; // base64, but 9 bytes
-    let envs: Vec<(&str, &str)> = env
-        .envs
-        .iter()
-        .map(|(k, v)| {
-            if k == "TEST_FLEET_KEY" {
-                (k.as_str(), bad_key)
-            } else {
-                (k.as_str(), v.as_str())
-            }
-        })
-        .collect();
-    let failure = match Proxy::try_start(&env.config("p1"), &envs) {
-        Ok(_) => panic!("started with a 9-byte fleet key"),
-        Err(failure) => failure,
-    };
-    let output = failure.logs.join("\n");
+    let output = env.refused_start("p1", "TEST_FLEET_KEY", bad_key);
     assert!(
         output.contains("must each be 32 bytes in base64"),
         "{output}"
@@ -779,22 +766,7 @@ fn a_fleet_member_refuses_to_start_with_a_bad_key_a_refused_store_user_or_anothe
     assert!(!output.contains(bad_key), "{output}");
 
     let wrong = random_token(32);
-    let envs: Vec<(&str, &str)> = env
-        .envs
-        .iter()
-        .map(|(k, v)| {
-            if k == "TEST_FLEET_PASSWORD" {
-                (k.as_str(), wrong.as_str())
-            } else {
-                (k.as_str(), v.as_str())
-            }
-        })
-        .collect();
-    let failure = match Proxy::try_start(&env.config("p1"), &envs) {
-        Ok(_) => panic!("started with a wrong password for the fleet's user"),
-        Err(failure) => failure,
-    };
-    let output = failure.logs.join("\n");
+    let output = env.refused_start("p1", "TEST_FLEET_PASSWORD", &wrong);
     assert!(output.contains("fleet state"), "{output}");
     assert!(output.contains("rp-fleet"), "{output}");
     assert!(!output.contains(&wrong), "{output}");
@@ -804,22 +776,7 @@ fn a_fleet_member_refuses_to_start_with_a_bad_key_a_refused_store_user_or_anothe
     let p1 = env.start("p1", &[]);
     env.wait_for_role(p1, "leader");
     let other_key = base64::engine::general_purpose::STANDARD.encode([9u8; 32]);
-    let envs: Vec<(&str, &str)> = env
-        .envs
-        .iter()
-        .map(|(k, v)| {
-            if k == "TEST_FLEET_KEY" {
-                (k.as_str(), other_key.as_str())
-            } else {
-                (k.as_str(), v.as_str())
-            }
-        })
-        .collect();
-    let failure = match Proxy::try_start(&env.config("p2"), &envs) {
-        Ok(_) => panic!("started with another fleet's key"),
-        Err(failure) => failure,
-    };
-    let output = failure.logs.join("\n");
+    let output = env.refused_start("p2", "TEST_FLEET_KEY", &other_key);
     assert!(
         output.contains("does not open with rotation.fleet.key"),
         "{output}"

@@ -339,13 +339,7 @@ fn a_password_changed_behind_the_proxys_back_is_followed_once_the_source_has_it(
     c.cmd(&["SET", "k", "1"]).assert_ok();
 
     // The password changes on the server, and every connection the proxy had is dropped.
-    let new = random_token(32);
-    redis
-        .admin_cmd(&["ACL", "SETUSER", "app", "resetpass", &format!(">{new}")])
-        .assert_ok();
-    redis
-        .admin_cmd(&["CLIENT", "KILL", "USER", "app"])
-        .assert_not_error();
+    let new = change_the_password_behind_the_proxys_back(&redis);
     assert_eventually(
         Duration::from_secs(10),
         "proxy saw its connections go",
@@ -386,6 +380,18 @@ fn a_password_changed_behind_the_proxys_back_is_followed_once_the_source_has_it(
     assert_no_secret_in_logs(&proxy, &[&password, &new]);
 }
 
+/// Gives user `app` a new password on the server, and drops every connection it had.
+fn change_the_password_behind_the_proxys_back(redis: &RedisServer) -> String {
+    let new = random_token(32);
+    redis
+        .admin_cmd(&["ACL", "SETUSER", "app", "resetpass", &format!(">{new}")])
+        .assert_ok();
+    redis
+        .admin_cmd(&["CLIENT", "KILL", "USER", "app"])
+        .assert_not_error();
+    new
+}
+
 #[test]
 fn a_refusal_the_source_never_explains_is_a_real_authentication_failure() {
     let ExternalEnv {
@@ -395,13 +401,7 @@ fn a_refusal_the_source_never_explains_is_a_real_authentication_failure() {
         password,
         dir: _dir,
     } = ExternalEnv::start("poll_interval = \"1h\"\nrefresh_window = \"1s\"\n");
-    let new = random_token(32);
-    redis
-        .admin_cmd(&["ACL", "SETUSER", "app", "resetpass", &format!(">{new}")])
-        .assert_ok();
-    redis
-        .admin_cmd(&["CLIENT", "KILL", "USER", "app"])
-        .assert_not_error();
+    let new = change_the_password_behind_the_proxys_back(&redis);
     // The source never gets the new password: after the refresh window the client hears why,
     // and the refusal counts as a real one, for the alert.
     let mut c = proxy.conn();

@@ -257,7 +257,7 @@ impl ClientCertRotation {
         let s = &self.shared;
         *s.last_error.lock().expect("not poisoned") = None;
         let started = Instant::now();
-        let id = format!("cert-{}-{}", now_unix(), random_suffix());
+        let id = format!("cert-{}-{}", now_unix(), super::secret::random_hex(4));
         let result = self.create(&id, trigger);
         self.audit(&id, "create", &result, started.elapsed());
         if let Err(err) = result {
@@ -593,12 +593,6 @@ fn make_certificate(
     params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
     let cert = params.self_signed(&key).map_err(fail)?;
     Ok((cert.pem().trim().to_string(), key.serialize_pem()))
-}
-
-fn random_suffix() -> String {
-    let mut b = [0u8; 4];
-    let _ = getrandom::fill(&mut b);
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -31,6 +31,7 @@ use redis_protocol::resp2::types::OwnedFrame;
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 
+use super::secret::random_hex;
 use super::state::{RotationState, SCHEMA_VERSION};
 use super::store::StoreError;
 use crate::config::{FleetConfig, SecretError, TimeoutsConfig};
@@ -174,9 +175,8 @@ pub struct Fleet {
     timeouts: TimeoutsConfig,
     metrics: Metrics,
     conn: tokio::sync::Mutex<Option<UpstreamConn>>,
-    /// The lease value while this member holds it.
+    /// The lease value while this member holds it (it leads exactly then).
     lease: Mutex<Option<String>>,
-    leader: AtomicBool,
     /// Stopping: never takes the lease again.
     retired: AtomicBool,
     /// Stopped: reports no more.
@@ -235,14 +235,9 @@ impl Fleet {
             metrics: metrics.clone(),
             conn: tokio::sync::Mutex::new(None),
             lease: Mutex::new(None),
-            leader: AtomicBool::new(false),
             retired: AtomicBool::new(false),
             left: AtomicBool::new(false),
-            incarnation: {
-                let mut b = [0u8; 6];
-                getrandom::fill(&mut b).expect("the OS random source works");
-                b.iter().map(|x| format!("{x:02x}")).collect()
-            },
+            incarnation: random_hex(6),
             reported_at: AtomicU64::new(0),
             clash: AtomicBool::new(false),
             synced: AtomicU64::new(0),
@@ -264,7 +259,7 @@ impl Fleet {
     }
 
     pub fn is_leader(&self) -> bool {
-        self.leader.load(Ordering::Acquire)
+        self.lease.lock().expect("not poisoned").is_some()
     }
 
     /// Notes the shared generation whose credential this member now uses.
@@ -328,7 +323,6 @@ impl Fleet {
         };
         *self.lease.lock().expect("not poisoned") = held.then(|| holder.clone());
         self.view.lock().expect("not poisoned").0 = Some(holder);
-        self.leader.store(held, Ordering::Release);
         Ok(held)
     }
 
@@ -339,7 +333,6 @@ impl Fleet {
         let Some(mine) = self.lease.lock().expect("not poisoned").take() else {
             return;
         };
-        self.leader.store(false, Ordering::Release);
         let _ = self
             .command(&[
                 b"EVAL",
@@ -367,7 +360,6 @@ impl Fleet {
     /// Forgets the lease without telling the store (it was found lost).
     pub fn drop_lease(&self) {
         *self.lease.lock().expect("not poisoned") = None;
-        self.leader.store(false, Ordering::Release);
     }
 
     // ---- the state ------------------------------------------------------------------------
@@ -497,14 +489,17 @@ impl Fleet {
 
     // ---- members ----------------------------------------------------------------------------
 
-    /// Reports this member (its `incarnation` filled in here).
-    pub async fn report(&self, report: MemberReport) -> Result<(), StoreError> {
+    /// Reports this member: the shared generation it uses, its connections still on an older
+    /// one, and whether it leads.
+    pub async fn report(&self, previous_connections: i64) -> Result<(), StoreError> {
         if self.left.load(Ordering::Acquire) {
             return Ok(());
         }
         let report = MemberReport {
+            generation: self.synced(),
+            previous_connections,
+            leader: self.is_leader(),
             incarnation: self.incarnation.clone(),
-            ..report
         };
         let json = serde_json::to_vec(&report).expect("a report always serializes");
         match self
@@ -628,10 +623,8 @@ impl Fleet {
     /// Passes a rotation request on to the rotator. Returns the request (its id names the
     /// answer, see [`Fleet::answer`]).
     pub async fn pass_request(&self, urgent: bool) -> Result<PassedRequest, StoreError> {
-        let mut id = [0u8; 8];
-        getrandom::fill(&mut id).expect("the OS random source works");
         let request = PassedRequest {
-            id: id.iter().map(|b| format!("{b:02x}")).collect(),
+            id: random_hex(8),
             urgent,
             from: self.instance.clone(),
         };

@@ -125,9 +125,9 @@ pub async fn prepare(
                 .map_err(|e| RotationError::Source(e.to_string()))?,
         )),
     };
-    let loaded = match store.fleet() {
-        None => store.load().await?,
-        Some(fleet) => first_look_at_the_fleet(fleet).await?,
+    let loaded = match &store {
+        Store::File(file) => file.load()?,
+        Store::Fleet(fleet) => first_look_at_the_fleet(fleet).await?,
     };
     let state = match loaded {
         Some(state) => state,
@@ -255,7 +255,7 @@ impl RotationHandle {
         let strategy = Strategy::new(&rotation, control)?;
         if let Some(fleet) = store.fleet() {
             fleet.attach(generations.clone());
-            if store_holds_this(&state, &generations.current()) {
+            if credential_of(&state.current).same_as(&generations.current().credential) {
                 fleet.set_synced(state.generation);
             }
         }
@@ -626,11 +626,7 @@ impl RotationHandle {
             );
             fleet.drop_lease();
             s.state.lock().expect("not poisoned").rotation = None;
-            s.escalate.store(false, Ordering::Release);
-            *s.last_error.lock().expect("not poisoned") = None;
-            *s.drain.lock().expect("not poisoned") = None;
-            s.generations.set_drain_deadline(None);
-            gauge!("rotaproxy_rotation_in_progress").set(0.0);
+            self.clear_rotation_bookkeeping();
             return false;
         }
         let success = result.is_ok();
@@ -670,14 +666,9 @@ impl RotationHandle {
         if let Err(err) = self.persist().await {
             tracing::error!(error = %err, "cannot persist the end of the rotation");
         }
-        s.escalate.store(false, Ordering::Release);
-        *s.last_error.lock().expect("not poisoned") = None;
-        *s.drain.lock().expect("not poisoned") = None;
-        s.generations.set_drain_deadline(None);
+        self.clear_rotation_bookkeeping();
         counter!("rotaproxy_rotations_total", "result" => if success { "success" } else { "failed" })
             .increment(1);
-        gauge!("rotaproxy_rotation_in_progress").set(0.0);
-        self.update_gauges();
         tracing::info!(
             target: "rotaproxy::audit",
             event = "rotation.end",
@@ -689,6 +680,18 @@ impl RotationHandle {
         );
         s.finished.send_replace(Some(outcome));
         success
+    }
+
+    /// Forgets what only a running rotation keeps: escalation, step error, drain progress and
+    /// deadline.
+    fn clear_rotation_bookkeeping(&self) {
+        let s = &self.shared;
+        s.escalate.store(false, Ordering::Release);
+        *s.last_error.lock().expect("not poisoned") = None;
+        *s.drain.lock().expect("not poisoned") = None;
+        s.generations.set_drain_deadline(None);
+        gauge!("rotaproxy_rotation_in_progress").set(0.0);
+        self.update_gauges();
     }
 
     /// A failed rotation leaves CURRENT as it was: PENDING is taken back from the server (best
@@ -747,14 +750,7 @@ impl RotationHandle {
                 let members = fleet.members().await?;
                 gauge!("rotaproxy_fleet_members").set(members.len() as f64);
                 let previous = s.generations.previous().map_or(0, |p| p.live_connections());
-                fleet
-                    .report(fleet::MemberReport {
-                        generation: fleet.synced(),
-                        previous_connections: previous.max(0),
-                        leader: fleet.is_leader(),
-                        incarnation: String::new(),
-                    })
-                    .await?;
+                fleet.report(previous.max(0)).await?;
                 if fleet.is_leader() {
                     for passed in fleet.take_requests().await? {
                         tracing::info!(from = %passed.from, urgent = passed.urgent, "rotation requested through another fleet member");
@@ -877,7 +873,7 @@ impl RotationHandle {
             _ => None,
         };
         let same = match (&candidate, s.generations.candidate()) {
-            (Some(a), Some(b)) => same_credential(&a.credential, &b.credential),
+            (Some(a), Some(b)) => a.credential.same_as(&b.credential),
             (None, None) => true,
             _ => false,
         };
@@ -891,7 +887,7 @@ impl RotationHandle {
     async fn adopt(&self, fleet: &Fleet, state: &RotationState) -> Result<bool, RotationError> {
         let s = &self.shared;
         let wanted = credential_of(&state.current);
-        if same_credential(&s.generations.current().credential, &wanted) {
+        if s.generations.current().credential.same_as(&wanted) {
             fleet.set_synced(state.generation);
             return Ok(false);
         }
@@ -1060,7 +1056,12 @@ impl RotationHandle {
                 // The switch is on disk before any session moves.
                 self.persist().await?;
                 // Resumed after a restart or a take-over, the proxy may use it already.
-                if !same_credential(&s.generations.current().credential, &generation.credential) {
+                if !s
+                    .generations
+                    .current()
+                    .credential
+                    .same_as(&generation.credential)
+                {
                     s.generations.publish_candidate_or(generation);
                     s.pool.purge_old_generations();
                 }
@@ -1367,19 +1368,6 @@ enum DrainFor {
     TlsChange,
 }
 
-/// Whether two credentials are the same user with the same password.
-fn same_credential(a: &crate::credentials::Credential, b: &crate::credentials::Credential) -> bool {
-    use secrecy::ExposeSecret;
-    a.username == b.username
-        && a.password.as_ref().map(|p| p.expose_secret())
-            == b.password.as_ref().map(|p| p.expose_secret())
-}
-
-/// Whether the state's CURRENT is what `generation` authenticates with.
-fn store_holds_this(state: &RotationState, generation: &Generation) -> bool {
-    same_credential(&generation.credential, &credential_of(&state.current))
-}
-
 enum StepDone {
     Next(Step),
     Finished,
@@ -1391,10 +1379,7 @@ fn missing_pending() -> RotationError {
 }
 
 fn new_rotation_id() -> String {
-    let mut b = [0u8; 6];
-    let _ = getrandom::fill(&mut b);
-    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("rot-{}-{hex}", now_unix())
+    format!("rot-{}-{}", now_unix(), secret::random_hex(6))
 }
 
 fn rfc3339(unix: u64) -> String {

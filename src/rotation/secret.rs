@@ -23,6 +23,13 @@ pub enum SecretGenError {
     Rng(String),
 }
 
+/// `bytes` random bytes from the OS as lowercase hex: ids and names, not secrets.
+pub fn random_hex(bytes: usize) -> String {
+    let mut b = vec![0u8; bytes];
+    let _ = getrandom::fill(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
 /// Generates a password of `length` characters.
 pub fn generate_password(length: usize) -> Result<SecretString, SecretGenError> {
     if length < MIN_LENGTH {

@@ -41,13 +41,6 @@ pub enum Store {
 }
 
 impl Store {
-    pub async fn load(&self) -> Result<Option<RotationState>, StoreError> {
-        match self {
-            Store::File(file) => file.load(),
-            Store::Fleet(fleet) => fleet.load().await,
-        }
-    }
-
     pub async fn save(&self, state: &RotationState) -> Result<(), StoreError> {
         match self {
             Store::File(file) => file.save(state),

@@ -79,6 +79,11 @@ pub fn random_token(len: usize) -> String {
 }
 
 /// A fresh temp dir (removed on drop).
+/// Environment variables kept as owned pairs, borrowed the way `Proxy::start` takes them.
+pub fn env_refs(envs: &[(String, String)]) -> Vec<(&str, &str)> {
+    envs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
 pub fn temp_dir() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix("rotaproxy-test-")

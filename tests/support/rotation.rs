@@ -96,11 +96,7 @@ impl RotEnv {
     }
 
     pub fn launch(&mut self, extra_env: &[(&str, &str)]) {
-        let mut envs: Vec<(&str, &str)> = self
-            .envs
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
+        let mut envs = env_refs(&self.envs);
         envs.extend_from_slice(extra_env);
         self.proxy = Some(Proxy::start(&self.config, &envs));
     }
