@@ -281,6 +281,11 @@ pub struct UpstreamConfig {
     /// followed.
     #[serde(default = "default_command_table_refresh", with = "humantime_serde")]
     pub command_table_refresh: Duration,
+    /// Resume TLS sessions (tickets the server issued) when opening upstream connections: a
+    /// pool refill or a drain after a rotation then skips the certificate exchange. New TLS
+    /// material (a CA file, a client certificate) always starts with a full handshake.
+    #[serde(default = "default_true")]
+    pub tls_session_resumption: bool,
 }
 
 fn default_command_table_refresh() -> Duration {

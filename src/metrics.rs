@@ -104,6 +104,10 @@ fn describe() {
         "Round trips of the PINGs that check idle pooled connections: the network and server latency under every command"
     );
     describe_counter!(
+        "rotaproxy_upstream_tls_handshakes_total",
+        "TLS handshakes of upstream connections that got as far as AUTH, by kind: full, or resumed (a session ticket of an earlier connection)"
+    );
+    describe_counter!(
         "rotaproxy_upstream_reconnects_total",
         "Sessions moved to a fresh upstream connection after theirs was lost"
     );
@@ -183,6 +187,8 @@ pub struct Metrics {
     pub upstream_auth_probe_failures: Counter,
     pub upstream_reconnects: Counter,
     pub upstream_connect_seconds: Histogram,
+    pub upstream_tls_full_handshakes: Counter,
+    pub upstream_tls_resumed_handshakes: Counter,
     pub upstream_ping_seconds: Histogram,
     /// Commands and scanned bytes, counted per session.
     pub traffic: Traffic,
@@ -203,6 +209,8 @@ impl Metrics {
             upstream_auth_probe_failures: counter!("rotaproxy_upstream_auth_probe_failures_total"),
             upstream_reconnects: counter!("rotaproxy_upstream_reconnects_total"),
             upstream_connect_seconds: histogram!("rotaproxy_upstream_connect_seconds"),
+            upstream_tls_full_handshakes: counter!("rotaproxy_upstream_tls_handshakes_total", "kind" => "full"),
+            upstream_tls_resumed_handshakes: counter!("rotaproxy_upstream_tls_handshakes_total", "kind" => "resumed"),
             upstream_ping_seconds: histogram!("rotaproxy_upstream_ping_seconds"),
             scanned_request_bytes: counter!("rotaproxy_scanned_bytes_total", "direction" => "request"),
             scanned_reply_bytes: counter!("rotaproxy_scanned_bytes_total", "direction" => "reply"),

@@ -104,6 +104,7 @@ pub struct UpstreamTls {
     pub ca_file: Option<PathBuf>,
     pub insecure_skip_verify: bool,
     pub client_cert: Option<(PathBuf, PathBuf)>,
+    pub session_resumption: bool,
 }
 
 impl UpstreamTls {
@@ -116,6 +117,7 @@ impl UpstreamTls {
             ca_file: up.ca_file.clone(),
             insecure_skip_verify: up.insecure_skip_verify,
             client_cert,
+            session_resumption: up.tls_session_resumption,
         }
     }
 
@@ -137,8 +139,14 @@ impl UpstreamTls {
     }
 }
 
-/// Builds the client-side config used for upstream connections. Session resumption is off: a
-/// rotation to a new CA or client certificate must take effect on the very next handshake.
+/// Sessions kept for resumption: every upstream connection goes to one server name, and rustls
+/// keeps up to 8 TLS 1.3 tickets per name, each used once (a resumed connection brings new ones).
+const RESUMPTION_SESSIONS: usize = 64;
+
+/// Builds the client-side config used for upstream connections. New material (a CA, a client
+/// certificate) is always a new config, and takes effect on its very first handshake: rustls
+/// resumes a session only under the verifier and client certificate it was made with, and each
+/// config has a session store of its own besides.
 pub fn upstream_client_config(opts: &UpstreamTls) -> Result<Arc<ClientConfig>, TlsError> {
     let builder =
         ClientConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
@@ -180,7 +188,11 @@ pub fn upstream_client_config(opts: &UpstreamTls) -> Result<Arc<ClientConfig>, T
             .map_err(|e| pair_error(e, cert, key))?,
         None => builder.with_no_client_auth(),
     };
-    config.resumption = rustls::client::Resumption::disabled();
+    config.resumption = if opts.session_resumption {
+        rustls::client::Resumption::in_memory_sessions(RESUMPTION_SESSIONS)
+    } else {
+        rustls::client::Resumption::disabled()
+    };
     Ok(Arc::new(config))
 }
 

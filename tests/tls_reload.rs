@@ -289,6 +289,61 @@ fn a_new_ca_bundle_lets_the_proxy_follow_the_server_to_a_certificate_from_anothe
     assert_eq!(reloads(&proxy, "upstream", "applied"), 1.0);
 }
 
+fn tls_handshakes(proxy: &Proxy, kind: &str) -> f64 {
+    proxy
+        .metric(&format!(
+            "rotaproxy_upstream_tls_handshakes_total{{kind=\"{kind}\"}}"
+        ))
+        .unwrap_or(0.0)
+}
+
+/// Replacement connections resume the server's TLS sessions (unless turned off), and new
+/// material never rides on a session made with the old: a client certificate the server does
+/// not trust is still refused while resumable sessions are at hand. (Two things keep it so: each
+/// config's own store, and rustls's check that a session was made under the same verifier and
+/// certificate; taking either away alone leaves this test passing.)
+#[test]
+fn upstream_connections_resume_tls_sessions_but_new_material_starts_afresh() {
+    let env = MtlsEnv::start();
+    let resuming = env.start_proxy(&env.proxy_config().extra("[pool]\nwarm = 2\n"));
+    let mut not_resuming_config = env.proxy_config().extra("[pool]\nwarm = 2\n");
+    not_resuming_config.upstream_extra += "\ntls_session_resumption = false";
+    let not_resuming = env.start_proxy(&not_resuming_config);
+    let mut a = resuming.conn();
+    let mut b = not_resuming.conn();
+    a.cmd(&["SET", "k", "v"]).assert_ok();
+    b.cmd(&["GET", "k"]).assert_bulk("v");
+    assert!(tls_handshakes(&resuming, "full") >= 1.0);
+    let full_before = tls_handshakes(&not_resuming, "full");
+    assert!(full_before >= 1.0);
+
+    env.kill_upstream_connections();
+    a.cmd(&["GET", "k"]).assert_bulk("v");
+    b.cmd(&["GET", "k"]).assert_bulk("v");
+    assert_eventually(WAIT, "the replacements resume sessions", || {
+        tls_handshakes(&resuming, "resumed") >= 1.0
+    });
+    assert_eventually(WAIT, "the other proxy replaced its connections", || {
+        tls_handshakes(&not_resuming, "full") >= full_before + 2.0
+    });
+    assert_eq!(tls_handshakes(&not_resuming, "resumed"), 0.0);
+
+    // A certificate from a CA the server does not trust: proven with a full handshake, so
+    // refused, although the store holds sessions the server would take.
+    env.install(&env.certs.other_client.cert, &env.certs.other_client.key);
+    assert_eventually(WAIT, "the untrusted certificate is refused", || {
+        reloads(&resuming, "upstream", "refused") == 1.0
+    });
+    assert_eq!(status(&resuming)["generation"], 1);
+    // What is in use goes on resuming.
+    let resumed = tls_handshakes(&resuming, "resumed");
+    env.kill_upstream_connections();
+    a.cmd(&["GET", "k"]).assert_bulk("v");
+    assert_eventually(WAIT, "the old material still resumes", || {
+        tls_handshakes(&resuming, "resumed") > resumed
+    });
+}
+
 #[test]
 fn tls_files_that_do_not_work_are_refused_once_and_used_when_they_do() {
     let env = MtlsEnv::start();

@@ -148,10 +148,18 @@ async fn connect_timed(
 ) -> Result<UpstreamConn, ConnectError> {
     let started = std::time::Instant::now();
     let result = connect_inner(generation, timeouts).await;
-    if result.is_ok() {
+    if let Ok(conn) = &result {
         metrics
             .upstream_connect_seconds
             .record(started.elapsed().as_secs_f64());
+        if let Stream::TlsUpstream(tls) = &conn.stream {
+            match tls.get_ref().1.handshake_kind() {
+                Some(rustls::HandshakeKind::Resumed) => {
+                    metrics.upstream_tls_resumed_handshakes.increment(1)
+                }
+                _ => metrics.upstream_tls_full_handshakes.increment(1),
+            }
+        }
     }
     result
 }
