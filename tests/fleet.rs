@@ -43,6 +43,8 @@ struct FleetEnv {
     /// The user the proxies start as, and the strategy's `[rotation]` lines.
     user: String,
     strategy: String,
+    /// Members that look at the fleet less often than every 200 ms: (instance, interval).
+    poll_intervals: Vec<(String, String)>,
 }
 
 impl FleetEnv {
@@ -117,6 +119,7 @@ impl FleetEnv {
             rotation_extra: rotation_extra.into(),
             fleet_extra: fleet_extra.into(),
             members: Vec::new(),
+            poll_intervals: Vec::new(),
         }
     }
 
@@ -132,11 +135,15 @@ impl FleetEnv {
                  state_dir = {}\nurgent_drain_deadline = \"2s\"\n{}\n\
                  [rotation.fleet]\nkey_prefix = \"{PREFIX}\"\nkey = \"env:TEST_FLEET_KEY\"\n\
                  username = \"rp-fleet\"\npassword = \"env:TEST_FLEET_PASSWORD\"\n\
-                 instance = \"{instance}\"\npoll_interval = \"200ms\"\n{}\n",
+                 instance = \"{instance}\"\npoll_interval = \"{}\"\n{}\n",
                 self.strategy,
                 // Unused by a fleet member; given so a test would see it written.
                 toml_path(&self.dir.path().join(instance)),
                 self.rotation_extra,
+                self.poll_intervals
+                    .iter()
+                    .find(|(name, _)| name == instance)
+                    .map_or("200ms", |(_, interval)| interval.as_str()),
                 self.fleet_extra,
             ));
         config.admin_extra = "token = \"env:TEST_ADMIN_TOKEN\"".into();
@@ -604,6 +611,51 @@ fn a_follower_passes_rotation_requests_on_to_the_rotator() {
         env.member(p1).log_contains("trigger=\"fleet-urgent\""),
         "the urgent request lost its urgency on the way"
     );
+    env.remember_shared_passwords();
+    env.assert_nothing_leaked();
+}
+
+/// A follower that looks at the fleet only now and then still finds how the rotation it passed
+/// on ended when another rotation has ended since (the state keeps the last few outcomes).
+#[test]
+fn a_follower_waiting_for_a_passed_on_rotation_finds_it_over_after_another() {
+    let mut env = FleetEnv::multi_password("drain_deadline = \"300ms\"");
+    env.poll_intervals.push(("p2".into(), "5s".into()));
+    let (p1, p2) = env.leader_and_follower();
+    std::thread::scope(|scope| {
+        let waiter = scope.spawn(|| {
+            env.member(p2)
+                .http_post("/v1/rotate?wait=true", Some(TOKEN), "")
+        });
+        // The passed-on rotation ends on the rotator (the follower lags, so the drain stops
+        // at its deadline) ...
+        let mut first = String::new();
+        assert_eventually(
+            Duration::from_secs(30),
+            "the passed-on rotation ended",
+            || {
+                first = env.status(p1)["last_rotation"]["id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                !first.is_empty()
+            },
+        );
+        // ... and another one at once, most likely before the follower looks again.
+        let (code, body) = env
+            .member(p1)
+            .http_post("/v1/rotate?wait=true", Some(TOKEN), "");
+        assert_eq!(code, 200, "{body}");
+        let second: Value = serde_json::from_str(&body).unwrap();
+        assert_ne!(second["rotation_id"], first.as_str());
+
+        let (code, body) = waiter.join().expect("the waiting request");
+        assert_eq!(code, 200, "{body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["state"], "finished", "{body}");
+        assert_eq!(v["outcome"], "success", "{body}");
+        assert_eq!(v["rotation_id"], first.as_str(), "{body}");
+    });
     env.remember_shared_passwords();
     env.assert_nothing_leaked();
 }

@@ -89,7 +89,8 @@ struct Shared {
     /// Set by an urgent request while a rotation runs.
     escalate: AtomicBool,
     wake: Notify,
-    finished: watch::Sender<Option<Outcome>>,
+    /// The outcomes the state keeps, newest first: what `wait_for` looks for.
+    finished: watch::Sender<Vec<Outcome>>,
     next_scheduled: Mutex<Option<SystemTime>>,
     /// The latest step error, shown in status until the rotation ends.
     last_error: Mutex<Option<String>>,
@@ -259,7 +260,7 @@ impl RotationHandle {
                 fleet.set_synced(state.generation);
             }
         }
-        let (finished, _) = watch::channel(state.last.clone());
+        let (finished, _) = watch::channel(state.outcomes());
         let shared = Arc::new(Shared {
             config: rotation,
             store,
@@ -352,10 +353,8 @@ impl RotationHandle {
     pub async fn wait_for(&self, id: &str) -> Outcome {
         let mut rx = self.shared.finished.subscribe();
         loop {
-            if let Some(outcome) = rx.borrow_and_update().clone()
-                && outcome.id == id
-            {
-                return outcome;
+            if let Some(outcome) = rx.borrow_and_update().iter().find(|o| o.id == id) {
+                return outcome.clone();
             }
             if rx.changed().await.is_err() {
                 return Outcome {
@@ -640,7 +639,7 @@ impl RotationHandle {
         if let Err(err) = &result {
             self.abandon(err).await;
         }
-        let outcome = {
+        let (outcome, outcomes) = {
             let mut state = s.state.lock().expect("not poisoned");
             let left = state.last.as_ref().map_or(0, |o| o.left_at_revoke);
             let members_left = state
@@ -660,8 +659,8 @@ impl RotationHandle {
                 members_left_at_revoke: if success { members_left } else { Vec::new() },
             };
             state.rotation = None;
-            state.last = Some(outcome.clone());
-            outcome
+            state.record(outcome.clone());
+            (outcome, state.outcomes())
         };
         if let Err(err) = self.persist().await {
             tracing::error!(error = %err, "cannot persist the end of the rotation");
@@ -678,7 +677,7 @@ impl RotationHandle {
             error = error.as_deref().unwrap_or(""),
             "rotation finished"
         );
-        s.finished.send_replace(Some(outcome));
+        s.finished.send_replace(outcomes);
         success
     }
 
@@ -832,16 +831,12 @@ impl RotationHandle {
         };
         // A rotation the rotator finished is over here too (a passed-on `?wait=true` waits
         // for it).
-        let ended = state.last.clone();
+        let ended = state.outcomes();
         *s.state.lock().expect("not poisoned") = state;
         s.finished.send_if_modified(|seen| {
-            let changed = match (&*seen, &ended) {
-                (Some(a), Some(b)) => a.id != b.id || a.finished_at != b.finished_at,
-                (None, Some(_)) => true,
-                _ => false,
-            };
+            let changed = *seen != ended;
             if changed {
-                seen.clone_from(&ended);
+                *seen = ended;
             }
             changed
         });
@@ -1087,9 +1082,9 @@ impl RotationHandle {
                 let members_left = s.members_left.lock().expect("not poisoned").clone();
                 let mut state = s.state.lock().expect("not poisoned");
                 state.previous = None;
-                if let Some(r) = &state.rotation {
-                    state.last = Some(Outcome {
-                        id: r.id.clone(),
+                if let Some(id) = state.rotation.as_ref().map(|r| r.id.clone()) {
+                    state.record(Outcome {
+                        id,
                         finished_at: now_unix(),
                         success: true,
                         error: None,

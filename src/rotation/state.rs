@@ -110,7 +110,7 @@ pub struct InFlight {
 }
 
 /// How a finished rotation ended.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Outcome {
     pub id: String,
     pub finished_at: u64,
@@ -134,7 +134,15 @@ pub struct RotationState {
     pub previous: Option<Slot>,
     pub rotation: Option<InFlight>,
     pub last: Option<Outcome>,
+    /// The outcomes before `last`, oldest first (at most [`EARLIER_OUTCOMES`]), so that one who
+    /// looks only now and then (a fleet member waiting for a rotation it passed on) still finds
+    /// how its rotation ended when another one has ended since.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub earlier: Vec<Outcome>,
 }
+
+/// Outcomes kept besides the last one.
+pub const EARLIER_OUTCOMES: usize = 7;
 
 impl RotationState {
     pub fn new(current: Slot) -> Self {
@@ -146,7 +154,29 @@ impl RotationState {
             previous: None,
             rotation: None,
             last: None,
+            earlier: Vec::new(),
         }
+    }
+
+    /// Records how a rotation ended (again, when `last` is the same rotation's: it replaces it).
+    pub fn record(&mut self, outcome: Outcome) {
+        if let Some(last) = self.last.take()
+            && last.id != outcome.id
+        {
+            self.earlier.push(last);
+            let excess = self.earlier.len().saturating_sub(EARLIER_OUTCOMES);
+            self.earlier.drain(..excess);
+        }
+        self.last = Some(outcome);
+    }
+
+    /// The outcomes kept, newest first.
+    pub fn outcomes(&self) -> Vec<Outcome> {
+        self.last
+            .iter()
+            .chain(self.earlier.iter().rev())
+            .cloned()
+            .collect()
     }
 
     /// The slots a restart tries, in order: CURRENT, then PENDING, then PREVIOUS.
@@ -209,5 +239,41 @@ mod tests {
         state.pending = Some(Slot::new(None, SecretString::from("n".to_string())));
         let names: Vec<_> = state.candidates().iter().map(|(n, _)| *n).collect();
         assert_eq!(names, ["current", "pending", "previous"]);
+    }
+
+    fn outcome(id: &str, success: bool) -> Outcome {
+        Outcome {
+            id: id.to_string(),
+            finished_at: 1,
+            success,
+            error: None,
+            left_at_revoke: 0,
+            members_left_at_revoke: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_last_few_outcomes_are_kept_and_survive_a_reload() {
+        let mut state = RotationState::new(Slot::new(None, SecretString::from("c".to_string())));
+        // A rotation recorded twice (at revoke, then at its end) is one outcome.
+        state.record(outcome("rot-1", false));
+        state.record(outcome("rot-1", true));
+        assert_eq!(state.outcomes(), [outcome("rot-1", true)]);
+        for i in 2..=12 {
+            state.record(outcome(&format!("rot-{i}"), true));
+        }
+        let ids: Vec<String> = state.outcomes().into_iter().map(|o| o.id).collect();
+        assert_eq!(ids.len(), 1 + EARLIER_OUTCOMES);
+        assert_eq!(ids[0], "rot-12");
+        assert_eq!(ids[EARLIER_OUTCOMES], "rot-5", "the oldest go first");
+
+        let reloaded: RotationState =
+            serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
+        assert_eq!(reloaded.outcomes(), state.outcomes());
+        // A state written before `earlier` existed still reads.
+        let mut old = serde_json::to_value(&state).unwrap();
+        old.as_object_mut().unwrap().remove("earlier");
+        let old: RotationState = serde_json::from_value(old).unwrap();
+        assert_eq!(old.outcomes(), [outcome("rot-12", true)]);
     }
 }
