@@ -26,12 +26,17 @@ struct CloudEnv {
 impl CloudEnv {
     /// `alternating-users` over the ACL users `app-a` (active first) and `app-b`.
     fn alternating() -> CloudEnv {
+        Self::alternating_with_roles("app-role", "app-role")
+    }
+
+    /// [`CloudEnv::alternating`], the users given these roles.
+    fn alternating_with_roles(role_a: &str, role_b: &str) -> CloudEnv {
         let redis = RedisServer::start(RedisOptions::new());
         let emu = CloudEmulator::start(&redis);
         let pw_a = random_token(32);
         let pw_b = random_token(32);
-        emu.create_acl_user("app-a", "app-role", &pw_a);
-        emu.create_acl_user("app-b", "app-role", &pw_b);
+        emu.create_acl_user("app-a", role_a, &pw_a);
+        emu.create_acl_user("app-b", role_b, &pw_b);
         let section = "strategy = \"alternating-users\"\nusers = [\"app-a\", \"app-b\"]\n";
         Self::start(redis, emu, Some("app-a"), pw_a, section, vec![pw_b])
     }
@@ -234,6 +239,24 @@ fn a_slow_task_and_a_failed_task_leave_current_serving() {
     env.proxy().conn().cmd(&["GET", "k"]).assert_bulk("2");
     // The next attempt succeeds.
     assert_eq!(env.rotate()["outcome"], "success");
+    env.assert_nothing_leaked();
+}
+
+/// Alternating users must share a role: a rotation to a user with another one would move every
+/// session to a user that may do other things. Refused before any task is submitted.
+#[test]
+fn alternating_users_with_different_roles_are_not_rotated() {
+    let mut env = CloudEnv::alternating_with_roles("app-role", "reader");
+    let v = env.rotate();
+    assert_eq!(v["outcome"], "failed", "{v}");
+    let error = v["error"].as_str().unwrap();
+    assert!(
+        error.contains("app-b has role \"reader\" and app-a role \"app-role\""),
+        "{error}"
+    );
+    assert_eq!(env.current().0, "app-a");
+    assert_eq!(env.status()["generation"], 1);
+    env.proxy().conn().cmd(&["PING"]).assert_simple("PONG");
     env.assert_nothing_leaked();
 }
 

@@ -175,6 +175,79 @@ fn alternating_users_take_turns_and_the_previous_is_scrambled() {
     env.assert_nothing_leaked();
 }
 
+/// `POST /v1/rotate?wait=true` for a rotation expected to fail: its error.
+fn failed_rotation(env: &RotEnv) -> String {
+    let (code, body) = env
+        .proxy()
+        .http_post("/v1/rotate?wait=true", Some(TOKEN), "");
+    assert_eq!(code, 500, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["outcome"], "failed", "{body}");
+    v["error"].as_str().expect("an error").to_string()
+}
+
+/// A rotation to a user that may do less would move every session to a user whose commands
+/// are refused: it is refused before anything changes, and runs once the rules match.
+#[test]
+fn alternating_users_refuse_to_hand_over_to_a_user_that_may_do_less() {
+    let mut env = RotEnv::alternating_with_rules("~* &* +@all", Some("~* &* +@read"), "");
+    let idle = env.idle_password.clone().unwrap();
+    let mut c = env.proxy().conn();
+    c.cmd(&["SET", "k", "v"]).assert_ok();
+
+    let error = failed_rotation(&env);
+    assert!(
+        error.contains("app-b may not do what app-a may (commands differ)"),
+        "{error}"
+    );
+    let status = env.status();
+    assert_eq!(status["active_username"], "app-a");
+    assert_eq!(status["generation"], 1);
+    assert!(env.authenticates("app-b", &idle), "app-b was changed");
+    c.cmd(&["SET", "k", "w"]).assert_ok();
+    c.cmd(&["ACL", "WHOAMI"]).assert_bulk("app-a");
+
+    // Switching users on and off is the rotation's own doing, not a difference.
+    env.redis
+        .admin_cmd(&["ACL", "SETUSER", "app-b", "off", "+@all"])
+        .assert_ok();
+    env.rotate(false);
+    c.cmd(&["ACL", "WHOAMI"]).assert_bulk("app-b");
+    c.cmd(&["SET", "k", "x"]).assert_ok();
+    env.assert_nothing_leaked();
+}
+
+#[test]
+fn alternating_users_refuse_to_hand_over_to_a_user_that_does_not_exist() {
+    let env = RotEnv::alternating_with_rules("~* &* +@all", None, "");
+    let error = failed_rotation(&env);
+    assert!(error.contains("user app-b does not exist"), "{error}");
+    let users = env.redis.admin_cmd(&["ACL", "USERS"]);
+    assert!(
+        !format!("{users:?}").contains("app-b"),
+        "the rotation created the user: {users:?}"
+    );
+    env.proxy()
+        .conn()
+        .cmd(&["ACL", "WHOAMI"])
+        .assert_bulk("app-a");
+    assert_eq!(env.status()["generation"], 1);
+}
+
+/// Without `acl|getuser` the users cannot be compared: the rotation runs, and says so.
+#[test]
+fn alternating_users_rotate_when_the_rules_cannot_be_read_and_say_so() {
+    let rules = "~* &* +@all -acl|getuser";
+    let mut env = RotEnv::alternating_with_rules(rules, Some(rules), "");
+    env.rotate(false);
+    assert_eq!(env.status()["active_username"], "app-b");
+    let line = env
+        .proxy()
+        .wait_for_log("cannot compare the permissions", Duration::from_secs(10));
+    assert!(line.contains("NOPERM"), "{line}");
+    env.assert_nothing_leaked();
+}
+
 #[test]
 fn urgent_rotation_closes_the_old_identitys_other_connections() {
     let mut env = RotEnv::alternating("");

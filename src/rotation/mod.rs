@@ -31,7 +31,7 @@ use crate::watch::FileWatch;
 use fleet::Fleet;
 use state::{InFlight, Outcome, RotationState, Slot, Step, now_unix};
 use store::{FileStore, Store, StoreError};
-use strategy::{ServerControl, Strategy, credential_of};
+use strategy::{ServerControl, Strategy, SuccessorCheck, credential_of};
 
 /// Why a rotation step failed. Never carries a secret.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +48,8 @@ pub enum RotationError {
     TestFailed(String),
     #[error("credential source: {0}")]
     Source(String),
+    #[error("the other user cannot take over: {0}")]
+    Successor(String),
     #[error(transparent)]
     Cloud(#[from] crate::cloud::CloudError),
 }
@@ -961,6 +963,7 @@ impl RotationHandle {
         };
         match step {
             Step::Create => {
+                self.check_successor(&current).await?;
                 let Some(pending) = s.strategy.make_pending(&current)? else {
                     return Ok(StepDone::NothingToDo);
                 };
@@ -1197,6 +1200,27 @@ impl RotationHandle {
             .generations
             .set_drain_deadline(Some(SystemTime::now() + within));
         Instant::now() + within
+    }
+
+    /// [`Strategy::check_successor`], tried like a step (a connection may fail), but a user
+    /// that cannot take over fails the rotation at once: nothing has changed yet.
+    async fn check_successor(&self, current: &Slot) -> Result<(), RotationError> {
+        let s = &self.shared;
+        let check = self
+            .retry("check", || async {
+                match s.strategy.check_successor(current).await {
+                    Err(e @ RotationError::Successor(_)) => Ok(Err(e)),
+                    other => other.map(Ok),
+                }
+            })
+            .await??;
+        if let SuccessorCheck::Unchecked(why) = check {
+            tracing::warn!(
+                reason = %why,
+                "cannot compare the permissions of the two rotated users; rotating anyway: make sure both have the same rules (or give the acting user +acl|getuser)"
+            );
+        }
+        Ok(())
     }
 
     async fn retry<T, F, Fut>(&self, what: &str, mut f: F) -> Result<T, RotationError>

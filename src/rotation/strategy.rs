@@ -104,6 +104,21 @@ impl ServerControl {
         }
     }
 
+    /// What `user` may do, as `ACL GETUSER` tells it, on a connection of [`ServerControl::open`].
+    async fn acl_rules(
+        &self,
+        conn: &mut UpstreamConn,
+        user: &str,
+    ) -> Result<AclRules, RotationError> {
+        let reply = connector::run_command(
+            conn,
+            &[b"ACL", b"GETUSER", user.as_bytes()],
+            self.timeouts.auth,
+        )
+        .await?;
+        Ok(AclRules::from_reply(reply))
+    }
+
     /// Closes every connection authenticated as `user` that is not one of the proxy's own.
     async fn kill_foreign_connections(
         &self,
@@ -156,6 +171,81 @@ impl ServerControl {
 /// The first word of a Redis error (`ERR`, `NOPERM`, `WRONGPASS`): safe to log, unlike the rest.
 fn error_code(error: &str) -> String {
     error.split_whitespace().next().unwrap_or("ERR").to_string()
+}
+
+/// A user's rules as `ACL GETUSER` answers them, less what a rotation itself changes: its
+/// passwords (never kept, not even their hashes) and the `on`/`off`/`nopass` flags.
+#[derive(Debug)]
+enum AclRules {
+    Found(Vec<(String, OwnedFrame)>),
+    NoSuchUser,
+    /// The server would not say (the error's first word, or what the reply looked like).
+    Unknown(String),
+}
+
+impl AclRules {
+    fn from_reply(reply: OwnedFrame) -> AclRules {
+        let fields = match reply {
+            OwnedFrame::Null => return AclRules::NoSuchUser,
+            OwnedFrame::Error(e) => return AclRules::Unknown(error_code(&e)),
+            OwnedFrame::Array(fields) if fields.len() % 2 == 0 => fields,
+            _ => return AclRules::Unknown("an unexpected reply".into()),
+        };
+        let mut rules = Vec::new();
+        let mut fields = fields.into_iter();
+        while let (Some(name), Some(value)) = (fields.next(), fields.next()) {
+            let name = match name {
+                OwnedFrame::BulkString(b) | OwnedFrame::SimpleString(b) => {
+                    String::from_utf8_lossy(&b).into_owned()
+                }
+                _ => return AclRules::Unknown("an unexpected reply".into()),
+            };
+            let value = match (name.as_str(), value) {
+                ("passwords", _) => continue,
+                ("flags", OwnedFrame::Array(flags)) => OwnedFrame::Array(
+                    flags
+                        .into_iter()
+                        .filter(|f| {
+                            !matches!(f, OwnedFrame::BulkString(b)
+                                if matches!(b.as_slice(), b"on" | b"off" | b"nopass"))
+                        })
+                        .collect(),
+                ),
+                (_, value) => value,
+            };
+            rules.push((name, value));
+        }
+        AclRules::Found(rules)
+    }
+
+    /// The parts (`commands`, `keys`, ...) in which `self` and `other` differ.
+    fn differences(a: &[(String, OwnedFrame)], b: &[(String, OwnedFrame)]) -> Vec<String> {
+        let mut names: Vec<&String> = a.iter().chain(b).map(|(name, _)| name).collect();
+        names.sort();
+        names.dedup();
+        let value = |rules: &[(String, OwnedFrame)], name: &str| {
+            rules
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.clone())
+        };
+        names
+            .into_iter()
+            .filter(|name| value(a, name) != value(b, name))
+            .cloned()
+            .collect()
+    }
+}
+
+/// What [`Strategy::check_successor`] found out.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SuccessorCheck {
+    /// The strategy keeps the user: nothing to compare.
+    NotNeeded,
+    /// The idle user may do what the active one may.
+    Same,
+    /// The server or the API would not say (why, safe to log).
+    Unchecked(String),
 }
 
 pub fn credential_of(slot: &Slot) -> Credential {
@@ -418,6 +508,74 @@ impl Strategy {
         self.replace_password_now(acting, user, &random).await
     }
 
+    /// With alternating users, makes sure the idle user may do what the active one may before
+    /// a rotation starts: it would otherwise move every session to a user whose commands are
+    /// refused (a user that does not exist would even be created by `ACL SETUSER`, with no
+    /// permissions at all). On the server it compares both users' `ACL GETUSER` (which needs
+    /// `acl|getuser`; without it the check is skipped, and said so); through the API, their
+    /// roles.
+    pub async fn check_successor(&self, current: &Slot) -> Result<SuccessorCheck, RotationError> {
+        if self.kind != RotationStrategy::AlternatingUsers {
+            return Ok(SuccessorCheck::NotNeeded);
+        }
+        let active = current.display_user();
+        let idle = self
+            .users
+            .iter()
+            .find(|u| u.as_str() != active)
+            .expect("validated: two different users");
+        let refuse = |why: String| Err(RotationError::Successor(why));
+        if let Some(cloud) = &self.cloud {
+            if active == "default" || idle == "default" {
+                return Ok(SuccessorCheck::Unchecked(
+                    "the default user has no role to compare".into(),
+                ));
+            }
+            let active_user = cloud.client.find_acl_user(active).await?;
+            let idle_user = match cloud.client.find_acl_user(idle).await {
+                Ok(user) => user,
+                Err(crate::cloud::CloudError::AclUserNotFound { .. }) => {
+                    return refuse(format!(
+                        "ACL user {idle} does not exist (`rotaproxy cloud setup-alternating` creates it with {active}'s role)"
+                    ));
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if active_user.role != idle_user.role {
+                return refuse(format!(
+                    "{idle} has role \"{}\" and {active} role \"{}\": give both users the same role",
+                    idle_user.role, active_user.role
+                ));
+            }
+            return Ok(SuccessorCheck::Same);
+        }
+        let mut conn = self.control.open(current).await?;
+        let active_rules = self.control.acl_rules(&mut conn, active).await?;
+        let idle_rules = self.control.acl_rules(&mut conn, idle).await?;
+        match (active_rules, idle_rules) {
+            (_, AclRules::NoSuchUser) => refuse(format!(
+                "user {idle} does not exist (ACL SETUSER would create it with no permissions): create it with {active}'s rules"
+            )),
+            (AclRules::Found(a), AclRules::Found(b)) => {
+                let differ = AclRules::differences(&a, &b);
+                if differ.is_empty() {
+                    Ok(SuccessorCheck::Same)
+                } else {
+                    refuse(format!(
+                        "{idle} may not do what {active} may ({} differ): give both users the same rules",
+                        differ.join(", ")
+                    ))
+                }
+            }
+            (AclRules::Unknown(why), _) | (_, AclRules::Unknown(why)) => Ok(
+                SuccessorCheck::Unchecked(format!("ACL GETUSER answered {why}")),
+            ),
+            (AclRules::NoSuchUser, _) => Ok(SuccessorCheck::Unchecked(format!(
+                "ACL GETUSER knows no user {active}"
+            ))),
+        }
+    }
+
     /// A generation for testing `slot` on a fresh connection.
     pub fn probe_generation(&self, slot: &Slot) -> Arc<Generation> {
         Arc::new(
@@ -426,5 +584,71 @@ impl Strategy {
                 .current()
                 .with_credential(0, credential_of(slot)),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(s: &str) -> OwnedFrame {
+        OwnedFrame::BulkString(s.as_bytes().to_vec())
+    }
+
+    /// `ACL GETUSER` as Redis 7.0 answers it.
+    fn getuser(flags: &[&str], commands: &str) -> OwnedFrame {
+        OwnedFrame::Array(vec![
+            bulk("flags"),
+            OwnedFrame::Array(flags.iter().map(|f| bulk(f)).collect()),
+            bulk("passwords"),
+            OwnedFrame::Array(vec![bulk("2d7116...")]),
+            bulk("commands"),
+            bulk(commands),
+            bulk("keys"),
+            bulk("~*"),
+            bulk("channels"),
+            bulk("&*"),
+            bulk("selectors"),
+            OwnedFrame::Array(vec![]),
+        ])
+    }
+
+    fn rules(reply: OwnedFrame) -> Vec<(String, OwnedFrame)> {
+        match AclRules::from_reply(reply) {
+            AclRules::Found(rules) => rules,
+            other => panic!("not read: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn acl_rules_leave_out_passwords_and_what_a_rotation_switches() {
+        let a = rules(getuser(&["on"], "+@all"));
+        let b = rules(getuser(&["off", "nopass"], "+@all"));
+        assert!(AclRules::differences(&a, &b).is_empty());
+        assert!(a.iter().all(|(name, _)| name != "passwords"));
+
+        let c = rules(getuser(&["on", "skip-sanitize-payload"], "+@read"));
+        assert_eq!(AclRules::differences(&a, &c), ["commands", "flags"]);
+    }
+
+    #[test]
+    fn acl_rules_that_cannot_be_read_say_why_without_the_message() {
+        assert!(matches!(
+            AclRules::from_reply(OwnedFrame::Null),
+            AclRules::NoSuchUser
+        ));
+        match AclRules::from_reply(OwnedFrame::Error(
+            "NOPERM this user has no permissions to run the 'acl|getuser' command".into(),
+        )) {
+            AclRules::Unknown(why) => assert_eq!(why, "NOPERM"),
+            other => panic!("{other:?}"),
+        }
+        for odd in [
+            OwnedFrame::Integer(1),
+            OwnedFrame::Array(vec![bulk("flags")]),
+            OwnedFrame::Array(vec![OwnedFrame::Integer(1), bulk("x")]),
+        ] {
+            assert!(matches!(AclRules::from_reply(odd), AclRules::Unknown(_)));
+        }
     }
 }

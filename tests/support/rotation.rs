@@ -19,6 +19,8 @@ pub struct RotEnv {
     pub envs: Vec<(String, String)>,
     /// Every password the test has seen (checked absent from logs and status).
     pub secrets: Vec<String>,
+    /// `app-b`'s first password, with alternating users.
+    pub idle_password: Option<String>,
 }
 
 impl RotEnv {
@@ -31,15 +33,23 @@ impl RotEnv {
 
     /// `alternating-users` on `app-a` (active first) and `app-b` (unknown password).
     pub fn alternating(extra: &str) -> RotEnv {
+        Self::alternating_with_rules("~* &* +@all", Some("~* &* +@all"), extra)
+    }
+
+    /// `alternating-users` with `app-a` given `rules`, and `app-b` (unknown password)
+    /// `idle_rules`, or not created at all.
+    pub fn alternating_with_rules(rules: &str, idle_rules: Option<&str>, extra: &str) -> RotEnv {
         let password = random_token(32);
         let idle = random_token(32);
-        let redis = RedisServer::start(
-            RedisOptions::new()
-                .user(&format!("app-a on >{password} ~* &* +@all"))
-                .user(&format!("app-b on >{idle} ~* &* +@all")),
-        );
+        let mut options = RedisOptions::new().user(&format!("app-a on >{password} {rules}"));
+        if let Some(idle_rules) = idle_rules {
+            options = options.user(&format!("app-b on >{idle} {idle_rules}"));
+        }
+        let redis = RedisServer::start(options);
         let extra = format!("users = [\"app-a\", \"app-b\"]\n{extra}");
-        Self::start(redis, Some("app-a"), password, "alternating-users", &extra)
+        let mut env = Self::start(redis, Some("app-a"), password, "alternating-users", &extra);
+        env.idle_password = Some(idle);
+        env
     }
 
     pub fn start(
@@ -90,6 +100,7 @@ impl RotEnv {
             config: config.to_toml(),
             envs,
             secrets: vec![password],
+            idle_password: None,
         };
         env.launch(&[]);
         env
