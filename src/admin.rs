@@ -181,7 +181,8 @@ async fn rotate_client_certificate(
     (code, Json(body)).into_response()
 }
 
-/// `POST /v1/rotate[?urgent=true][&wait=true]`.
+/// `POST /v1/rotate[?urgent=true][&wait=true]`, or `?dry_run=true`: the preflight's checks,
+/// now (200 when a rotation could run, 412 with the failed checks when not).
 async fn rotate(
     State(state): State<Arc<AdminState>>,
     headers: HeaderMap,
@@ -196,6 +197,18 @@ async fn rotate(
             "rotation is not configured ([rotation] in the config)",
         );
     };
+    if query_flag(&query, "dry_run") {
+        // Every member checks for itself: any of them may be the one that rotates next.
+        let report = rotation.preflight().await;
+        let code = if report.ok {
+            StatusCode::OK
+        } else {
+            StatusCode::PRECONDITION_FAILED
+        };
+        let mut body = report.to_json();
+        body["state"] = json!("dry_run");
+        return (code, Json(body)).into_response();
+    }
     let urgent = query_flag(&query, "urgent");
     if let Some(fleet) = rotation.fleet()
         && !fleet.is_leader()

@@ -501,6 +501,10 @@ pub struct RotationConfig {
     /// lockstep.
     #[serde(default, with = "humantime_serde")]
     pub jitter: Duration,
+    /// How often the proxy checks, changing nothing, that a rotation could run (permissions,
+    /// the idle user, the API, the state); also at start and on `POST /v1/rotate?dry_run=true`.
+    #[serde(default = "default_preflight_interval", with = "humantime_serde")]
+    pub preflight_interval: Duration,
     /// How long sessions have to move before the old secret is revoked anyway (what is still
     /// open then is counted and logged).
     #[serde(default = "default_drain_deadline", with = "humantime_serde")]
@@ -595,6 +599,10 @@ pub struct FleetConfig {
     pub replicas: u32,
     #[serde(default = "default_fleet_replica_timeout", with = "humantime_serde")]
     pub replica_timeout: Duration,
+}
+
+fn default_preflight_interval() -> Duration {
+    Duration::from_secs(3600)
 }
 
 fn default_fleet_replica_timeout() -> Duration {
@@ -1376,6 +1384,12 @@ fn validate_rotation(config: &Config, r: &RotationConfig) -> Result<(), ConfigEr
                 "database (default-user) passwords must be shorter than 50 characters",
             ));
         }
+    }
+    if r.preflight_interval < Duration::from_secs(1) {
+        return Err(invalid(
+            "rotation.preflight_interval",
+            "must be at least 1s",
+        ));
     }
     if r.strategy == RotationStrategy::AlternatingUsers {
         if r.users.len() != 2 || r.users[0] == r.users[1] {

@@ -260,6 +260,41 @@ fn alternating_users_with_different_roles_are_not_rotated() {
     env.assert_nothing_leaked();
 }
 
+/// The preflight reaches the database through the API (its answer carries the default user's
+/// password: never shown), and sees a revoked API key before a rotation would.
+#[test]
+fn a_preflight_reaches_the_database_through_the_api_and_sees_a_revoked_key() {
+    let env = CloudEnv::default_user();
+    let dry_run = |env: &CloudEnv| {
+        let (code, body) = env
+            .proxy()
+            .http_post("/v1/rotate?dry_run=true", Some(TOKEN), "");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        let api = v["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["check"] == "cloud_api")
+            .cloned()
+            .expect("a cloud_api check");
+        (code, api)
+    };
+    let (code, api) = dry_run(&env);
+    assert_eq!(code, 200, "{api}");
+    assert_eq!(api["result"], "ok");
+    assert_eq!(api["detail"], "database status active");
+
+    env.emu.revoke_secret_key(env.emu.secret_key());
+    let (code, api) = dry_run(&env);
+    assert_eq!(code, 412, "{api}");
+    assert_eq!(api["result"], "failed");
+    assert!(
+        api["detail"].as_str().unwrap().contains("API key rejected"),
+        "{api}"
+    );
+    env.assert_nothing_leaked();
+}
+
 #[test]
 fn an_api_key_rotated_mid_run_is_picked_up_from_its_file() {
     let mut env = CloudEnv::alternating();

@@ -587,6 +587,18 @@ fn a_follower_passes_rotation_requests_on_to_the_rotator() {
     assert_eq!(env.status(p1)["last_rotation"]["id"], id);
     env.wait_until_moved(p2, "app-b");
 
+    // A dry run is not passed on: every member checks for itself, the fleet's state included.
+    let (code, body) = env
+        .member(p2)
+        .http_post("/v1/rotate?dry_run=true", Some(TOKEN), "");
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["checks"][0]["check"], "state", "{body}");
+    assert!(
+        v["checks"][0]["detail"].as_str().unwrap().contains(PREFIX),
+        "{body}"
+    );
+
     let (code, body) = env
         .member(p2)
         .http_post("/v1/rotate?urgent=true", Some(TOKEN), "");

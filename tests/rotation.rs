@@ -248,6 +248,105 @@ fn alternating_users_rotate_when_the_rules_cannot_be_read_and_say_so() {
     env.assert_nothing_leaked();
 }
 
+/// `POST /v1/rotate?dry_run=true`: the preflight's answer, and which checks failed.
+fn dry_run(env: &RotEnv) -> (u16, Value, Vec<String>) {
+    let (code, body) = env
+        .proxy()
+        .http_post("/v1/rotate?dry_run=true", Some(TOKEN), "");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["state"], "dry_run", "{body}");
+    let failed = v["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .filter(|c| c["result"] == "failed")
+        .map(|c| c["check"].as_str().unwrap().to_string())
+        .collect();
+    (code, v, failed)
+}
+
+/// The preflight finds what would make the next rotation fail, without changing anything, and
+/// says when it holds again.
+#[test]
+fn a_preflight_finds_what_would_stop_a_rotation_and_changes_nothing() {
+    let env = RotEnv::alternating("");
+    let idle = env.idle_password.clone().unwrap();
+    assert_eventually(Duration::from_secs(30), "the start-up preflight", || {
+        env.status()["preflight"]["ok"] == true
+    });
+    assert_eq!(
+        env.proxy().metric("rotaproxy_rotation_preflight_ok"),
+        Some(1.0)
+    );
+    let acl_before = env.redis.admin_cmd(&["ACL", "LIST"]);
+    let (code, report, failed) = dry_run(&env);
+    assert_eq!(code, 200, "{report}");
+    assert!(failed.is_empty(), "{report}");
+    let names: Vec<&str> = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["check"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "state",
+            "users_match",
+            "control_connection",
+            "acl_setuser",
+            "client_kill"
+        ]
+    );
+    assert_eq!(env.redis.admin_cmd(&["ACL", "LIST"]), acl_before);
+    assert!(env.authenticates("app-b", &idle), "app-b was changed");
+
+    // Both users lose the commands a rotation needs, and the state cannot be written.
+    for user in ["app-a", "app-b"] {
+        env.redis
+            .admin_cmd(&["ACL", "SETUSER", user, "-acl|setuser", "-client|kill"])
+            .assert_ok();
+    }
+    let blocker = env.dir.path().join("state").join(".rotaproxy-preflight");
+    std::fs::create_dir(&blocker).unwrap();
+    let (code, report, failed) = dry_run(&env);
+    assert_eq!(code, 412, "{report}");
+    assert_eq!(failed, ["state", "acl_setuser", "client_kill"], "{report}");
+    let text = report.to_string();
+    assert!(
+        text.contains("app-a may not run ACL SETUSER on app-a, app-b (NOPERM)"),
+        "{text}"
+    );
+    assert!(text.contains("may not run CLIENT KILL (NOPERM)"), "{text}");
+    assert_eq!(
+        env.proxy().metric("rotaproxy_rotation_preflight_ok"),
+        Some(0.0)
+    );
+    let line = env
+        .proxy()
+        .wait_for_log("a rotation could not run now", Duration::from_secs(10));
+    assert!(line.contains("acl_setuser"), "{line}");
+    assert_eq!(env.status()["preflight"]["ok"], false);
+
+    for user in ["app-a", "app-b"] {
+        env.redis
+            .admin_cmd(&["ACL", "SETUSER", user, "+acl|setuser", "+client|kill"])
+            .assert_ok();
+    }
+    std::fs::remove_dir(&blocker).unwrap();
+    let (code, report, _) = dry_run(&env);
+    assert_eq!(code, 200, "{report}");
+    let said = env
+        .proxy()
+        .logs()
+        .iter()
+        .filter(|l| l.contains("a rotation could run now"))
+        .count();
+    assert_eq!(said, 2, "said at start and once it holds again");
+    assert_eq!(env.status()["generation"], 1);
+    env.assert_nothing_leaked();
+}
+
 #[test]
 fn urgent_rotation_closes_the_old_identitys_other_connections() {
     let mut env = RotEnv::alternating("");

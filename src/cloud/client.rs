@@ -312,6 +312,23 @@ impl CloudClient {
         }
     }
 
+    /// The database's `status` (`active`, `pending`, ...), from a `GET` of the database. That
+    /// answer can carry the default user's password (`security.password`): nothing else is
+    /// read from it, and it is not kept.
+    pub async fn database_status(&self, db: &DatabaseRef) -> Result<String, CloudError> {
+        #[derive(serde::Deserialize)]
+        struct Database {
+            #[serde(default)]
+            status: String,
+        }
+        let body = self.get(&db.path(), "get database").await?;
+        let database: Database = serde_json::from_slice(&body).map_err(|_| CloudError::Decode {
+            operation: "get database",
+            message: "not a database".into(),
+        })?;
+        Ok(database.status)
+    }
+
     /// An ACL user by id (all digits) or by name.
     pub async fn find_acl_user(&self, name_or_id: &str) -> Result<AclUser, CloudError> {
         if let Ok(id) = name_or_id.parse::<AclUserId>() {

@@ -9,6 +9,7 @@
 
 pub mod client_cert;
 pub mod fleet;
+pub mod preflight;
 pub mod secret;
 pub mod state;
 pub mod store;
@@ -29,6 +30,7 @@ use crate::upstream::connector::{self, ConnectError};
 use crate::upstream::pool::Pool;
 use crate::watch::FileWatch;
 use fleet::Fleet;
+use preflight::{Check, Report};
 use state::{InFlight, Outcome, RotationState, Slot, Step, now_unix};
 use store::{FileStore, Store, StoreError};
 use strategy::{ServerControl, Strategy, SuccessorCheck, credential_of};
@@ -105,6 +107,8 @@ struct Shared {
     /// Proven upstream TLS material waiting to become a generation (see `change_tls`), and
     /// who waits for its id.
     tls_change: Mutex<Option<TlsChange>>,
+    /// The last preflight's report.
+    preflight: Mutex<Option<Report>>,
 }
 
 type TlsChange = (
@@ -281,6 +285,7 @@ impl RotationHandle {
             members_left: Mutex::new(Vec::new()),
             fleet_error: Mutex::new(None),
             tls_change: Mutex::new(None),
+            preflight: Mutex::new(None),
         });
         let handle = RotationHandle { shared };
         let runner = handle.clone();
@@ -293,6 +298,13 @@ impl RotationHandle {
             let member = handle.clone();
             tokio::spawn(async move { member.fleet_heartbeat().await });
         }
+        let checker = handle.clone();
+        tokio::spawn(async move {
+            loop {
+                checker.preflight().await;
+                tokio::time::sleep(checker.shared.config.preflight_interval).await;
+            }
+        });
         Ok(handle)
     }
 
@@ -351,6 +363,58 @@ impl RotationHandle {
         answer
     }
 
+    /// Checks, changing nothing, that a rotation could run now (see [`preflight`]), and keeps
+    /// the report for status and the gauge. A change of verdict is logged.
+    pub async fn preflight(&self) -> Report {
+        let s = &self.shared;
+        let current = s.state.lock().expect("not poisoned").current.clone();
+        let mut checks = vec![self.check_store().await];
+        checks.extend(s.strategy.preflight(&current).await);
+        let report = Report::new(now_unix(), checks);
+        gauge!("rotaproxy_rotation_preflight_ok").set(f64::from(u8::from(report.ok)));
+        let previous = s
+            .preflight
+            .lock()
+            .expect("not poisoned")
+            .replace(report.clone());
+        if previous.is_none_or(|p| !p.same_verdict(&report)) {
+            if report.ok {
+                tracing::info!(
+                    target: "rotaproxy::audit",
+                    event = "rotation.preflight",
+                    ok = true,
+                    "a rotation could run now"
+                );
+            } else {
+                tracing::warn!(
+                    target: "rotaproxy::audit",
+                    event = "rotation.preflight",
+                    ok = false,
+                    failed = %report.failures(),
+                    "a rotation could not run now"
+                );
+            }
+        }
+        report
+    }
+
+    /// The preflight's look at where the state is kept.
+    async fn check_store(&self) -> Check {
+        match &self.shared.store {
+            Store::File(file) => match file.check_writable() {
+                Ok(()) => Check::ok("state", file.path().display().to_string()),
+                Err(e) => Check::failed(
+                    "state",
+                    format!("cannot write in {}: {e}", file.path().display()),
+                ),
+            },
+            Store::Fleet(fleet) => match fleet.load().await {
+                Ok(_) => Check::ok("state", fleet.describe()),
+                Err(e) => Check::failed("state", e.to_string()),
+            },
+        }
+    }
+
     /// Waits until the rotation `id` has finished and returns how it ended.
     pub async fn wait_for(&self, id: &str) -> Outcome {
         let mut rx = self.shared.finished.subscribe();
@@ -379,6 +443,7 @@ impl RotationHandle {
         let current = s.generations.current();
         let previous = s.generations.previous();
         let drain = *s.drain.lock().expect("not poisoned");
+        let preflight = s.preflight.lock().expect("not poisoned").clone();
         let next = *s.next_scheduled.lock().expect("not poisoned");
         let last_error = s.last_error.lock().expect("not poisoned").clone();
         json!({
@@ -410,6 +475,7 @@ impl RotationHandle {
                 "connections_left_at_revoke": o.left_at_revoke,
                 "fleet_members_left_at_revoke": o.members_left_at_revoke,
             })),
+            "preflight": preflight.map(|p| p.to_json()),
             "next_scheduled_rotation": next.map(|t| humantime::format_rfc3339_seconds(t).to_string()),
             "connections": {
                 "current": current.live_connections(),

@@ -93,6 +93,13 @@ impl FileStore {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Whether the state file's directory takes a file now (written, synced, removed).
+    pub fn check_writable(&self) -> std::io::Result<()> {
+        let probe = self.path.with_file_name(".rotaproxy-preflight");
+        crate::files::write_durably(&probe, b"", 0o600)?;
+        fs::remove_file(&probe)
+    }
 }
 
 use std::os::unix::fs::DirBuilderExt;

@@ -15,6 +15,7 @@ use redis_protocol::resp2::types::OwnedFrame;
 use secrecy::{ExposeSecret, SecretString};
 
 use super::RotationError;
+use super::preflight::Check;
 use super::secret::generate_password;
 use super::state::Slot;
 use crate::cloud::{AclUserId, CloudClient, DatabaseRef, TaskId};
@@ -101,6 +102,27 @@ impl ServerControl {
                 what: format!("ACL SETUSER {user}"),
                 code: "unexpected reply".into(),
             }),
+        }
+    }
+
+    /// Who [`ServerControl::open`] connects as.
+    fn acting_user(&self, acting: &Slot) -> String {
+        match &self.admin {
+            Some(admin) => admin.username.as_deref().unwrap_or("default").to_string(),
+            None => acting.display_user().to_string(),
+        }
+    }
+
+    /// Whether the connection's user may run `args`: false only for `NOPERM` (any other answer,
+    /// errors included, came after the permission check).
+    async fn permitted(
+        &self,
+        conn: &mut UpstreamConn,
+        args: &[&[u8]],
+    ) -> Result<bool, RotationError> {
+        match connector::run_command(conn, args, self.timeouts.auth).await? {
+            OwnedFrame::Error(e) => Ok(!e.starts_with("NOPERM")),
+            _ => Ok(true),
         }
     }
 
@@ -574,6 +596,119 @@ impl Strategy {
                 "ACL GETUSER knows no user {active}"
             ))),
         }
+    }
+
+    /// The checks of a preflight (see [`super::preflight`]) that depend on the strategy and
+    /// the backend, for a rotation away from `current`. Nothing on the server changes: an
+    /// `ACL SETUSER` with a rule that does not exist is refused before anything is applied
+    /// (or with `NOPERM`, before it is read), and `CLIENT KILL ID 0` closes nothing.
+    pub async fn preflight(&self, current: &Slot) -> Vec<Check> {
+        let mut checks = Vec::new();
+        if self.kind == RotationStrategy::External {
+            checks.push(match self.read_source() {
+                Ok(_) => Check::ok("source", "readable"),
+                Err(e) => Check::failed("source", e.to_string()),
+            });
+            return checks;
+        }
+        if let Some(cloud) = &self.cloud
+            && self.kind == RotationStrategy::DefaultUser
+        {
+            checks.push(match &cloud.database {
+                None => Check::failed("cloud_api", "[rotation.database] is not set"),
+                Some(db) => match cloud.client.database_status(db).await {
+                    Ok(status) => Check::ok("cloud_api", format!("database status {status}")),
+                    Err(e) => Check::failed("cloud_api", e.to_string()),
+                },
+            });
+        }
+        if self.kind == RotationStrategy::AlternatingUsers {
+            checks.push(match self.check_successor(current).await {
+                Ok(SuccessorCheck::Unchecked(why)) => Check::unchecked("users_match", why),
+                Ok(_) => Check::ok("users_match", self.users.join(" and ")),
+                Err(e) => Check::failed("users_match", e.to_string()),
+            });
+        }
+        // Urgent rotations close the old identity's other connections, through the server
+        // in every backend; and without the API, the server sets the passwords too.
+        let acting = self.control.acting_user(current);
+        let mut conn = match self.control.open(current).await {
+            Ok(conn) => {
+                checks.push(Check::ok("control_connection", format!("as {acting}")));
+                conn
+            }
+            Err(e) => {
+                checks.push(Check::failed("control_connection", e.to_string()));
+                return checks;
+            }
+        };
+        if self.cloud.is_none() {
+            let users: Vec<&str> = match self.kind {
+                RotationStrategy::AlternatingUsers => {
+                    self.users.iter().map(String::as_str).collect()
+                }
+                RotationStrategy::DefaultUser => vec!["default"],
+                _ => vec![current.display_user()],
+            };
+            let mut refused = Vec::new();
+            for user in &users {
+                let probe: [&[u8]; 4] = [
+                    b"ACL",
+                    b"SETUSER",
+                    user.as_bytes(),
+                    b"rotaproxy-preflight-no-such-rule",
+                ];
+                match self.control.permitted(&mut conn, &probe).await {
+                    Ok(true) => {}
+                    Ok(false) => refused.push(*user),
+                    Err(e) => {
+                        checks.push(Check::failed("acl_setuser", e.to_string()));
+                        return checks;
+                    }
+                }
+            }
+            checks.push(if refused.is_empty() {
+                Check::ok("acl_setuser", format!("on {}", users.join(", ")))
+            } else {
+                Check::failed(
+                    "acl_setuser",
+                    format!(
+                        "{acting} may not run ACL SETUSER on {} (NOPERM)",
+                        refused.join(", ")
+                    ),
+                )
+            });
+        }
+        let mut kill_refused = Vec::new();
+        for probe in [
+            &[&b"CLIENT"[..], b"LIST", b"ID", b"0"][..],
+            &[&b"CLIENT"[..], b"KILL", b"ID", b"0"][..],
+        ] {
+            match self.control.permitted(&mut conn, probe).await {
+                Ok(true) => {}
+                Ok(false) => kill_refused.push(if probe[1] == b"LIST" {
+                    "CLIENT LIST"
+                } else {
+                    "CLIENT KILL"
+                }),
+                Err(e) => {
+                    checks.push(Check::failed("client_kill", e.to_string()));
+                    return checks;
+                }
+            }
+        }
+        checks.push(if kill_refused.is_empty() {
+            Check::ok("client_kill", "urgent rotations can close the old identity's connections")
+        } else {
+            Check::failed(
+                "client_kill",
+                format!(
+                    "{acting} may not run {} (NOPERM): an urgent rotation could not close the old identity's other connections",
+                    kill_refused.join(" or ")
+                ),
+            )
+        });
+        checks
     }
 
     /// A generation for testing `slot` on a fresh connection.

@@ -1,0 +1,118 @@
+//! Whether a rotation could run now, found out without changing anything: an ACL the acting
+//! user lacks, an idle user that may do less, an API key the account no longer knows or a state
+//! directory that cannot be written would otherwise show only when the next rotation fails —
+//! weeks later, perhaps in the middle of an incident that needs one at once.
+//!
+//! The checks run at start, every `rotation.preflight_interval`, and on
+//! `POST /v1/rotate?dry_run=true`. The last report is in `/v1/status` (`rotation.preflight`)
+//! and `rotaproxy_rotation_preflight_ok`; a change of verdict is logged.
+
+use serde::Serialize;
+
+/// What one check found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Ok,
+    Failed,
+    /// The server or the API would not say; the rotation may still work.
+    Unchecked,
+}
+
+/// One check: what was looked at, and what was found (never a secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Check {
+    pub check: &'static str,
+    pub result: Verdict,
+    pub detail: String,
+}
+
+impl Check {
+    pub fn ok(check: &'static str, detail: impl Into<String>) -> Check {
+        Check {
+            check,
+            result: Verdict::Ok,
+            detail: detail.into(),
+        }
+    }
+
+    pub fn failed(check: &'static str, detail: impl Into<String>) -> Check {
+        Check {
+            check,
+            result: Verdict::Failed,
+            detail: detail.into(),
+        }
+    }
+
+    pub fn unchecked(check: &'static str, detail: impl Into<String>) -> Check {
+        Check {
+            check,
+            result: Verdict::Unchecked,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// Every check of one run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Unix seconds.
+    #[serde(skip)]
+    pub at: u64,
+    pub ok: bool,
+    pub checks: Vec<Check>,
+}
+
+impl Report {
+    pub fn new(at: u64, checks: Vec<Check>) -> Report {
+        Report {
+            at,
+            ok: checks.iter().all(|c| c.result != Verdict::Failed),
+            checks,
+        }
+    }
+
+    /// The failed checks, as one line for the log.
+    pub fn failures(&self) -> String {
+        self.checks
+            .iter()
+            .filter(|c| c.result == Verdict::Failed)
+            .map(|c| format!("{}: {}", c.check, c.detail))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// The report as status and the admin API show it.
+    pub fn to_json(&self) -> serde_json::Value {
+        let at = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(self.at);
+        let mut report = serde_json::json!(self);
+        report["at"] = humantime::format_rfc3339_seconds(at).to_string().into();
+        report
+    }
+
+    /// Whether `other` says the same (the same checks with the same results and details).
+    pub fn same_verdict(&self, other: &Report) -> bool {
+        self.checks == other.checks
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_fails_only_on_a_failed_check() {
+        let report = Report::new(1, vec![Check::ok("a", ""), Check::unchecked("b", "NOPERM")]);
+        assert!(report.ok);
+        let report = Report::new(
+            1,
+            vec![
+                Check::ok("a", ""),
+                Check::failed("c", "no"),
+                Check::failed("d", "nor this"),
+            ],
+        );
+        assert!(!report.ok);
+        assert_eq!(report.failures(), "c: no; d: nor this");
+    }
+}
