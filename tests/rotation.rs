@@ -298,6 +298,14 @@ fn a_preflight_finds_what_would_stop_a_rotation_and_changes_nothing() {
             "client_kill"
         ]
     );
+    assert!(
+        report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["result"] == "ok"),
+        "{report}"
+    );
     assert_eq!(env.redis.admin_cmd(&["ACL", "LIST"]), acl_before);
     assert!(env.authenticates("app-b", &idle), "app-b was changed");
 

@@ -113,17 +113,25 @@ impl ServerControl {
         }
     }
 
-    /// Whether the connection's user may run `args`: false only for `NOPERM` (any other answer,
-    /// errors included, came after the permission check).
+    /// Whether the connection's user may run `args`, which are meant to change nothing. `NOPERM`
+    /// says no. Another error came after the permission check, so it says yes, unless
+    /// `expected_error` is given and the error does not contain it (the server may not know
+    /// the command at all): then it cannot be told.
     async fn permitted(
         &self,
         conn: &mut UpstreamConn,
         args: &[&[u8]],
-    ) -> Result<bool, RotationError> {
-        match connector::run_command(conn, args, self.timeouts.auth).await? {
-            OwnedFrame::Error(e) => Ok(!e.starts_with("NOPERM")),
-            _ => Ok(true),
-        }
+        expected_error: Option<&str>,
+    ) -> Result<Permission, RotationError> {
+        Ok(
+            match connector::run_command(conn, args, self.timeouts.auth).await? {
+                OwnedFrame::Error(e) if e.starts_with("NOPERM") => Permission::No,
+                OwnedFrame::Error(e) if expected_error.is_some_and(|x| !e.contains(x)) => {
+                    Permission::Unknown(error_code(&e))
+                }
+                _ => Permission::Yes,
+            },
+        )
     }
 
     /// What `user` may do, as `ACL GETUSER` tells it, on a connection of [`ServerControl::open`].
@@ -257,6 +265,14 @@ impl AclRules {
             .cloned()
             .collect()
     }
+}
+
+/// What [`ServerControl::permitted`] found out.
+enum Permission {
+    Yes,
+    No,
+    /// An error that does not tell (its first word).
+    Unknown(String),
 }
 
 /// What [`Strategy::check_successor`] found out.
@@ -651,6 +667,7 @@ impl Strategy {
                 _ => vec![current.display_user()],
             };
             let mut refused = Vec::new();
+            let mut unknown = None;
             for user in &users {
                 let probe: [&[u8]; 4] = [
                     b"ACL",
@@ -658,16 +675,26 @@ impl Strategy {
                     user.as_bytes(),
                     b"rotaproxy-preflight-no-such-rule",
                 ];
-                match self.control.permitted(&mut conn, &probe).await {
-                    Ok(true) => {}
-                    Ok(false) => refused.push(*user),
+                match self
+                    .control
+                    .permitted(&mut conn, &probe, Some("ACL SETUSER modifier"))
+                    .await
+                {
+                    Ok(Permission::Yes) => {}
+                    Ok(Permission::No) => refused.push(*user),
+                    Ok(Permission::Unknown(code)) => unknown = Some(code),
                     Err(e) => {
                         checks.push(Check::failed("acl_setuser", e.to_string()));
                         return checks;
                     }
                 }
             }
-            checks.push(if refused.is_empty() {
+            checks.push(if let (true, Some(code)) = (refused.is_empty(), &unknown) {
+                Check::unchecked(
+                    "acl_setuser",
+                    format!("ACL SETUSER with a rule that does not exist answered {code}"),
+                )
+            } else if refused.is_empty() {
                 Check::ok("acl_setuser", format!("on {}", users.join(", ")))
             } else {
                 Check::failed(
@@ -684,9 +711,9 @@ impl Strategy {
             &[&b"CLIENT"[..], b"LIST", b"ID", b"0"][..],
             &[&b"CLIENT"[..], b"KILL", b"ID", b"0"][..],
         ] {
-            match self.control.permitted(&mut conn, probe).await {
-                Ok(true) => {}
-                Ok(false) => kill_refused.push(if probe[1] == b"LIST" {
+            match self.control.permitted(&mut conn, probe, None).await {
+                Ok(Permission::Yes | Permission::Unknown(_)) => {}
+                Ok(Permission::No) => kill_refused.push(if probe[1] == b"LIST" {
                     "CLIENT LIST"
                 } else {
                     "CLIENT KILL"
