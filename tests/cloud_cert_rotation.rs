@@ -296,6 +296,21 @@ fn a_certificate_close_to_expiry_is_replaced_without_being_asked() {
     );
     env.kill_upstream_connections();
     env.proxy().conn().cmd(&["PING"]).assert_simple("PONG");
+
+    // The preflight reads the database whose certificate list the rotation sets.
+    let (code, body) = env
+        .proxy()
+        .http_post("/v1/rotate?dry_run=true", Some(TOKEN), "");
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let api = v["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == "cloud_api")
+        .cloned()
+        .unwrap_or_else(|| panic!("no cloud_api check: {body}"));
+    assert_eq!(api["result"], "ok", "{body}");
 }
 
 #[test]

@@ -627,16 +627,19 @@ impl Strategy {
             });
             return checks;
         }
-        if let Some(cloud) = &self.cloud
-            && self.kind == RotationStrategy::DefaultUser
-        {
-            checks.push(match &cloud.database {
-                None => Check::failed("cloud_api", "[rotation.database] is not set"),
-                Some(db) => match cloud.client.database_status(db).await {
+        // The database: the default user's password and the client certificate list are set
+        // on it (alternating users are looked up below).
+        if let Some(cloud) = &self.cloud {
+            match &cloud.database {
+                Some(db) => checks.push(match cloud.client.database_status(db).await {
                     Ok(status) => Check::ok("cloud_api", format!("database status {status}")),
                     Err(e) => Check::failed("cloud_api", e.to_string()),
-                },
-            });
+                }),
+                None if self.kind == RotationStrategy::DefaultUser => {
+                    checks.push(Check::failed("cloud_api", "[rotation.database] is not set"))
+                }
+                None => {}
+            }
         }
         if self.kind == RotationStrategy::AlternatingUsers {
             checks.push(match self.check_successor(current).await {
