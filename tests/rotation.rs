@@ -501,6 +501,20 @@ fn external_rotation_follows_a_secret_volume() {
     let mut fresh = proxy.conn();
     fresh.cmd(&["CLIENT", "SETNAME", "fresh"]).assert_ok();
     fresh.cmd(&["GET", "k"]).assert_bulk("2");
+
+    // The preflight of a follower: the state, and the source it follows.
+    let dry_run = || {
+        let (code, body) = proxy.http_post("/v1/rotate?dry_run=true", Some(TOKEN), "");
+        (code, serde_json::from_str::<Value>(&body).unwrap())
+    };
+    let (code, report) = dry_run();
+    assert_eq!(code, 200, "{report}");
+    assert_eq!(report["checks"][1]["check"], "source", "{report}");
+    assert_eq!(report["checks"][1]["result"], "ok", "{report}");
+    volume.publish_files(&[]);
+    let (code, report) = dry_run();
+    assert_eq!(code, 412, "{report}");
+    assert_eq!(report["checks"][1]["result"], "failed", "{report}");
     assert_no_secret_in_logs(&proxy, &[&password, &new]);
 }
 
