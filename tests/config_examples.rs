@@ -1,6 +1,7 @@
 //! The example configs in config/ stay valid: each parses with `Config::load` and passes
 //! `rotaproxy check-config`; config/full.toml shows exactly the defaults; a bad config is refused
-//! with the offending key named.
+//! with the offending key named; the alert rules in config/prometheus-alerts.yml name only
+//! metrics the proxy exports.
 
 mod support;
 
@@ -123,4 +124,99 @@ fn bad_configs_are_refused_naming_the_key() {
     assert!(!ok, "inline secret accepted:\n{stdout}");
     assert!(stderr.contains("password"), "{stderr}");
     assert!(!stderr.contains("hunter2") && !stdout.contains("hunter2"));
+}
+
+/// Every `"rotaproxy_..."` metric name written in the proxy's source.
+fn exported_metric_names() -> std::collections::BTreeSet<String> {
+    fn walk(dir: &Path, names: &mut std::collections::BTreeSet<String>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, names);
+            } else if path.extension().is_some_and(|x| x == "rs") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                for piece in text.split("\"rotaproxy_").skip(1) {
+                    if let Some((name, _)) = piece.split_once('"') {
+                        names.insert(format!("rotaproxy_{name}"));
+                    }
+                }
+            }
+        }
+    }
+    let mut names = std::collections::BTreeSet::new();
+    walk(&repo_root().join("src"), &mut names);
+    names
+}
+
+/// The metric names in a PromQL expression (histograms' series suffixes taken off).
+fn metrics_in(expr: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for piece in expr.split("rotaproxy_").skip(1) {
+        let name: String = piece
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+            .collect();
+        let name = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .unwrap_or(&name)
+            .to_string();
+        found.push(format!("rotaproxy_{name}"));
+    }
+    found
+}
+
+/// config/prometheus-alerts.yml is a Prometheus rule file (read with PyYAML from `.deps`,
+/// which `scripts/test` installs) whose rules name only metrics the proxy exports.
+#[test]
+fn the_alert_rules_name_only_metrics_the_proxy_exports() {
+    let root = repo_root();
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import json, sys, yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))",
+        ])
+        .arg(root.join("config/prometheus-alerts.yml"))
+        .env("PYTHONPATH", root.join(".deps/python"))
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success(),
+        "the rules do not read as YAML (or PyYAML is missing: run scripts/test): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let exported = exported_metric_names();
+    assert!(exported.contains("rotaproxy_rotation_preflight_ok"));
+    let mut alerts = Vec::new();
+    for group in doc["groups"].as_array().expect("groups") {
+        assert!(group["name"].is_string(), "{group}");
+        for rule in group["rules"].as_array().expect("rules") {
+            let alert = rule["alert"].as_str().expect("an alert name");
+            let expr = rule["expr"].as_str().expect("an expression");
+            assert!(
+                rule["annotations"]["summary"].is_string(),
+                "{alert}: no summary"
+            );
+            assert!(
+                ["critical", "warning", "info"]
+                    .contains(&rule["labels"]["severity"].as_str().unwrap_or("")),
+                "{alert}: no severity"
+            );
+            let used = metrics_in(expr);
+            assert!(!used.is_empty(), "{alert} names no rotaproxy metric");
+            for name in used {
+                assert!(
+                    exported.contains(&name),
+                    "{alert} uses {name}, which the proxy does not export"
+                );
+            }
+            alerts.push(alert.to_string());
+        }
+    }
+    let count = alerts.len();
+    alerts.sort();
+    alerts.dedup();
+    assert_eq!(alerts.len(), count, "alert names repeat");
+    assert!(count >= 10, "only {count} rules");
 }
