@@ -90,9 +90,24 @@ impl Report {
         report
     }
 
-    /// Whether `other` says the same (the same checks with the same results and details).
+    /// Whether `other` says the same: the same checks with the same results, and failures for
+    /// the same reasons (what passed may say something new, like the user a rotation made
+    /// active, without that being news).
     pub fn same_verdict(&self, other: &Report) -> bool {
-        self.checks == other.checks
+        let verdict = |r: &Report| -> Vec<(&'static str, Verdict, String)> {
+            r.checks
+                .iter()
+                .map(|c| {
+                    let why = if c.result == Verdict::Ok {
+                        String::new()
+                    } else {
+                        c.detail.clone()
+                    };
+                    (c.check, c.result, why)
+                })
+                .collect()
+        };
+        verdict(self) == verdict(other)
     }
 }
 
@@ -114,5 +129,26 @@ mod tests {
         );
         assert!(!report.ok);
         assert_eq!(report.failures(), "c: no; d: nor this");
+    }
+
+    #[test]
+    fn news_is_a_result_or_a_reason_that_changed() {
+        let report = |checks| Report::new(1, checks);
+        let a = report(vec![
+            Check::ok("x", "as app-a"),
+            Check::failed("y", "NOPERM"),
+        ]);
+        let b = report(vec![
+            Check::ok("x", "as app-b"),
+            Check::failed("y", "NOPERM"),
+        ]);
+        assert!(a.same_verdict(&b));
+        let c = report(vec![
+            Check::ok("x", "as app-b"),
+            Check::failed("y", "timeout"),
+        ]);
+        assert!(!b.same_verdict(&c));
+        let d = report(vec![Check::ok("x", "as app-b"), Check::ok("y", "")]);
+        assert!(!b.same_verdict(&d));
     }
 }

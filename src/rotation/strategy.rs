@@ -248,7 +248,7 @@ impl AclRules {
         AclRules::Found(rules)
     }
 
-    /// The parts (`commands`, `keys`, ...) in which `self` and `other` differ.
+    /// The parts (`commands`, `keys`, ...) in which `a` and `b` differ.
     fn differences(a: &[(String, OwnedFrame)], b: &[(String, OwnedFrame)]) -> Vec<String> {
         let mut names: Vec<&String> = a.iter().chain(b).map(|(name, _)| name).collect();
         names.sort();
