@@ -50,6 +50,7 @@ RUN apt-get update \
  && mkdir -p /etc/rotaproxy
 COPY --from=builder /usr/local/bin/rotaproxy /usr/local/bin/rotaproxy
 USER 10001:10001
-EXPOSE 6380 9180
+# 9187: admin.metrics_bind, when set (metrics and health only).
+EXPOSE 6380 9180 9187
 ENTRYPOINT ["rotaproxy"]
 CMD ["run", "--config", "/etc/rotaproxy/rotaproxy.toml"]

@@ -61,9 +61,26 @@ pub fn router(state: Arc<AdminState>) -> Router {
         .with_state(state)
 }
 
+/// What `admin.metrics_bind` serves: metrics and health only, nothing that names a user, a
+/// client or a certificate, and nothing that changes anything.
+pub fn metrics_router(state: Arc<AdminState>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
     if let Err(err) = axum::serve(listener, router(state)).await {
         tracing::error!(error = %err, "admin listener stopped");
+    }
+}
+
+/// Serves [`metrics_router`] on `admin.metrics_bind`.
+pub async fn serve_metrics(listener: TcpListener, state: Arc<AdminState>) {
+    if let Err(err) = axum::serve(listener, metrics_router(state)).await {
+        tracing::error!(error = %err, "metrics listener stopped");
     }
 }
 

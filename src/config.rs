@@ -469,6 +469,11 @@ pub struct AdminConfig {
     /// Bearer token required by every POST endpoint: `env:NAME` or `file:/path`.
     #[serde(default)]
     pub token: Option<SecretRef>,
+    /// A second listener that serves only `GET /metrics`, `/healthz` and `/readyz`: for
+    /// Prometheus and the kubelet's HTTP probes on the pod's address, while status, the client
+    /// list and the POST endpoints stay on `bind`.
+    #[serde(default)]
+    pub metrics_bind: Option<SocketAddr>,
 }
 
 impl Default for AdminConfig {
@@ -476,6 +481,7 @@ impl Default for AdminConfig {
         Self {
             bind: default_admin_bind(),
             token: None,
+            metrics_bind: None,
         }
     }
 }
@@ -1135,6 +1141,12 @@ impl Config {
         if self.listener.max_clients == 0 {
             return Err(invalid("listener.max_clients", "must be at least 1"));
         }
+        if self.admin.metrics_bind == Some(self.admin.bind) && self.admin.bind.port() != 0 {
+            return Err(invalid(
+                "admin.metrics_bind",
+                "must differ from admin.bind (it serves a part of what bind serves)",
+            ));
+        }
         if self.pool.max == 0 {
             return Err(invalid("pool.max", "must be at least 1"));
         }
@@ -1699,7 +1711,7 @@ mod tests {
     }
 
     #[test]
-    fn zero_poll_intervals_are_refused_by_key() {
+    fn intervals_and_listeners_that_cannot_work_are_refused_by_key() {
         let cases = [
             (
                 "[upstream]\nurl = \"rediss://h:1\"\ntls_poll_interval = \"0s\"\n".to_string(),
@@ -1725,6 +1737,18 @@ mod tests {
                 "[upstream]\nurl = \"redis://h:1\"\ncommand_table_refresh = \"500ms\"\n"
                     .to_string(),
                 "upstream.command_table_refresh",
+            ),
+            (
+                format!(
+                    "{MINIMAL}[credentials]\npassword = \"env:P\"\n[rotation]\nstrategy = \"acl-multi-password\"\npreflight_interval = \"0s\"\n"
+                ),
+                "rotation.preflight_interval",
+            ),
+            (
+                format!(
+                    "{MINIMAL}[admin]\nbind = \"127.0.0.1:9180\"\nmetrics_bind = \"127.0.0.1:9180\"\n"
+                ),
+                "admin.metrics_bind",
             ),
         ];
         for (text, key) in cases {

@@ -223,8 +223,20 @@ pub async fn run(
     let admin_listener = TcpListener::bind(config.admin.bind)
         .await
         .with_context(|| format!("cannot listen on {} (admin.bind)", config.admin.bind))?;
+    let metrics_listener = match config.admin.metrics_bind {
+        Some(bind) => Some(
+            TcpListener::bind(bind)
+                .await
+                .with_context(|| format!("cannot listen on {bind} (admin.metrics_bind)"))?,
+        ),
+        None => None,
+    };
     let client_addr = listeners.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
+    let metrics_addr = match &metrics_listener {
+        Some(listener) => Some(listener.local_addr()?),
+        None => None,
+    };
     let admin_state = Arc::new(AdminState {
         prometheus,
         metrics: metrics.clone(),
@@ -254,10 +266,14 @@ pub async fn run(
         }),
         clients: ctx.clients.clone(),
     });
+    if let Some(listener) = metrics_listener {
+        tokio::spawn(admin::serve_metrics(listener, admin_state.clone()));
+    }
     tokio::spawn(admin::serve(admin_listener, admin_state));
     tracing::info!(
         %client_addr,
         %admin_addr,
+        metrics_addr = metrics_addr.map(tracing::field::display),
         tls = listeners.tls(),
         unix_socket = listeners.unix_socket().map(|path| path.display().to_string()),
         "listening"

@@ -1018,6 +1018,43 @@ fn metrics_and_status_name_the_version_and_start_time() {
     assert_eq!(status["started_at"].as_u64(), Some(started_at));
 }
 
+/// `admin.metrics_bind` serves metrics and health (for Prometheus and HTTP probes on the pod's
+/// address) and nothing else: no status, no client list, no POST.
+#[test]
+fn the_metrics_listener_serves_metrics_and_health_only() {
+    let redis = RedisServer::start(RedisOptions::new());
+    let mut config = ProxyConfig::plain(&redis);
+    config.admin_extra = "metrics_bind = \"127.0.0.1:0\"\ntoken = \"env:TEST_ADMIN_TOKEN\"".into();
+    let token = random_token(24);
+    let proxy = Proxy::start(&config.to_toml(), &[("TEST_ADMIN_TOKEN", token.as_str())]);
+    let addr = proxy
+        .metrics_addr()
+        .expect("metrics_addr on the listening line");
+    assert_ne!(addr, proxy.admin_addr());
+    proxy.conn().cmd(&["PING"]).assert_simple("PONG");
+
+    let (code, body) = http_request(addr, "GET", "/metrics", &[], b"");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("rotaproxy_commands_total"), "{body}");
+    assert_eq!(http_request(addr, "GET", "/healthz", &[], b"").0, 200);
+    assert_eventually(Duration::from_secs(10), "ready there too", || {
+        http_request(addr, "GET", "/readyz", &[], b"").0 == 200
+    });
+    for path in ["/v1/status", "/v1/clients"] {
+        let (code, body) = http_request(addr, "GET", path, &[], b"");
+        assert_eq!(code, 404, "{path}: {body}");
+    }
+    let auth = format!("Bearer {token}");
+    let headers = [("Authorization", auth.as_str())];
+    for path in ["/v1/rotate", "/v1/client-certificate/rotate"] {
+        let (code, body) = http_request(addr, "POST", path, &headers, b"");
+        assert_eq!(code, 404, "{path}: {body}");
+    }
+    // The admin listener still serves everything.
+    assert_eq!(proxy.http_get("/v1/status").0, 200);
+    assert_eq!(proxy.http_get("/v1/clients").0, 200);
+}
+
 #[test]
 fn upstream_connect_and_ping_times_are_histograms() {
     let redis = RedisServer::start(RedisOptions::new());

@@ -149,6 +149,14 @@ impl Proxy {
         self.admin_addr
     }
 
+    /// The metrics listener (`admin.metrics_bind`), from the `listening` line.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.logs()
+            .iter()
+            .filter(|l| l.contains("listening"))
+            .find_map(|l| field_addr(l, "metrics_addr="))
+    }
+
     /// A new plain RESP connection to the proxy.
     #[track_caller]
     pub fn conn(&self) -> RespConn {
