@@ -607,6 +607,48 @@ pub struct FleetConfig {
     pub replica_timeout: Duration,
 }
 
+/// The `[rotation]` settings a `SIGHUP` applies to a running proxy: when rotations happen and
+/// how long their drains may take. The rest of `[rotation]` waits for a restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RotationTiming {
+    pub rotate_every: Option<Duration>,
+    pub jitter: Duration,
+    pub preflight_interval: Duration,
+    pub drain_deadline: Duration,
+    pub urgent_drain_deadline: Duration,
+}
+
+impl RotationConfig {
+    pub fn timing(&self) -> RotationTiming {
+        RotationTiming {
+            rotate_every: self.rotate_every,
+            jitter: self.jitter,
+            preflight_interval: self.preflight_interval,
+            drain_deadline: self.drain_deadline,
+            urgent_drain_deadline: self.urgent_drain_deadline,
+        }
+    }
+
+    /// This config with `timing` in place of its own.
+    pub fn with_timing(&self, timing: RotationTiming) -> RotationConfig {
+        let RotationTiming {
+            rotate_every,
+            jitter,
+            preflight_interval,
+            drain_deadline,
+            urgent_drain_deadline,
+        } = timing;
+        RotationConfig {
+            rotate_every,
+            jitter,
+            preflight_interval,
+            drain_deadline,
+            urgent_drain_deadline,
+            ..self.clone()
+        }
+    }
+}
+
 fn default_preflight_interval() -> Duration {
     Duration::from_secs(3600)
 }
@@ -987,7 +1029,8 @@ impl UpstreamUrl {
 impl Config {
     /// What a SIGHUP does not apply: the parts of this configuration, named as in the file,
     /// that differ from `running`. A SIGHUP re-reads the client auth entries
-    /// (`listener.auth.users`) and `log.level` only; every other change waits for a restart.
+    /// (`listener.auth.users`), `log.level` and the rotation's timing ([`RotationTiming`]) only;
+    /// every other change waits for a restart.
     /// (Certificate and password *files* are followed as they change; what is compared here
     /// is where they are and what the file says.)
     pub fn restart_needed_for(&self, running: &Config) -> Vec<&'static str> {
@@ -1047,7 +1090,13 @@ impl Config {
             ("timeouts", *timeouts != was.timeouts),
             ("limits", *limits != was.limits),
             ("admin", *admin != was.admin),
-            ("rotation", *rotation != was.rotation),
+            (
+                "rotation",
+                match (rotation, &was.rotation) {
+                    (Some(now), Some(was)) => now.with_timing(was.timing()) != *was,
+                    (now, was) => now != was,
+                },
+            ),
             ("shutdown", *shutdown != was.shutdown),
             ("runtime", *runtime != was.runtime),
             ("log.format", *format != was.log.format),
@@ -1697,6 +1746,31 @@ mod tests {
         }
         let other_upstream = Config::parse("[upstream]\nurl = \"rediss://other:1\"\n").unwrap();
         assert_eq!(other_upstream.restart_needed_for(&running), ["upstream"]);
+
+        // With rotation: its timing is applied by a SIGHUP, the rest is not.
+        let rotating = |extra: &str| {
+            Config::parse(&format!(
+                "{MINIMAL}[credentials]\npassword = \"env:P\"\n[rotation]\nstrategy = \"acl-multi-password\"\n{extra}"
+            ))
+            .unwrap()
+        };
+        let running = rotating("");
+        let timing = rotating(
+            "rotate_every = \"1h\"\njitter = \"1m\"\npreflight_interval = \"5m\"\n\
+             drain_deadline = \"9s\"\nurgent_drain_deadline = \"2s\"\n",
+        );
+        assert!(timing.restart_needed_for(&running).is_empty());
+        assert_ne!(
+            timing.rotation.as_ref().unwrap().timing(),
+            running.rotation.as_ref().unwrap().timing()
+        );
+        for extra in ["password_length = 40\n", "max_pause = \"1s\"\n"] {
+            assert_eq!(
+                rotating(extra).restart_needed_for(&running),
+                ["rotation"],
+                "{extra}"
+            );
+        }
     }
 
     #[test]

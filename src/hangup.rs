@@ -7,6 +7,7 @@ use serde_json::{Value, json};
 
 use crate::config::Config;
 use crate::logging::FilterChange;
+use crate::rotation::RotationHandle;
 use crate::session::client_auth::ClientAuth;
 
 /// What the last SIGHUP did, for `/v1/status`.
@@ -27,9 +28,11 @@ impl HangupStatus {
 }
 
 /// SIGHUP re-reads the configuration file for its client auth entries (`listener.auth.users`),
-/// so an application password can be added or retired without dropping a client, and for its
-/// log filter (`log.level`), so `debug` can be turned on for a while. Nothing else is
-/// reloaded: any other difference from the configuration the proxy started with (`running`)
+/// so an application password can be added or retired without dropping a client, for its
+/// log filter (`log.level`), so `debug` can be turned on for a while, and for when rotations
+/// happen and how long their drains take (`rotation.rotate_every`, `jitter`,
+/// `preflight_interval`, `drain_deadline`, `urgent_drain_deadline`), since restarting a sidecar
+/// would cut its application's connections. Nothing else is reloaded: any other difference from the configuration the proxy started with (`running`)
 /// is named in a warning and raises `rotaproxy_config_restart_pending`, so an operator who
 /// expected it to apply learns it did not. A file that does not load changes nothing.
 pub async fn reload_on_hangup(
@@ -37,6 +40,7 @@ pub async fn reload_on_hangup(
     path: PathBuf,
     running: Config,
     client_auth: Arc<ClientAuth>,
+    rotation: Option<RotationHandle>,
     status: Arc<HangupStatus>,
 ) {
     let restart_pending = metrics::gauge!("rotaproxy_config_restart_pending");
@@ -75,6 +79,16 @@ pub async fn reload_on_hangup(
                 Some(error.to_string())
             }
         };
+        let rotation_changes = match (&rotation, &config.rotation) {
+            (Some(handle), Some(settings)) => handle.set_timing(settings.timing()),
+            _ => Vec::new(),
+        };
+        if !rotation_changes.is_empty() {
+            tracing::info!(
+                changed = %rotation_changes.join(","),
+                "SIGHUP: rotation timing set"
+            );
+        }
         let client_auth_result = client_auth.reload(&config.listener.auth);
         let client_auth_error = client_auth_result.as_ref().err().cloned();
         let not_applied = config.restart_needed_for(&running);
@@ -91,6 +105,7 @@ pub async fn reload_on_hangup(
             "client_auth_error": client_auth_error,
             "log_level_error": log_level_error,
             "restart_needed_for": not_applied,
+            "rotation_changed": rotation_changes,
         }));
         match client_auth_result {
             Ok(()) => {
@@ -107,7 +122,7 @@ pub async fn reload_on_hangup(
                 path = %path.display(),
                 changed = %not_applied.join(","),
                 "SIGHUP: these changes are not applied until a restart (a SIGHUP reloads only \
-                 listener.auth.users and log.level)"
+                 listener.auth.users, log.level and the rotation's timing)"
             );
         }
     }

@@ -164,6 +164,7 @@ pub async fn run(
             path,
             config.clone(),
             client_auth.clone(),
+            rotation.clone(),
             hangup_status.clone(),
         ));
     }
@@ -376,7 +377,7 @@ fn follow_upstream_tls(
     };
     let started = ClientCertRotation::start(ClientCertParts {
         config: cert_config.clone(),
-        drain_deadline: rotation_config.drain_deadline,
+        timing: rotation.timing(),
         state_dir: rotation_config.state_dir.clone(),
         cloud,
         database,

@@ -355,6 +355,68 @@ fn a_preflight_finds_what_would_stop_a_rotation_and_changes_nothing() {
     env.assert_nothing_leaked();
 }
 
+/// A schedule set, changed and taken away by SIGHUP: restarting a sidecar would cut its
+/// application's connections. Other `[rotation]` changes still wait for a restart.
+#[test]
+fn a_sighup_sets_the_rotation_schedule_without_a_restart() {
+    let mut env = RotEnv::multi_password("");
+    let started = env.config.clone();
+    let mut c = env.proxy().conn();
+    c.cmd(&["SET", "k", "v"]).assert_ok();
+    assert!(env.status()["next_scheduled_rotation"].is_null());
+    let sighup = |env: &RotEnv, config: &str, n: usize| {
+        std::fs::write(env.proxy().config_path(), config).expect("rewrite the config");
+        env.proxy().hangup();
+        assert_eventually(Duration::from_secs(10), "the SIGHUP is handled", || {
+            env.proxy()
+                .logs()
+                .iter()
+                .filter(|l| l.contains("SIGHUP: client auth entries re-read"))
+                .count()
+                >= n
+        });
+    };
+
+    let scheduled = started.replace(
+        "[rotation]\n",
+        "[rotation]\nrotate_every = \"1s\"\ndrain_deadline = \"2s\"\n",
+    );
+    let scheduled = scheduled.replace("drain_deadline = \"3s\"\n", "");
+    sighup(&env, &scheduled, 1);
+    assert_eventually(Duration::from_secs(30), "two scheduled rotations", || {
+        env.status()["generation"].as_u64() >= Some(3)
+    });
+    let status = env.status();
+    assert_eq!(
+        status["config"]["last_sighup"]["rotation_changed"],
+        serde_json::json!(["rotate_every", "drain_deadline"]),
+        "{status}"
+    );
+    assert_eq!(
+        env.proxy().metric("rotaproxy_config_restart_pending"),
+        Some(0.0)
+    );
+    c.cmd(&["GET", "k"]).assert_bulk("v");
+
+    // Back to no schedule (and a password length only a restart applies).
+    let unscheduled = started.replace("[rotation]\n", "[rotation]\npassword_length = 40\n");
+    sighup(&env, &unscheduled, 2);
+    assert_eventually(Duration::from_secs(10), "no rotation is scheduled", || {
+        let s = env.status();
+        s["next_scheduled_rotation"].is_null() && s["rotation"].is_null()
+    });
+    let generation = env.status()["generation"].clone();
+    let line = env.proxy().wait_for_log(
+        "SIGHUP: these changes are not applied until a restart",
+        Duration::from_secs(10),
+    );
+    assert!(line.contains("changed=rotation"), "{line}");
+    assert_eq!(env.status()["generation"], generation);
+    c.cmd(&["GET", "k"]).assert_bulk("v");
+    env.remember_current_password();
+    env.assert_nothing_leaked();
+}
+
 #[test]
 fn urgent_rotation_closes_the_old_identitys_other_connections() {
     let mut env = RotEnv::alternating("");

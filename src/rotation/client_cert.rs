@@ -92,7 +92,8 @@ struct Outcome {
 /// What the rotation needs.
 pub struct ClientCertParts {
     pub config: ClientCertRotationConfig,
-    pub drain_deadline: Duration,
+    /// `drain_deadline` from here, as SIGHUPs change it.
+    pub timing: watch::Receiver<crate::config::RotationTiming>,
     pub state_dir: PathBuf,
     pub cloud: CloudClient,
     pub database: DatabaseRef,
@@ -108,7 +109,7 @@ pub struct ClientCertRotation {
 
 struct Shared {
     config: ClientCertRotationConfig,
-    drain_deadline: Duration,
+    timing: watch::Receiver<crate::config::RotationTiming>,
     state_dir: PathBuf,
     cloud: CloudClient,
     database: DatabaseRef,
@@ -139,7 +140,7 @@ impl ClientCertRotation {
         let handle = ClientCertRotation {
             shared: Arc::new(Shared {
                 config: parts.config,
-                drain_deadline: parts.drain_deadline,
+                timing: parts.timing,
                 state_dir: parts.state_dir,
                 cloud: parts.cloud,
                 database: parts.database,
@@ -410,7 +411,7 @@ impl ClientCertRotation {
     /// Waits until no upstream connection is older than `generation`, or the drain deadline.
     async fn drain(&self, generation: u64) {
         let s = &self.shared;
-        let deadline = Instant::now() + s.drain_deadline;
+        let deadline = Instant::now() + s.timing.borrow().drain_deadline;
         loop {
             let left = older_connections(&s.generations, generation);
             if left <= 0 {

@@ -23,7 +23,7 @@ use metrics::{counter, gauge, histogram};
 use serde_json::json;
 use tokio::sync::{Notify, watch};
 
-use crate::config::{Config, RotationConfig, RotationStrategy, TimeoutsConfig};
+use crate::config::{Config, RotationConfig, RotationStrategy, RotationTiming, TimeoutsConfig};
 use crate::credentials::{Generation, Generations};
 use crate::metrics::Metrics;
 use crate::upstream::connector::{self, ConnectError};
@@ -109,6 +109,9 @@ struct Shared {
     tls_change: Mutex<Option<TlsChange>>,
     /// The last preflight's report.
     preflight: Mutex<Option<Report>>,
+    /// When rotations happen and how long drains take: `config`'s, until a SIGHUP changes them
+    /// (see [`RotationHandle::set_timing`]).
+    timing: watch::Sender<RotationTiming>,
 }
 
 type TlsChange = (
@@ -267,6 +270,7 @@ impl RotationHandle {
             }
         }
         let (finished, _) = watch::channel(state.outcomes());
+        let (timing, _) = watch::channel(rotation.timing());
         let shared = Arc::new(Shared {
             config: rotation,
             store,
@@ -286,6 +290,7 @@ impl RotationHandle {
             fleet_error: Mutex::new(None),
             tls_change: Mutex::new(None),
             preflight: Mutex::new(None),
+            timing,
         });
         let handle = RotationHandle { shared };
         let runner = handle.clone();
@@ -300,9 +305,15 @@ impl RotationHandle {
         }
         let checker = handle.clone();
         tokio::spawn(async move {
+            let mut timing = checker.shared.timing.subscribe();
             loop {
                 checker.preflight().await;
-                tokio::time::sleep(checker.shared.config.preflight_interval).await;
+                let every = timing.borrow_and_update().preflight_interval;
+                // A new interval counts from now.
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = timing.changed() => {}
+                }
             }
         });
         Ok(handle)
@@ -361,6 +372,41 @@ impl RotationHandle {
         };
         self.shared.wake.notify_one();
         answer
+    }
+
+    /// Applies the `[rotation]` settings a SIGHUP may change. A new schedule is computed at
+    /// once; a drain under way keeps the deadline it started with. Returns the names of the
+    /// settings that changed.
+    pub fn set_timing(&self, new: RotationTiming) -> Vec<&'static str> {
+        let old = *self.shared.timing.borrow();
+        let changed: Vec<&'static str> = [
+            ("rotate_every", old.rotate_every != new.rotate_every),
+            ("jitter", old.jitter != new.jitter),
+            (
+                "preflight_interval",
+                old.preflight_interval != new.preflight_interval,
+            ),
+            ("drain_deadline", old.drain_deadline != new.drain_deadline),
+            (
+                "urgent_drain_deadline",
+                old.urgent_drain_deadline != new.urgent_drain_deadline,
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(name, differs)| differs.then_some(name))
+        .collect();
+        if !changed.is_empty() {
+            self.shared.timing.send_replace(new);
+            // The run loop computes the next scheduled rotation again.
+            self.shared.wake.notify_one();
+        }
+        changed
+    }
+
+    /// The timing settings as they are now, and as SIGHUPs change them (for the client
+    /// certificate rotation's drain).
+    pub fn timing(&self) -> watch::Receiver<RotationTiming> {
+        self.shared.timing.subscribe()
     }
 
     /// Checks, changing nothing, that a rotation could run now (see [`preflight`]), and keeps
@@ -627,11 +673,12 @@ impl RotationHandle {
     /// When the next scheduled rotation is due (None: no schedule).
     fn schedule_next(&self, failures: u32) -> Option<SystemTime> {
         let s = &self.shared;
-        let every = s.config.rotate_every?;
+        let timing = *s.timing.borrow();
+        let every = timing.rotate_every?;
         let state = s.state.lock().expect("not poisoned");
         let base = SystemTime::UNIX_EPOCH + Duration::from_secs(state.current.created_at);
         let mut at = base + every;
-        let jitter = s.config.jitter;
+        let jitter = timing.jitter;
         if !jitter.is_zero() {
             let mut b = [0u8; 8];
             let _ = getrandom::fill(&mut b);
@@ -1256,11 +1303,11 @@ impl RotationHandle {
     }
 
     fn set_deadline(&self, urgent: bool) -> Instant {
-        let c = &self.shared.config;
+        let timing = *self.shared.timing.borrow();
         let within = if urgent {
-            c.urgent_drain_deadline
+            timing.urgent_drain_deadline
         } else {
-            c.drain_deadline
+            timing.drain_deadline
         };
         self.shared
             .generations
