@@ -29,6 +29,11 @@ enum Command {
     CheckConfig {
         /// Path of the TOML config file.
         file: PathBuf,
+        /// Also connect: the credential a start would use must authenticate, and with
+        /// [rotation] the preflight's checks must pass (permissions, the idle user, the API,
+        /// the state). Nothing is written and nothing is served.
+        #[arg(long)]
+        connect: bool,
     },
     /// Ask a running proxy's admin listener whether it is alive or ready, for container health
     /// checks (an exec probe reaches the admin listener on loopback): exit 0 when it is, 1 with
@@ -65,10 +70,14 @@ enum CloudCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::CheckConfig { file } => match Config::load(&file) {
-            Ok(_) => {
+        Command::CheckConfig { file, connect } => match Config::load(&file) {
+            Ok(config) => {
                 println!("{}: ok", file.display());
-                ExitCode::SUCCESS
+                if connect {
+                    check_against_the_server(&config)
+                } else {
+                    ExitCode::SUCCESS
+                }
             }
             Err(err) => {
                 eprintln!("error: {err}");
@@ -167,6 +176,49 @@ fn run(config: Config, config_path: std::path::PathBuf) -> anyhow::Result<()> {
         let prometheus = rotaproxy::metrics::install_recorder()?;
         rotaproxy::server::run(config, prometheus, Some(config_path)).await
     })
+}
+
+/// `check-config --connect`: one line per check, exit 1 when one failed.
+fn check_against_the_server(config: &Config) -> ExitCode {
+    // Lines from the connector (a refused credential, an unreachable server) go to stderr,
+    // at the config's level; the checks themselves are printed below.
+    rotaproxy::logging::init(&config.log);
+    let checks = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| {
+            runtime.block_on(async {
+                let metrics = rotaproxy::metrics::Metrics::new();
+                Ok(
+                    rotaproxy::rotation::check::check_config_against_the_server(config, &metrics)
+                        .await?,
+                )
+            })
+        });
+    let checks = match checks {
+        Ok(checks) => checks,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let report = rotaproxy::rotation::preflight::Report::new(0, checks);
+    for check in &report.checks {
+        let result = serde_json::to_value(check.result).unwrap_or_default();
+        println!(
+            "{:<20} {:<10} {}",
+            check.check,
+            result.as_str().unwrap_or(""),
+            check.detail
+        );
+    }
+    if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("error: {}", report.failures());
+        ExitCode::FAILURE
+    }
 }
 
 fn setup_alternating(path: &std::path::Path) -> anyhow::Result<String> {

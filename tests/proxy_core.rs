@@ -1055,6 +1055,48 @@ fn the_metrics_listener_serves_metrics_and_health_only() {
     assert_eq!(proxy.http_get("/v1/clients").0, 200);
 }
 
+/// `check-config --connect` without rotation: the configured credential must authenticate.
+#[test]
+fn check_config_connect_says_whether_the_credential_authenticates() {
+    let password = random_token(32);
+    let redis = RedisServer::start_with_user(APP_USER, &password);
+    let dir = temp_dir();
+    let path = dir.path().join("rotaproxy.toml");
+    let config =
+        ProxyConfig::plain(&redis).credentials(Some(APP_USER), "env:TEST_UPSTREAM_PASSWORD");
+    std::fs::write(&path, config.to_toml()).unwrap();
+    let check = |pw: &str| {
+        let out = std::process::Command::new(proxy_bin())
+            .args(["check-config", "--connect"])
+            .arg(&path)
+            .env("TEST_UPSTREAM_PASSWORD", pw)
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("run rotaproxy check-config --connect");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, out) = check(&password);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&format!(
+            "authenticated as {APP_USER} (configured credential)"
+        )),
+        "{out}"
+    );
+    let wrong = random_token(32);
+    let (ok, out) = check(&wrong);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("upstream") && out.contains("WRONGPASS"),
+        "{out}"
+    );
+    assert_no_secret_in_lines(&[out], &[&password, &wrong]);
+}
+
 #[test]
 fn upstream_connect_and_ping_times_are_histograms() {
     let redis = RedisServer::start(RedisOptions::new());

@@ -417,6 +417,83 @@ fn a_sighup_sets_the_rotation_schedule_without_a_restart() {
     env.assert_nothing_leaked();
 }
 
+/// `rotaproxy check-config --connect FILE` with the environment the proxy has: exit status,
+/// stdout, stderr.
+fn check_config_connect(env: &RotEnv) -> (bool, String, String) {
+    let out = std::process::Command::new(proxy_bin())
+        .args(["check-config", "--connect"])
+        .arg(env.proxy().config_path())
+        .envs(env.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run rotaproxy check-config --connect");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Before a deploy: the config against the real server. It reads the state a start would
+/// read (so it knows the credential of now, not the file's first one), writes nothing, and
+/// fails on what would stop a rotation.
+#[test]
+fn check_config_connect_tries_a_config_against_the_server_without_changing_anything() {
+    let mut env = RotEnv::alternating("");
+    env.rotate(false);
+    let state_before = std::fs::read(env.state_file()).unwrap();
+    let (ok, out, err) = check_config_connect(&env);
+    assert!(ok, "{out}{err}");
+    let names: Vec<&str> = out
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().next().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "state",
+            "upstream",
+            "users_match",
+            "control_connection",
+            "acl_setuser",
+            "client_kill"
+        ],
+        "{out}"
+    );
+    assert!(
+        out.contains("authenticated as app-b (current credential)"),
+        "{out}"
+    );
+    assert_eq!(std::fs::read(env.state_file()).unwrap(), state_before);
+    let left: Vec<_> = std::fs::read_dir(env.state_file().parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(left, ["rotaproxy-state.json"], "nothing else written");
+
+    for user in ["app-a", "app-b"] {
+        env.redis
+            .admin_cmd(&["ACL", "SETUSER", user, "-acl|setuser"])
+            .assert_ok();
+    }
+    let (ok, out, err) = check_config_connect(&env);
+    assert!(!ok, "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("acl_setuser") && l.contains("failed")),
+        "{out}"
+    );
+    assert!(
+        err.contains("acl_setuser: app-b may not run ACL SETUSER"),
+        "{err}"
+    );
+    let mut secrets: Vec<&str> = env.secrets.iter().map(String::as_str).collect();
+    secrets.push(TOKEN);
+    assert_no_secret_in_lines(&[out, err], &secrets);
+    env.assert_nothing_leaked();
+}
+
 #[test]
 fn urgent_rotation_closes_the_old_identitys_other_connections() {
     let mut env = RotEnv::alternating("");

@@ -7,6 +7,7 @@
 //! generation at their safe points (see [`crate::session`]); the old secret is revoked only when
 //! no connection of the old generation is left, or at the drain deadline.
 
+pub mod check;
 pub mod client_cert;
 pub mod fleet;
 pub mod preflight;

@@ -90,6 +90,13 @@ impl FileStore {
         Ok(Self { path })
     }
 
+    /// A store in `dir`, which is not created: for looking only.
+    pub fn at(dir: &Path) -> Self {
+        Self {
+            path: dir.join(STATE_FILE_NAME),
+        }
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
