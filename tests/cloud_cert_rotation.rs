@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::Value;
 use support::cloud::CloudEmulator;
 use support::load::{Load, LoadConfig};
-use support::rotation::TOKEN;
+use support::rotation::{TOKEN, dry_run, preflight_check};
 use support::*;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -298,19 +298,9 @@ fn a_certificate_close_to_expiry_is_replaced_without_being_asked() {
     env.proxy().conn().cmd(&["PING"]).assert_simple("PONG");
 
     // The preflight reads the database whose certificate list the rotation sets.
-    let (code, body) = env
-        .proxy()
-        .http_post("/v1/rotate?dry_run=true", Some(TOKEN), "");
-    assert_eq!(code, 200, "{body}");
-    let v: Value = serde_json::from_str(&body).unwrap();
-    let api = v["checks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["check"] == "cloud_api")
-        .cloned()
-        .unwrap_or_else(|| panic!("no cloud_api check: {body}"));
-    assert_eq!(api["result"], "ok", "{body}");
+    let (code, report) = dry_run(env.proxy());
+    assert_eq!(code, 200, "{report}");
+    assert_eq!(preflight_check(&report, "cloud_api")["result"], "ok");
 }
 
 #[test]

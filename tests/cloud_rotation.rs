@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::Value;
 use support::cloud::CloudEmulator;
 use support::load::{Load, LoadConfig};
-use support::rotation::TOKEN;
+use support::rotation::{TOKEN, dry_run, preflight_check};
 use support::*;
 
 struct CloudEnv {
@@ -265,27 +265,17 @@ fn alternating_users_with_different_roles_are_not_rotated() {
 #[test]
 fn a_preflight_reaches_the_database_through_the_api_and_sees_a_revoked_key() {
     let env = CloudEnv::default_user();
-    let dry_run = |env: &CloudEnv| {
-        let (code, body) = env
-            .proxy()
-            .http_post("/v1/rotate?dry_run=true", Some(TOKEN), "");
-        let v: Value = serde_json::from_str(&body).unwrap();
-        let api = v["checks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["check"] == "cloud_api")
-            .cloned()
-            .expect("a cloud_api check");
-        (code, api)
+    let cloud_api = |env: &CloudEnv| {
+        let (code, report) = dry_run(env.proxy());
+        (code, preflight_check(&report, "cloud_api"))
     };
-    let (code, api) = dry_run(&env);
+    let (code, api) = cloud_api(&env);
     assert_eq!(code, 200, "{api}");
     assert_eq!(api["result"], "ok");
     assert_eq!(api["detail"], "database status active");
 
     env.emu.revoke_secret_key(env.emu.secret_key());
-    let (code, api) = dry_run(&env);
+    let (code, api) = cloud_api(&env);
     assert_eq!(code, 412, "{api}");
     assert_eq!(api["result"], "failed");
     assert!(

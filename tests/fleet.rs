@@ -10,7 +10,7 @@ use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKe
 use base64::Engine;
 use serde_json::Value;
 use support::load::{Load, LoadConfig};
-use support::rotation::TOKEN;
+use support::rotation::{TOKEN, dry_run, preflight_check};
 use support::*;
 
 const PREFIX: &str = "rotaproxy:fleet:test";
@@ -588,15 +588,12 @@ fn a_follower_passes_rotation_requests_on_to_the_rotator() {
     env.wait_until_moved(p2, "app-b");
 
     // A dry run is not passed on: every member checks for itself, the fleet's state included.
-    let (code, body) = env
-        .member(p2)
-        .http_post("/v1/rotate?dry_run=true", Some(TOKEN), "");
-    assert_eq!(code, 200, "{body}");
-    let v: Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(v["checks"][0]["check"], "state", "{body}");
+    let (code, report) = dry_run(env.member(p2));
+    assert_eq!(code, 200, "{report}");
+    let state = preflight_check(&report, "state");
     assert!(
-        v["checks"][0]["detail"].as_str().unwrap().contains(PREFIX),
-        "{body}"
+        state["detail"].as_str().unwrap().contains(PREFIX),
+        "{report}"
     );
 
     let (code, body) = env

@@ -248,13 +248,9 @@ fn alternating_users_rotate_when_the_rules_cannot_be_read_and_say_so() {
     env.assert_nothing_leaked();
 }
 
-/// `POST /v1/rotate?dry_run=true`: the preflight's answer, and which checks failed.
-fn dry_run(env: &RotEnv) -> (u16, Value, Vec<String>) {
-    let (code, body) = env
-        .proxy()
-        .http_post("/v1/rotate?dry_run=true", Some(TOKEN), "");
-    let v: Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(v["state"], "dry_run", "{body}");
+/// [`dry_run`], and which checks failed.
+fn dry_run_failures(env: &RotEnv) -> (u16, Value, Vec<String>) {
+    let (code, v) = dry_run(env.proxy());
     let failed = v["checks"]
         .as_array()
         .expect("checks")
@@ -279,7 +275,7 @@ fn a_preflight_finds_what_would_stop_a_rotation_and_changes_nothing() {
         Some(1.0)
     );
     let acl_before = env.redis.admin_cmd(&["ACL", "LIST"]);
-    let (code, report, failed) = dry_run(&env);
+    let (code, report, failed) = dry_run_failures(&env);
     assert_eq!(code, 200, "{report}");
     assert!(failed.is_empty(), "{report}");
     let names: Vec<&str> = report["checks"]
@@ -317,7 +313,7 @@ fn a_preflight_finds_what_would_stop_a_rotation_and_changes_nothing() {
     }
     let blocker = env.dir.path().join("state").join(".rotaproxy-preflight");
     std::fs::create_dir(&blocker).unwrap();
-    let (code, report, failed) = dry_run(&env);
+    let (code, report, failed) = dry_run_failures(&env);
     assert_eq!(code, 412, "{report}");
     assert_eq!(failed, ["state", "acl_setuser", "client_kill"], "{report}");
     let text = report.to_string();
@@ -342,7 +338,7 @@ fn a_preflight_finds_what_would_stop_a_rotation_and_changes_nothing() {
             .assert_ok();
     }
     std::fs::remove_dir(&blocker).unwrap();
-    let (code, report, _) = dry_run(&env);
+    let (code, report, _) = dry_run_failures(&env);
     assert_eq!(code, 200, "{report}");
     let said = env
         .proxy()
@@ -642,18 +638,13 @@ fn external_rotation_follows_a_secret_volume() {
     fresh.cmd(&["GET", "k"]).assert_bulk("2");
 
     // The preflight of a follower: the state, and the source it follows.
-    let dry_run = || {
-        let (code, body) = proxy.http_post("/v1/rotate?dry_run=true", Some(TOKEN), "");
-        (code, serde_json::from_str::<Value>(&body).unwrap())
-    };
-    let (code, report) = dry_run();
+    let (code, report) = dry_run(&proxy);
     assert_eq!(code, 200, "{report}");
-    assert_eq!(report["checks"][1]["check"], "source", "{report}");
-    assert_eq!(report["checks"][1]["result"], "ok", "{report}");
+    assert_eq!(preflight_check(&report, "source")["result"], "ok");
     volume.publish_files(&[]);
-    let (code, report) = dry_run();
+    let (code, report) = dry_run(&proxy);
     assert_eq!(code, 412, "{report}");
-    assert_eq!(report["checks"][1]["result"], "failed", "{report}");
+    assert_eq!(preflight_check(&report, "source")["result"], "failed");
     assert_no_secret_in_logs(&proxy, &[&password, &new]);
 }
 

@@ -10,6 +10,25 @@ use super::*;
 
 pub const TOKEN: &str = "test-admin-token-0123456789";
 
+/// `POST /v1/rotate?dry_run=true` (with [`TOKEN`]): the status code and the preflight's report.
+pub fn dry_run(proxy: &Proxy) -> (u16, Value) {
+    let (code, body) = proxy.http_post("/v1/rotate?dry_run=true", Some(TOKEN), "");
+    let report: Value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("{code}: {body}"));
+    assert_eq!(report["state"], "dry_run", "{report}");
+    (code, report)
+}
+
+/// The check called `name` in a preflight report.
+pub fn preflight_check(report: &Value, name: &str) -> Value {
+    report["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .find(|c| c["check"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no {name} check: {report}"))
+}
+
 /// Redis with the users a strategy needs, and the proxy rotating them.
 pub struct RotEnv {
     pub redis: RedisServer,
