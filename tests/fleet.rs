@@ -595,6 +595,23 @@ fn a_follower_passes_rotation_requests_on_to_the_rotator() {
         state["detail"].as_str().unwrap().contains(PREFIX),
         "{report}"
     );
+    // So does `check-config --connect` with a member's config, reading the fleet's state
+    // (the credential of now: app-b) without taking the lease.
+    let out = std::process::Command::new(proxy_bin())
+        .args(["check-config", "--connect"])
+        .arg(env.member(p2).config_path())
+        .envs(env.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run rotaproxy check-config --connect");
+    let printed =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{printed}");
+    assert!(
+        printed.contains("authenticated as app-b (current credential)"),
+        "{printed}"
+    );
+    assert_eq!(env.status(p1)["fleet"]["role"], "leader");
 
     let (code, body) = env
         .member(p2)
