@@ -31,7 +31,7 @@ enum Command {
         file: PathBuf,
         /// Also connect: the credential a start would use must authenticate, and with
         /// [rotation] the preflight's checks must pass (permissions, the idle user, the API,
-        /// the state). Nothing is written and nothing is served.
+        /// the state). Nothing changes and nothing is served.
         #[arg(long)]
         connect: bool,
     },

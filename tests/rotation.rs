@@ -437,6 +437,10 @@ fn check_config_connect(env: &RotEnv) -> (bool, String, String) {
 fn check_config_connect_tries_a_config_against_the_server_without_changing_anything() {
     let mut env = RotEnv::alternating("");
     env.rotate(false);
+    // The proxy's own preflight (which writes a file and removes it) is over.
+    assert_eventually(Duration::from_secs(30), "the start-up preflight", || {
+        env.status()["preflight"]["ok"] == true
+    });
     let state_before = std::fs::read(env.state_file()).unwrap();
     let (ok, out, err) = check_config_connect(&env);
     assert!(ok, "{out}{err}");

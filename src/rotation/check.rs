@@ -1,7 +1,8 @@
 //! `rotaproxy check-config --connect`: what a start with this config would find, found out
 //! before deploying it. The credential a start would use must authenticate, and with
 //! `[rotation]` the preflight's checks (see [`super::preflight`]) run against the real server
-//! and API. Nothing is written, no fleet lease is sought, nothing is served.
+//! and API. Nothing changes (the state directory is proven with a file written and removed
+//! again), no fleet lease is sought, nothing is served.
 
 use std::sync::Arc;
 
