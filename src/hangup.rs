@@ -32,9 +32,10 @@ impl HangupStatus {
 /// log filter (`log.level`), so `debug` can be turned on for a while, and for when rotations
 /// happen and how long their drains take (`rotation.rotate_every`, `jitter`,
 /// `preflight_interval`, `drain_deadline`, `urgent_drain_deadline`), since restarting a sidecar
-/// would cut its application's connections. Nothing else is reloaded: any other difference from the configuration the proxy started with (`running`)
-/// is named in a warning and raises `rotaproxy_config_restart_pending`, so an operator who
-/// expected it to apply learns it did not. A file that does not load changes nothing.
+/// would cut its application's connections. Nothing else is reloaded: any other difference
+/// from the configuration the proxy started with (`running`) is named in a warning and raises
+/// `rotaproxy_config_restart_pending`, so an operator who expected it to apply learns it did
+/// not. A file that does not load changes nothing.
 pub async fn reload_on_hangup(
     mut hangup: tokio::signal::unix::Signal,
     path: PathBuf,
