@@ -413,6 +413,30 @@ fn a_sighup_sets_the_rotation_schedule_without_a_restart() {
     env.assert_nothing_leaked();
 }
 
+/// A failed preflight is looked at again soon (here every second, the interval being a minute),
+/// so a failure that was passing does not hold the gauge, and an alert on it, for an interval.
+#[test]
+fn a_failed_preflight_is_looked_at_again_before_its_interval() {
+    let rules = "~* &* +@all -acl|setuser";
+    let env = RotEnv::alternating_with_rules(rules, Some(rules), "preflight_interval = \"1m\"\n");
+    assert_eventually(
+        Duration::from_secs(30),
+        "the start-up preflight failed",
+        || env.proxy().metric("rotaproxy_rotation_preflight_ok") == Some(0.0),
+    );
+    for user in ["app-a", "app-b"] {
+        env.redis
+            .admin_cmd(&["ACL", "SETUSER", user, "+acl|setuser"])
+            .assert_ok();
+    }
+    assert_eventually(
+        Duration::from_secs(30),
+        "a passing preflight, unasked",
+        || env.proxy().metric("rotaproxy_rotation_preflight_ok") == Some(1.0),
+    );
+    assert_eq!(env.status()["preflight"]["ok"], true);
+}
+
 /// `rotaproxy check-config --connect FILE` with the environment the proxy has: exit status,
 /// stdout, stderr.
 fn check_config_connect(env: &RotEnv) -> (bool, String, String) {

@@ -308,8 +308,9 @@ impl RotationHandle {
         tokio::spawn(async move {
             let mut timing = checker.shared.timing.subscribe();
             loop {
-                checker.preflight().await;
-                let every = timing.borrow_and_update().preflight_interval;
+                let report = checker.preflight().await;
+                let every =
+                    preflight::next_look(timing.borrow_and_update().preflight_interval, &report);
                 // A new interval counts from now.
                 tokio::select! {
                     _ = tokio::time::sleep(every) => {}

@@ -7,7 +7,21 @@
 //! `POST /v1/rotate?dry_run=true`. The last report is in `/v1/status` (`rotation.preflight`)
 //! and `rotaproxy_rotation_preflight_ok`; a change of verdict is logged.
 
+use std::time::Duration;
+
 use serde::Serialize;
+
+/// When to look again after `report`: a failed preflight is looked at sooner (a sixtieth of the
+/// interval, 1 s to 1 min), so that a failure that was passing (Redis restarting during the
+/// check, the API busy) does not hold the gauge at 0, and an alert on it, for a whole
+/// interval.
+pub fn next_look(interval: Duration, report: &Report) -> Duration {
+    if report.ok {
+        interval
+    } else {
+        (interval / 60).clamp(Duration::from_secs(1), Duration::from_secs(60))
+    }
+}
 
 /// What one check found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -129,6 +143,23 @@ mod tests {
         );
         assert!(!report.ok);
         assert_eq!(report.failures(), "c: no; d: nor this");
+    }
+
+    #[test]
+    fn a_failed_preflight_is_looked_at_again_sooner() {
+        let ok = Report::new(1, vec![Check::ok("a", "")]);
+        let failed = Report::new(1, vec![Check::failed("a", "")]);
+        let hour = Duration::from_secs(3600);
+        assert_eq!(next_look(hour, &ok), hour);
+        assert_eq!(next_look(hour, &failed), Duration::from_secs(60));
+        assert_eq!(
+            next_look(Duration::from_secs(120), &failed),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            next_look(Duration::from_secs(5), &failed),
+            Duration::from_secs(1)
+        );
     }
 
     #[test]
