@@ -291,7 +291,8 @@ fn a_preflight_finds_what_would_stop_a_rotation_and_changes_nothing() {
             "users_match",
             "control_connection",
             "acl_setuser",
-            "client_kill"
+            "client_kill",
+            "idle_user_unused"
         ]
     );
     assert!(
@@ -413,6 +414,35 @@ fn a_sighup_sets_the_rotation_schedule_without_a_restart() {
     env.assert_nothing_leaked();
 }
 
+/// The idle user must be the proxy's alone: another client using it could not reconnect once
+/// the next rotation sets its password.
+#[test]
+fn a_preflight_sees_another_client_on_the_idle_user() {
+    let env = RotEnv::alternating("");
+    let idle = env.idle_password.clone().unwrap();
+    let (code, report) = dry_run(env.proxy());
+    assert_eq!(code, 200, "{report}");
+    assert_eq!(preflight_check(&report, "idle_user_unused")["result"], "ok");
+
+    let mut other = RespConn::connect(env.redis.addr());
+    other.cmd(&["AUTH", "app-b", &idle]).assert_ok();
+    let (code, report) = dry_run(env.proxy());
+    assert_eq!(code, 412, "{report}");
+    let check = preflight_check(&report, "idle_user_unused");
+    assert_eq!(check["result"], "failed");
+    assert!(
+        check["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("1 connection(s) authenticated as app-b are not this proxy's"),
+        "{check}"
+    );
+    drop(other);
+    assert_eventually(Duration::from_secs(10), "the other client is gone", || {
+        dry_run(env.proxy()).0 == 200
+    });
+}
+
 /// A failed preflight is looked at again soon (here every second, the interval being a minute),
 /// so a failure that was passing does not hold the gauge, and an alert on it, for an interval.
 #[test]
@@ -481,7 +511,8 @@ fn check_config_connect_tries_a_config_against_the_server_without_changing_anyth
             "users_match",
             "control_connection",
             "acl_setuser",
-            "client_kill"
+            "client_kill",
+            "idle_user_unused"
         ],
         "{out}"
     );
@@ -539,6 +570,49 @@ fn urgent_rotation_closes_the_old_identitys_other_connections() {
     );
     app.cmd(&["GET", "x"]).assert_bulk("1");
     assert!(!env.authenticates("app-a", &leaked));
+    env.assert_nothing_leaked();
+}
+
+/// On a busy database `CLIENT LIST` runs to megabytes (a few hundred bytes per connection): an
+/// urgent rotation still reads all of it and closes every other connection of the old identity.
+#[test]
+fn urgent_rotation_closes_the_old_identitys_connections_on_a_busy_database() {
+    let mut env = RotEnv::alternating("");
+    let leaked = env.secrets[0].clone();
+    // Other clients, with long names, take CLIENT LIST well past 64 KiB.
+    let long_name = "x".repeat(1000);
+    let mut bystanders: Vec<RespConn> = (0..300)
+        .map(|_| {
+            let mut c = RespConn::connect(env.redis.addr());
+            c.cmd(&["CLIENT", "SETNAME", &long_name]).assert_ok();
+            c
+        })
+        .collect();
+    let mut intruders: Vec<RespConn> = (0..3)
+        .map(|_| {
+            let mut c = RespConn::connect(env.redis.addr());
+            c.cmd(&["AUTH", "app-a", &leaked]).assert_ok();
+            c
+        })
+        .collect();
+    let list = env.redis.admin_cmd(&["CLIENT", "LIST"]);
+    let size = list.as_bytes().map_or(0, <[u8]>::len);
+    assert!(size > 256 * 1024, "CLIENT LIST is {size} bytes");
+    let mut app = env.proxy().conn();
+    app.cmd(&["SET", "x", "1"]).assert_ok();
+
+    env.rotate(true);
+
+    for intruder in &mut intruders {
+        intruder.set_read_timeout(Some(Duration::from_secs(5)));
+        intruder.send_raw(b"PING\r\n");
+        assert!(
+            intruder.try_read_reply().is_err(),
+            "intruder still connected"
+        );
+    }
+    bystanders[0].cmd(&["PING"]).assert_simple("PONG");
+    app.cmd(&["GET", "x"]).assert_bulk("1");
     env.assert_nothing_leaked();
 }
 

@@ -156,37 +156,11 @@ impl ServerControl {
         user: &str,
     ) -> Result<u64, RotationError> {
         let mut conn = self.open(acting).await?;
-        let list =
-            match connector::run_command(&mut conn, &[b"CLIENT", b"LIST"], self.timeouts.auth)
-                .await?
-            {
-                OwnedFrame::BulkString(text) => String::from_utf8_lossy(&text).into_owned(),
-                OwnedFrame::Error(e) => {
-                    return Err(RotationError::Refused {
-                        what: "CLIENT LIST".into(),
-                        code: error_code(&e),
-                    });
-                }
-                _ => String::new(),
-            };
         let mut killed = 0;
-        for line in list.lines() {
-            let field = |name: &str| {
-                line.split(' ')
-                    .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
-            };
-            let (Some(id), Some(u)) = (field("id"), field("user")) else {
-                continue;
-            };
-            let Ok(id_num) = id.parse::<i64>() else {
-                continue;
-            };
-            if u != user || connector::is_own_client(id_num) || Some(id_num) == conn.client_id {
-                continue;
-            }
+        for id in self.foreign_connections(&mut conn, user).await? {
             if let OwnedFrame::Integer(n) = connector::run_command(
                 &mut conn,
-                &[b"CLIENT", b"KILL", b"ID", id.as_bytes()],
+                &[b"CLIENT", b"KILL", b"ID", id.to_string().as_bytes()],
                 self.timeouts.auth,
             )
             .await?
@@ -195,6 +169,39 @@ impl ServerControl {
             }
         }
         Ok(killed)
+    }
+
+    /// The server's ids of the connections authenticated as `user` that are not the proxy's
+    /// own (its pool's, its sessions', `conn` itself), from `CLIENT LIST`.
+    async fn foreign_connections(
+        &self,
+        conn: &mut UpstreamConn,
+        user: &str,
+    ) -> Result<Vec<i64>, RotationError> {
+        let list = match connector::client_list(conn, self.timeouts.auth).await? {
+            OwnedFrame::BulkString(text) => String::from_utf8_lossy(&text).into_owned(),
+            OwnedFrame::Error(e) => {
+                return Err(RotationError::Refused {
+                    what: "CLIENT LIST".into(),
+                    code: error_code(&e),
+                });
+            }
+            _ => String::new(),
+        };
+        Ok(list
+            .lines()
+            .filter_map(|line| {
+                let field = |name: &str| {
+                    line.split(' ')
+                        .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+                };
+                let id = field("id")?.parse::<i64>().ok()?;
+                (field("user")? == user
+                    && !connector::is_own_client(id)
+                    && Some(id) != conn.client_id)
+                    .then_some(id)
+            })
+            .collect())
     }
 }
 
@@ -738,6 +745,27 @@ impl Strategy {
                 ),
             )
         });
+        // The idle user is the proxy's alone: whatever else uses it cannot reconnect once the
+        // next rotation sets its password.
+        if self.kind == RotationStrategy::AlternatingUsers && kill_refused.is_empty() {
+            let active = current.display_user();
+            if let Some(idle) = self.users.iter().find(|u| u.as_str() != active) {
+                checks.push(match self.control.foreign_connections(&mut conn, idle).await {
+                    Ok(ids) if ids.is_empty() => Check::ok(
+                        "idle_user_unused",
+                        format!("no other connection is authenticated as {idle}"),
+                    ),
+                    Ok(ids) => Check::failed(
+                        "idle_user_unused",
+                        format!(
+                            "{} connection(s) authenticated as {idle} are not this proxy's: whatever holds them cannot reconnect once the next rotation sets {idle}'s password",
+                            ids.len()
+                        ),
+                    ),
+                    Err(e) => Check::unchecked("idle_user_unused", e.to_string()),
+                });
+            }
+        }
         checks
     }
 

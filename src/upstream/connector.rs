@@ -36,7 +36,7 @@ pub enum ConnectError {
     Auth { user: String, message: String },
     #[error("upstream did not answer AUTH within {after:?}")]
     AuthTimeout { after: Duration },
-    #[error("upstream sent an unexpected handshake reply: {0}")]
+    #[error("upstream sent an unexpected reply: {0}")]
     Protocol(String),
     #[error("upstream closed the connection during the handshake: {0}")]
     Closed(io::Error),
@@ -284,6 +284,16 @@ pub async fn command_table(
     run_command_up_to(conn, &[b"COMMAND"], within, COMMAND_TABLE_MAX).await
 }
 
+/// Reads `CLIENT LIST` on a RESP2 connection the proxy uses for itself. It runs to a few
+/// hundred bytes per connection: megabytes on a busy database, or on one that many sidecars
+/// share.
+pub async fn client_list(
+    conn: &mut UpstreamConn,
+    within: Duration,
+) -> Result<OwnedFrame, ConnectError> {
+    run_command_up_to(conn, &[b"CLIENT", b"LIST"], within, CLIENT_LIST_MAX).await
+}
+
 /// `run_command` for a reply of at most about `max_reply` bytes.
 async fn run_command_up_to(
     conn: &mut UpstreamConn,
@@ -351,6 +361,8 @@ async fn send(stream: &mut Stream, out: &[u8]) -> Result<(), ConnectError> {
 const SMALL_REPLY_MAX: usize = 64 * 1024;
 /// Largest command table read: room for many modules' commands.
 const COMMAND_TABLE_MAX: usize = 8 * 1024 * 1024;
+/// Largest `CLIENT LIST` read: about 200 000 connections.
+const CLIENT_LIST_MAX: usize = 64 * 1024 * 1024;
 
 /// Reads exactly one RESP2 reply. Only used off the hot path (handshakes, health checks).
 async fn read_reply(stream: &mut Stream, buf: &mut BytesMut) -> Result<OwnedFrame, ConnectError> {
