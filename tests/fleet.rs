@@ -802,6 +802,37 @@ fn a_fleet_can_wait_for_its_state_to_reach_a_replica() {
     env.assert_nothing_leaked();
 }
 
+/// The member list grows with the fleet (a few hundred bytes a member): a large one, here
+/// 1000 members that stopped reporting long ago, is read whole, and the rotator forgets them.
+#[test]
+fn a_large_fleet_member_list_is_read_whole() {
+    let mut env = FleetEnv::alternating("drain_deadline = \"10s\"", "");
+    let members_key = format!("{{{PREFIX}}}:members");
+    let report =
+        r#"1 {"generation":1,"previous_connections":0,"leader":false,"incarnation":"gone"}"#;
+    for batch in 0..10 {
+        let mut args = vec!["HSET".to_string(), members_key.clone()];
+        for i in 0..100 {
+            args.push(format!("replica-{batch}-{i}-{}", "x".repeat(150)));
+            args.push(report.to_string());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert_eq!(env.redis.admin_cmd(&args).as_int(), Some(100));
+    }
+    let (p1, p2) = env.leader_and_follower();
+    let id = env.start_rotation(p1);
+    let outcome = env.wait_for_outcome(p1, &id);
+    assert_eq!(outcome["outcome"], "success", "{outcome}");
+    env.wait_until_moved(p2, "app-b");
+    assert_eventually(
+        Duration::from_secs(30),
+        "the gone members are forgotten",
+        || env.redis.admin_cmd(&["HLEN", &members_key]).as_int() == Some(2),
+    );
+    env.remember_shared_passwords();
+    env.assert_nothing_leaked();
+}
+
 #[test]
 fn a_stopping_rotator_hands_the_lease_over_at_once() {
     // A lease that would take a minute to expire: the next member leads long before.

@@ -327,7 +327,7 @@ pub async fn run_pipeline(
         let mut buf = BytesMut::with_capacity(256);
         let mut replies = Vec::with_capacity(commands.len());
         for _ in commands {
-            replies.push(read_reply_up_to(&mut conn.stream, &mut buf, SMALL_REPLY_MAX).await?);
+            replies.push(read_reply_up_to(&mut conn.stream, &mut buf, PIPELINE_REPLY_MAX).await?);
         }
         Ok(replies)
     };
@@ -361,6 +361,9 @@ async fn send(stream: &mut Stream, out: &[u8]) -> Result<(), ConnectError> {
 const SMALL_REPLY_MAX: usize = 64 * 1024;
 /// Largest command table read: room for many modules' commands.
 const COMMAND_TABLE_MAX: usize = 8 * 1024 * 1024;
+/// Largest reply of a [`run_pipeline`] (the fleet's store): its member list grows with the
+/// fleet, a few hundred bytes a member.
+const PIPELINE_REPLY_MAX: usize = 16 * 1024 * 1024;
 /// Largest `CLIENT LIST` read: about 200 000 connections.
 const CLIENT_LIST_MAX: usize = 64 * 1024 * 1024;
 
