@@ -33,22 +33,11 @@ pub async fn check_config_against_the_server(
     };
     let (state_check, state) = read_state(config, rotation, &first, metrics).await;
     let mut checks = vec![state_check];
-    // As at start: a crash may have left the server accepting PENDING or PREVIOUS.
-    let mut chosen = None;
-    for (name, slot) in state.candidates() {
-        let generation = Arc::new(first.with_credential(state.generation, credential_of(slot)));
-        let result = connector::probe(&generation, &config.timeouts, metrics).await;
-        let refused = matches!(result, Err(ConnectError::Auth { .. }));
-        let check = upstream_check(&generation, name, result);
-        if !refused {
-            chosen = Some((check, slot.clone()));
-            break;
-        }
-        chosen.get_or_insert((check, slot.clone()));
-    }
-    let (upstream, slot) = chosen.expect("CURRENT is always a candidate");
-    let reachable = upstream.result != super::preflight::Verdict::Failed;
-    checks.push(upstream);
+    // The slot a start would use.
+    let (name, slot, probed) = super::slot_to_start_with(&state, &first, config, metrics).await;
+    let generation = first.with_credential(state.generation, credential_of(&slot));
+    let reachable = probed.is_ok();
+    checks.push(upstream_check(&generation, name, probed));
     if !reachable {
         return Ok(checks);
     }
@@ -122,21 +111,10 @@ async fn read_state(
                 ));
             }
             let store = FileStore::at(dir);
-            let loaded = store.load();
-            let writable = store.check_writable();
-            match (loaded, writable) {
-                (Ok(state), Ok(())) => {
-                    let check = Check::ok("state", store.path().display().to_string());
-                    match state {
-                        Some(state) => (check, state),
-                        None => fallback(check),
-                    }
-                }
-                (Err(e), _) => fallback(Check::failed("state", e.to_string())),
-                (_, Err(e)) => fallback(Check::failed(
-                    "state",
-                    format!("cannot write in {}: {e}", store.path().display()),
-                )),
+            match store.load() {
+                Ok(Some(state)) => (super::state_file_check(&store), state),
+                Ok(None) => fallback(super::state_file_check(&store)),
+                Err(e) => fallback(Check::failed("state", e.to_string())),
             }
         }
         Some(fleet_config) => {

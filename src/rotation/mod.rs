@@ -60,6 +60,9 @@ pub enum RotationError {
 /// How many times a failing set/test/revoke is tried before the step gives up.
 const STEP_ATTEMPTS: u32 = 5;
 const STEP_RETRY_PAUSE: Duration = Duration::from_millis(200);
+/// How many times a preflight runs its checks again when a rotation changed the credential
+/// under it.
+const PREFLIGHT_ATTEMPTS: u32 = 3;
 /// After a failed rotation, the next scheduled attempt waits at least this long.
 const FAILURE_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -173,32 +176,62 @@ pub async fn prepare(
             state
         }
     };
-    // A crash may have left the server accepting PENDING or PREVIOUS rather than CURRENT.
-    let mut chosen = None;
+    let (name, slot, probed) = slot_to_start_with(&state, &first, config, metrics).await;
+    match &probed {
+        Ok(_) if name != "current" => tracing::warn!(
+            slot = name,
+            user = slot.display_user(),
+            "CURRENT was refused; starting with another slot"
+        ),
+        // Every slot refused: the pool says so as it fills.
+        Err(ConnectError::Auth { .. }) => {}
+        Err(err) => {
+            tracing::warn!(error = %err, "upstream unreachable at start-up; starting with CURRENT")
+        }
+        Ok(_) => {}
+    }
+    let generation = first.with_credential(state.generation, credential_of(&slot));
+    Ok((generation, state, store))
+}
+
+/// The slot a start uses, its name, and what a fresh connection made with it gave: the first
+/// of CURRENT, PENDING and PREVIOUS the server accepts (a crash may have left it accepting
+/// PENDING or PREVIOUS rather than CURRENT). A server that cannot be reached, or that refuses
+/// them all, says nothing of the slots: then CURRENT, with that error.
+async fn slot_to_start_with(
+    state: &RotationState,
+    first: &Generation,
+    config: &Config,
+    metrics: &Metrics,
+) -> (
+    &'static str,
+    Slot,
+    Result<connector::UpstreamConn, ConnectError>,
+) {
+    let mut refusal = None;
     for (name, slot) in state.candidates() {
         let generation = Arc::new(first.with_credential(state.generation, credential_of(slot)));
         match connector::probe(&generation, &config.timeouts, metrics).await {
-            Ok(_) => {
-                if name != "current" {
-                    tracing::warn!(
-                        slot = name,
-                        user = slot.display_user(),
-                        "CURRENT was refused; starting with another slot"
-                    );
-                }
-                chosen = Some(slot.clone());
-                break;
+            Ok(conn) => return (name, slot.clone(), Ok(conn)),
+            Err(err @ ConnectError::Auth { .. }) => {
+                refusal.get_or_insert(err);
             }
-            Err(ConnectError::Auth { .. }) => continue,
-            Err(err) => {
-                tracing::warn!(error = %err, "upstream unreachable at start-up; starting with CURRENT");
-                break;
-            }
+            Err(err) => return ("current", state.current.clone(), Err(err)),
         }
     }
-    let slot = chosen.unwrap_or_else(|| state.current.clone());
-    let generation = first.with_credential(state.generation, credential_of(&slot));
-    Ok((generation, state, store))
+    let refusal = refusal.expect("CURRENT is always a candidate");
+    ("current", state.current.clone(), Err(refusal))
+}
+
+/// The `state` check of a state file: its directory takes a file (written, synced, removed).
+fn state_file_check(file: &FileStore) -> Check {
+    match file.check_writable() {
+        Ok(()) => Check::ok("state", file.path().display().to_string()),
+        Err(e) => Check::failed(
+            "state",
+            format!("cannot write in {}: {e}", file.path().display()),
+        ),
+    }
 }
 
 /// A fleet member's first look: seeks the rotator's lease and reads the shared state. A store
@@ -415,9 +448,22 @@ impl RotationHandle {
     /// the report for status and the gauge. A change of verdict is logged.
     pub async fn preflight(&self) -> Report {
         let s = &self.shared;
-        let current = s.state.lock().expect("not poisoned").current.clone();
-        let mut checks = vec![self.check_store().await];
-        checks.extend(s.strategy.preflight(&current).await);
+        let generation_now = || s.state.lock().expect("not poisoned").generation;
+        let mut attempt = 1;
+        let checks = loop {
+            let (current, generation) = {
+                let state = s.state.lock().expect("not poisoned");
+                (state.current.clone(), state.generation)
+            };
+            let mut checks = vec![self.check_store().await];
+            checks.extend(s.strategy.preflight(&current).await);
+            // A rotation that finished meanwhile may have revoked the identity the checks
+            // acted as (alternating users scramble it): what they found is of the past.
+            if generation_now() == generation || attempt == PREFLIGHT_ATTEMPTS {
+                break checks;
+            }
+            attempt += 1;
+        };
         let report = Report::new(now_unix(), checks);
         gauge!("rotaproxy_rotation_preflight_ok").set(f64::from(u8::from(report.ok)));
         let previous = s
@@ -449,13 +495,7 @@ impl RotationHandle {
     /// The preflight's look at where the state is kept.
     async fn check_store(&self) -> Check {
         match &self.shared.store {
-            Store::File(file) => match file.check_writable() {
-                Ok(()) => Check::ok("state", file.path().display().to_string()),
-                Err(e) => Check::failed(
-                    "state",
-                    format!("cannot write in {}: {e}", file.path().display()),
-                ),
-            },
+            Store::File(file) => state_file_check(file),
             Store::Fleet(fleet) => match fleet.load().await {
                 Ok(_) => Check::ok("state", fleet.describe()),
                 Err(e) => Check::failed("state", e.to_string()),

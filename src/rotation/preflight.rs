@@ -33,6 +33,16 @@ pub enum Verdict {
     Unchecked,
 }
 
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Ok => "ok",
+            Verdict::Failed => "failed",
+            Verdict::Unchecked => "unchecked",
+        }
+    }
+}
+
 /// One check: what was looked at, and what was found (never a secret).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Check {

@@ -15,7 +15,7 @@ use redis_protocol::resp2::types::OwnedFrame;
 use secrecy::{ExposeSecret, SecretString};
 
 use super::RotationError;
-use super::preflight::Check;
+use super::preflight::{Check, Verdict};
 use super::secret::generate_password;
 use super::state::Slot;
 use crate::cloud::{AclUserId, CloudClient, DatabaseRef, TaskId};
@@ -363,13 +363,9 @@ impl Strategy {
                 )))
             }
             RotationStrategy::AlternatingUsers => {
-                let idle = self
-                    .users
-                    .iter()
-                    .find(|u| Some(u.as_str()) != current.username.as_deref())
-                    .expect("validated: two different users");
+                let idle = self.idle_user(current).expect("alternating users");
                 Ok(Some(Slot::new(
-                    Some(idle.clone()),
+                    Some(idle.to_string()),
                     generate_password(self.password_length)?,
                 )))
             }
@@ -381,6 +377,15 @@ impl Strategy {
                 Ok(Some(Slot::new(current.username.clone(), value)))
             }
         }
+    }
+
+    /// With alternating users, the one `current` is not (validated: two different users).
+    fn idle_user(&self, current: &Slot) -> Option<&str> {
+        if self.kind != RotationStrategy::AlternatingUsers {
+            return None;
+        }
+        let active = current.display_user();
+        self.users.iter().map(String::as_str).find(|u| *u != active)
     }
 
     /// Reads the external source now.
@@ -560,15 +565,10 @@ impl Strategy {
     /// `acl|getuser`; without it the check is skipped, and said so); through the API, their
     /// roles.
     pub async fn check_successor(&self, current: &Slot) -> Result<SuccessorCheck, RotationError> {
-        if self.kind != RotationStrategy::AlternatingUsers {
+        let Some(idle) = self.idle_user(current) else {
             return Ok(SuccessorCheck::NotNeeded);
-        }
+        };
         let active = current.display_user();
-        let idle = self
-            .users
-            .iter()
-            .find(|u| u.as_str() != active)
-            .expect("validated: two different users");
         let refuse = |why: String| Err(RotationError::Successor(why));
         if let Some(cloud) = &self.cloud {
             if active == "default" || idle == "default" {
@@ -669,104 +669,126 @@ impl Strategy {
             }
         };
         if self.cloud.is_none() {
-            let users: Vec<&str> = match self.kind {
-                RotationStrategy::AlternatingUsers => {
-                    self.users.iter().map(String::as_str).collect()
-                }
-                RotationStrategy::DefaultUser => vec!["default"],
-                _ => vec![current.display_user()],
-            };
-            let mut refused = Vec::new();
-            let mut unknown = None;
-            for user in &users {
-                let probe: [&[u8]; 4] = [
-                    b"ACL",
-                    b"SETUSER",
-                    user.as_bytes(),
-                    b"rotaproxy-preflight-no-such-rule",
-                ];
-                match self
-                    .control
-                    .permitted(&mut conn, &probe, Some("ACL SETUSER modifier"))
-                    .await
-                {
-                    Ok(Permission::Yes) => {}
-                    Ok(Permission::No) => refused.push(*user),
-                    Ok(Permission::Unknown(code)) => unknown = Some(code),
-                    Err(e) => {
-                        checks.push(Check::failed("acl_setuser", e.to_string()));
-                        return checks;
-                    }
-                }
-            }
-            checks.push(if let (true, Some(code)) = (refused.is_empty(), &unknown) {
-                Check::unchecked(
-                    "acl_setuser",
-                    format!("ACL SETUSER with a rule that does not exist answered {code}"),
-                )
-            } else if refused.is_empty() {
-                Check::ok("acl_setuser", format!("on {}", users.join(", ")))
-            } else {
-                Check::failed(
-                    "acl_setuser",
-                    format!(
-                        "{acting} may not run ACL SETUSER on {} (NOPERM)",
-                        refused.join(", ")
-                    ),
-                )
-            });
-        }
-        let mut kill_refused = Vec::new();
-        for probe in [
-            &[&b"CLIENT"[..], b"LIST", b"ID", b"0"][..],
-            &[&b"CLIENT"[..], b"KILL", b"ID", b"0"][..],
-        ] {
-            match self.control.permitted(&mut conn, probe, None).await {
-                Ok(Permission::Yes | Permission::Unknown(_)) => {}
-                Ok(Permission::No) => kill_refused.push(if probe[1] == b"LIST" {
-                    "CLIENT LIST"
-                } else {
-                    "CLIENT KILL"
-                }),
+            match self.acl_setuser_check(&mut conn, current, &acting).await {
+                Ok(check) => checks.push(check),
                 Err(e) => {
-                    checks.push(Check::failed("client_kill", e.to_string()));
+                    checks.push(Check::failed("acl_setuser", e.to_string()));
                     return checks;
                 }
             }
         }
-        checks.push(if kill_refused.is_empty() {
-            Check::ok("client_kill", "urgent rotations can close the old identity's connections")
+        let kill = match self.client_kill_check(&mut conn, &acting).await {
+            Ok(check) => check,
+            Err(e) => {
+                checks.push(Check::failed("client_kill", e.to_string()));
+                return checks;
+            }
+        };
+        let may_list = kill.result == Verdict::Ok;
+        checks.push(kill);
+        if may_list && let Some(idle) = self.idle_user(current) {
+            checks.push(self.idle_user_check(&mut conn, idle).await);
+        }
+        checks
+    }
+
+    /// The preflight's `acl_setuser`: may the acting user run `ACL SETUSER` on the users a
+    /// rotation changes? Each gets a rule that does not exist.
+    async fn acl_setuser_check(
+        &self,
+        conn: &mut UpstreamConn,
+        current: &Slot,
+        acting: &str,
+    ) -> Result<Check, RotationError> {
+        let users: Vec<&str> = match self.kind {
+            RotationStrategy::AlternatingUsers => self.users.iter().map(String::as_str).collect(),
+            RotationStrategy::DefaultUser => vec!["default"],
+            _ => vec![current.display_user()],
+        };
+        let mut refused = Vec::new();
+        let mut unknown = None;
+        for user in &users {
+            let probe: [&[u8]; 4] = [
+                b"ACL",
+                b"SETUSER",
+                user.as_bytes(),
+                b"rotaproxy-preflight-no-such-rule",
+            ];
+            match self
+                .control
+                .permitted(conn, &probe, Some("ACL SETUSER modifier"))
+                .await?
+            {
+                Permission::Yes => {}
+                Permission::No => refused.push(*user),
+                Permission::Unknown(code) => unknown = Some(code),
+            }
+        }
+        Ok(match (refused.is_empty(), unknown) {
+            (false, _) => Check::failed(
+                "acl_setuser",
+                format!(
+                    "{acting} may not run ACL SETUSER on {} (NOPERM)",
+                    refused.join(", ")
+                ),
+            ),
+            (true, Some(code)) => Check::unchecked(
+                "acl_setuser",
+                format!("ACL SETUSER with a rule that does not exist answered {code}"),
+            ),
+            (true, None) => Check::ok("acl_setuser", format!("on {}", users.join(", "))),
+        })
+    }
+
+    /// The preflight's `client_kill`: may the acting user run what an urgent rotation runs to
+    /// close the old identity's other connections (`CLIENT KILL ID 0` closes nothing)?
+    async fn client_kill_check(
+        &self,
+        conn: &mut UpstreamConn,
+        acting: &str,
+    ) -> Result<Check, RotationError> {
+        let mut refused = Vec::new();
+        for (name, probe) in [
+            ("CLIENT LIST", [&b"CLIENT"[..], b"LIST", b"ID", b"0"]),
+            ("CLIENT KILL", [&b"CLIENT"[..], b"KILL", b"ID", b"0"]),
+        ] {
+            if let Permission::No = self.control.permitted(conn, &probe, None).await? {
+                refused.push(name);
+            }
+        }
+        Ok(if refused.is_empty() {
+            Check::ok(
+                "client_kill",
+                "urgent rotations can close the old identity's connections",
+            )
         } else {
             Check::failed(
                 "client_kill",
                 format!(
                     "{acting} may not run {} (NOPERM): an urgent rotation could not close the old identity's other connections",
-                    kill_refused.join(" or ")
+                    refused.join(" or ")
                 ),
             )
-        });
-        // The idle user is the proxy's alone: whatever else uses it cannot reconnect once the
-        // next rotation sets its password.
-        if self.kind == RotationStrategy::AlternatingUsers && kill_refused.is_empty() {
-            let active = current.display_user();
-            if let Some(idle) = self.users.iter().find(|u| u.as_str() != active) {
-                checks.push(match self.control.foreign_connections(&mut conn, idle).await {
-                    Ok(ids) if ids.is_empty() => Check::ok(
-                        "idle_user_unused",
-                        format!("no other connection is authenticated as {idle}"),
-                    ),
-                    Ok(ids) => Check::failed(
-                        "idle_user_unused",
-                        format!(
-                            "{} connection(s) authenticated as {idle} are not this proxy's: whatever holds them cannot reconnect once the next rotation sets {idle}'s password",
-                            ids.len()
-                        ),
-                    ),
-                    Err(e) => Check::unchecked("idle_user_unused", e.to_string()),
-                });
-            }
+        })
+    }
+
+    /// The preflight's `idle_user_unused`: the idle user is the proxy's alone, since whatever
+    /// else uses it cannot reconnect once the next rotation sets its password.
+    async fn idle_user_check(&self, conn: &mut UpstreamConn, idle: &str) -> Check {
+        match self.control.foreign_connections(conn, idle).await {
+            Ok(ids) if ids.is_empty() => Check::ok(
+                "idle_user_unused",
+                format!("no other connection is authenticated as {idle}"),
+            ),
+            Ok(ids) => Check::failed(
+                "idle_user_unused",
+                format!(
+                    "{} connection(s) authenticated as {idle} are not this proxy's: whatever holds them cannot reconnect once the next rotation sets {idle}'s password",
+                    ids.len()
+                ),
+            ),
+            Err(e) => Check::unchecked("idle_user_unused", e.to_string()),
         }
-        checks
     }
 
     /// A generation for testing `slot` on a fresh connection.

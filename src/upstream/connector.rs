@@ -301,22 +301,27 @@ async fn run_command_up_to(
     within: Duration,
     max_reply: usize,
 ) -> Result<OwnedFrame, ConnectError> {
-    let run = async {
-        send(&mut conn.stream, &command::encode(args)).await?;
-        let mut buf = BytesMut::with_capacity(256);
-        read_reply_up_to(&mut conn.stream, &mut buf, max_reply).await
-    };
-    timeout(within, run)
-        .await
-        .map_err(|_| ConnectError::AuthTimeout { after: within })?
+    let mut replies = run_pipeline_up_to(conn, &[args], within, max_reply).await?;
+    Ok(replies.pop().expect("one reply per command"))
 }
 
 /// Runs several commands in one write on a RESP2 connection the proxy uses for itself, and
 /// returns their replies in order (a `WAIT` that must follow its write on the same connection).
+/// Used by the fleet's store, whose member list grows with the fleet.
 pub async fn run_pipeline(
     conn: &mut UpstreamConn,
     commands: &[&[&[u8]]],
     within: Duration,
+) -> Result<Vec<OwnedFrame>, ConnectError> {
+    run_pipeline_up_to(conn, commands, within, PIPELINE_REPLY_MAX).await
+}
+
+/// `run_pipeline` for replies of at most about `max_reply` bytes each.
+async fn run_pipeline_up_to(
+    conn: &mut UpstreamConn,
+    commands: &[&[&[u8]]],
+    within: Duration,
+    max_reply: usize,
 ) -> Result<Vec<OwnedFrame>, ConnectError> {
     let run = async {
         let mut out = Vec::new();
@@ -327,7 +332,7 @@ pub async fn run_pipeline(
         let mut buf = BytesMut::with_capacity(256);
         let mut replies = Vec::with_capacity(commands.len());
         for _ in commands {
-            replies.push(read_reply_up_to(&mut conn.stream, &mut buf, PIPELINE_REPLY_MAX).await?);
+            replies.push(read_reply_up_to(&mut conn.stream, &mut buf, max_reply).await?);
         }
         Ok(replies)
     };
