@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use rotaproxy::config::Config;
-use support::{proxy_bin, repo_root, temp_dir};
+use support::{repo_root, run_rotaproxy, temp_dir};
 
 fn example_files() -> Vec<PathBuf> {
     let dir = repo_root().join("config");
@@ -23,17 +23,8 @@ fn example_files() -> Vec<PathBuf> {
 }
 
 fn check_config(path: &Path) -> (bool, String, String) {
-    let out = Command::new(proxy_bin())
-        .arg("check-config")
-        .arg(path)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run rotaproxy check-config");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let out = run_rotaproxy(&[Path::new("check-config"), path], &[]);
+    (out.ok, out.stdout, out.stderr)
 }
 
 #[test]

@@ -4,6 +4,7 @@
 
 mod support;
 
+use std::path::Path;
 use std::time::Duration;
 
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
@@ -17,6 +18,16 @@ const PREFIX: &str = "rotaproxy:fleet:test";
 
 /// What the fleet's own user may do: its keys only, and the commands it runs. README
 /// ("A fleet of sidecars") shows the same rule.
+/// Waits until every load has made 200 more requests: the members serve throughout.
+fn wait_for_load_progress(loads: &[Load]) {
+    for load in loads {
+        let from = load.progress();
+        assert_eventually(Duration::from_secs(30), "load progressing", || {
+            load.progress() > from + 200
+        });
+    }
+}
+
 fn store_user_rules(password: &str) -> String {
     format!(
         "rp-fleet on >{password} resetkeys ~{{{PREFIX}}}:* resetchannels -@all \
@@ -597,16 +608,14 @@ fn a_follower_passes_rotation_requests_on_to_the_rotator() {
     );
     // So does `check-config --connect` with a member's config, reading the fleet's state
     // (the credential of now: app-b) without taking the lease.
-    let out = std::process::Command::new(proxy_bin())
-        .args(["check-config", "--connect"])
-        .arg(env.member(p2).config_path())
-        .envs(env.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run rotaproxy check-config --connect");
-    let printed =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{printed}");
+    let args = [
+        Path::new("check-config"),
+        Path::new("--connect"),
+        env.member(p2).config_path(),
+    ];
+    let out = run_rotaproxy(&args, &env_refs(&env.envs));
+    let printed = out.printed();
+    assert!(out.ok, "{printed}");
     assert!(
         printed.contains("authenticated as app-b (current credential)"),
         "{printed}"
@@ -962,15 +971,7 @@ fn ten_fleet_rotations_under_load_on_every_member() {
             ))
         })
         .collect();
-    let let_loads_run = |loads: &[Load]| {
-        for load in loads {
-            let from = load.progress();
-            assert_eventually(Duration::from_secs(30), "load progressing", || {
-                load.progress() > from + 200
-            });
-        }
-    };
-    let_loads_run(&loads);
+    wait_for_load_progress(&loads);
     for i in 0..ROTATIONS {
         let before = env.shared_state()["current"].clone();
         let (code, body) = env
@@ -994,7 +995,7 @@ fn ten_fleet_rotations_under_load_on_every_member() {
         for load in &loads {
             assert_eq!(load.errors_so_far(), 0, "rotation {i}: client errors");
         }
-        let_loads_run(&loads);
+        wait_for_load_progress(&loads);
     }
     for (load, m) in loads.into_iter().zip(members) {
         let report = load.stop();
@@ -1357,22 +1358,14 @@ fn cloud_fleet_rotations_under_load(default_user: bool, rotations: usize) {
         .iter()
         .map(|p| Load::start(LoadConfig::new(p.client_addr(), random_token(8))))
         .collect();
-    let progress = |loads: &[Load]| {
-        for load in loads {
-            let from = load.progress();
-            assert_eventually(Duration::from_secs(30), "load progressing", || {
-                load.progress() > from + 200
-            });
-        }
-    };
-    progress(&loads);
+    wait_for_load_progress(&loads);
     for i in 0..rotations {
         let (code, body) = p1.http_post("/v1/rotate?wait=true", Some(TOKEN), "");
         assert_eq!(code, 200, "rotation {i}: {body}");
         for load in &loads {
             assert_eq!(load.errors_so_far(), 0, "rotation {i}: client errors");
         }
-        progress(&loads);
+        wait_for_load_progress(&loads);
     }
     for load in loads {
         let report = load.stop();

@@ -5,6 +5,7 @@ mod support;
 
 use std::io::Write;
 use std::net::TcpStream;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use support::*;
@@ -1066,18 +1067,9 @@ fn check_config_connect_says_whether_the_credential_authenticates() {
         ProxyConfig::plain(&redis).credentials(Some(APP_USER), "env:TEST_UPSTREAM_PASSWORD");
     std::fs::write(&path, config.to_toml()).unwrap();
     let check = |pw: &str| {
-        let out = std::process::Command::new(proxy_bin())
-            .args(["check-config", "--connect"])
-            .arg(&path)
-            .env("TEST_UPSTREAM_PASSWORD", pw)
-            .env_remove("RUST_LOG")
-            .output()
-            .expect("run rotaproxy check-config --connect");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned()
-                + &String::from_utf8_lossy(&out.stderr),
-        )
+        let args = [Path::new("check-config"), Path::new("--connect"), &path];
+        let out = run_rotaproxy(&args, &[("TEST_UPSTREAM_PASSWORD", pw)]);
+        (out.ok, out.printed())
     };
     let (ok, out) = check(&password);
     assert!(ok, "{out}");

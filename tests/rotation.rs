@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -467,21 +468,14 @@ fn a_failed_preflight_is_looked_at_again_before_its_interval() {
     assert_eq!(env.status()["preflight"]["ok"], true);
 }
 
-/// `rotaproxy check-config --connect FILE` with the environment the proxy has: exit status,
-/// stdout, stderr.
-fn check_config_connect(env: &RotEnv) -> (bool, String, String) {
-    let out = std::process::Command::new(proxy_bin())
-        .args(["check-config", "--connect"])
-        .arg(env.proxy().config_path())
-        .envs(env.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("run rotaproxy check-config --connect");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+/// `rotaproxy check-config --connect FILE` with the environment the proxy has.
+fn check_config_connect(env: &RotEnv) -> CommandOutput {
+    let args = [
+        Path::new("check-config"),
+        Path::new("--connect"),
+        env.proxy().config_path(),
+    ];
+    run_rotaproxy(&args, &env_refs(&env.envs))
 }
 
 /// Before a deploy: the config against the real server. It reads the state a start would
@@ -496,7 +490,11 @@ fn check_config_connect_tries_a_config_against_the_server_without_changing_anyth
         env.status()["preflight"]["ok"] == true
     });
     let state_before = std::fs::read(env.state_file()).unwrap();
-    let (ok, out, err) = check_config_connect(&env);
+    let CommandOutput {
+        ok,
+        stdout: out,
+        stderr: err,
+    } = check_config_connect(&env);
     assert!(ok, "{out}{err}");
     let names: Vec<&str> = out
         .lines()
@@ -532,7 +530,11 @@ fn check_config_connect_tries_a_config_against_the_server_without_changing_anyth
             .admin_cmd(&["ACL", "SETUSER", user, "-acl|setuser"])
             .assert_ok();
     }
-    let (ok, out, err) = check_config_connect(&env);
+    let CommandOutput {
+        ok,
+        stdout: out,
+        stderr: err,
+    } = check_config_connect(&env);
     assert!(!ok, "{out}");
     assert!(
         out.lines()

@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 
 pub use certs::{CertFiles, Certs};
 pub use proxy::{
-    Proxy, ProxyConfig, StartFailure, TcpConnection, assert_no_secret_in_lines,
-    assert_no_secret_in_logs, http_request, mask_secrets, metric_value, proxy_bin, toml_path,
-    toml_str,
+    CommandOutput, Proxy, ProxyConfig, StartFailure, TcpConnection, assert_no_secret_in_lines,
+    assert_no_secret_in_logs, http_request, mask_secrets, metric_value, proxy_bin, run_rotaproxy,
+    toml_path, toml_str,
 };
 pub use redis::{ADMIN_USER, RedisOptions, RedisServer, RedisTls};
 pub use resp::{

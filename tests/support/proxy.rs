@@ -21,6 +21,39 @@ pub fn proxy_bin() -> &'static str {
     option_env!("CARGO_BIN_EXE_rotaproxy").unwrap_or("target/debug/rotaproxy")
 }
 
+/// What a `rotaproxy` command that ends by itself (`check-config`, ...) printed.
+pub struct CommandOutput {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CommandOutput {
+    /// Both streams, for assertions and their messages.
+    pub fn printed(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+/// Runs `rotaproxy ARGS` to its end with `envs` added (and `RUST_LOG` removed, so the
+/// config's log filter holds).
+pub fn run_rotaproxy<S: AsRef<std::ffi::OsStr>>(
+    args: &[S],
+    envs: &[(&str, &str)],
+) -> CommandOutput {
+    let out = Command::new(proxy_bin())
+        .args(args)
+        .envs(envs.iter().copied())
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run rotaproxy");
+    CommandOutput {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
 /// A running proxy. Dropping it kills the process (by its PID).
 pub struct Proxy {
     child: Option<Child>,
