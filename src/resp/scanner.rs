@@ -353,7 +353,20 @@ impl Scanner {
     ) -> (usize, u64) {
         let mut taken = 0;
         let mut count = 0;
-        while let Some((name, end)) = self.lane_request::<SMALL_FIT>(buf, taken) {
+        loop {
+            // The usual shape first, in a few loads; any other goes the general way.
+            let small = if SMALL_FIT {
+                small_request(buf, taken)
+            } else {
+                None
+            };
+            let (name, end) = match small {
+                Some(found) => found,
+                None => match self.lane_request::<SMALL_FIT>(buf, taken) {
+                    Some(found) => found,
+                    None => break,
+                },
+            };
             if !take(name) {
                 break;
             }
@@ -364,66 +377,25 @@ impl Scanner {
     }
 
     /// The whole multibulk request at `buf[start..]`: its command name (the first argument) and
-    /// where the request ends.
-    ///
-    /// Small requests are read a word at a time: `*3\r\n$3\r\n` (the argument count and the
-    /// first length, when both are one digit) in one eight-byte load, and after each payload its
-    /// CRLF together with the next length header (`\r\n$5\r\n`, `\r\n$16\r\n`) in another.
-    /// Any other shape, at any point, is read piece by piece from there on (`lane_header`).
-    #[inline(always)]
+    /// where the request ends. Read header by header (`lane_header`); the usual small shapes
+    /// were tried word by word first (`small_request`). Out of line, so the loop around
+    /// `small_request` keeps its values in registers.
+    #[inline(never)]
     fn lane_request<'a, const SMALL_FIT: bool>(
         &self,
         buf: &'a [u8],
         start: usize,
     ) -> Option<(&'a [u8], usize)> {
-        // `*3\r\n$3\r\n`: with '0' where the digits go, the digits come out of the XOR as values.
-        const START: u64 = u64::from_le_bytes(*b"*0\r\n$0\r\n");
-        let (argc, first_len, first_at) = match word_at(buf, start) {
-            Some(w) if SMALL_FIT && (w ^ START) & 0xFFFF_00FF_FFFF_00FF == 0 => {
-                let x = w ^ START;
-                let (argc, len) = ((x >> 8) as u8, (x >> 40) as u8);
-                if argc.wrapping_sub(1) > 8 || len > 9 {
-                    return None;
-                }
-                (u32::from(argc), usize::from(len), start + 8)
-            }
-            _ => {
-                let (argc, rest) = self.lane_header::<SMALL_FIT>(buf.get(start..)?, b'*')?;
-                if argc == 0 {
-                    return None;
-                }
-                let (len, rest) = self.lane_header::<SMALL_FIT>(rest, b'$')?;
-                (
-                    u32::try_from(argc).ok()?,
-                    usize::try_from(len).ok()?,
-                    buf.len() - rest.len(),
-                )
-            }
-        };
+        let (argc, rest) = self.lane_header::<SMALL_FIT>(buf.get(start..)?, b'*')?;
+        if argc == 0 {
+            return None;
+        }
+        let (len, rest) = self.lane_header::<SMALL_FIT>(rest, b'$')?;
+        let first_at = buf.len() - rest.len();
         // `end` is where the current argument's payload ends (where its CRLF should be).
-        let mut end = first_at.checked_add(first_len)?;
+        let mut end = first_at.checked_add(usize::try_from(len).ok()?)?;
         let name = buf.get(first_at..end)?;
-        // The CRLF ending a payload and the next header, `\r\n$5\r\n` or `\r\n$16\r\n`.
-        const NEXT_1: u64 = u64::from_le_bytes(*b"\r\n$0\r\n\0\0");
-        const NEXT_2: u64 = u64::from_le_bytes(*b"\r\n$00\r\n\0");
         for _ in 1..argc {
-            if SMALL_FIT && let Some(w) = word_at(buf, end) {
-                let x = w ^ NEXT_1;
-                if x & 0x0000_FFFF_00FF_FFFF == 0 {
-                    let len = (x >> 24) as u8;
-                    if len <= 9 {
-                        end += 6 + usize::from(len);
-                        continue;
-                    }
-                } else {
-                    let x = w ^ NEXT_2;
-                    let (d0, d1) = ((x >> 24) as u8, (x >> 32) as u8);
-                    if x & 0x00FF_FF00_00FF_FFFF == 0 && d0 <= 9 && d1 <= 9 {
-                        end += 7 + usize::from(d0 * 10 + d1);
-                        continue;
-                    }
-                }
-            }
             let after = buf.get(end..)?.strip_prefix(b"\r\n")?;
             let (len, rest) = self.lane_header::<SMALL_FIT>(after, b'$')?;
             end = (buf.len() - rest.len()).checked_add(usize::try_from(len).ok()?)?;
@@ -468,11 +440,14 @@ impl Scanner {
                     continue;
                 }
                 if SMALL_FIT {
-                    let (x1, x2) = (w ^ BULK_1, w ^ BULK_2);
-                    let (d0, d1) = ((x2 >> 8) as u8, (x2 >> 16) as u8);
-                    let payload_end = if x1 & 0xFFFF_00FF == 0 && d0 <= 9 {
-                        Some(pos + 4 + usize::from(d0))
-                    } else if x2 & 0xFF_FF00_00FF == 0 && d0 <= 9 && d1 <= 9 {
+                    // A digit byte (a value after the XOR) of at most 9 stays under 0x80 when
+                    // 0x76 is added; so the digits and the bytes around them go in one test.
+                    let x1 = (w ^ BULK_1) & 0xFFFF_FFFF;
+                    let x2 = (w ^ BULK_2) & 0xFF_FFFF_FFFF;
+                    let payload_end = if (x1 | (x1 + 0x7600)) & 0xFFFF_80FF == 0 {
+                        Some(pos + 4 + usize::from((x1 >> 8) as u8))
+                    } else if (x2 | (x2 + 0x76_7600)) & 0xFF_FF80_80FF == 0 {
+                        let (d0, d1) = ((x2 >> 8) as u8, (x2 >> 16) as u8);
                         Some(pos + 5 + usize::from(d0 * 10 + d1))
                     } else {
                         None
@@ -1233,6 +1208,71 @@ fn fast_len(buf: &[u8], start: usize, max_line: usize) -> Result<(u64, usize), u
 fn bulk_payload(buf: &[u8], n: u64) -> Option<(&[u8], &[u8])> {
     let (payload, rest) = buf.split_at_checked(usize::try_from(n).ok()?)?;
     Some((payload, rest.strip_prefix(b"\r\n")?))
+}
+
+/// The multibulk request at `buf[start..]` when it has the usual shape, as (its command name,
+/// where it ends): at most nine arguments, a command name of at most nine bytes, every other
+/// argument under a hundred bytes, all of it in `buf`. Read a word at a time: `*3\r\n$3\r\n`
+/// (the argument count and the name's length) in one eight-byte load, and after each payload
+/// its CRLF with the next length header (`\r\n$16\r\n`, `\r\n$5\r\n`) in another. Only for
+/// limits that every one- or two-digit header is within (`small_headers_fit`). None for any
+/// other shape, which `lane_request` then reads.
+#[inline(always)]
+fn small_request(buf: &[u8], start: usize) -> Option<(&[u8], usize)> {
+    // `*3\r\n$3\r\n`: with '0' where the digits go, the digits come out of the XOR as values.
+    const START: u64 = u64::from_le_bytes(*b"*0\r\n$0\r\n");
+    // The CRLF ending a payload and the next header, `\r\n$16\r\n` or `\r\n$5\r\n`.
+    const NEXT_2: u64 = u64::from_le_bytes(*b"\r\n$00\r\n\0");
+    const NEXT_1: u64 = u64::from_le_bytes(*b"\r\n$0\r\n\0\0");
+    // Where the last eight-byte word of `buf` starts: every word read starts at or before it.
+    let last_word = buf.len().checked_sub(8)?;
+    if start > last_word {
+        return None;
+    }
+    let x = word_at_checked(buf, start) ^ START;
+    let (argc, name_len) = ((x >> 8) as u8, (x >> 40) as u8);
+    if x & 0xFFFF_00FF_FFFF_00FF != 0 || argc.wrapping_sub(1) > 8 || name_len > 9 {
+        return None;
+    }
+    // `end` is where the current argument's payload ends (where its CRLF should be). Each
+    // step adds at most 106, so it stays far from overflowing.
+    let mut end = start + 8 + usize::from(name_len);
+    for _ in 1..argc {
+        if end > last_word {
+            return None;
+        }
+        let w = word_at_checked(buf, end);
+        let x = w ^ NEXT_2;
+        // Both digits at once: a byte of at most 9 stays under 0x80 when 0x76 is added.
+        let digits = (x >> 24) & 0xFFFF;
+        if x & 0x00FF_FF00_00FF_FFFF == 0 && (digits | (digits + 0x7676)) & 0x8080 == 0 {
+            end += 7 + usize::from((digits as u8) * 10 + (digits >> 8) as u8);
+            continue;
+        }
+        let x = w ^ NEXT_1;
+        let digit = (x >> 24) as u8;
+        if x & 0x0000_FFFF_00FF_FFFF == 0 && digit <= 9 {
+            end += 6 + usize::from(digit);
+            continue;
+        }
+        return None;
+    }
+    // The last payload's CRLF; every earlier one was checked above. (`buf` holds at least
+    // eight bytes, so `last_crlf` is not below zero.)
+    let last_crlf = buf.len() - 2;
+    if end > last_crlf || buf[end] != b'\r' || buf[end + 1] != b'\n' {
+        return None;
+    }
+    Some((&buf[start + 8..start + 8 + usize::from(name_len)], end + 2))
+}
+
+/// The eight bytes at `buf[at..]`, `at` at most `buf.len() - 8`.
+#[inline(always)]
+fn word_at_checked(buf: &[u8], at: usize) -> u64 {
+    let word = &buf[at..at + 8];
+    u64::from_le_bytes([
+        word[0], word[1], word[2], word[3], word[4], word[5], word[6], word[7],
+    ])
 }
 
 /// The eight bytes at `buf[at..]` as a little-endian word, if there are eight.
@@ -2385,6 +2425,93 @@ mod tests {
         let mut sc = Scanner::new(Direction::Reply, limits(Direction::Reply));
         sc.scan(b"$5\r\nab").unwrap();
         assert_eq!(sc.peek_scalar_replies(b"c\r\n+OK\r\n", 9), (0, 0));
+    }
+
+    /// Every one-byte change to the usual small frames (a header's CR or LF, a digit, a type
+    /// byte, a payload byte) leaves the fast lanes agreeing with the general scanner: they read
+    /// several bytes per test, so a mask one byte short would let a broken frame through.
+    #[test]
+    fn fast_lanes_agree_after_any_one_byte_change() {
+        let requests: [&[u8]; 3] = [
+            b"*2\r\n$3\r\nGET\r\n$16\r\nkey:__rand_int__\r\n",
+            b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$3\r\nabc\r\n",
+            b"*1\r\n$4\r\nPING\r\n",
+        ];
+        let replies: [&[u8]; 4] = [
+            b"$3\r\nabc\r\n",
+            b"$16\r\n0123456789abcdef\r\n",
+            b"+OK\r\n",
+            b":12\r\n",
+        ];
+        let cases = requests
+            .iter()
+            .map(|f| (Direction::Request, f))
+            .chain(replies.iter().map(|f| (Direction::Reply, f)));
+        for (dir, frame) in cases {
+            // Twice, so a broken first frame is followed by a good one.
+            let twice = [*frame, *frame].concat();
+            for i in 0..frame.len() {
+                for byte in 0..=255u8 {
+                    let mut input = twice.clone();
+                    input[i] = byte;
+                    walk_with_fast_lanes(dir, limits(dir), &input, 4);
+                }
+            }
+        }
+    }
+
+    /// The word-at-a-time lane reads the usual shapes itself, up to its bounds, and leaves
+    /// the rest to `lane_request`. (Both answer the same, so the agreement tests above cannot
+    /// tell a lane that gave up for nothing: this one can.)
+    #[test]
+    fn small_request_reads_the_usual_shapes() {
+        let arg =
+            |len: usize| [format!("${len}\r\n").as_bytes(), &b"v".repeat(len), b"\r\n"].concat();
+        let request = |name: &[u8], lens: &[usize]| {
+            let mut r = [
+                format!("*{}\r\n${}\r\n", lens.len() + 1, name.len()).as_bytes(),
+                name,
+                b"\r\n",
+            ]
+            .concat();
+            for &len in lens {
+                r.extend(arg(len));
+            }
+            r
+        };
+        let usual = [
+            request(b"GET", &[16]),
+            request(b"SET", &[16, 3]),
+            request(b"PING", &[]),
+            request(b"SET", &[0, 9, 10, 99]),
+            request(b"ZRANGEBYS", &[1; 8]),
+        ];
+        for r in &usual {
+            let at = 5; // not at the start of the buffer
+            let buf = [&b"junk\n"[..], r, b"*1\r\n"].concat();
+            let name = &r[8..8 + usize::from(r[5] - b'0')];
+            assert_eq!(small_request(&buf, at), Some((name, at + r.len())), "{r:?}");
+            let whole = general_end(
+                &Scanner::new(Direction::Request, limits(Direction::Request)),
+                r,
+                1,
+            );
+            assert_eq!(whole, Some(r.len()));
+        }
+        let other = [
+            request(b"SET", &[16, 100]),
+            request(b"SET", &[1; 9]),
+            request(b"CLUSTERXYZ", &[1]),
+            request(b"GET", &[])[2..].to_vec(),
+        ];
+        for r in &other {
+            assert_eq!(small_request(r, 0), None, "{r:?}");
+        }
+        // Not all there yet.
+        let get = request(b"GET", &[16]);
+        for cut in 0..get.len() {
+            assert_eq!(small_request(&get[..cut], 0), None, "{cut}");
+        }
     }
 
     /// The lanes read a header's digits out of a word: a byte that is not a digit must stop them
