@@ -354,18 +354,21 @@ impl Scanner {
         let mut taken = 0;
         let mut count = 0;
         loop {
-            // The usual shape first, in a few loads; any other goes the general way.
+            // The usual shape in a few loads; what it cannot read, header by header.
             let small = if SMALL_FIT {
                 small_request(buf, taken)
             } else {
-                None
+                SmallRequest::Other
             };
-            let (name, end) = match small {
-                Some(found) => found,
-                None => match self.lane_request::<SMALL_FIT>(buf, taken) {
-                    Some(found) => found,
-                    None => break,
-                },
+            let found = match small {
+                SmallRequest::Whole(name, end) => Some((name, end)),
+                SmallRequest::Started { name, end, left } => buf
+                    .get(name)
+                    .zip(self.lane_request_rest::<SMALL_FIT>(buf, end, left)),
+                SmallRequest::Other => self.lane_request::<SMALL_FIT>(buf, taken),
+            };
+            let Some((name, end)) = found else {
+                break;
             };
             if !take(name) {
                 break;
@@ -377,9 +380,10 @@ impl Scanner {
     }
 
     /// The whole multibulk request at `buf[start..]`: its command name (the first argument) and
-    /// where the request ends. Read header by header (`lane_header`); the usual small shapes
-    /// were tried word by word first (`small_request`). Out of line, so the loop around
-    /// `small_request` keeps its values in registers.
+    /// where the request ends, read header by header (`lane_header`). For the shapes
+    /// `small_request` does not start. Out of line, so the loop around `small_request` keeps
+    /// its values in registers. (`lane_request_rest` stays inline: a request with a long
+    /// argument, which `small_request` starts, then costs what it did before that lane.)
     #[inline(never)]
     fn lane_request<'a, const SMALL_FIT: bool>(
         &self,
@@ -392,16 +396,30 @@ impl Scanner {
         }
         let (len, rest) = self.lane_header::<SMALL_FIT>(rest, b'$')?;
         let first_at = buf.len() - rest.len();
-        // `end` is where the current argument's payload ends (where its CRLF should be).
-        let mut end = first_at.checked_add(usize::try_from(len).ok()?)?;
+        let end = first_at.checked_add(usize::try_from(len).ok()?)?;
         let name = buf.get(first_at..end)?;
-        for _ in 1..argc {
+        Some((
+            name,
+            self.lane_request_rest::<SMALL_FIT>(buf, end, argc - 1)?,
+        ))
+    }
+
+    /// The end of a request whose payload ending at `end` (where its CRLF should be) is
+    /// followed by `left` more arguments, read header by header.
+    #[inline(always)]
+    fn lane_request_rest<const SMALL_FIT: bool>(
+        &self,
+        buf: &[u8],
+        mut end: usize,
+        left: u64,
+    ) -> Option<usize> {
+        for _ in 0..left {
             let after = buf.get(end..)?.strip_prefix(b"\r\n")?;
             let (len, rest) = self.lane_header::<SMALL_FIT>(after, b'$')?;
             end = (buf.len() - rest.len()).checked_add(usize::try_from(len).ok()?)?;
         }
         // The last payload's CRLF; every earlier one was checked above.
-        (buf.get(end..)?.first_chunk::<2>()? == b"\r\n").then_some((name, end + 2))
+        (buf.get(end..)?.first_chunk::<2>()? == b"\r\n").then_some(end + 2)
     }
 
     /// Fast lane for replies, between frames: the whole scalar replies (simple strings, errors,
@@ -1210,38 +1228,59 @@ fn bulk_payload(buf: &[u8], n: u64) -> Option<(&[u8], &[u8])> {
     Some((payload, rest.strip_prefix(b"\r\n")?))
 }
 
-/// The multibulk request at `buf[start..]` when it has the usual shape, as (its command name,
-/// where it ends): at most nine arguments, a command name of at most nine bytes, every other
-/// argument under a hundred bytes, all of it in `buf`. Read a word at a time: `*3\r\n$3\r\n`
-/// (the argument count and the name's length) in one eight-byte load, and after each payload
-/// its CRLF with the next length header (`\r\n$16\r\n`, `\r\n$5\r\n`) in another. Only for
-/// limits that every one- or two-digit header is within (`small_headers_fit`). None for any
-/// other shape, which `lane_request` then reads.
+/// What `small_request` made of a request.
+#[derive(Debug, PartialEq)]
+enum SmallRequest<'a> {
+    /// The whole request: its command name, and where it ends.
+    Whole(&'a [u8], usize),
+    /// Its start, up to a payload ending at `end` (where its CRLF should be): `left` more
+    /// arguments follow, the first of them not one `small_request` reads (a payload of 100
+    /// bytes or more) or not all buffered. `name` is where the command name is.
+    Started {
+        name: std::ops::Range<usize>,
+        end: usize,
+        left: u64,
+    },
+    /// Another start: more than nine arguments, a name of ten bytes or more, not a
+    /// multibulk request, not all there.
+    Other,
+}
+
+/// The multibulk request at `buf[start..]`, when it starts the usual way: at most nine
+/// arguments and a command name of at most nine bytes. Read a word at a time:
+/// `*3\r\n$3\r\n` (the argument count and the name's length) in one eight-byte load, and
+/// after each payload its CRLF with the next length header (`\r\n$16\r\n`, `\r\n$5\r\n`) in
+/// another, as long as the arguments are under a hundred bytes; from the first that is not,
+/// `lane_request_rest` reads on. Only for limits that every one- or two-digit header is
+/// within (`small_headers_fit`).
 #[inline(always)]
-fn small_request(buf: &[u8], start: usize) -> Option<(&[u8], usize)> {
+fn small_request(buf: &[u8], start: usize) -> SmallRequest<'_> {
     // `*3\r\n$3\r\n`: with '0' where the digits go, the digits come out of the XOR as values.
     const START: u64 = u64::from_le_bytes(*b"*0\r\n$0\r\n");
     // The CRLF ending a payload and the next header, `\r\n$16\r\n` or `\r\n$5\r\n`.
     const NEXT_2: u64 = u64::from_le_bytes(*b"\r\n$00\r\n\0");
     const NEXT_1: u64 = u64::from_le_bytes(*b"\r\n$0\r\n\0\0");
     // Where the last eight-byte word of `buf` starts: every word read starts at or before it.
-    let last_word = buf.len().checked_sub(8)?;
+    let Some(last_word) = buf.len().checked_sub(8) else {
+        return SmallRequest::Other;
+    };
     if start > last_word {
-        return None;
+        return SmallRequest::Other;
     }
     let x = word_at_checked(buf, start) ^ START;
     let (argc, name_len) = ((x >> 8) as u8, (x >> 40) as u8);
     if x & 0xFFFF_00FF_FFFF_00FF != 0 || argc.wrapping_sub(1) > 8 || name_len > 9 {
-        return None;
+        return SmallRequest::Other;
     }
     // `end` is where the current argument's payload ends (where its CRLF should be). Each
     // step adds at most 106, so it stays far from overflowing.
     let mut end = start + 8 + usize::from(name_len);
-    for _ in 1..argc {
-        if end > last_word {
-            return None;
-        }
-        let w = word_at_checked(buf, end);
+    for read in 1..argc {
+        let w = if end <= last_word {
+            word_at_checked(buf, end)
+        } else {
+            0
+        };
         let x = w ^ NEXT_2;
         // Both digits at once: a byte of at most 9 stays under 0x80 when 0x76 is added.
         let digits = (x >> 24) & 0xFFFF;
@@ -1255,15 +1294,19 @@ fn small_request(buf: &[u8], start: usize) -> Option<(&[u8], usize)> {
             end += 6 + usize::from(digit);
             continue;
         }
-        return None;
+        return SmallRequest::Started {
+            name: start + 8..start + 8 + usize::from(name_len),
+            end,
+            left: u64::from(argc - read),
+        };
     }
     // The last payload's CRLF; every earlier one was checked above. (`buf` holds at least
     // eight bytes, so `last_crlf` is not below zero.)
     let last_crlf = buf.len() - 2;
     if end > last_crlf || buf[end] != b'\r' || buf[end + 1] != b'\n' {
-        return None;
+        return SmallRequest::Other;
     }
-    Some((&buf[start + 8..start + 8 + usize::from(name_len)], end + 2))
+    SmallRequest::Whole(&buf[start + 8..start + 8 + usize::from(name_len)], end + 2)
 }
 
 /// The eight bytes at `buf[at..]`, `at` at most `buf.len() - 8`.
@@ -2460,9 +2503,9 @@ mod tests {
         }
     }
 
-    /// The word-at-a-time lane reads the usual shapes itself, up to its bounds, and leaves
-    /// the rest to `lane_request`. (Both answer the same, so the agreement tests above cannot
-    /// tell a lane that gave up for nothing: this one can.)
+    /// The word-at-a-time lane reads the usual shapes itself, up to its bounds, and hands on
+    /// where it stopped. (The lanes answer the same either way, so the agreement tests above
+    /// cannot tell a lane that gave up for nothing: this one can.)
     #[test]
     fn small_request_reads_the_usual_shapes() {
         let arg =
@@ -2479,6 +2522,9 @@ mod tests {
             }
             r
         };
+        let at = 5; // not at the start of the buffer
+        let within = |r: &[u8]| [&b"junk\n"[..], r, b"*1\r\n"].concat();
+        let general = Scanner::new(Direction::Request, limits(Direction::Request));
         let usual = [
             request(b"GET", &[16]),
             request(b"SET", &[16, 3]),
@@ -2487,30 +2533,45 @@ mod tests {
             request(b"ZRANGEBYS", &[1; 8]),
         ];
         for r in &usual {
-            let at = 5; // not at the start of the buffer
-            let buf = [&b"junk\n"[..], r, b"*1\r\n"].concat();
             let name = &r[8..8 + usize::from(r[5] - b'0')];
-            assert_eq!(small_request(&buf, at), Some((name, at + r.len())), "{r:?}");
-            let whole = general_end(
-                &Scanner::new(Direction::Request, limits(Direction::Request)),
-                r,
-                1,
-            );
-            assert_eq!(whole, Some(r.len()));
+            let expected = SmallRequest::Whole(name, at + r.len());
+            assert_eq!(small_request(&within(r), at), expected, "{r:?}");
+            assert_eq!(general_end(&general, r, 1), Some(r.len()));
         }
+        // A long argument: read up to its header, the rest left to `lane_request_rest`.
+        let set = request(b"SET", &[16, 100, 5]);
+        let started = SmallRequest::Started {
+            name: at + 8..at + 11,
+            end: at + 34,
+            left: 2,
+        };
+        assert_eq!(small_request(&within(&set), at), started);
+        assert_eq!(&set[34..40], b"\r\n$100");
+        let lanes = general.peek_request_run(&within(&set)[at..], |name| name == b"SET");
+        assert_eq!(lanes, (set.len(), 1));
+        // Not the usual start.
         let other = [
-            request(b"SET", &[16, 100]),
             request(b"SET", &[1; 9]),
             request(b"CLUSTERXYZ", &[1]),
             request(b"GET", &[])[2..].to_vec(),
         ];
         for r in &other {
-            assert_eq!(small_request(r, 0), None, "{r:?}");
+            assert_eq!(small_request(r, 0), SmallRequest::Other, "{r:?}");
         }
-        // Not all there yet.
+        // Not all there yet. Once the start is read (eight bytes), a header not yet whole is
+        // `lane_request_rest`'s (the word after the name ends at 19); a last payload not whole
+        // is nobody's.
         let get = request(b"GET", &[16]);
         for cut in 0..get.len() {
-            assert_eq!(small_request(&get[..cut], 0), None, "{cut}");
+            let found = small_request(&get[..cut], 0);
+            if (8..19).contains(&cut) {
+                assert!(
+                    matches!(found, SmallRequest::Started { left: 1, .. }),
+                    "{cut}"
+                );
+            } else {
+                assert_eq!(found, SmallRequest::Other, "{cut}");
+            }
         }
     }
 
