@@ -218,6 +218,19 @@ impl FleetEnv {
         );
     }
 
+    /// Waits until one of `members` is the fleet's rotator, and returns it.
+    fn wait_for_leader(&self, members: &[usize]) -> usize {
+        let mut leader = None;
+        assert_eventually(Duration::from_secs(30), "a member leads the fleet", || {
+            leader = members
+                .iter()
+                .copied()
+                .find(|&m| self.status(m)["fleet"]["role"] == "leader");
+            leader.is_some()
+        });
+        leader.expect("found above")
+    }
+
     /// Waits until member `i` uses `user` and has no connection on an older generation.
     fn wait_until_moved(&self, i: usize, user: &str) {
         assert_eventually(
@@ -784,9 +797,23 @@ fn a_fleet_can_wait_for_its_state_to_reach_a_replica() {
             .as_str()
             .is_some_and(|info| info.contains("connected_slaves:0"))
     });
-    let second = env.start_rotation(p1);
-    env.member(p1)
-        .wait_for_log("reached 0 of 1 replicas", Duration::from_secs(30));
+    // (The rotator may have changed already: on a busy machine the replica can take longer
+    // than `replica_timeout` to confirm a write of the first rotation, and a rotator whose
+    // write does not hold hands the rotation on, as below.)
+    let rotator = env.wait_for_leader(&[p1, p2]);
+    let refusals = |m: usize| {
+        let logs = env.member(m).logs();
+        logs.iter()
+            .filter(|l| l.contains("reached 0 of 1 replicas"))
+            .count()
+    };
+    let refused_before = refusals(rotator);
+    let second = env.start_rotation(rotator);
+    assert_eventually(
+        Duration::from_secs(30),
+        "the state write refused for want of a replica",
+        || refusals(rotator) > refused_before,
+    );
     client.cmd(&["GET", "k"]).assert_bulk("v");
     client.cmd(&["ACL", "WHOAMI"]).assert_bulk("app-b");
     assert!(env.authenticates(
