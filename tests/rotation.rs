@@ -342,13 +342,21 @@ fn a_preflight_finds_what_would_stop_a_rotation_and_changes_nothing() {
     std::fs::remove_dir(&blocker).unwrap();
     let (code, report, _) = dry_run_failures(&env);
     assert_eq!(code, 200, "{report}");
-    let said = env
-        .proxy()
-        .logs()
-        .iter()
-        .filter(|l| l.contains("a rotation could run now"))
-        .count();
-    assert_eq!(said, 2, "said at start and once it holds again");
+    // The proxy logs the line before it answers, but the test reads its output through a
+    // pipe: wait for the line to arrive, then check it came once.
+    let said = || {
+        env.proxy()
+            .logs()
+            .iter()
+            .filter(|l| l.contains("a rotation could run now"))
+            .count()
+    };
+    assert_eventually(
+        Duration::from_secs(10),
+        "the verdict's change logged",
+        || said() >= 2,
+    );
+    assert_eq!(said(), 2, "said at start and once it holds again");
     assert_eq!(env.status()["generation"], 1);
     env.assert_nothing_leaked();
 }
