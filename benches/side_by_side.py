@@ -31,8 +31,9 @@ spread; comparing two builds of rotaproxy shows what a change is worth.
   benches/side_by_side.py --a rotaproxy --b rotaproxy-unix     # what the Unix socket saves
 
 `--syscalls` attaches `perf stat` (syscall tracepoints: root, or kernel.perf_event_paranoid=-1)
-to each sidecar over the measured windows and reports its system calls per 1000 commands: a
-change that adds reads, writes or wake-ups shows there even when CPU time is too noisy to tell.
+to each sidecar over the measured windows and reports its system calls (and context switches)
+per 1000 commands: a change that adds reads, writes or wake-ups shows there even when CPU time
+is too noisy to tell.
 
 Python 3.11 standard library only; reuses compare.py's process bookkeeping and build helpers.
 """
@@ -219,7 +220,8 @@ def user_system_ticks(pid: int) -> tuple[int, int]:
     return int(fields[11]), int(fields[12])
 
 
-# The system calls `--syscalls` counts, as perf names them, and as the report names them.
+# The system calls `--syscalls` counts, as perf names them, and as the report names them; and
+# the context switches, which cost kernel time without a system call of their own.
 SYSCALL_EVENTS = {
     "raw_syscalls:sys_enter": "all",
     "syscalls:sys_enter_recvfrom": "recvfrom",
@@ -227,6 +229,7 @@ SYSCALL_EVENTS = {
     "syscalls:sys_enter_read": "read",
     "syscalls:sys_enter_write": "write",
     "syscalls:sys_enter_epoll_wait": "epoll_wait",
+    "context-switches": "context switches",
 }
 
 
