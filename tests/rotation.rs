@@ -218,6 +218,39 @@ fn alternating_users_refuse_to_hand_over_to_a_user_that_may_do_less() {
     env.assert_nothing_leaked();
 }
 
+/// Users of a multi-tenant database can carry thousands of key patterns: `ACL GETUSER` then
+/// answers with far more than a handshake reply (here about 230 KB). The users are compared
+/// all the same, down to the one pattern in which they differ.
+#[test]
+fn alternating_users_with_thousands_of_key_patterns_are_compared_whole() {
+    let patterns: Vec<String> = (0..10_000)
+        .map(|i| format!("~tenant:{i:05}:cache:*"))
+        .collect();
+    let rules = format!("{} &* +@all", patterns.join(" "));
+    let one_short = format!("{} &* +@all", patterns[1..].join(" "));
+    assert!(
+        rules.len() > 200 * 1024,
+        "the rules should pass 64 KiB by far"
+    );
+
+    let env = RotEnv::alternating_with_rules(&rules, Some(&one_short), "");
+    let error = failed_rotation(&env);
+    assert!(
+        error.contains("app-b may not do what app-a may (keys differ)"),
+        "{error}"
+    );
+    assert_eq!(env.status()["generation"], 1);
+
+    let mut env = RotEnv::alternating_with_rules(&rules, Some(&rules), "");
+    let mut c = env.proxy().conn();
+    c.cmd(&["SET", "tenant:00042:cache:k", "v"]).assert_ok();
+    env.rotate(false);
+    assert_eq!(env.status()["active_username"], "app-b");
+    c.cmd(&["ACL", "WHOAMI"]).assert_bulk("app-b");
+    c.cmd(&["GET", "tenant:00042:cache:k"]).assert_bulk("v");
+    env.assert_nothing_leaked();
+}
+
 #[test]
 fn alternating_users_refuse_to_hand_over_to_a_user_that_does_not_exist() {
     let env = RotEnv::alternating_with_rules("~* &* +@all", None, "");

@@ -140,12 +140,7 @@ impl ServerControl {
         conn: &mut UpstreamConn,
         user: &str,
     ) -> Result<AclRules, RotationError> {
-        let reply = connector::run_command(
-            conn,
-            &[b"ACL", b"GETUSER", user.as_bytes()],
-            self.timeouts.auth,
-        )
-        .await?;
+        let reply = connector::acl_getuser(conn, user, self.timeouts.auth).await?;
         Ok(AclRules::from_reply(reply))
     }
 

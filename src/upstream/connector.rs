@@ -284,6 +284,22 @@ pub async fn command_table(
     run_command_up_to(conn, &[b"COMMAND"], within, COMMAND_TABLE_MAX).await
 }
 
+/// Reads a user's rules (`ACL GETUSER`) on a RESP2 connection the proxy uses for itself. The
+/// reply holds the hashes of the user's passwords: callers must keep them out of logs.
+pub async fn acl_getuser(
+    conn: &mut UpstreamConn,
+    user: &str,
+    within: Duration,
+) -> Result<OwnedFrame, ConnectError> {
+    run_command_up_to(
+        conn,
+        &[b"ACL", b"GETUSER", user.as_bytes()],
+        within,
+        ACL_USER_MAX,
+    )
+    .await
+}
+
 /// Reads `CLIENT LIST` on a RESP2 connection the proxy uses for itself. It runs to a few
 /// hundred bytes per connection: megabytes on a busy database, or on one that many sidecars
 /// share.
@@ -369,6 +385,9 @@ const COMMAND_TABLE_MAX: usize = 8 * 1024 * 1024;
 /// Largest reply of a [`run_pipeline`] (the fleet's store): its member list grows with the
 /// fleet, a few hundred bytes a member.
 const PIPELINE_REPLY_MAX: usize = 16 * 1024 * 1024;
+/// Largest `ACL GETUSER` read: a user of a multi-tenant database can carry thousands of key
+/// patterns (10 000 of them come to about 230 KB).
+const ACL_USER_MAX: usize = 16 * 1024 * 1024;
 /// Largest `CLIENT LIST` read: about 200 000 connections.
 const CLIENT_LIST_MAX: usize = 64 * 1024 * 1024;
 
@@ -413,5 +432,87 @@ fn describe(frame: &OwnedFrame) -> String {
         OwnedFrame::BulkString(_) => "a bulk string".into(),
         OwnedFrame::Array(_) => "an array".into(),
         OwnedFrame::Null => "a null".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// A plain loopback connection: the proxy's end as a `Stream`, and the server's end.
+    async fn pair() -> (Stream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ours = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (theirs, _) = listener.accept().await.unwrap();
+        (Stream::plain(ours), theirs)
+    }
+
+    #[tokio::test]
+    async fn replies_are_read_one_by_one_however_the_bytes_arrive() {
+        let (mut stream, mut server) = pair().await;
+        let big = vec![b'x'; 3 * 1024 * 1024];
+        let mut wire = format!("${}\r\n", big.len()).into_bytes();
+        wire.extend_from_slice(&big);
+        wire.extend_from_slice(b"\r\n+OK\r\n:42\r\n*2\r\n$1\r\na\r\n*1\r\n:-1\r\n");
+        let writer = tokio::spawn(async move {
+            // Uneven pieces, so headers and payloads are cut anywhere.
+            for piece in wire.chunks(7919) {
+                server.write_all(piece).await.unwrap();
+            }
+            server
+        });
+        let mut buf = BytesMut::new();
+        let max = 4 * 1024 * 1024;
+        let first = read_reply_up_to(&mut stream, &mut buf, max).await.unwrap();
+        assert_eq!(first, OwnedFrame::BulkString(big));
+        let rest = [
+            OwnedFrame::SimpleString(b"OK".to_vec()),
+            OwnedFrame::Integer(42),
+            OwnedFrame::Array(vec![
+                OwnedFrame::BulkString(b"a".to_vec()),
+                OwnedFrame::Array(vec![OwnedFrame::Integer(-1)]),
+            ]),
+        ];
+        for expected in rest {
+            let frame = read_reply_up_to(&mut stream, &mut buf, max).await.unwrap();
+            assert_eq!(frame, expected);
+        }
+        assert!(buf.is_empty(), "bytes left over: {buf:?}");
+        writer.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_reply_past_its_limit_or_not_resp2_is_refused() {
+        let (mut stream, mut server) = pair().await;
+        let mut wire = format!("${}\r\n", 300_000).into_bytes();
+        wire.extend(std::iter::repeat_n(b'y', 300_000));
+        wire.extend_from_slice(b"\r\n");
+        let writer = tokio::spawn(async move {
+            // The reader gives up part way: what it does not read may not be written.
+            let _ = server.write_all(&wire).await;
+            server
+        });
+        let error = read_reply_up_to(&mut stream, &mut BytesMut::new(), 64 * 1024)
+            .await
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("reply larger than 65536 bytes"),
+            "{error}"
+        );
+        drop(stream);
+        let _ = writer.await;
+
+        // A RESP3 map on a connection that asked for RESP2, and bytes that are not RESP.
+        for wire in [&b"%1\r\n+a\r\n+b\r\n"[..], b"?what\r\n"] {
+            let (mut stream, mut server) = pair().await;
+            server.write_all(wire).await.unwrap();
+            let error = read_reply_up_to(&mut stream, &mut BytesMut::new(), 1024)
+                .await
+                .unwrap_err();
+            assert!(matches!(error, ConnectError::Protocol(_)), "{error}");
+        }
     }
 }
