@@ -3,10 +3,11 @@
 //!
 //! Reads and writes go straight to the kernel (rustix's raw system calls), not through glibc's
 //! `recv`, `send` and `writev`. Once a process has had a second thread, however briefly (tokio
-//! resolves a host name on a blocking thread; the file watcher has one), glibc wraps each of
-//! those calls in thread-cancellation bookkeeping, for good. Side by side with a TLS upstream
-//! (where the watcher's thread exists), that bookkeeping cost 1.5-2.4% of the proxy's CPU per
-//! request; the floor forwarder it is compared with never has a second thread.
+//! resolves a host name on a blocking thread), glibc wraps each of those calls in
+//! thread-cancellation bookkeeping, for good. Side by side with a TLS upstream (where a file
+//! watcher's thread then ran), that bookkeeping cost 1.5-2.4% of the proxy's CPU per request;
+//! the floor forwarder it is compared with never has a second thread. (Nor, at work, does the
+//! proxy: see `watch::FileWatch`.)
 
 use std::io;
 use std::io::IoSlice;

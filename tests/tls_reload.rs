@@ -289,6 +289,40 @@ fn a_new_ca_bundle_lets_the_proxy_follow_the_server_to_a_certificate_from_anothe
     assert_eq!(reloads(&proxy, "upstream", "applied"), 1.0);
 }
 
+/// Following files must not cost the hot path: a second thread in the process makes every
+/// system call and allocation dearer (src/watch.rs). With the default current-thread runtime
+/// the proxy settles on one thread while it follows its CA, certificate and key and still sees
+/// them change. (Tokio's blocking threads, which start-up may use, end after 10 s idle.)
+#[test]
+fn following_tls_files_takes_no_thread_of_its_own() {
+    let env = MtlsEnv::start();
+    let bundle = env.volume.cert.with_file_name("ca.pem");
+    replace_file(&bundle, &env.certs.ca);
+    let mut config = env.proxy_config();
+    config.ca_file = Some(bundle.clone());
+    let proxy = env.start_proxy(&config);
+    proxy.conn().cmd(&["SET", "k", "v"]).assert_ok();
+    let threads = || {
+        std::fs::read_dir(format!("/proc/{}/task", proxy.pid()))
+            .map(|tasks| tasks.count())
+            .unwrap_or(0)
+    };
+    assert_eventually(Duration::from_secs(60), "one thread", || threads() == 1);
+
+    // The files are followed all the same.
+    let both = bundle.with_file_name("both.pem");
+    let pem = [&env.certs.ca, &env.certs.other_ca]
+        .iter()
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect::<String>();
+    std::fs::write(&both, pem).unwrap();
+    replace_file(&bundle, &both);
+    assert_eventually(WAIT, "the new bundle is a new generation", || {
+        status(&proxy)["generation"] == 2
+    });
+    proxy.conn().cmd(&["GET", "k"]).assert_bulk("v");
+}
+
 fn tls_handshakes(proxy: &Proxy, kind: &str) -> f64 {
     proxy
         .metric(&format!(
