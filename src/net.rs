@@ -651,6 +651,17 @@ impl AsyncWrite for Stream {
     }
 }
 
+/// A connected pair on loopback, for tests: the far end, and the near end as a `Stream`.
+#[cfg(test)]
+pub(crate) async fn loopback_pair() -> (TcpStream, Stream) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let far = TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (near, _) = listener.accept().await.unwrap();
+    (far, Stream::plain(near))
+}
+
 #[cfg(test)]
 mod tests {
     use std::future::poll_fn;
@@ -700,15 +711,7 @@ mod tests {
 
     use super::*;
 
-    /// A connected pair on loopback: the far end, and the near end as a `Stream`.
-    async fn pair() -> (TcpStream, Stream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let far = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (near, _) = listener.accept().await.unwrap();
-        (far, Stream::plain(near))
-    }
+    use super::loopback_pair as pair;
 
     /// Reads once into `buf`, in a task of its own; after the read's `pending`-th pending
     /// poll it tells `waiting`, and the test then sends what the read is waiting for.

@@ -243,29 +243,39 @@ fn a_client_certificate_from_a_new_ca_is_followed_under_load_without_a_client_er
     assert_no_secret_in_lines(&[after.to_string()], &secrets);
 }
 
-#[test]
-fn a_new_ca_bundle_lets_the_proxy_follow_the_server_to_a_certificate_from_another_ca() {
-    let env = MtlsEnv::start();
-    // The proxy's CA bundle as a file of its own, which the test replaces.
+/// The proxy, with its CA bundle in a file of its own that the test replaces.
+fn start_with_ca_bundle(env: &MtlsEnv) -> (Proxy, PathBuf) {
     let bundle = env.volume.cert.with_file_name("ca.pem");
     replace_file(&bundle, &env.certs.ca);
     let mut config = env.proxy_config();
     config.ca_file = Some(bundle.clone());
-    let proxy = env.start_proxy(&config);
-    let mut c = proxy.conn();
-    c.cmd(&["SET", "k", "v"]).assert_ok();
+    (env.start_proxy(&config), bundle)
+}
 
-    // The server's CA changes: first the proxy trusts old and new...
+/// Replaces the bundle with one of both CAs, and waits for the proxy to take it.
+fn trust_the_other_ca_too(env: &MtlsEnv, proxy: &Proxy, bundle: &Path) {
     let both = bundle.with_file_name("both.pem");
     let pem = [&env.certs.ca, &env.certs.other_ca]
         .iter()
         .map(|p| std::fs::read_to_string(p).unwrap())
         .collect::<String>();
     std::fs::write(&both, pem).unwrap();
-    replace_file(&bundle, &both);
+    replace_file(bundle, &both);
     assert_eventually(WAIT, "the new bundle is a new generation", || {
-        status(&proxy)["generation"] == 2
+        status(proxy)["generation"] == 2
     });
+}
+
+#[test]
+fn a_new_ca_bundle_lets_the_proxy_follow_the_server_to_a_certificate_from_another_ca() {
+    let env = MtlsEnv::start();
+    // The proxy's CA bundle as a file of its own, which the test replaces.
+    let (proxy, bundle) = start_with_ca_bundle(&env);
+    let mut c = proxy.conn();
+    c.cmd(&["SET", "k", "v"]).assert_ok();
+
+    // The server's CA changes: first the proxy trusts old and new...
+    trust_the_other_ca_too(&env, &proxy, &bundle);
     // ...then the server presents a certificate from the new CA, to new connections.
     // (Both in one CONFIG SET: Redis refuses a key that does not match the certificate.)
     env.redis
@@ -296,11 +306,7 @@ fn a_new_ca_bundle_lets_the_proxy_follow_the_server_to_a_certificate_from_anothe
 #[test]
 fn following_tls_files_takes_no_thread_of_its_own() {
     let env = MtlsEnv::start();
-    let bundle = env.volume.cert.with_file_name("ca.pem");
-    replace_file(&bundle, &env.certs.ca);
-    let mut config = env.proxy_config();
-    config.ca_file = Some(bundle.clone());
-    let proxy = env.start_proxy(&config);
+    let (proxy, bundle) = start_with_ca_bundle(&env);
     proxy.conn().cmd(&["SET", "k", "v"]).assert_ok();
     let threads = || {
         std::fs::read_dir(format!("/proc/{}/task", proxy.pid()))
@@ -310,16 +316,7 @@ fn following_tls_files_takes_no_thread_of_its_own() {
     assert_eventually(Duration::from_secs(60), "one thread", || threads() == 1);
 
     // The files are followed all the same.
-    let both = bundle.with_file_name("both.pem");
-    let pem = [&env.certs.ca, &env.certs.other_ca]
-        .iter()
-        .map(|p| std::fs::read_to_string(p).unwrap())
-        .collect::<String>();
-    std::fs::write(&both, pem).unwrap();
-    replace_file(&bundle, &both);
-    assert_eventually(WAIT, "the new bundle is a new generation", || {
-        status(&proxy)["generation"] == 2
-    });
+    trust_the_other_ca_too(&env, &proxy, &bundle);
     proxy.conn().cmd(&["GET", "k"]).assert_bulk("v");
 }
 

@@ -438,21 +438,11 @@ fn describe(frame: &OwnedFrame) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::net::TcpListener;
-
-    /// A plain loopback connection: the proxy's end as a `Stream`, and the server's end.
-    async fn pair() -> (Stream, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let ours = TcpStream::connect(listener.local_addr().unwrap())
-            .await
-            .unwrap();
-        let (theirs, _) = listener.accept().await.unwrap();
-        (Stream::plain(ours), theirs)
-    }
+    use crate::net::loopback_pair;
 
     #[tokio::test]
     async fn replies_are_read_one_by_one_however_the_bytes_arrive() {
-        let (mut stream, mut server) = pair().await;
+        let (mut server, mut stream) = loopback_pair().await;
         let big = vec![b'x'; 3 * 1024 * 1024];
         let mut wire = format!("${}\r\n", big.len()).into_bytes();
         wire.extend_from_slice(&big);
@@ -486,7 +476,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_reply_past_its_limit_or_not_resp2_is_refused() {
-        let (mut stream, mut server) = pair().await;
+        let (mut server, mut stream) = loopback_pair().await;
         let mut wire = format!("${}\r\n", 300_000).into_bytes();
         wire.extend(std::iter::repeat_n(b'y', 300_000));
         wire.extend_from_slice(b"\r\n");
@@ -507,7 +497,7 @@ mod tests {
 
         // A RESP3 map on a connection that asked for RESP2, and bytes that are not RESP.
         for wire in [&b"%1\r\n+a\r\n+b\r\n"[..], b"?what\r\n"] {
-            let (mut stream, mut server) = pair().await;
+            let (mut server, mut stream) = loopback_pair().await;
             server.write_all(wire).await.unwrap();
             let error = read_reply_up_to(&mut stream, &mut BytesMut::new(), 1024)
                 .await
