@@ -42,7 +42,7 @@ const CHANGES: WatchMask = WatchMask::MODIFY
 /// watcher thread (as the `notify` crate runs one for each directory): a process with a second
 /// thread pays for it on every system call (the kernel counts references to each file it is
 /// handed, which a single-threaded process skips) and on every allocation (glibc's arena
-/// locks). Side by side with a TLS upstream, whose CA file is watched, the thread cost 0.8-0.9%
+/// locks). Side by side with a TLS upstream, whose CA file is watched, the thread cost 0.6-1.1%
 /// of the CPU per request (benches/README.md).
 pub struct FileWatch {
     /// None when the directories cannot be watched: the poll alone finds changes.
