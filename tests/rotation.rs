@@ -795,7 +795,9 @@ fn external_rotation_follows_a_secret_volume() {
 
 #[test]
 fn a_password_changed_behind_the_proxys_back_is_followed_once_the_source_has_it() {
-    // Only change events, not polling, can be quick enough here.
+    // The poll is an hour away: the new password is found by the directory's change events or
+    // by the re-reads of the refresh window (either alone is enough: the test passes with
+    // change events switched off).
     let ExternalEnv {
         redis,
         mut volume,
