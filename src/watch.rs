@@ -115,9 +115,10 @@ fn watch_directories(dirs: &[PathBuf], what: &str) -> Option<AsyncFd<Inotify>> {
             }
         }
     }
-    if watching == 0 || tokio::runtime::Handle::try_current().is_err() {
+    if watching == 0 {
         return None;
     }
+    // (Registering needs the runtime; `FileWatch::new` has one, as its interval does.)
     // SAFETY: `Inotify` owns its descriptor (shared only with the `Watches` handles dropped
     // above) and closes it when dropped, so the descriptor stays open, and the same, for as
     // long as the `AsyncFd` owns it.
