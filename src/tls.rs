@@ -438,6 +438,12 @@ pub fn explain_handshake_error(err: &std::io::Error) -> String {
             C::Revoked => "upstream certificate is revoked".to_string(),
             other => format!("upstream certificate rejected: {other:?}"),
         },
+        // What a server that speaks plain text may answer to a ClientHello: an error line,
+        // which is not a TLS record. (Redis 7.0 answers nothing, and the handshake times out:
+        // `ConnectError::TlsTimeout` gives the same advice.)
+        rustls::Error::InvalidMessage(_) => format!(
+            "the server did not answer in TLS ({inner}): if it takes plain TCP on this port, use a redis:// URL"
+        ),
         rustls::Error::AlertReceived(alert) => {
             format!("upstream refused the TLS handshake (alert {alert:?}): a client certificate may be required or not trusted")
         }
@@ -492,5 +498,30 @@ impl ServerCertVerifier for NoVerification {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::explain_handshake_error;
+
+    fn rustls_io_error(err: rustls::Error) -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, err)
+    }
+
+    /// What a plain-TCP port answers to a ClientHello (an error line) reads as a record of no
+    /// known type: the message names the other scheme.
+    #[test]
+    fn an_answer_that_is_not_tls_names_the_plain_scheme() {
+        let text = explain_handshake_error(&rustls_io_error(rustls::Error::InvalidMessage(
+            rustls::InvalidMessage::InvalidContentType,
+        )));
+        assert!(text.contains("did not answer in TLS"), "{text}");
+        assert!(text.contains("use a redis:// URL"), "{text}");
+        let text = explain_handshake_error(&rustls_io_error(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::UnknownIssuer,
+        )));
+        assert!(text.contains("unknown issuer"), "{text}");
+        assert!(!text.contains("redis://"), "{text}");
     }
 }

@@ -1599,6 +1599,46 @@ fn upstream_tls_wrong_server_name_is_named() {
     assert!(text.contains("server name"), "{text}");
 }
 
+/// The URL's scheme says one thing and the port speaks the other: what happens when a
+/// database's TLS setting and the proxy's URL part ways. Either way the client's error and
+/// the log say which scheme to try, and the password appears in neither.
+#[test]
+fn a_url_scheme_the_port_does_not_speak_is_named() {
+    let (_dir, certs, password, redis) = tls_redis(false);
+    let env = [("TEST_UPSTREAM_PASSWORD", password.as_str())];
+
+    // redis:// to the TLS port: Redis drops the connection at the first plain-text bytes.
+    let mut config =
+        ProxyConfig::plain(&redis).credentials(Some(APP_USER), "env:TEST_UPSTREAM_PASSWORD");
+    config.upstream_url = redis.tls_url().replacen("rediss://", "redis://", 1);
+    let proxy = Proxy::start(&config.to_toml(), &env);
+    let text = proxy
+        .conn()
+        .cmd(&["PING"])
+        .assert_error("ERR rotaproxy: upstream unavailable")
+        .to_string();
+    assert!(text.contains("use a rediss:// URL"), "{text}");
+    proxy.wait_for_log("use a rediss:// URL", Duration::from_secs(10));
+    assert_no_secret_in_logs(&proxy, &[&password]);
+
+    // rediss:// to the plain port: Redis 7.0 answers nothing to the TLS hello's bytes, so the
+    // handshake times out. (A server that answers with an error line, which is not a TLS
+    // record, gets the same advice: `tls::tests`.)
+    let mut config = ProxyConfig::tls(&redis, &certs.ca)
+        .credentials(Some(APP_USER), "env:TEST_UPSTREAM_PASSWORD")
+        .extra("[timeouts]\ntls_handshake = \"1s\"\n");
+    config.upstream_url = redis.url().replacen("redis://", "rediss://", 1);
+    let proxy = Proxy::start(&config.to_toml(), &env);
+    let text = proxy
+        .conn()
+        .cmd(&["PING"])
+        .assert_error("ERR rotaproxy: upstream unavailable")
+        .to_string();
+    assert!(text.contains("use a redis:// URL"), "{text}");
+    proxy.wait_for_log("use a redis:// URL", Duration::from_secs(10));
+    assert_no_secret_in_logs(&proxy, &[&password]);
+}
+
 #[test]
 fn upstream_mutual_tls() {
     let (_dir, certs, password, redis) = tls_redis(true);

@@ -30,7 +30,10 @@ pub enum ConnectError {
     ConnectTimeout { addr: String, after: Duration },
     #[error("TLS handshake with {addr} failed: {reason}")]
     Tls { addr: String, reason: String },
-    #[error("TLS handshake with {addr} timed out after {after:?}")]
+    #[error(
+        "TLS handshake with {addr} timed out after {after:?} (a port that takes plain TCP \
+         never answers a TLS handshake: if the server does not use TLS, use a redis:// URL)"
+    )]
     TlsTimeout { addr: String, after: Duration },
     #[error("upstream rejected the proxy's credential for user `{user}`: {message}")]
     Auth { user: String, message: String },
@@ -38,8 +41,18 @@ pub enum ConnectError {
     AuthTimeout { after: Duration },
     #[error("upstream sent an unexpected reply: {0}")]
     Protocol(String),
+    #[error("upstream sent bytes that are not a RESP2 reply: {0}")]
+    NotResp(String),
     #[error("upstream closed the connection during the handshake: {0}")]
     Closed(io::Error),
+    /// A plain-TCP handshake the server closed, or answered with bytes that are not RESP: what
+    /// a port that takes only TLS does (Redis's `tls-port`, a Redis Cloud database with TLS
+    /// on), so the message says what to try.
+    #[error(
+        "{cause} (a port that takes only TLS closes plain-text connections: if the server \
+         requires TLS, use a rediss:// URL)"
+    )]
+    PlainToTls { cause: Box<ConnectError> },
 }
 
 impl ConnectError {
@@ -50,7 +63,10 @@ impl ConnectError {
             }
             ConnectError::Tls { .. } | ConnectError::TlsTimeout { .. } => ConnectStage::Tls,
             ConnectError::Auth { .. } | ConnectError::AuthTimeout { .. } => ConnectStage::Auth,
-            ConnectError::Protocol(_) | ConnectError::Closed(_) => ConnectStage::Protocol,
+            ConnectError::Protocol(_) | ConnectError::NotResp(_) | ConnectError::Closed(_) => {
+                ConnectStage::Protocol
+            }
+            ConnectError::PlainToTls { cause } => cause.stage(),
         }
     }
 }
@@ -224,7 +240,15 @@ async fn connect_inner(
         .await
         .map_err(|_| ConnectError::AuthTimeout {
             after: timeouts.auth,
-        })??;
+        })?
+        .map_err(|err| match err {
+            ConnectError::Closed(_) | ConnectError::NotResp(_) if ep.tls.is_none() => {
+                ConnectError::PlainToTls {
+                    cause: Box::new(err),
+                }
+            }
+            err => err,
+        })?;
     if let Some(id) = conn.client_id {
         own_client_ids().insert(id);
     }
@@ -409,7 +433,7 @@ async fn read_reply_up_to(
                 return Ok(frame);
             }
             Ok(None) => {}
-            Err(e) => return Err(ConnectError::Protocol(e.to_string())),
+            Err(e) => return Err(ConnectError::NotResp(e.to_string())),
         }
         if buf.len() > max {
             return Err(ConnectError::Protocol(format!(
@@ -502,7 +526,7 @@ mod tests {
             let error = read_reply_up_to(&mut stream, &mut BytesMut::new(), 1024)
                 .await
                 .unwrap_err();
-            assert!(matches!(error, ConnectError::Protocol(_)), "{error}");
+            assert!(matches!(error, ConnectError::NotResp(_)), "{error}");
         }
     }
 }
