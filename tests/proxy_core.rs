@@ -1639,6 +1639,77 @@ fn a_url_scheme_the_port_does_not_speak_is_named() {
     assert_no_secret_in_logs(&proxy, &[&password]);
 }
 
+/// A server at its `maxclients` answers a new connection `-ERR max number of clients reached`
+/// and closes it: the server turning connections away, not a refused credential. The client
+/// hears the server's reason, no authentication failure is counted (the alert on those would
+/// send someone after the credential), and once a place is free the proxy connects.
+#[test]
+fn a_server_at_its_client_limit_is_not_an_authentication_failure() {
+    let password = random_token(32);
+    let redis = RedisServer::start(
+        RedisOptions::new()
+            .config("maxclients", "3")
+            .user(&format!("{APP_USER} on >{password} ~* &* +@all")),
+    );
+    // The test's own connections take every place.
+    let mut held = Vec::new();
+    let mut full = false;
+    for _ in 0..10 {
+        let mut c = RespConn::connect(redis.addr());
+        match c.cmd(&["AUTH", APP_USER, &password]) {
+            Frame::Error(e) if e.contains("max number of clients reached") => {
+                full = true;
+                break;
+            }
+            reply => {
+                reply.assert_ok();
+                held.push(c);
+            }
+        }
+    }
+    assert!(full, "the server never reached its client limit");
+
+    let config = ProxyConfig::plain(&redis)
+        .credentials(Some(APP_USER), "env:TEST_UPSTREAM_PASSWORD")
+        .extra("[pool]\nwarm = 1\n");
+    let proxy = Proxy::start(&config.to_toml(), &[("TEST_UPSTREAM_PASSWORD", &password)]);
+    let mut c = proxy.conn();
+    let text = c
+        .cmd(&["PING"])
+        .assert_error("ERR rotaproxy: upstream unavailable")
+        .to_string();
+    assert!(
+        text.contains("refused the connection: ERR max number of clients reached"),
+        "{text}"
+    );
+    assert!(!text.contains("credential"), "{text}");
+    assert!(
+        proxy
+            .metric("rotaproxy_upstream_connect_failures_total{stage=\"connect\"}")
+            .unwrap_or(0.0)
+            >= 1.0
+    );
+    assert_eq!(
+        proxy
+            .metric("rotaproxy_upstream_auth_failures_total")
+            .unwrap_or(0.0),
+        0.0
+    );
+
+    // A place frees up: the same client's next command gets through.
+    held.pop();
+    assert_eventually(Duration::from_secs(30), "a PING through the proxy", || {
+        c.cmd(&["PING"]) == Frame::simple("PONG")
+    });
+    assert_eq!(
+        proxy
+            .metric("rotaproxy_upstream_auth_failures_total")
+            .unwrap_or(0.0),
+        0.0
+    );
+    assert_no_secret_in_logs(&proxy, &[&password]);
+}
+
 #[test]
 fn upstream_mutual_tls() {
     let (_dir, certs, password, redis) = tls_redis(true);

@@ -37,6 +37,11 @@ pub enum ConnectError {
     TlsTimeout { addr: String, after: Duration },
     #[error("upstream rejected the proxy's credential for user `{user}`: {message}")]
     Auth { user: String, message: String },
+    /// The server answered the handshake with an error that says nothing of the credential:
+    /// `ERR max number of clients reached`, protected mode's `DENIED`. Not an authentication
+    /// failure, so neither the auth-failure alerts nor a credential recovery follow it.
+    #[error("upstream refused the connection: {message}")]
+    Refused { message: String },
     #[error("upstream did not answer AUTH within {after:?}")]
     AuthTimeout { after: Duration },
     #[error("upstream sent an unexpected reply: {0}")]
@@ -58,9 +63,9 @@ pub enum ConnectError {
 impl ConnectError {
     pub fn stage(&self) -> ConnectStage {
         match self {
-            ConnectError::Connect { .. } | ConnectError::ConnectTimeout { .. } => {
-                ConnectStage::Connect
-            }
+            ConnectError::Connect { .. }
+            | ConnectError::ConnectTimeout { .. }
+            | ConnectError::Refused { .. } => ConnectStage::Connect,
             ConnectError::Tls { .. } | ConnectError::TlsTimeout { .. } => ConnectStage::Tls,
             ConnectError::Auth { .. } | ConnectError::AuthTimeout { .. } => ConnectStage::Auth,
             ConnectError::Protocol(_) | ConnectError::NotResp(_) | ConnectError::Closed(_) => {
@@ -263,29 +268,59 @@ async fn handshake(conn: &mut UpstreamConn) -> Result<Option<i64>, ConnectError>
     out.extend_from_slice(&command::encode(&[&b"CLIENT"[..], b"ID"]));
     send(&mut conn.stream, &out).await?;
     let mut buf = BytesMut::with_capacity(256);
+    let refused = |message: String| {
+        let message = without_echoed_arguments(message);
+        if refuses_the_credential(&message) {
+            ConnectError::Auth {
+                user: cred.display_user().to_string(),
+                message,
+            }
+        } else {
+            ConnectError::Refused { message }
+        }
+    };
     if auths {
         match read_reply(&mut conn.stream, &mut buf).await? {
             OwnedFrame::SimpleString(_) => {}
-            OwnedFrame::Error(message) => {
-                return Err(ConnectError::Auth {
-                    user: cred.display_user().to_string(),
-                    message,
-                });
-            }
+            OwnedFrame::Error(message) => return Err(refused(message)),
             other => return Err(ConnectError::Protocol(describe(&other))),
         }
     }
     match read_reply(&mut conn.stream, &mut buf).await? {
         OwnedFrame::Integer(id) => Ok(Some(id)),
-        // Without AUTH configured, a server that requires it answers NOAUTH here.
-        OwnedFrame::Error(message) if message.starts_with("NOAUTH") => Err(ConnectError::Auth {
-            user: cred.display_user().to_string(),
-            message,
-        }),
-        // The proxy's user may not be allowed CLIENT ID; the connection is still good.
-        OwnedFrame::Error(_) => Ok(None),
+        // The proxy's user may not be allowed CLIENT ID (an ACL rule, a renamed command); the
+        // connection is still good.
+        OwnedFrame::Error(message)
+            if message.starts_with("NOPERM") || message.starts_with("ERR unknown") =>
+        {
+            Ok(None)
+        }
+        // Without AUTH configured, a server that requires it answers NOAUTH here; a server
+        // that turns the connection away answers its reason first (then closes).
+        OwnedFrame::Error(message) => Err(refused(message)),
         other => Err(ConnectError::Protocol(describe(&other))),
     }
+}
+
+/// Whether an error answering the handshake says the credential is wrong: `WRONGPASS` (a wrong
+/// password, a user that does not exist or is off), `NOAUTH` (a password is required and none
+/// was given), and Redis's `ERR` lines about passwords (`ERR AUTH <password> called without
+/// any password configured ...`, and before Redis 6 `ERR invalid password`). Anything else
+/// (`ERR max number of clients reached`, protected mode's `DENIED`) turns the connection away
+/// for a reason of the server's.
+fn refuses_the_credential(message: &str) -> bool {
+    message.starts_with("WRONGPASS")
+        || message.starts_with("NOAUTH")
+        || (message.starts_with("ERR") && message.to_ascii_lowercase().contains("password"))
+}
+
+/// An error line without what a server may quote of the command after it (Redis's `unknown
+/// command 'AUTH', with args beginning with: ...` would quote the password).
+fn without_echoed_arguments(mut message: String) -> String {
+    if let Some(at) = message.find(", with args beginning with") {
+        message.truncate(at);
+    }
+    message
 }
 
 /// Runs one command on a RESP2 connection the proxy uses for itself (rotation, control) and
@@ -496,6 +531,40 @@ mod tests {
         }
         assert!(buf.is_empty(), "bytes left over: {buf:?}");
         writer.await.unwrap();
+    }
+
+    /// Only errors about the credential count as its refusal: alerts and the recovery that
+    /// follows a refused credential must not act on a full or closed server.
+    #[test]
+    fn handshake_errors_are_told_apart() {
+        for credential in [
+            "WRONGPASS invalid username-password pair or user is disabled.",
+            "NOAUTH Authentication required.",
+            "ERR AUTH <password> called without any password configured for the default user. Are you sure your configuration is correct?",
+            "ERR invalid password",
+            "ERR Client sent AUTH, but no password is set",
+        ] {
+            assert!(refuses_the_credential(credential), "{credential}");
+        }
+        for server in [
+            "ERR max number of clients reached",
+            "ERR max number of clients + cluster connections reached",
+            "DENIED Redis is running in protected mode because protected mode is enabled",
+            "LOADING Redis is loading the dataset in memory",
+            "ERR wrong number of arguments for 'auth' command",
+        ] {
+            assert!(!refuses_the_credential(server), "{server}");
+        }
+        assert_eq!(
+            without_echoed_arguments(
+                "ERR unknown command 'AUTH', with args beginning with: 'app' 's3cret' ".into()
+            ),
+            "ERR unknown command 'AUTH'"
+        );
+        assert_eq!(
+            without_echoed_arguments("ERR max number of clients reached".into()),
+            "ERR max number of clients reached"
+        );
     }
 
     #[tokio::test]
