@@ -1002,6 +1002,14 @@ impl UpstreamUrl {
                 "must not carry credentials; use [credentials] with env:/file: references".into(),
             );
         }
+        // `redis://host:6379/0` and `?option=...` are common in client URLs.
+        if let Some(at) = rest.find(['/', '?']) {
+            return Err(format!(
+                "has a path or options (`{}`): give only the host and port; clients choose \
+                 their database with SELECT, and TLS and timeouts have keys of their own",
+                &rest[at..]
+            ));
+        }
         let (host, port) = if let Some(bracketed) = rest.strip_prefix('[') {
             let (h, p) = bracketed
                 .split_once(']')
@@ -1023,6 +1031,18 @@ impl UpstreamUrl {
             host: host.to_string(),
             port,
         })
+    }
+
+    /// `url` as an error may quote it: a user and password written into it (which `parse`
+    /// refuses) replaced by `***`.
+    pub fn without_credentials(url: &str) -> String {
+        let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        match rest[..authority_end].rfind('@') {
+            Some(at) if scheme.is_empty() => format!("***{}", &rest[at..]),
+            Some(at) => format!("{scheme}://***{}", &rest[at..]),
+            None => url.to_string(),
+        }
     }
 }
 
@@ -1138,8 +1158,10 @@ impl Config {
             key,
             message: message.to_string(),
         };
-        let url = UpstreamUrl::parse(&self.upstream.url)
-            .map_err(|m| invalid("upstream.url", &format!("`{}` {m}", self.upstream.url)))?;
+        let url = UpstreamUrl::parse(&self.upstream.url).map_err(|m| {
+            let shown = UpstreamUrl::without_credentials(&self.upstream.url);
+            invalid("upstream.url", &format!("`{shown}` {m}"))
+        })?;
         crate::logging::parse_filter(&self.log.level).map_err(|m| invalid("log.level", &m))?;
         for (key, keepalive) in [
             ("listener.tcp_keepalive", self.listener.tcp_keepalive),
@@ -1888,6 +1910,21 @@ mod tests {
         let u = UpstreamUrl::parse("redis://[::1]:7000").unwrap();
         assert_eq!((u.tls, u.host.as_str(), u.port), (false, "::1", 7000));
         assert!(UpstreamUrl::parse("redis://u:pw@host:1").is_err());
+        let err = UpstreamUrl::parse("redis://host:6379/3").unwrap_err();
+        assert!(err.contains("`/3`") && err.contains("SELECT"), "{err}");
+        assert!(UpstreamUrl::parse("rediss://host:6380?ssl_cert_reqs=none").is_err());
+        assert_eq!(
+            UpstreamUrl::without_credentials("redis://u:s3cret@host:1/0"),
+            "redis://***@host:1/0"
+        );
+        assert_eq!(
+            UpstreamUrl::without_credentials("rediss://:p@ss@host:1"),
+            "rediss://***@host:1"
+        );
+        assert_eq!(
+            UpstreamUrl::without_credentials("rediss://host:1"),
+            "rediss://host:1"
+        );
         assert!(UpstreamUrl::parse("http://host").is_err());
     }
 

@@ -115,6 +115,33 @@ fn bad_configs_are_refused_naming_the_key() {
     assert!(!ok, "inline secret accepted:\n{stdout}");
     assert!(stderr.contains("password"), "{stderr}");
     assert!(!stderr.contains("hunter2") && !stdout.contains("hunter2"));
+
+    // So is a password written into the upstream URL, as client libraries take them; and a
+    // database number there is refused with what to do instead.
+    for (url, says) in [
+        (
+            "redis://app:hunter2-in-url@127.0.0.1:6379",
+            "`redis://***@127.0.0.1:6379` must not carry credentials",
+        ),
+        (
+            "rediss://:hunter2-in-url@db.example:6380/0",
+            "`rediss://***@db.example:6380/0` must not carry credentials",
+        ),
+        ("redis://127.0.0.1:6379/2", "SELECT"),
+    ] {
+        let path = dir.path().join("url.toml");
+        std::fs::write(&path, format!("[upstream]\nurl = \"{url}\"\n")).unwrap();
+        let (ok, stdout, stderr) = check_config(&path);
+        assert!(!ok, "{url} accepted:\n{stdout}");
+        assert!(
+            stderr.contains("upstream.url") && stderr.contains(says),
+            "{stderr}"
+        );
+        assert!(
+            !stderr.contains("hunter2") && !stdout.contains("hunter2"),
+            "{stderr}"
+        );
+    }
 }
 
 /// Every `"rotaproxy_..."` metric name written in the proxy's source.
