@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Query, State};
@@ -71,16 +72,66 @@ pub fn metrics_router(state: Arc<AdminState>) -> Router {
         .with_state(state)
 }
 
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
-    if let Err(err) = axum::serve(listener, router(state)).await {
-        tracing::error!(error = %err, "admin listener stopped");
-    }
+/// What each admin listener holds at most (`admin.max_connections`, `admin.header_timeout`).
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    pub max_connections: usize,
+    pub header_timeout: Duration,
+}
+
+/// Serves [`router`] on `admin.bind`.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, limits: ConnectionLimits) {
+    serve_bounded(listener, router(state), limits, "admin").await;
 }
 
 /// Serves [`metrics_router`] on `admin.metrics_bind`.
-pub async fn serve_metrics(listener: TcpListener, state: Arc<AdminState>) {
-    if let Err(err) = axum::serve(listener, metrics_router(state)).await {
-        tracing::error!(error = %err, "metrics listener stopped");
+pub async fn serve_metrics(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    limits: ConnectionLimits,
+) {
+    serve_bounded(listener, metrics_router(state), limits, "metrics").await;
+}
+
+/// Serves `router` with at most `limits.max_connections` connections at once, each closed if
+/// it has not sent a whole request head within `limits.header_timeout` (hyper counts that
+/// from the end of the previous request, so a kept-alive connection left idle is closed too).
+/// `axum::serve` has neither bound: anyone who can reach a listener (the metrics listener is
+/// meant for the pod's address) could hold connections until the process ran out of file
+/// descriptors or memory, and the data path with it. Connections past the limit wait in the
+/// kernel's backlog, unaccepted, until a place frees up.
+async fn serve_bounded(
+    listener: TcpListener,
+    router: Router,
+    limits: ConnectionLimits,
+    listener_name: &'static str,
+) {
+    let places = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_timeout);
+    loop {
+        let place = places
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let tcp = match listener.accept().await {
+            Ok((tcp, _)) => tcp,
+            Err(error) => {
+                // Out of file descriptors, say: wait a little rather than spin.
+                tracing::warn!(%error, listener = listener_name, "cannot accept an HTTP connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let connection = http.serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
+        tokio::spawn(async move {
+            // Its end (a header timeout, a client gone, a bad request) is nothing to report.
+            let _ = connection.await;
+            drop(place);
+        });
     }
 }
 

@@ -474,6 +474,14 @@ pub struct AdminConfig {
     /// list and the POST endpoints stay on `bind`.
     #[serde(default)]
     pub metrics_bind: Option<SocketAddr>,
+    /// Connections each admin listener serves at once; more wait, unaccepted, until one
+    /// closes. Bounds what anyone who can reach a listener can make the proxy hold.
+    #[serde(default = "default_admin_max_connections")]
+    pub max_connections: usize,
+    /// A connection that has not sent a whole request head within this time is closed: a
+    /// kept-alive one waiting for its next request, as well as one sending its head slowly.
+    #[serde(default = "default_admin_header_timeout", with = "humantime_serde")]
+    pub header_timeout: Duration,
 }
 
 impl Default for AdminConfig {
@@ -482,8 +490,18 @@ impl Default for AdminConfig {
             bind: default_admin_bind(),
             token: None,
             metrics_bind: None,
+            max_connections: default_admin_max_connections(),
+            header_timeout: default_admin_header_timeout(),
         }
     }
+}
+
+fn default_admin_max_connections() -> usize {
+    64
+}
+
+fn default_admin_header_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 fn default_admin_bind() -> SocketAddr {
@@ -1217,6 +1235,12 @@ impl Config {
                 "admin.metrics_bind",
                 "must differ from admin.bind (it serves a part of what bind serves)",
             ));
+        }
+        if self.admin.max_connections == 0 {
+            return Err(invalid("admin.max_connections", "must be at least 1"));
+        }
+        if self.admin.header_timeout.is_zero() {
+            return Err(invalid("admin.header_timeout", "must be more than 0s"));
         }
         if self.pool.max == 0 {
             return Err(invalid("pool.max", "must be at least 1"));

@@ -267,10 +267,14 @@ pub async fn run(
         }),
         clients: ctx.clients.clone(),
     });
+    let limits = admin::ConnectionLimits {
+        max_connections: config.admin.max_connections,
+        header_timeout: config.admin.header_timeout,
+    };
     if let Some(listener) = metrics_listener {
-        tokio::spawn(admin::serve_metrics(listener, admin_state.clone()));
+        tokio::spawn(admin::serve_metrics(listener, admin_state.clone(), limits));
     }
-    tokio::spawn(admin::serve(admin_listener, admin_state));
+    tokio::spawn(admin::serve(admin_listener, admin_state, limits));
     tracing::info!(
         %client_addr,
         %admin_addr,

@@ -3,7 +3,7 @@
 
 mod support;
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -1054,6 +1054,98 @@ fn the_metrics_listener_serves_metrics_and_health_only() {
     // The admin listener still serves everything.
     assert_eq!(proxy.http_get("/v1/status").0, 200);
     assert_eq!(proxy.http_get("/v1/clients").0, 200);
+}
+
+/// Sockets the process has open (`/proc/PID/fd`).
+fn open_sockets(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with("socket:"))
+        .count()
+}
+
+/// Whoever can reach an admin listener (the metrics listener is meant for the pod's address)
+/// can make the proxy hold no more than `admin.max_connections` connections, and none of
+/// them for longer than `admin.header_timeout` without a whole request head: neither one
+/// left idle nor one that trickles its head a line at a time. The data path serves on
+/// throughout, and the listener serves again once the held connections are closed.
+#[test]
+fn admin_listeners_bound_the_connections_they_hold() {
+    let redis = RedisServer::start(RedisOptions::new());
+    let mut config = ProxyConfig::plain(&redis).extra("[pool]\nwarm = 0\n");
+    config.admin_extra =
+        "metrics_bind = \"127.0.0.1:0\"\nmax_connections = 4\nheader_timeout = \"1s\"".into();
+    let proxy = Proxy::start(&config.to_toml(), &[]);
+    let addr = proxy
+        .metrics_addr()
+        .expect("metrics_addr on the listening line");
+    let mut client = proxy.conn();
+    client.cmd(&["PING"]).assert_simple("PONG");
+    let sockets_before = open_sockets(proxy.pid());
+
+    // Two that trickle a header line every 100 ms for as long as the proxy takes them.
+    let tricklers: Vec<_> = (0..2)
+        .map(|_| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            std::thread::spawn(move || {
+                let started = Instant::now();
+                let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n");
+                while started.elapsed() < Duration::from_secs(120) {
+                    if s.write_all(b"X-Slow: a\r\n").is_err() {
+                        return true;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                false
+            })
+        })
+        .collect();
+    // Twenty that send half a request head and then nothing, and twenty that send nothing.
+    let mut held: Vec<TcpStream> = (0..40)
+        .map(|i| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            if i % 2 == 0 {
+                s.write_all(b"GET /metrics HTTP/1.1\r\n").unwrap();
+            }
+            s
+        })
+        .collect();
+
+    // However many wait, the proxy holds at most four of them at a time.
+    let mut most = 0;
+    for _ in 0..40 {
+        most = most.max(open_sockets(proxy.pid()) - sockets_before);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        (1..=4).contains(&most),
+        "{most} admin connections held at once"
+    );
+    client.cmd(&["PING"]).assert_simple("PONG");
+
+    // Each is closed once its second is up (a 408 may come first): ten rounds of four.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for (i, s) in held.iter_mut().enumerate() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        let mut rest = Vec::new();
+        match s.read_to_end(&mut rest) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("connection {i} of 40 still open after 60 s: {e}"),
+        }
+    }
+    for trickler in tricklers {
+        assert!(
+            trickler.join().unwrap(),
+            "a connection trickling its head was held for two minutes"
+        );
+    }
+    let (code, body) = http_request(addr, "GET", "/metrics", &[], b"");
+    assert_eq!(code, 200, "{body}");
+    client.cmd(&["PING"]).assert_simple("PONG");
 }
 
 /// `check-config --connect` without rotation: the configured credential must authenticate.
