@@ -1699,36 +1699,36 @@ fn a_url_scheme_the_port_does_not_speak_is_named() {
     let (_dir, certs, password, redis) = tls_redis(false);
     let env = [("TEST_UPSTREAM_PASSWORD", password.as_str())];
 
-    // redis:// to the TLS port: Redis drops the connection at the first plain-text bytes.
-    let mut config =
-        ProxyConfig::plain(&redis).credentials(Some(APP_USER), "env:TEST_UPSTREAM_PASSWORD");
-    config.upstream_url = redis.tls_url().replacen("rediss://", "redis://", 1);
-    let proxy = Proxy::start(&config.to_toml(), &env);
-    let text = proxy
-        .conn()
-        .cmd(&["PING"])
-        .assert_error("ERR rotaproxy: upstream unavailable")
-        .to_string();
-    assert!(text.contains("use a rediss:// URL"), "{text}");
-    proxy.wait_for_log("use a rediss:// URL", Duration::from_secs(10));
-    assert_no_secret_in_logs(&proxy, &[&password]);
+    // Starts the proxy with `config` pointed at `url` and returns the error a client gets.
+    let refusal = |mut config: ProxyConfig, url: String, advice: &str| {
+        config.upstream_url = url;
+        let proxy = Proxy::start(&config.to_toml(), &env);
+        let text = proxy
+            .conn()
+            .cmd(&["PING"])
+            .assert_error("ERR rotaproxy: upstream unavailable")
+            .to_string();
+        assert!(text.contains(advice), "{text}");
+        proxy.wait_for_log(advice, Duration::from_secs(10));
+        assert_no_secret_in_logs(&proxy, &[&password]);
+    };
 
+    // redis:// to the TLS port: Redis drops the connection at the first plain-text bytes.
+    refusal(
+        ProxyConfig::plain(&redis).credentials(Some(APP_USER), "env:TEST_UPSTREAM_PASSWORD"),
+        redis.tls_url().replacen("rediss://", "redis://", 1),
+        "use a rediss:// URL",
+    );
     // rediss:// to the plain port: Redis 7.0 answers nothing to the TLS hello's bytes, so the
     // handshake times out. (A server that answers with an error line, which is not a TLS
     // record, gets the same advice: `tls::tests`.)
-    let mut config = ProxyConfig::tls(&redis, &certs.ca)
-        .credentials(Some(APP_USER), "env:TEST_UPSTREAM_PASSWORD")
-        .extra("[timeouts]\ntls_handshake = \"1s\"\n");
-    config.upstream_url = redis.url().replacen("redis://", "rediss://", 1);
-    let proxy = Proxy::start(&config.to_toml(), &env);
-    let text = proxy
-        .conn()
-        .cmd(&["PING"])
-        .assert_error("ERR rotaproxy: upstream unavailable")
-        .to_string();
-    assert!(text.contains("use a redis:// URL"), "{text}");
-    proxy.wait_for_log("use a redis:// URL", Duration::from_secs(10));
-    assert_no_secret_in_logs(&proxy, &[&password]);
+    refusal(
+        ProxyConfig::tls(&redis, &certs.ca)
+            .credentials(Some(APP_USER), "env:TEST_UPSTREAM_PASSWORD")
+            .extra("[timeouts]\ntls_handshake = \"1s\"\n"),
+        redis.url().replacen("redis://", "rediss://", 1),
+        "use a redis:// URL",
+    );
 }
 
 /// A server at its `maxclients` answers a new connection `-ERR max number of clients reached`
