@@ -1788,6 +1788,20 @@ fn a_server_at_its_client_limit_is_not_an_authentication_failure() {
         0.0
     );
 
+    // Without a credential the server's reason answers CLIENT ID, the handshake's first
+    // command then: the same.
+    let anonymous = Proxy::start(&ProxyConfig::plain(&redis).to_toml(), &[]);
+    let text = anonymous
+        .conn()
+        .cmd(&["PING"])
+        .assert_error("ERR rotaproxy: upstream unavailable")
+        .to_string();
+    assert!(
+        text.contains("refused the connection: ERR max number of clients reached"),
+        "{text}"
+    );
+    drop(anonymous);
+
     // A place frees up: the same client's next command gets through.
     held.pop();
     assert_eventually(Duration::from_secs(30), "a PING through the proxy", || {
