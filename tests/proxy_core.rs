@@ -1765,16 +1765,20 @@ fn a_server_at_its_client_limit_is_not_an_authentication_failure() {
         .credentials(Some(APP_USER), "env:TEST_UPSTREAM_PASSWORD")
         .extra("[pool]\nwarm = 1\n");
     let proxy = Proxy::start(&config.to_toml(), &[("TEST_UPSTREAM_PASSWORD", &password)]);
+    // What a client of `proxy` is told: the server's own reason.
+    let told_the_server_is_full = |c: &mut RespConn| {
+        let text = c
+            .cmd(&["PING"])
+            .assert_error("ERR rotaproxy: upstream unavailable")
+            .to_string();
+        assert!(
+            text.contains("refused the connection: ERR max number of clients reached"),
+            "{text}"
+        );
+        assert!(!text.contains("credential"), "{text}");
+    };
     let mut c = proxy.conn();
-    let text = c
-        .cmd(&["PING"])
-        .assert_error("ERR rotaproxy: upstream unavailable")
-        .to_string();
-    assert!(
-        text.contains("refused the connection: ERR max number of clients reached"),
-        "{text}"
-    );
-    assert!(!text.contains("credential"), "{text}");
+    told_the_server_is_full(&mut c);
     assert!(
         proxy
             .metric("rotaproxy_upstream_connect_failures_total{stage=\"connect\"}")
@@ -1791,15 +1795,7 @@ fn a_server_at_its_client_limit_is_not_an_authentication_failure() {
     // Without a credential the server's reason answers CLIENT ID, the handshake's first
     // command then: the same.
     let anonymous = Proxy::start(&ProxyConfig::plain(&redis).to_toml(), &[]);
-    let text = anonymous
-        .conn()
-        .cmd(&["PING"])
-        .assert_error("ERR rotaproxy: upstream unavailable")
-        .to_string();
-    assert!(
-        text.contains("refused the connection: ERR max number of clients reached"),
-        "{text}"
-    );
+    told_the_server_is_full(&mut anonymous.conn());
     drop(anonymous);
 
     // A place frees up: the same client's next command gets through.
