@@ -250,17 +250,17 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let file = dir.path().join("cert.pem");
         std::fs::write(&file, "old").unwrap();
-        let mut watch = FileWatch::new(&[&file], Duration::from_secs(3600), "test file");
+        let mut watch = FileWatch::new(&[&file], NO_POLL, "test file");
         watch.next().await; // the poll's first tick
         let tmp = dir.path().join(".cert.pem.tmp");
         std::fs::write(&tmp, "new").unwrap();
         std::fs::rename(&tmp, &file).unwrap();
-        tokio::time::timeout(Duration::from_secs(30), watch.next())
+        tokio::time::timeout(EVENT_WITHIN, watch.next())
             .await
             .expect("the rename was seen long before the hourly poll");
         // Written in place, too.
         std::fs::write(&file, "newer").unwrap();
-        tokio::time::timeout(Duration::from_secs(30), watch.next())
+        tokio::time::timeout(EVENT_WITHIN, watch.next())
             .await
             .expect("the write was seen long before the hourly poll");
     }

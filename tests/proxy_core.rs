@@ -1115,7 +1115,7 @@ fn admin_listeners_bound_the_connections_they_hold() {
     // However many wait, the proxy holds at most four of them at a time.
     let mut most = 0;
     for _ in 0..40 {
-        most = most.max(open_sockets(proxy.pid()) - sockets_before);
+        most = most.max(open_sockets(proxy.pid()).saturating_sub(sockets_before));
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(
@@ -1146,6 +1146,24 @@ fn admin_listeners_bound_the_connections_they_hold() {
     let (code, body) = http_request(addr, "GET", "/metrics", &[], b"");
     assert_eq!(code, 200, "{body}");
     client.cmd(&["PING"]).assert_simple("PONG");
+
+    // A kept-alive connection left idle after its request is closed the same way.
+    let mut kept = TcpStream::connect(addr).unwrap();
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    kept.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut answer = Vec::new();
+    match kept.read_to_end(&mut answer) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("an idle kept-alive connection still open after 60 s: {e}"),
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.contains("ok\n"),
+        "{answer}"
+    );
 }
 
 /// `check-config --connect` without rotation: the configured credential must authenticate.
