@@ -1065,6 +1065,20 @@ fn open_sockets(pid: u32) -> usize {
         .count()
 }
 
+/// What `s` brings until the far end closes it (or resets it), which must happen by `deadline`.
+fn read_until_closed(s: &mut TcpStream, deadline: Instant, what: &str) -> Vec<u8> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+        .unwrap();
+    let mut got = Vec::new();
+    match s.read_to_end(&mut got) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("{what} still open at the deadline: {e}"),
+    }
+    got
+}
+
 /// Whoever can reach an admin listener (the metrics listener is meant for the pod's address)
 /// can make the proxy hold no more than `admin.max_connections` connections, and none of
 /// them for longer than `admin.header_timeout` without a whole request head: neither one
@@ -1127,15 +1141,7 @@ fn admin_listeners_bound_the_connections_they_hold() {
     // Each is closed once its second is up (a 408 may come first): ten rounds of four.
     let deadline = Instant::now() + Duration::from_secs(60);
     for (i, s) in held.iter_mut().enumerate() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
-            .unwrap();
-        let mut rest = Vec::new();
-        match s.read_to_end(&mut rest) {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
-            Err(e) => panic!("connection {i} of 40 still open after 60 s: {e}"),
-        }
+        read_until_closed(s, deadline, &format!("connection {i} of 40"));
     }
     for trickler in tricklers {
         assert!(
@@ -1151,14 +1157,8 @@ fn admin_listeners_bound_the_connections_they_hold() {
     let mut kept = TcpStream::connect(addr).unwrap();
     kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         .unwrap();
-    kept.set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    let mut answer = Vec::new();
-    match kept.read_to_end(&mut answer) {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
-        Err(e) => panic!("an idle kept-alive connection still open after 60 s: {e}"),
-    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let answer = read_until_closed(&mut kept, deadline, "an idle kept-alive connection");
     let answer = String::from_utf8_lossy(&answer);
     assert!(
         answer.starts_with("HTTP/1.1 200") && answer.contains("ok\n"),
