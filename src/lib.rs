@@ -11,7 +11,8 @@
 //!   must understand;
 //! - [`upstream`] opens authenticated connections and keeps a warm pool of them;
 //! - [`credentials`] defines generations (endpoint + TLS material + credential);
-//! - [`tls`] builds rustls configs; [`net`] is the stream type shared by both sides;
+//! - [`tls`] builds rustls configs; [`net`] is the stream type shared by both sides, reading
+//!   into buffers lent from [`read_buffers`] while there are bytes to hold;
 //! - [`tls_reload`] follows renewed certificates, keys and CA bundles, with [`watch`];
 //! - [`admin`] and [`metrics`] are for operators; [`config`] is the TOML file.
 
@@ -26,6 +27,7 @@ pub mod logging;
 pub mod metrics;
 pub mod net;
 pub mod probe;
+pub mod read_buffers;
 pub mod resp;
 pub mod rotation;
 pub mod secrets;

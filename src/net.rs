@@ -20,6 +20,8 @@ use rustix::net::{RecvFlags, SendFlags};
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
+use crate::read_buffers::{make_read_room, read_room};
+
 /// The longest keepalive idle time Linux takes (`TCP_KEEPIDLE`, in seconds).
 const KEEPALIVE_MAX_SECS: u64 = 32_767;
 
@@ -277,9 +279,10 @@ impl Stream {
         socket2::SockRef::from(&self.fd()).peek(&mut probe)
     }
 
-    /// Reads what has arrived into the spare capacity of `buf` (the caller makes room; a full
-    /// buffer gets a little), and returns how many bytes came (0: end of stream). A TLS stream
-    /// hands over what it decrypts (`poll_read_tls`).
+    /// Reads what has arrived into `buf`, and returns how many bytes came (0: end of stream).
+    /// Room is made only once there is something to read (`read_buffers::make_read_room`): a
+    /// buffer with no memory of its own takes one from the thread's stock then, and not for a
+    /// poll that finds nothing. A TLS stream hands over what it decrypts (`poll_read_tls`).
     ///
     /// A plain TCP stream reads straight away when tokio has seen it readable (`try_io`), without
     /// the task-budget and registration steps of tokio's `poll_read`, and registers for the next
@@ -291,23 +294,21 @@ impl Stream {
         cx: &mut Context<'_>,
         buf: &mut BytesMut,
     ) -> Poll<io::Result<usize>> {
-        if buf.capacity() == buf.len() {
-            buf.reserve(64);
-        }
+        let room = read_room(buf);
+        let put = |bytes: &[u8]| {
+            make_read_room(buf);
+            buf.extend_from_slice(bytes)
+        };
         match self {
             Stream::Tcp(raw) => poll_read_plain(raw, cx, buf),
             Stream::Unix(raw) => poll_read_plain(raw, cx, buf),
             Stream::TlsUpstream(s) => {
                 let (io, conn) = s.get_mut();
-                poll_read_tls(io, conn, cx, buf.capacity() - buf.len(), |bytes| {
-                    buf.extend_from_slice(bytes)
-                })
+                poll_read_tls(io, conn, cx, room, put)
             }
             Stream::TlsClient(s) => {
                 let (io, conn) = s.get_mut();
-                poll_read_tls(io, conn, cx, buf.capacity() - buf.len(), |bytes| {
-                    buf.extend_from_slice(bytes)
-                })
+                poll_read_tls(io, conn, cx, room, put)
             }
         }
     }
@@ -436,9 +437,10 @@ fn poll_read_plain<S: ReadySocket>(
     cx: &mut Context<'_>,
     buf: &mut BytesMut,
 ) -> Poll<io::Result<usize>> {
-    let room = buf.capacity() - buf.len();
     let socket = &raw.socket;
     poll_recv(socket, &mut raw.read_waiter, cx, || {
+        make_read_room(buf);
+        let room = buf.capacity() - buf.len();
         let n = recv_into(socket, buf)?;
         Ok((n, 0 < n && n < room))
     })

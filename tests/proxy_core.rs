@@ -2527,6 +2527,37 @@ fn client_unblock_reaches_a_session_that_moved() {
     env.assert_no_secret_leaked();
 }
 
+/// A connection pool keeps many connections open and mostly idle, so what an idle client costs
+/// the proxy is most of what the proxy costs. A session holds read buffers only while it holds
+/// bytes: clients that each moved a large value and went idle again leave the proxy's memory
+/// where it was (with buffers kept per session, 64 KiB more per client: benches/memory.py).
+#[test]
+fn clients_idle_after_large_transfers_hold_no_buffers() {
+    let env = Env::start();
+    let clients = 200;
+    let mut conns: Vec<RespConn> = (0..clients).map(|_| env.conn()).collect();
+    for c in &mut conns {
+        c.cmd(&["PING"]).assert_simple("PONG");
+    }
+    let idle_kib = env.proxy.vm_rss_kib();
+    // One client at a time, so the transfers never need more than a buffer or two at once.
+    let value = "v".repeat(100 * 1024);
+    for (i, c) in conns.iter_mut().enumerate() {
+        let key = format!("big:{i}");
+        c.cmd(&["SET", &key, &value]).assert_ok();
+        assert_eq!(c.cmd(&["GET", &key]), Frame::bulk(&value), "client {i}");
+    }
+    let growth_kib = env.proxy.vm_rss_kib().saturating_sub(idle_kib);
+    assert!(
+        growth_kib < 16 * clients as u64,
+        "{growth_kib} KiB more after {clients} idle clients each moved 200 KiB"
+    );
+    for c in &mut conns {
+        c.cmd(&["PING"]).assert_simple("PONG");
+    }
+    env.assert_no_secret_leaked();
+}
+
 #[test]
 fn a_client_that_does_not_read_is_held_back_not_buffered() {
     let env = Env::start();

@@ -312,7 +312,6 @@ impl Session {
         {
             return Poll::Ready(0);
         }
-        super::make_read_room(&mut old.up.input);
         match old.up.conn.stream.poll_read_into(cx, &mut old.up.input) {
             Poll::Ready(Ok(n)) => Poll::Ready(n),
             Poll::Ready(Err(_)) => Poll::Ready(0),

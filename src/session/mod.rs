@@ -37,6 +37,7 @@ use tokio::io::AsyncWrite;
 use crate::credentials::{Generation, Generations};
 use crate::metrics::{ClientErrorReason, Metrics, SessionTraffic};
 use crate::net::{Peer, Stream};
+use crate::read_buffers::release_if_empty;
 use crate::resp::command::{self, Head, Kind, Peek};
 use crate::resp::reply::{self, ExecOutcomes, PushKind, SubClass, SubKind};
 use crate::resp::scanner::{Direction, ScanLimits, Scanner};
@@ -53,27 +54,11 @@ const HIGH_WATER: usize = 256 * 1024;
 /// How recently a subscriber's upstream reads must have been held back for the connection's
 /// loss to count as Redis closing a client that could not keep up (see `on_upstream_lost`).
 const SLOW_CONSUMER_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
-/// Size of a read buffer, and the free space made in it when it runs low.
-const READ_RESERVE: usize = 32 * 1024;
-/// Free space below which a read buffer holding bytes is compacted or grown before the next
-/// read. Making room costs a call and a copy, so it is not done before every read.
-const READ_MIN: usize = 8 * 1024;
 
 /// Events a session handles in a row before it lets the other tasks run. Plain TCP reads and
 /// writes skip tokio's task budget (see `Stream::poll_read_into`), so a client that never stops
 /// sending must not keep the thread to itself.
 const EVENTS_PER_TURN: u32 = 16;
-
-/// Makes room for the next read into `buf`. A buffer whose bytes were all consumed goes back
-/// to the start of its allocation (nothing to copy), so reads keep landing in the same few
-/// cache lines instead of walking every session's buffers through their whole capacity.
-#[inline(always)]
-fn make_read_room(buf: &mut BytesMut) {
-    let spare = buf.capacity() - buf.len();
-    if spare < READ_MIN || (buf.is_empty() && spare < READ_RESERVE) {
-        buf.reserve(READ_RESERVE);
-    }
-}
 
 /// How long a session that waits for pushes (subscriptions, MONITOR, tracking) keeps trying to
 /// restore itself on a fresh upstream connection before it gives up and closes.
@@ -363,7 +348,7 @@ impl Session {
             ctx,
             peer,
             client,
-            client_in: BytesMut::with_capacity(READ_RESERVE),
+            client_in: BytesMut::new(),
             client_out: BytesMut::new(),
             client_needs_flush: false,
             request_scanner,
@@ -526,6 +511,7 @@ impl Session {
             }
             let Poll::Ready(event) = self.poll_event(cx) else {
                 self.events_this_turn = 0;
+                self.release_empty_buffers();
                 return Poll::Pending;
             };
             self.events_this_turn += 1;
@@ -550,6 +536,16 @@ impl Session {
             if self.resume_input || self.links_pending || self.move_wanted() {
                 return Poll::Ready(Event::InputHandled);
             }
+        }
+    }
+
+    /// Hands back the read buffers the session emptied, now that it waits (see
+    /// `crate::read_buffers`).
+    #[inline(always)]
+    fn release_empty_buffers(&mut self) {
+        release_if_empty(&mut self.client_in);
+        if let Some(up) = &mut self.upstream {
+            release_if_empty(&mut up.input);
         }
     }
 
@@ -671,7 +667,6 @@ impl Session {
         if self.closing || self.barrier || self.paused_for_move || upstream_full {
             return Poll::Pending;
         }
-        make_read_room(&mut self.client_in);
         match self.client.poll_read_into(cx, &mut self.client_in) {
             Poll::Ready(Ok(n)) => Poll::Ready(Event::ClientRead(n)),
             Poll::Ready(Err(e)) => Poll::Ready(Event::ClientFailed(e)),
@@ -687,7 +682,6 @@ impl Session {
         let Some(up) = &mut self.upstream else {
             return Poll::Pending;
         };
-        make_read_room(&mut up.input);
         match up.conn.stream.poll_read_into(cx, &mut up.input) {
             Poll::Ready(Ok(n)) => Poll::Ready(Event::UpstreamRead(n)),
             Poll::Ready(Err(e)) => Poll::Ready(Event::UpstreamFailed(e)),
@@ -1701,7 +1695,7 @@ impl Session {
         let mut up = Upstream {
             conn,
             out: BytesMut::new(),
-            input: BytesMut::with_capacity(READ_RESERVE),
+            input: BytesMut::new(),
             needs_flush: false,
         };
         // The new connection has no subscriptions until the replay is confirmed.
@@ -2229,6 +2223,7 @@ impl Session {
     /// The session is over: a connection in the default state, with nothing in flight, serves the
     /// next client; any other is closed.
     fn finish(&mut self) {
+        self.release_empty_buffers();
         // Other sessions' invalidations still go to this connection: it must not serve anyone.
         let redirect_target = self
             .own_link
