@@ -309,7 +309,7 @@ pub async fn run(
             tokio::spawn(async move {
                 let _slot = slot;
                 if let Some(stream) = client.into_stream(&peer, &setup, &metrics).await {
-                    Session::new(ctx, stream, peer).run().await;
+                    Box::new(Session::new(ctx, stream, peer)).run().await;
                 }
             });
         }

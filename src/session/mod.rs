@@ -441,7 +441,10 @@ impl Session {
     }
 
     /// Serves the client until it leaves.
-    pub async fn run(mut self) {
+    ///
+    /// The session is boxed: an `async fn` keeps its arguments in its future beside the locals
+    /// they move into, so a session passed by value took its room twice in every client's task.
+    pub async fn run(mut self: Box<Self>) {
         let metrics = self.ctx.metrics.clone();
         metrics.client_connections.increment(1.0);
         self.publish_view();

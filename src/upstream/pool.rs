@@ -152,7 +152,9 @@ impl Pool {
                 }
             }
         };
-        let conn = self.open_recovering(current).await;
+        // Boxed: opening a connection (TCP, TLS, HELLO) is a large future, and every session
+        // that may check a connection out would otherwise carry its room all its life.
+        let conn = Box::pin(self.open_recovering(current)).await;
         inner.refill.notify_one();
         let mut conn = conn?;
         conn.permit = Some(permit);
