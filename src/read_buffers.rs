@@ -9,7 +9,7 @@
 //! ([`release_if_empty`]), and a read takes one from a small per-thread stock once there is
 //! something to read ([`make_read_room`], called by `net::Stream::poll_read_into`). A thread
 //! runs one session at a time, so a few buffers serve all of its sessions, and the kernel
-//! copies every read into the same few cache lines: that made the CPU per request 1-2% lower
+//! copies every read into the same few cache lines: that made the CPU per request 2-3% lower
 //! too (`benches/side_by_side.py`, against the build before).
 
 use std::cell::RefCell;
