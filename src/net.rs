@@ -294,24 +294,34 @@ impl Stream {
         cx: &mut Context<'_>,
         buf: &mut BytesMut,
     ) -> Poll<io::Result<usize>> {
-        let room = read_room(buf);
-        let put = |bytes: &[u8]| {
-            make_read_room(buf);
-            buf.extend_from_slice(bytes)
-        };
         match self {
             Stream::Tcp(raw) => poll_read_plain(raw, cx, buf),
             Stream::Unix(raw) => poll_read_plain(raw, cx, buf),
             Stream::TlsUpstream(s) => {
                 let (io, conn) = s.get_mut();
-                poll_read_tls(io, conn, cx, room, put)
+                poll_read_tls_into(io, conn, cx, buf)
             }
             Stream::TlsClient(s) => {
                 let (io, conn) = s.get_mut();
-                poll_read_tls(io, conn, cx, room, put)
+                poll_read_tls_into(io, conn, cx, buf)
             }
         }
     }
+}
+
+/// `Stream::poll_read_into` for a TLS stream: room is made in `buf` when decrypted bytes are
+/// there to hand over.
+fn poll_read_tls_into<D>(
+    io: &mut RawTcp,
+    conn: &mut rustls::ConnectionCommon<D>,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+) -> Poll<io::Result<usize>> {
+    let room = read_room(buf);
+    poll_read_tls(io, conn, cx, room, |bytes| {
+        make_read_room(buf);
+        buf.extend_from_slice(bytes)
+    })
 }
 
 /// Reads decrypted bytes, at most `room` of them, handing them to `put`, and returns how many

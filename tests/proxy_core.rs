@@ -2530,7 +2530,7 @@ fn client_unblock_reaches_a_session_that_moved() {
 /// A connection pool keeps many connections open and mostly idle, so what an idle client costs
 /// the proxy is most of what the proxy costs. A session holds read buffers only while it holds
 /// bytes: clients that each moved a large value and went idle again leave the proxy's memory
-/// where it was (with buffers kept per session, 64 KiB more per client: benches/memory.py).
+/// where it was (with buffers kept per session, 56 KiB more per client: benches/memory.py).
 #[test]
 fn clients_idle_after_large_transfers_hold_no_buffers() {
     let env = Env::start();
