@@ -60,13 +60,6 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def command(*args: bytes) -> bytes:
-    out = b"*%d\r\n" % len(args)
-    for a in args:
-        out += b"$%d\r\n%s\r\n" % (len(a), a)
-    return out
-
-
 def read_exactly(sock: socket.socket, expected: bytes) -> None:
     """Reads len(expected) bytes and checks they are what was expected."""
     got = b""
@@ -82,7 +75,7 @@ def read_exactly(sock: socket.socket, expected: bytes) -> None:
 def run_side(tmp: Path, spec: str, clients: int, value: bytes,
              certs: dict[str, Path] | None) -> dict[str, int]:
     """Growth of resident memory over the start, in KiB, at each step."""
-    kind, _, binary = spec.partition(":")
+    kind = spec.partition(":")[0]
     redis = sbs.start_redis(tmp, kind, certs)
     started = [redis.proc]
     try:
@@ -99,7 +92,8 @@ def run_side(tmp: Path, spec: str, clients: int, value: bytes,
         socks = []
         # Every side gets the same requests: AUTH as Redis's user (rotaproxy, whose client auth
         # is "none", answers it itself), then PING.
-        hello = command(b"AUTH", b"bench", redis.password.encode()) + command(b"PING")
+        hello = (sbs.encode_command(b"AUTH", b"bench", redis.password.encode())
+                 + sbs.encode_command(b"PING"))
         for _ in range(clients):
             s = socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT)
             s.sendall(hello)
@@ -109,13 +103,13 @@ def run_side(tmp: Path, spec: str, clients: int, value: bytes,
         time.sleep(SETTLE)
         growth["idle"] = rss_kib(pid) - start
         for i, s in enumerate(socks):
-            s.sendall(command(b"SET", b"memory:%d" % i, value))
+            s.sendall(sbs.encode_command(b"SET", b"memory:%d" % i, value))
         for s in socks:
             read_exactly(s, b"+OK\r\n")
         time.sleep(SETTLE)
         growth["after SET"] = rss_kib(pid) - start
         for i, s in enumerate(socks):
-            s.sendall(command(b"GET", b"memory:%d" % i))
+            s.sendall(sbs.encode_command(b"GET", b"memory:%d" % i))
         reply = b"$%d\r\n%s\r\n" % (len(value), value)
         for s in socks:
             read_exactly(s, reply)

@@ -99,6 +99,11 @@ def parse_side(label: str, spec: str) -> Side:
 # ---------------------------------------------------------------------------------------------
 
 
+def encode_command(*args: bytes) -> bytes:
+    """A command as a RESP array of bulk strings, as clients send it."""
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+
+
 class RedisStats:
     """A raw RESP connection to one Redis, authenticated as `bench`, reading INFO stats."""
 
@@ -109,8 +114,7 @@ class RedisStats:
             raise RuntimeError(f"AUTH to Redis on port {port} answered {reply[:60]!r}")
 
     def command(self, *args: bytes) -> bytes:
-        self.sock.sendall(b"*%d\r\n" % len(args)
-                          + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args))
+        self.sock.sendall(encode_command(*args))
         data = b""
         while True:
             chunk = self.sock.recv(65536)
